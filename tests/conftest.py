@@ -1,0 +1,25 @@
+"""Shared fixtures: the real data in ../shared/data and a small synthetic sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the repository (real files with PROVENANCE.md); skip when it is absent."""
+    if not (SHARED_DATA / "PROVENANCE.md").is_file():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (the ../shared folder beside the repository)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def small_sample():
+    """A small synthetic tilt series (12 particles × 21 tilts, 384², box 48) with ground truth."""
+    from napari_cspt2d.sample import make_sample
+
+    return make_sample(n_particles=12, n_tilts=21, shape_yx=(384, 384), box=48, thickness_px=60.0)
