@@ -9,7 +9,9 @@ and Gaussian noise is added at the requested SNR.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
@@ -19,7 +21,7 @@ from .model.tracks import ParticleTable, TiltTable, TrackSet
 from .recon import geometry
 from .recon.ctf import ctf_2d
 
-__all__ = ["Sample", "make_sample", "blob_model", "render_map", "render_projections"]
+__all__ = ["Sample", "make_sample", "write_sample", "blob_model", "render_map", "render_projections"]
 
 
 @dataclass(frozen=True)
@@ -178,3 +180,18 @@ def make_sample(
         "scope_wgh": amp_contrast, "scope_dose_rate": dose_per_tilt,
     }
     return Sample(stack, tracks, truth, render_map(model, box), model, pixel_A, params)
+
+
+def write_sample(sample: Sample, out_dir: str | os.PathLike[str], name: str = "sample") -> dict[str, Path]:
+    """Write ``sample`` as a pyp project in ``out_dir`` (see :func:`napari_cspt2d.pyp.create_project`) plus its
+    ground truth: ``truth/{name}_truth.mrc`` (the map) and ``truth/{name}_truth_tracks.json`` (true 3D positions)."""
+    from .io.mrc import write_map
+    from .io.trackdata import write_track_data
+    from .pyp import create_project
+
+    params = dict(sample.params, data_set=name)
+    paths = create_project(out_dir, name, sample.stack, sample.tracks, params, angles=sample.tracks.tilts)
+    truth = Path(out_dir) / "truth"
+    paths["truth_map"] = write_map(truth / f"{name}_truth.mrc", sample.truth_map, sample.pixel_A)
+    paths["truth_tracks"] = write_track_data(truth / f"{name}_truth_tracks.json", sample.truth_tracks)
+    return paths

@@ -1,0 +1,602 @@
+"""cisTEM binary parameter files (``.cistem``), pyp's ``_extended.cistem``, and their mapping to a :class:`TrackSet`.
+
+Binary layout (all little-endian; checked against cisTEM's ``cistem_star_file_reader.cpp``/``cistem_parameters.cpp``
+and pyp's ``pyp/inout/metadata/cistem_star_file.py``)
+--------------------------------------------------------------------------------------------------------------------
+``.cistem`` (one table)::
+
+    int32 n_columns, int32 n_rows
+    n_columns x (int64 column code, int8 type code)
+    n_rows x packed row (each column in header order, no padding)
+
+Type codes: INTEGER=2 (int32), FLOAT=3 (float32), LONG=5 (int64), DOUBLE=6 (float64), CHAR=7 (int8), VARLEN=8
+(int32 byte count followed by that many bytes, no terminator), UINT=9 (uint32). cisTEM reads known columns by code
+with a fixed type and skips unknown codes using the type byte; pyp reads every column by code with a fixed type and
+refuses unknown codes; pyp also addresses columns by *position* in its fixed 32-column list, so the writer below
+always writes exactly :data:`MAIN_LAYOUT`, in that order, with pyp's types.
+
+``_extended.cistem`` (pyp only): two blocks, particles first, then tilts; each block is::
+
+    int64 block code (PIND=15 particles, TIND=35 tilts), int32 n_columns, int32 n_rows,
+    n_columns x (int64 column code, int8 type code), n_rows x packed row
+
+pyp reads the block columns by position (:data:`PARTICLE_LAYOUT`, :data:`TILT_LAYOUT`).
+
+Meaning of the columns written from a :class:`TrackSet` (see :func:`tables_from_tracks`)
+------------------------------------------------------------------------------------------
+* ``X_SHIFT``/``Y_SHIFT`` (Å) = ``shift_px * PIXEL_SIZE``: the seed's track-data shift (position = image centre +
+  projection of the 3D point + shift), ``PIXEL_SIZE`` = tilt-stack pixel (``scope_pixel * data_bin``, what pyp
+  writes). pyp's own tomography files box each projection at the integer ``ORIGINAL_X/Y_POSITION`` and keep only the
+  sub-pixel remainder in ``X/Y_SHIFT``; files written here carry the whole track shift (the csp_no_3d_points meaning).
+* ``IMIND`` = tilt id = 0-based section of ``{name}_stack.mrc``; ``TIND`` = acquisition (scan) order, as in pyp
+  (pyp's dose weighting and ``csp_UseImagesForRefinementMin/Max`` work on ``TIND``); the tilts block is keyed by
+  ``TIND``. ``RIND`` (region) and ``FIND`` (frame) are 0.
+* ``PSI/THETA/PHI`` = orientation of the projection, ``R_z(axis) R_y(tilt) A_particle`` (pyp composes them the
+  same way); the particle's own angles are ``PPSI/PTHETA/PPHI`` in the particles block.
+* ``DEFOCUS_1 = DEFOCUS_2`` (Å) = tilt defocus − height of the particle in that tilt (``z'`` of
+  :func:`~napari_cspt2d.recon.geometry.project_points` × pixel), like pyp's per-particle defocus offset.
+* ``ORIGINAL_X/Y_POSITION`` = absolute position (x, y) in the tilt image, numpy pixel convention (0 when the image
+  shape is unknown); informational, never read back (the shift is authoritative).
+* ``ORIGINAL_X/Y/Z_POSITION_3D`` = particle point relative to the tomogram centre (unbinned px). pyp stores
+  absolute coordinates there; with csp_no_3d_points they are 0 and unused.
+* ``IMAGE_IS_ACTIVE`` = 0 (pyp uses it as the film index; cisTEM keeps every line with a value >= 0),
+  ``SIGMA`` = 1, ``LOGP`` = 0, everything else pyp writes is 0.
+* ``TILTAXIS`` = the model's ``axis_deg`` (counter-clockwise from the image y axis). pyp writes ``-axis`` of its
+  IMOD-derived angle there; its public source does not pin the sign, so it is stored as the model holds it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from difflib import get_close_matches
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from ..errors import CsptInputError, warn_input
+from ..model.tracks import ParticleTable, TiltTable, TrackSet
+from ..recon import geometry
+from .atomic import atomic_open
+
+__all__ = [
+    "INTEGER", "FLOAT", "LONG", "DOUBLE", "CHAR", "VARLEN", "UINT",
+    "COLUMNS", "MAIN_LAYOUT", "PARTICLE_LAYOUT", "TILT_LAYOUT", "PARTICLES_BLOCK", "TILTS_BLOCK", "DATA_COLUMNS",
+    "CistemTable", "read_cistem", "write_cistem", "read_extended", "write_extended", "extended_path",
+    "tables_from_tracks", "tracks_from_tables", "check_tables", "projection_data",
+]
+
+# ------------------------------------------------------------------------------------------------ codes and layouts
+INTEGER, FLOAT, LONG, DOUBLE, CHAR, VARLEN, UINT = 2, 3, 5, 6, 7, 8, 9
+_FIXED_DTYPES = {INTEGER: "<i4", FLOAT: "<f4", LONG: "<i8", DOUBLE: "<f8", CHAR: "i1", UINT: "<u4"}
+_TYPE_NAMES = {INTEGER: "INTEGER", FLOAT: "FLOAT", LONG: "LONG", DOUBLE: "DOUBLE", CHAR: "CHAR", VARLEN: "VARLEN",
+               UINT: "UINT"}
+
+_STANDARD = (  # cisTEM's columns; the code of the i-th is 2**i
+    "POSITION_IN_STACK", "IMAGE_IS_ACTIVE", "PSI", "X_SHIFT", "Y_SHIFT", "DEFOCUS_1", "DEFOCUS_2", "DEFOCUS_ANGLE",
+    "PHASE_SHIFT", "OCCUPANCY", "LOGP", "SIGMA", "SCORE", "SCORE_CHANGE", "PIXEL_SIZE", "MICROSCOPE_VOLTAGE",
+    "MICROSCOPE_CS", "AMPLITUDE_CONTRAST", "BEAM_TILT_X", "BEAM_TILT_Y", "IMAGE_SHIFT_X", "IMAGE_SHIFT_Y", "THETA",
+    "PHI", "STACK_FILENAME", "ORIGINAL_IMAGE_FILENAME", "REFERENCE_3D_FILENAME", "BEST_2D_CLASS", "BEAM_TILT_GROUP",
+    "PARTICLE_GROUP", "PRE_EXPOSURE", "TOTAL_EXPOSURE", "ASSIGNED_SUBSET", "ORIGINAL_X_POSITION",
+    "ORIGINAL_Y_POSITION",
+)
+_NOT_FLOAT = {"POSITION_IN_STACK": UINT, "IMAGE_IS_ACTIVE": INTEGER, "BEST_2D_CLASS": INTEGER,
+              "BEAM_TILT_GROUP": INTEGER, "PARTICLE_GROUP": INTEGER, "ASSIGNED_SUBSET": INTEGER,
+              "STACK_FILENAME": VARLEN, "ORIGINAL_IMAGE_FILENAME": VARLEN, "REFERENCE_3D_FILENAME": VARLEN}
+
+#: name -> (column code, type code): cisTEM's standard columns (powers of two) and pyp's additions.
+COLUMNS: dict[str, tuple[int, int]] = {
+    **{name: (1 << bit, _NOT_FLOAT.get(name, FLOAT)) for bit, name in enumerate(_STANDARD)},
+    # pyp: per-projection indices and frame shifts
+    "IMIND": (20, INTEGER), "PIND": (15, INTEGER), "TIND": (35, INTEGER), "RIND": (70, INTEGER), "FIND": (55, INTEGER),
+    "FSHIFT_X": (11, FLOAT), "FSHIFT_Y": (121, FLOAT),
+    # pyp extended file: particles block
+    "PSHIFT_X": (3, FLOAT), "PSHIFT_Y": (9, FLOAT), "PSHIFT_Z": (27, FLOAT), "PPSI": (81, FLOAT),
+    "PTHETA": (273, FLOAT), "PPHI": (819, FLOAT), "ORIGINAL_X_POSITION_3D": (2457, FLOAT),
+    "ORIGINAL_Y_POSITION_3D": (7371, FLOAT), "ORIGINAL_Z_POSITION_3D": (22113, FLOAT), "PSCORE": (66339, FLOAT),
+    "POCC": (199017, FLOAT),
+    # pyp extended file: tilts block
+    "TSHIFT_X": (7, FLOAT), "TSHIFT_Y": (49, FLOAT), "TILTANG": (343, FLOAT), "TILTAXIS": (2401, FLOAT),
+}
+_NAME_OF = {code: name for name, (code, _) in COLUMNS.items()}
+_TYPE_OF = {code: typ for code, typ in COLUMNS.values()}
+
+#: pyp's ``Parameters.HEADERS``: the columns (and order) of every ``.cistem`` file written here.
+MAIN_LAYOUT = (
+    "POSITION_IN_STACK", "PSI", "THETA", "PHI", "X_SHIFT", "Y_SHIFT", "DEFOCUS_1", "DEFOCUS_2", "DEFOCUS_ANGLE",
+    "PHASE_SHIFT", "IMAGE_IS_ACTIVE", "OCCUPANCY", "LOGP", "SIGMA", "SCORE", "PIXEL_SIZE", "MICROSCOPE_VOLTAGE",
+    "MICROSCOPE_CS", "AMPLITUDE_CONTRAST", "BEAM_TILT_X", "BEAM_TILT_Y", "IMAGE_SHIFT_X", "IMAGE_SHIFT_Y",
+    "ORIGINAL_X_POSITION", "ORIGINAL_Y_POSITION", "IMIND", "PIND", "TIND", "RIND", "FIND", "FSHIFT_X", "FSHIFT_Y",
+)
+#: Columns of the extended file's particles block (pyp's ``HEADERS_PARTICLES``).
+PARTICLE_LAYOUT = ("PIND", "PSHIFT_X", "PSHIFT_Y", "PSHIFT_Z", "PPSI", "PTHETA", "PPHI", "ORIGINAL_X_POSITION_3D",
+                   "ORIGINAL_Y_POSITION_3D", "ORIGINAL_Z_POSITION_3D", "PSCORE", "POCC")
+#: Columns of the extended file's tilts block (pyp's ``HEADERS_TILTS``).
+TILT_LAYOUT = ("TIND", "RIND", "TSHIFT_X", "TSHIFT_Y", "TILTANG", "TILTAXIS")
+PARTICLES_BLOCK, TILTS_BLOCK = COLUMNS["PIND"][0], COLUMNS["TIND"][0]
+
+#: Columns of :func:`projection_data` (``Parameters.data``): ids, frame, shifts in tilt-stack pixels, score, occupancy.
+DATA_COLUMNS = ("pind", "tind", "frame", "shift_x_px", "shift_y_px", "score", "occupancy")
+
+_MAX_COLUMNS = 4096
+_HEADER_DTYPE = np.dtype([("code", "<i8"), ("type", "i1")])  # packed: 9 bytes per column
+_INT_RANGES = {INTEGER: (-(2**31), 2**31 - 1), LONG: (-(2**63), 2**63 - 1), CHAR: (-128, 127), UINT: (0, 2**32 - 1)}
+
+
+def column_code(key: str | int) -> int:
+    """Column code of a column name (``"X_SHIFT"``) or code; unknown names raise with the closest valid name."""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return int(key)
+    if isinstance(key, str) and key.upper() in COLUMNS:
+        return COLUMNS[key.upper()][0]
+    close = get_close_matches(str(key).upper(), COLUMNS, n=1)
+    raise CsptInputError(f"is not a cisTEM/pyp column{f'; did you mean {close[0]!r}?' if close else ''}",
+                         field=str(key), expected="a column name such as 'X_SHIFT' or a column code")
+
+
+def column_name(code: int) -> str:
+    """Name of a column code (``"code_<n>"`` for codes neither cisTEM nor pyp define)."""
+    return _NAME_OF.get(int(code), f"code_{int(code)}")
+
+
+# ------------------------------------------------------------------------------------------------ table
+@dataclass(frozen=True, eq=False)
+class CistemTable:
+    """One table of a ``.cistem`` file: ``codes``/``types`` (file order) and one 1-D array per column (``arrays``).
+
+    Index it by name or code: ``table["X_SHIFT"]``, ``table[8]``. VARLEN columns are object arrays of ``str``."""
+
+    codes: tuple[int, ...]
+    types: tuple[int, ...]
+    arrays: tuple[np.ndarray, ...]
+
+    def __post_init__(self) -> None:
+        codes = tuple(int(c) for c in self.codes)
+        types = tuple(int(t) for t in self.types)
+        if not (len(codes) == len(types) == len(self.arrays)):
+            raise CsptInputError("codes, types and arrays differ in length", field="table")
+        if len(set(codes)) != len(codes):
+            raise CsptInputError("has a column twice", field="table", expected="unique column codes")
+        arrays = [_cast_column(code, typ, arr) for code, typ, arr in zip(codes, types, self.arrays)]
+        if len({a.size for a in arrays}) > 1:
+            raise CsptInputError("columns differ in length", field="table", expected="one value per row in each column")
+        object.__setattr__(self, "codes", codes)
+        object.__setattr__(self, "types", types)
+        object.__setattr__(self, "arrays", tuple(arrays))
+
+    @classmethod
+    def from_columns(cls, columns: Mapping[str | int, ArrayLike]) -> CistemTable:
+        """Table from ``{name or code: values}`` in the given order, each column with its standard type."""
+        codes = [column_code(k) for k in columns]
+        missing = [c for c in codes if c not in _TYPE_OF]
+        if missing:
+            raise CsptInputError(f"column code {missing[0]} has no standard type", field="table",
+                                 expected="cisTEM/pyp column codes (or build CistemTable with explicit types)")
+        return cls(tuple(codes), tuple(_TYPE_OF[c] for c in codes), tuple(np.asarray(v) for v in columns.values()))
+
+    def __len__(self) -> int:
+        return int(self.arrays[0].size) if self.arrays else 0
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return column_code(key) in self.codes  # type: ignore[arg-type]
+        except CsptInputError:
+            return False
+
+    def __getitem__(self, key: str | int) -> np.ndarray:
+        code = column_code(key)
+        if code not in self.codes:
+            raise CsptInputError("is not in this table", field=column_name(code),
+                                 expected=f"one of {', '.join(self.names)}")
+        return self.arrays[self.codes.index(code)]
+
+    def get(self, key: str | int, default: float) -> np.ndarray:
+        """Column ``key`` as float64, or ``default`` repeated when the table has no such column."""
+        return self[key].astype(np.float64) if key in self else np.full(len(self), float(default))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(column_name(c) for c in self.codes)
+
+
+def _cast_column(code: int, typ: int, values: ArrayLike) -> np.ndarray:
+    """``values`` as the 1-D array type ``typ`` stores; refuses NaN/inf floats and integers that do not fit."""
+    name = column_name(code)
+    if typ not in _TYPE_NAMES:
+        raise CsptInputError(f"has type code {typ}", field=name, expected="2, 3, 5, 6, 7, 8 or 9")
+    arr = np.asarray(values).reshape(-1)
+    if typ == VARLEN:
+        return arr.astype(object)
+    if arr.dtype.kind not in "biuf":
+        raise CsptInputError(f"has {arr.dtype} values", field=name, expected="numbers")
+    if arr.dtype.kind == "f" and arr.size and not np.all(np.isfinite(arr)):
+        raise CsptInputError("contains NaN or infinite values", field=name, expected="finite numbers")
+    if typ in _INT_RANGES and arr.size:
+        lo, hi = _INT_RANGES[typ]
+        if arr.dtype.kind == "f" and np.any(arr != np.round(arr)):
+            raise CsptInputError("has non-integer values", field=name, expected=f"{_TYPE_NAMES[typ]} values")
+        if arr.min() < lo or arr.max() > hi:
+            raise CsptInputError(f"has values outside {lo}..{hi}", field=name,
+                                 expected=f"values that fit {_TYPE_NAMES[typ]}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(_FIXED_DTYPES[typ])
+    if typ in (FLOAT, DOUBLE) and not np.all(np.isfinite(out)):
+        raise CsptInputError("overflows its type", field=name, expected=f"values that fit {_TYPE_NAMES[typ]}")
+    return out
+
+
+def _table_for_layout(layout: Sequence[str], values: Mapping[str, ArrayLike], n: int) -> CistemTable:
+    """A table with exactly ``layout``'s columns; columns not in ``values`` are zero."""
+    return CistemTable.from_columns({name: values.get(name, np.zeros(n)) for name in layout})
+
+
+# ------------------------------------------------------------------------------------------------ binary reading
+def _fail(path: os.PathLike[str] | str, where: str, message: str, expected: str | None = None) -> CsptInputError:
+    return CsptInputError(message, file=path, field=where, expected=expected)
+
+
+def _parse_table(buf: bytes, offset: int, n_cols: int, n_rows: int, path: Path, where: str) -> tuple[CistemTable, int]:
+    """Parse column headers and rows starting at ``offset``; returns the table and the offset after it."""
+    if not 0 < n_cols <= _MAX_COLUMNS:
+        raise _fail(path, f"{where}.n_columns", f"is {n_cols}", f"1..{_MAX_COLUMNS}")
+    if n_rows < 0:
+        raise _fail(path, f"{where}.n_rows", f"is {n_rows}", ">= 0")
+    if offset + n_cols * _HEADER_DTYPE.itemsize > len(buf):
+        raise _fail(path, f"{where}.header", "is truncated", f"{n_cols} column headers")
+    header = np.frombuffer(buf, _HEADER_DTYPE, count=n_cols, offset=offset)
+    offset += n_cols * _HEADER_DTYPE.itemsize
+    codes = tuple(int(c) for c in header["code"])
+    types = tuple(int(t) for t in header["type"])
+    for code, typ in zip(codes, types):
+        name = column_name(code)
+        if typ not in _TYPE_NAMES:
+            raise _fail(path, f"{where}.{name}", f"has unknown type code {typ}", "2, 3, 5, 6, 7, 8 or 9")
+        if code in _TYPE_OF and _TYPE_OF[code] != typ:
+            raise _fail(path, f"{where}.{name}", f"has type {_TYPE_NAMES[typ]}", _TYPE_NAMES[_TYPE_OF[code]])
+    if len(set(codes)) != n_cols:
+        dup = next(c for c in codes if codes.count(c) > 1)
+        raise _fail(path, f"{where}.{column_name(dup)}", "appears twice in the header", "unique columns")
+    fixed = [np.dtype(_FIXED_DTYPES[t]).itemsize if t != VARLEN else 4 for t in types]
+    min_row = sum(fixed)
+    available = len(buf) - offset
+    if n_rows * min_row > available:
+        raise _fail(path, f"{where}.n_rows", f"claims {n_rows} rows of >= {min_row} bytes but only {available} "
+                    "bytes follow (truncated or corrupt file)")
+    if VARLEN in types:
+        arrays, offset = _parse_varlen_rows(buf, offset, codes, types, n_rows, path, where)
+    else:
+        row_dtype = np.dtype([(f"c{i}", _FIXED_DTYPES[t]) for i, t in enumerate(types)])
+        rows = np.frombuffer(buf, row_dtype, count=n_rows, offset=offset)
+        arrays = [rows[f"c{i}"].copy() for i in range(n_cols)]
+        offset += n_rows * row_dtype.itemsize
+    for code, typ, arr in zip(codes, types, arrays):
+        if typ in (FLOAT, DOUBLE) and arr.size and not np.all(np.isfinite(arr)):
+            row = int(np.flatnonzero(~np.isfinite(arr))[0])
+            raise _fail(path, f"{where}.{column_name(code)}", f"is {arr[row]} in row {row}", "finite numbers")
+    return CistemTable(codes, types, tuple(arrays)), offset
+
+
+def _parse_varlen_rows(buf: bytes, offset: int, codes: tuple[int, ...], types: tuple[int, ...], n_rows: int,
+                       path: Path, where: str) -> tuple[list[np.ndarray], int]:
+    """Row-by-row parser for tables with variable-length (string) columns."""
+    formats = {t: struct.Struct("<" + {INTEGER: "i", FLOAT: "f", LONG: "q", DOUBLE: "d", CHAR: "b", UINT: "I"}[t])
+               for t in _FIXED_DTYPES}
+    length = struct.Struct("<i")
+    columns: list[list] = [[] for _ in codes]
+    for row in range(n_rows):
+        for col, typ in enumerate(types):
+            if typ == VARLEN:
+                if offset + 4 > len(buf):
+                    raise _fail(path, f"{where}.{column_name(codes[col])}", f"is truncated in row {row}")
+                (size,) = length.unpack_from(buf, offset)
+                offset += 4
+                if size < 0 or offset + size > len(buf):
+                    raise _fail(path, f"{where}.{column_name(codes[col])}",
+                                f"declares a {size}-byte string in row {row} past the end of the file")
+                columns[col].append(buf[offset:offset + size].decode("utf-8", errors="replace"))
+                offset += size
+            else:
+                fmt = formats[typ]
+                if offset + fmt.size > len(buf):
+                    raise _fail(path, f"{where}.{column_name(codes[col])}", f"is truncated in row {row}")
+                columns[col].append(fmt.unpack_from(buf, offset)[0])
+                offset += fmt.size
+    arrays = [np.array(vals, dtype=object if typ == VARLEN else _FIXED_DTYPES[typ])
+              for vals, typ in zip(columns, types)]
+    return arrays, offset
+
+
+def _read_bytes(path: str | os.PathLike[str], what: str) -> tuple[Path, bytes]:
+    path = Path(path)
+    if not path.is_file():
+        raise CsptInputError("does not exist", file=path, expected=what)
+    return path, path.read_bytes()
+
+
+def _check_end(buf: bytes, offset: int, path: Path) -> None:
+    if offset != len(buf):
+        raise _fail(path, "end of file", f"has {len(buf) - offset} unexpected trailing bytes",
+                    "the file to end after the last row")
+
+
+def read_cistem(path: str | os.PathLike[str]) -> CistemTable:
+    """Read a ``.cistem`` binary parameter file (any columns; known codes must have their standard types)."""
+    path, buf = _read_bytes(path, "a .cistem binary parameter file")
+    if len(buf) < 8:
+        raise _fail(path, "header", f"is only {len(buf)} bytes long", "int32 n_columns, int32 n_rows")
+    n_cols, n_rows = struct.unpack_from("<ii", buf, 0)
+    table, offset = _parse_table(buf, 8, n_cols, n_rows, path, "columns")
+    _check_end(buf, offset, path)
+    return table
+
+
+def read_extended(path: str | os.PathLike[str]) -> tuple[CistemTable, CistemTable]:
+    """Read pyp's ``_extended.cistem``: ``(particles, tilts)`` tables."""
+    path, buf = _read_bytes(path, "a pyp _extended.cistem file")
+    blocks: dict[int, CistemTable] = {}
+    names = {PARTICLES_BLOCK: "particles", TILTS_BLOCK: "tilts"}
+    offset = 0
+    while offset < len(buf):
+        if offset + 16 > len(buf):
+            raise _fail(path, "block header", "is truncated", "int64 block code, int32 n_columns, int32 n_rows")
+        code, n_cols, n_rows = struct.unpack_from("<qii", buf, offset)
+        if code not in names:
+            raise _fail(path, "block code", f"is {code}", f"{PARTICLES_BLOCK} (particles) or {TILTS_BLOCK} (tilts)")
+        if code in blocks:
+            raise _fail(path, names[code], "block appears twice", "one particles and one tilts block")
+        blocks[code], offset = _parse_table(buf, offset + 16, n_cols, n_rows, path, names[code])
+    for code, name in names.items():
+        if code not in blocks:
+            raise _fail(path, name, "block is missing", "a particles block followed by a tilts block")
+    return blocks[PARTICLES_BLOCK], blocks[TILTS_BLOCK]
+
+
+# ------------------------------------------------------------------------------------------------ binary writing
+def _pack_table(table: CistemTable) -> bytes:
+    header = np.empty(len(table.codes), _HEADER_DTYPE)
+    header["code"] = table.codes
+    header["type"] = table.types
+    if VARLEN not in table.types:
+        rows = np.empty(len(table), np.dtype([(f"c{i}", _FIXED_DTYPES[t]) for i, t in enumerate(table.types)]))
+        for i, arr in enumerate(table.arrays):
+            rows[f"c{i}"] = arr
+        return header.tobytes() + rows.tobytes()
+    out = bytearray(header.tobytes())
+    for row in range(len(table)):
+        for typ, arr in zip(table.types, table.arrays):
+            if typ == VARLEN:
+                data = str(arr[row]).encode("utf-8")
+                out += struct.pack("<i", len(data)) + data
+            else:
+                out += np.asarray(arr[row], dtype=_FIXED_DTYPES[typ]).tobytes()
+    return bytes(out)
+
+
+def write_cistem(path: str | os.PathLike[str], table: CistemTable) -> Path:
+    """Write ``table`` as a ``.cistem`` binary file, atomically."""
+    body = _pack_table(table)
+    with atomic_open(path, "wb") as fh:
+        fh.write(struct.pack("<ii", len(table.codes), len(table)))
+        fh.write(body)
+    return Path(path)
+
+
+def write_extended(path: str | os.PathLike[str], particles: CistemTable, tilts: CistemTable) -> Path:
+    """Write pyp's ``_extended.cistem`` (particles block, then tilts block), atomically."""
+    blocks = [(PARTICLES_BLOCK, particles), (TILTS_BLOCK, tilts)]
+    packed = [(struct.pack("<qii", code, len(t.codes), len(t)), _pack_table(t)) for code, t in blocks]
+    with atomic_open(path, "wb") as fh:
+        for head, body in packed:
+            fh.write(head)
+            fh.write(body)
+    return Path(path)
+
+
+def extended_path(path: str | os.PathLike[str]) -> Path:
+    """``{stem}_extended.cistem`` beside ``{stem}.cistem``."""
+    path = Path(path)
+    if path.suffix != ".cistem":
+        raise CsptInputError(f"has suffix {path.suffix!r}", file=path, expected="a .cistem file")
+    return path.with_name(path.stem + "_extended.cistem")
+
+
+# ------------------------------------------------------------------------------------------------ TrackSet mapping
+def tables_from_tracks(
+    tracks: TrackSet, *, pixel_A: float, voltage_kV: float, cs_mm: float, amp_contrast: float
+) -> tuple[CistemTable, CistemTable, CistemTable]:
+    """The ``(main, particles, tilts)`` tables pyp expects for ``tracks`` (column meanings: module docstring).
+
+    ``pixel_A`` is the tilt-stack pixel (Å), ``voltage_kV``/``cs_mm``/``amp_contrast`` the microscope."""
+    if not (np.isfinite(pixel_A) and pixel_A > 0):
+        raise CsptInputError(f"is {pixel_A}", field="pixel_A", expected="a pixel size > 0 Å")
+    t = tracks.tilts
+    if np.unique(t.order).size != t.order.size or (t.order.size and t.order.min() < 0):
+        raise CsptInputError("has repeated or negative values", field="tilts.order",
+                             expected="a distinct acquisition index >= 0 per tilt (written as TIND)")
+    n = len(tracks)
+    prow, trow = tracks.particle_rows(), tracks.tilt_rows()
+    projected = tracks.projected_px()
+    euler = tracks.particles.euler_deg
+    matrices = geometry.projection_matrices(euler[prow, 2], euler[prow, 1], euler[prow, 0],
+                                            t.angle_deg[trow], t.axis_deg[trow])
+    phi, theta, psi = geometry.matrix_to_euler(matrices)
+    defocus_A = t.defocus_um[trow] * 1e4 - projected[:, 2] * pixel_A
+    positions = tracks.positions_px() if tracks.image_shape_yx is not None else np.zeros((n, 2))
+    main = _table_for_layout(MAIN_LAYOUT, {
+        "POSITION_IN_STACK": np.arange(1, n + 1), "PSI": psi, "THETA": theta, "PHI": phi,
+        "X_SHIFT": tracks.shift_px[:, 0] * pixel_A, "Y_SHIFT": tracks.shift_px[:, 1] * pixel_A,
+        "DEFOCUS_1": defocus_A, "DEFOCUS_2": defocus_A, "OCCUPANCY": tracks.occupancy, "SIGMA": np.ones(n),
+        "SCORE": tracks.score, "PIXEL_SIZE": np.full(n, pixel_A), "MICROSCOPE_VOLTAGE": np.full(n, voltage_kV),
+        "MICROSCOPE_CS": np.full(n, cs_mm), "AMPLITUDE_CONTRAST": np.full(n, amp_contrast),
+        "ORIGINAL_X_POSITION": positions[:, 0], "ORIGINAL_Y_POSITION": positions[:, 1],
+        "IMIND": tracks.tilt, "PIND": tracks.particle, "TIND": t.order[trow],
+    }, n)
+    p = tracks.particles
+    counts = np.bincount(prow, minlength=len(p))
+    mean = lambda v: np.bincount(prow, weights=v, minlength=len(p)) / np.maximum(counts, 1)  # noqa: E731
+    particles = _table_for_layout(PARTICLE_LAYOUT, {
+        "PIND": p.id, "PPSI": p.euler_deg[:, 0], "PTHETA": p.euler_deg[:, 1], "PPHI": p.euler_deg[:, 2],
+        "ORIGINAL_X_POSITION_3D": p.xyz_px[:, 0], "ORIGINAL_Y_POSITION_3D": p.xyz_px[:, 1],
+        "ORIGINAL_Z_POSITION_3D": p.xyz_px[:, 2], "PSCORE": mean(tracks.score), "POCC": mean(tracks.occupancy),
+    }, len(p))
+    tilts = _table_for_layout(TILT_LAYOUT, {"TIND": t.order, "TILTANG": t.angle_deg, "TILTAXIS": t.axis_deg}, len(t))
+    return main, particles, tilts
+
+
+def _pair_keys(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Unique int64 key of int32 pairs."""
+    return (a.astype(np.int64) << 32) + (b.astype(np.int64) + 2**31)
+
+
+def _first_duplicate(*columns: np.ndarray) -> int | None:
+    """Row of the first repeated combination of ``columns`` (all the same length), or None."""
+    if not columns[0].size:
+        return None
+    order = np.lexsort(columns[::-1])
+    same = np.ones(order.size - 1, bool)
+    for col in columns:
+        s = col[order]
+        same &= s[1:] == s[:-1]
+    hits = np.flatnonzero(same)
+    return int(order[hits[0] + 1]) if hits.size else None
+
+
+def _require(table: CistemTable, names: Sequence[str], path: os.PathLike[str] | str | None, where: str) -> None:
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise CsptInputError(f"has no column {', '.join(missing)}", file=path, field=where,
+                             expected=f"pyp tomography columns {', '.join(names)}")
+
+
+def check_tables(main: CistemTable, particles: CistemTable | None, tilts: CistemTable | None,
+                 path: os.PathLike[str] | str | None = None) -> None:
+    """Check that a main table (and, if given, its extended tables) form a consistent pyp tomography file.
+
+    Raises :class:`CsptInputError` naming the file and field for missing columns, bad pixel sizes, duplicate
+    ``(PIND, TIND, FIND)``, a ``TIND`` that maps to several ``IMIND`` (or back), a ``PIND`` not in the particles
+    block and a ``(TIND, RIND)`` not in the tilts block; warns when particle or tilt ids are not sequential."""
+    _require(main, ("PIND", "TIND", "IMIND", "X_SHIFT", "Y_SHIFT", "PIXEL_SIZE"), path, "columns")
+    pixel = main["PIXEL_SIZE"]
+    if pixel.size and not np.all(pixel > 0):
+        raise CsptInputError(f"is {pixel[np.flatnonzero(~(pixel > 0))[0]]}", file=path, field="PIXEL_SIZE",
+                             expected="> 0 Å")
+    pind, tind, imind = main["PIND"], main["TIND"], main["IMIND"]
+    frame = main["FIND"] if "FIND" in main else np.zeros_like(pind)
+    pairs = np.unique(_pair_keys(tind, imind))
+    t_of, i_of = pairs >> 32, (pairs & 0xFFFFFFFF) - 2**31
+    for ids, name, other in ((t_of, "TIND", "IMIND"), (i_of, "IMIND", "TIND")):
+        values, counts = np.unique(ids, return_counts=True)
+        if np.any(counts > 1):
+            raise CsptInputError(f"{values[counts > 1][0]} goes with more than one {other}", file=path, field=name,
+                                 expected=f"one {other} per {name} (one stack section per tilt)")
+    dup = _first_duplicate(pind, tind, frame)
+    if dup is not None:
+        raise CsptInputError(f"row {dup} repeats (PIND {pind[dup]}, TIND {tind[dup]}, FIND {frame[dup]})",
+                             file=path, field="PIND/TIND", expected="one line per particle, tilt and frame")
+    if particles is None or tilts is None:
+        return
+    _require(particles, ("PIND",), path, "particles")
+    _require(tilts, ("TIND", "TILTANG"), path, "tilts")
+    ppind = particles["PIND"]
+    rind_t = tilts["RIND"] if "RIND" in tilts else np.zeros_like(tilts["TIND"])
+    for ids, where in ((ppind,), "particles.PIND"), ((tilts["TIND"], rind_t), "tilts.TIND/RIND"):
+        dup = _first_duplicate(*ids)
+        if dup is not None:
+            raise CsptInputError(f"repeats {tuple(int(c[dup]) for c in ids)} in row {dup}", file=path, field=where,
+                                 expected="unique ids")
+    unknown = ~np.isin(pind, ppind)
+    if unknown.any():
+        raise CsptInputError(f"{pind[unknown][0]} is not in the particles block", file=path, field="PIND",
+                             expected="particle ids listed in the _extended.cistem particles block")
+    rind = main["RIND"] if "RIND" in main else np.zeros_like(tind)
+    unknown = ~np.isin(_pair_keys(tind, rind), _pair_keys(tilts["TIND"], rind_t))
+    if unknown.any():
+        row = int(np.flatnonzero(unknown)[0])
+        raise CsptInputError(f"(TIND {tind[row]}, RIND {rind[row]}) in row {row} is not in the tilts block",
+                             file=path, field="TIND", expected="tilt indices listed in the _extended.cistem tilts block")
+    for ids, name in ((np.unique(ppind), "particles.PIND"), (np.unique(tilts["TIND"]), "tilts.TIND")):
+        if ids.size and not np.array_equal(ids, np.arange(ids[0], ids[0] + ids.size)):
+            warn_input("ids are not sequential", file=path, field=name)
+
+
+def projection_data(main: CistemTable) -> NDArray[np.float64]:
+    """``(N, 7)`` float64 view of a main table, columns :data:`DATA_COLUMNS`: PIND, tilt id (= IMIND, the stack
+    section), FIND, shift x and y in tilt-stack pixels (``X/Y_SHIFT / PIXEL_SIZE``), SCORE, OCCUPANCY."""
+    pixel = main.get("PIXEL_SIZE", 1.0)
+    return np.column_stack([
+        main.get("PIND", 0), main.get("IMIND", 0), main.get("FIND", 0),
+        main.get("X_SHIFT", 0) / pixel, main.get("Y_SHIFT", 0) / pixel,
+        main.get("SCORE", 0), main.get("OCCUPANCY", 100),
+    ])
+
+
+def _with_file(exc: CsptInputError, path: os.PathLike[str] | str | None) -> CsptInputError:
+    return CsptInputError(exc.reason, file=path if exc.file is None else exc.file, field=exc.field,
+                          expected=exc.expected)
+
+
+def tracks_from_tables(
+    main: CistemTable,
+    particles: CistemTable,
+    tilts: CistemTable,
+    *,
+    path: os.PathLike[str] | str | None = None,
+    image_shape_yx: tuple[int, int] | None = None,
+    tilt_table: TiltTable | None = None,
+    dose_per_tilt: float = 0.0,
+) -> TrackSet:
+    """Rebuild a :class:`TrackSet` from the tables written by :func:`tables_from_tracks` (or by pyp).
+
+    Without ``tilt_table``, tilts are the stack sections (``IMIND``) that have projections: angle and axis from the
+    tilts block, ``order`` = ``TIND``, defocus (µm) = per-tilt mean of ``DEFOCUS_1`` + particle height, ``dose`` =
+    ``dose_per_tilt``. A given ``tilt_table`` (e.g. from ``{name}.pkl``) is used as is. Files with several frames
+    per projection are refused (the model holds one position per particle and tilt)."""
+    check_tables(main, particles, tilts, path)
+    n = len(main)
+    frame = main.get("FIND", 0)
+    if np.unique(frame).size > 1:
+        raise CsptInputError(f"has {np.unique(frame).size} frames per projection", file=path, field="FIND",
+                             expected="one frame (frame-resolved parameter files are not supported)")
+    pixel = main["PIXEL_SIZE"].astype(np.float64)
+    shift = np.column_stack([main["X_SHIFT"] / pixel, main["Y_SHIFT"] / pixel])
+    p_ids = particles["PIND"].astype(np.int64)
+    p_order = np.argsort(p_ids, kind="stable")
+    xyz = np.column_stack([particles.get(f"ORIGINAL_{a}_POSITION_3D", 0) for a in "XYZ"])[p_order]
+    euler = np.column_stack([particles.get(k, 0) for k in ("PPSI", "PTHETA", "PPHI")])[p_order]
+    try:
+        ptable = ParticleTable(p_ids[p_order], xyz, euler)
+        if tilt_table is None:
+            tilt_table = _tilts_from_tables(main, particles, tilts, ptable, path, dose_per_tilt)
+        tracks = TrackSet(main["PIND"].astype(np.int64), main["IMIND"].astype(np.int64), shift,
+                          main.get("SCORE", 0.0), main.get("OCCUPANCY", 100.0), ptable, tilt_table, image_shape_yx)
+    except CsptInputError as exc:
+        raise _with_file(exc, path) from None
+    return tracks.sorted() if n else tracks
+
+
+def _tilts_from_tables(main: CistemTable, particles: CistemTable, tilts: CistemTable, ptable: ParticleTable,
+                       path: os.PathLike[str] | str | None, dose_per_tilt: float) -> TiltTable:
+    tind, imind = main["TIND"].astype(np.int64), main["IMIND"].astype(np.int64)
+    section_ids, first = np.unique(imind, return_index=True)
+    orders = tind[first]
+    rind_t = tilts["RIND"] if "RIND" in tilts else np.zeros(len(tilts), np.int64)
+    by_tind = np.lexsort((rind_t, tilts["TIND"]))  # first region of each TIND first
+    t_sorted = tilts["TIND"][by_tind]
+    first_region = by_tind[np.r_[True, t_sorted[1:] != t_sorted[:-1]]] if t_sorted.size else by_tind
+    row_of = dict(zip(tilts["TIND"][first_region].tolist(), first_region.tolist()))
+    rows = np.array([row_of[o] for o in orders.tolist()], dtype=np.int64)
+    unused = np.setdiff1d(tilts["TIND"], orders)
+    if unused.size:
+        warn_input(f"{unused.size} tilt(s) have no projections and are left out (TIND {unused[:5].tolist()}...)",
+                   file=path, field="tilts")
+    angle = tilts["TILTANG"].astype(np.float64)[rows]
+    axis = tilts.get("TILTAXIS", 0.0)[rows]
+    trow = np.searchsorted(section_ids, imind)
+    height = geometry.project_points(ptable.xyz_px[np.searchsorted(ptable.id, main["PIND"])], angle[trow],
+                                     axis[trow])[:, 2]
+    defocus_A = main.get("DEFOCUS_1", 0.0) + height * main["PIXEL_SIZE"]
+    defocus_um = np.bincount(trow, weights=defocus_A, minlength=section_ids.size) / np.bincount(trow) / 1e4
+    return TiltTable(section_ids, angle, defocus_um, axis, np.full(section_ids.size, float(dose_per_tilt)), orders)

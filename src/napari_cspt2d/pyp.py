@@ -1,0 +1,303 @@
+"""Seed-compatible façade: what nextPYP's 2D tilt-series CSPT workflow calls, on top of the napari-cspt2d core.
+
+Sections: parameters (``.pyp_config.toml``), parameter files (``.cistem`` pairs: :class:`Parameters`,
+:func:`create_cistem_from_2d_tracks`), projects (:func:`create_project`, :func:`load_project`); the refinement and
+reconstruction entry points follow in their own sections.
+
+Project layout (relative to the project folder, as pyp expects it)::
+
+    .pyp_config.toml                      parameters
+    {name}.pkl                            metadata (tomo size, frames, tilt table)
+    {name}_stack.mrc                      tilt stack (symlink or copy)
+    frealign/maps/{name}_r01.cistem       projections  } written by create_cistem_from_2d_tracks
+    frealign/maps/{name}_r01_extended.cistem  particles and tilts }
+    frealign/scratch/   log/
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from .errors import CsptInputError, warn_input
+from .io import cistem, mrc
+from .io.metadata import metadata_shape, read_metadata, read_metadata_tilts, write_metadata
+from .io.toml import CONFIG_NAME, load_params, save_params
+from .model.params import PypParameters, check_name
+from .model.tracks import TiltTable, TrackSet
+
+__all__ = [
+    "load_parameters", "save_parameters",
+    "Parameters", "ExtendedParameters", "create_cistem_from_2d_tracks",
+    "create_project", "load_project",
+]
+
+
+def _as_params(parameters: Mapping[str, Any], *, strict: bool) -> PypParameters:
+    """``parameters`` as :class:`PypParameters` (a plain mapping is validated; other pyp keys are kept unless
+    ``strict``)."""
+    if isinstance(parameters, PypParameters):
+        return parameters.validate()
+    if not isinstance(parameters, Mapping):
+        raise CsptInputError(f"is a {type(parameters).__name__}", field="parameters",
+                             expected="a dict or PypParameters")
+    return PypParameters(parameters, strict=strict)
+
+
+def _as_tracks(track_data: TrackSet | Mapping[str, Any]) -> TrackSet:
+    return track_data if isinstance(track_data, TrackSet) else TrackSet.from_track_data(track_data)
+
+
+# ==================================================================================================== parameters
+def load_parameters(path: str | os.PathLike[str] = ".") -> PypParameters:
+    """Read ``.pyp_config.toml`` from a project folder (or the file itself); other pyp keys are kept."""
+    return load_params(path, strict=False)
+
+
+def save_parameters(parameters: Mapping[str, Any], path: str | os.PathLike[str] = ".") -> Path:
+    """Write ``parameters`` as ``.pyp_config.toml`` in a project folder (or to the given file), atomically."""
+    return save_params(_as_params(parameters, strict=False), path)
+
+
+# ==================================================================================================== .cistem files
+@dataclass(frozen=True, eq=False)
+class ExtendedParameters:
+    """The ``_extended.cistem`` tables: ``particles`` (PIND, 3D shifts Å, PPSI/PTHETA/PPHI °, 3D position px,
+    PSCORE, POCC) and ``tilts`` (TIND, RIND, TSHIFT_X/Y, TILTANG °, TILTAXIS °)."""
+
+    particles: cistem.CistemTable
+    tilts: cistem.CistemTable
+
+
+class Parameters:
+    """A pyp ``.cistem`` parameter file with its ``_extended.cistem`` (pyp's ``Parameters`` look-alike).
+
+    ``data`` is an ``(N, 7)`` float64 array, one row per projection, columns :data:`cistem.DATA_COLUMNS`:
+
+    ====  ==========  =====================================================================================
+    col   name        meaning
+    ====  ==========  =====================================================================================
+    0     pind        particle id (``PIND``)
+    1     tind        tilt id = 0-based section of ``{name}_stack.mrc`` (``IMIND``; the seed's ``tind``)
+    2     frame       frame index (``FIND``, 0 for tilt images)
+    3, 4  shift x, y  track shift in tilt-stack pixels = ``X/Y_SHIFT`` (Å, as cisTEM stores them) / ``PIXEL_SIZE``
+    5     score       ``SCORE``
+    6     occupancy   ``OCCUPANCY``
+    ====  ==========  =====================================================================================
+
+    so the seed's checks (``par.data[:, 0]`` particles, ``[:, 1]`` tilts, ``[:, 3]``/``[:, 4]`` shifts in pixels)
+    hold. It is read-only; every file column is available unconverted through :meth:`column` (e.g.
+    ``column("TIND")`` is pyp's acquisition-order tilt index, ``column("X_SHIFT")`` is in Å)."""
+
+    def __init__(self, main: cistem.CistemTable, extended: ExtendedParameters | None = None, *,
+                 path: str | os.PathLike[str] | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        cistem.check_tables(main, None if extended is None else extended.particles,
+                            None if extended is None else extended.tilts, self.path)
+        self.main = main
+        self.extended = extended
+        data = cistem.projection_data(main)
+        data.flags.writeable = False
+        self._data = data
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], extended_path: str | os.PathLike[str] | None = None
+                  ) -> Parameters:
+        """Read ``path`` (``.cistem``) and its ``_extended.cistem`` (``extended_path``, default beside it) if present."""
+        path = Path(path)
+        ext = cistem.extended_path(path) if extended_path is None else Path(extended_path)
+        main = cistem.read_cistem(path)
+        extended = ExtendedParameters(*cistem.read_extended(ext)) if ext.is_file() else None
+        if extended_path is not None and extended is None:
+            raise CsptInputError("does not exist", file=ext, expected="the _extended.cistem file")
+        return cls(main, extended, path=path)
+
+    @classmethod
+    def from_trackset(cls, tracks: TrackSet, parameters: Mapping[str, Any]) -> Parameters:
+        """Parameter tables for ``tracks`` (pixel size, voltage, Cs and amplitude contrast from ``parameters``;
+        column meanings in :mod:`napari_cspt2d.io.cistem`)."""
+        params = _as_params(parameters, strict=False)
+        main, particles, tilts = cistem.tables_from_tracks(
+            tracks, pixel_A=params.stack_pixel_A, voltage_kV=params["scope_voltage"], cs_mm=params["scope_cs"],
+            amp_contrast=params["scope_wgh"])
+        return cls(main, ExtendedParameters(particles, tilts))
+
+    # ---------------------------------------------------------------- access
+    @property
+    def data(self) -> NDArray[np.float64]:
+        return self._data
+
+    def __len__(self) -> int:
+        return len(self.main)
+
+    def column(self, name: str | int) -> NDArray[np.float64]:
+        """A column of the ``.cistem`` file by name (``"X_SHIFT"``) or code, as float64, in file units."""
+        return self.main[name].astype(np.float64)
+
+    def get_num_tilts(self) -> int:
+        """Number of tilts (distinct ``TIND`` of the tilts block, or of the projections without extended file)."""
+        tind = self.extended.tilts["TIND"] if self.extended is not None else self.main["TIND"]
+        return int(np.unique(tind).size)
+
+    def get_num_frames(self) -> int:
+        """Number of frames per projection: ``max(FIND) + 1`` (0 for an empty file)."""
+        return int(self.main["FIND"].max()) + 1 if len(self) and "FIND" in self.main else (1 if len(self) else 0)
+
+    def to_trackset(self, image_shape_yx: tuple[int, int] | None = None, *, tilts: TiltTable | None = None,
+                    dose_per_tilt: float = 0.0) -> TrackSet:
+        """The projections as a :class:`TrackSet` (needs the extended file); see
+        :func:`napari_cspt2d.io.cistem.tracks_from_tables` for how tilts are rebuilt when ``tilts`` is not given."""
+        if self.extended is None:
+            raise CsptInputError("has no _extended.cistem beside it", file=self.path, field="extended",
+                                 expected="the particles and tilts of the tracks")
+        return cistem.tracks_from_tables(self.main, self.extended.particles, self.extended.tilts, path=self.path,
+                                         image_shape_yx=image_shape_yx, tilt_table=tilts, dose_per_tilt=dose_per_tilt)
+
+    def write(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
+        """Write ``path`` (``.cistem``) and ``{stem}_extended.cistem`` atomically; returns both paths."""
+        ext = cistem.extended_path(path)
+        if self.extended is None:
+            raise CsptInputError("has no particles/tilts tables", file=path, field="extended",
+                                 expected="Parameters with extended data")
+        cistem.write_cistem(path, self.main)
+        cistem.write_extended(ext, self.extended.particles, self.extended.tilts)
+        return Path(path), ext
+
+
+def create_cistem_from_2d_tracks(
+    name: str,
+    track_data: TrackSet | Mapping[str, Any],
+    parameters: Mapping[str, Any],
+    output_dir: str | os.PathLike[str] = "frealign/maps",
+) -> tuple[str, str]:
+    """Write ``{output_dir}/{name}_r01.cistem`` and ``{name}_r01_extended.cistem`` for the seed's ``track_data``
+    dict (or a :class:`TrackSet`); ``parameters`` is a dict (other pyp keys allowed) or :class:`PypParameters`.
+    Returns both paths as strings, like the seed."""
+    check_name(name, "name")
+    tracks = _as_tracks(track_data)
+    target = Path(output_dir) / f"{name}_r01.cistem"
+    main, ext = Parameters.from_trackset(tracks, parameters).write(target)
+    return str(main), str(ext)
+
+
+# ==================================================================================================== projects
+def _tilts_with_angles(tracks: TrackSet, angles: TiltTable | ArrayLike) -> TiltTable:
+    """A full tilt table from ``angles`` (a TiltTable, or one angle per stack section) that agrees with the tilts of
+    ``tracks``; defocus, axis and dose of the tracks' tilts are kept when ``angles`` is a plain array."""
+    if isinstance(angles, TiltTable):
+        table = angles
+    else:
+        table = TiltTable.from_angles(np.asarray(angles, dtype=np.float64).reshape(-1))
+        rows = np.searchsorted(table.id, tracks.tilts.id)
+        if np.all(np.isin(tracks.tilts.id, table.id)):
+            for attr in ("defocus_um", "axis_deg", "dose"):
+                getattr(table, attr)[rows] = getattr(tracks.tilts, attr)
+    used = np.unique(tracks.tilt)
+    missing = np.setdiff1d(used, table.id)
+    if missing.size:
+        raise CsptInputError(f"have no angle for tilt(s) {missing[:5].tolist()}", field="angles",
+                             expected="an angle for every tilt the tracks use")
+    shared = np.intersect1d(tracks.tilts.id, table.id)
+    a = table.angle_deg[np.searchsorted(table.id, shared)]
+    b = tracks.tilts.angle_deg[np.searchsorted(tracks.tilts.id, shared)]
+    if np.any(np.abs(a - b) > 0.01):
+        bad = int(shared[np.argmax(np.abs(a - b))])
+        raise CsptInputError(f"disagree with track_data for tilt {bad}", field="angles",
+                             expected="the same angles (within 0.01°) as track_data's tilts")
+    return table
+
+
+def _place_stack(source: str | os.PathLike[str] | ArrayLike, target: Path, pixel_A: float, link: bool
+                 ) -> tuple[int, int, int]:
+    """Put the tilt stack at ``target`` (symlink, or a section-by-section copy); returns ``(n, ny, nx)``."""
+    if isinstance(source, (str, os.PathLike)):
+        source = Path(source)
+        data, header_pixel = mrc.open_stack(source)
+        if header_pixel > 1.0 and abs(header_pixel - pixel_A) > 0.01 * pixel_A:
+            warn_input(f"header pixel {header_pixel:g} Å differs from scope_pixel x data_bin = {pixel_A:g} Å",
+                       file=source, field="pixel")
+        if target.exists() and target.resolve() == source.resolve():
+            return tuple(data.shape)  # type: ignore[return-value]
+        if link:
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            os.symlink(source.resolve(), tmp)
+            os.replace(tmp, target)
+            return tuple(data.shape)  # type: ignore[return-value]
+    else:
+        data = np.asarray(source)
+        if data.ndim != 3 or data.dtype.kind not in "iuf":
+            raise CsptInputError(f"has shape {data.shape} and dtype {data.dtype}", field="stack",
+                                 expected="a real (n_tilts, ny, nx) array")
+    mrc.merge_images(target, (data[i] for i in range(data.shape[0])), data.shape[0], pixel_A)
+    return tuple(int(v) for v in data.shape)  # type: ignore[return-value]
+
+
+def create_project(
+    project_dir: str | os.PathLike[str],
+    name: str,
+    stack: str | os.PathLike[str] | ArrayLike,
+    track_data: TrackSet | Mapping[str, Any],
+    parameters: Mapping[str, Any],
+    angles: TiltTable | ArrayLike | None = None,
+    *,
+    frames: list[Any] | None = None,
+    link: bool = True,
+) -> dict[str, Path]:
+    """Create a pyp project for 2D tilt-series CSPT (layout in the module docstring).
+
+    ``stack`` is an MRC path (symlinked, or copied section by section when ``link`` is False) or an
+    ``(n_tilts, ny, nx)`` array (written section by section). ``parameters`` are validated strictly (typos raise);
+    an empty ``data_set`` becomes ``name``. ``angles`` (a :class:`TiltTable`, or one angle per stack section)
+    records every section's tilt in ``{name}.pkl``, including tilts without picks. Returns the paths written
+    (keys ``project``, ``config``, ``metadata``, ``stack``, ``cistem``, ``extended``)."""
+    check_name(name, "name")
+    params = _as_params(parameters, strict=True).copy()
+    if not params["data_set"]:
+        params["data_set"] = name
+    check_name(params["data_set"], "data_set")
+    tracks = _as_tracks(track_data)
+    if angles is not None:
+        tracks = tracks.replace(tilts=_tilts_with_angles(tracks, angles))
+    root = Path(project_dir)
+    for folder in ("frealign/maps", "frealign/scratch", "log"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    stack_path = root / f"{name}_stack.mrc"
+    n_sections, ny, nx = _place_stack(stack, stack_path, params.stack_pixel_A, link)
+    if len(tracks.tilts) and int(tracks.tilts.id.max()) >= n_sections:
+        raise CsptInputError(f"has {n_sections} sections but the tilts go up to section {int(tracks.tilts.id.max())}",
+                             file=stack_path, field="stack", expected="one section per tilt id (0-based)")
+    if tracks.image_shape_yx not in (None, (ny, nx)):
+        raise CsptInputError(f"are for images of {tracks.image_shape_yx}, the stack has {(ny, nx)}",
+                             field="track_data", expected="tracks picked on this stack")
+    tracks = tracks.replace(image_shape_yx=(ny, nx))
+    config = save_params(params, root / CONFIG_NAME)
+    metadata = write_metadata(root / f"{name}.pkl", nx, ny, len(tracks.tilts), frames, tilts=tracks.tilts)
+    main, ext = create_cistem_from_2d_tracks(name, tracks, params, root / "frealign" / "maps")
+    return {"project": root, "config": config, "metadata": metadata, "stack": stack_path, "cistem": Path(main),
+            "extended": Path(ext)}
+
+
+def load_project(project_dir: str | os.PathLike[str], name: str) -> tuple[PypParameters, TrackSet, dict[str, Any]]:
+    """Read a project written by :func:`create_project` (or by pyp with the seed's plain metadata): parameters,
+    tracks (image shape and tilt table from ``{name}.pkl``, dose per tilt = ``scope_dose_rate`` when the metadata
+    has no tilt table) and the metadata dict."""
+    check_name(name, "name")
+    root = Path(project_dir)
+    params = load_params(root / CONFIG_NAME, strict=False)
+    meta_path = root / f"{name}.pkl"
+    metadata = read_metadata(meta_path)
+    ny, nx, _ = metadata_shape(metadata)
+    tilts = read_metadata_tilts(meta_path) if "tlt" in metadata else None
+    par = Parameters.from_file(root / "frealign" / "maps" / f"{name}_r01.cistem")
+    tracks = par.to_trackset((ny, nx), tilts=tilts, dose_per_tilt=params["scope_dose_rate"])
+    return params, tracks, metadata
