@@ -43,7 +43,7 @@ def test_seed_configuration_is_accepted_and_typed():
     ("scope_pixel", 0.0), ("scope_pixel", float("nan")), ("extract_bin", 0), ("scope_wgh", 1.5),
     ("data_mode", "movie"), ("refine_rhref", "8:x"), ("refine_rhref", "8:-1"), ("slurm_walltime", "one day"),
     ("workers", -1), ("cluster_address", "has space:1"), ("data_set", "../evil"), ("particle_sym", "C0"),
-    ("refine_iter", 1), ("csp_UseImagesForRefinementMax", -2),
+    ("refine_iter", 1), ("csp_UseImagesForRefinementMax", 2.5),
 ])
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(CsptInputError) as err:

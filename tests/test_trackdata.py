@@ -127,6 +127,17 @@ def test_numpy_and_builtins_are_allowed(protocol):
     np.testing.assert_array_equal(back["f"], obj["f"])
 
 
+def test_numpy1_pickles_and_array_subclasses():
+    numpy2 = pickle.dumps({"a": np.arange(4.0), "s": np.float64(2.5)}, protocol=2)
+    assert b"numpy._core.multiarray" in numpy2
+    numpy1 = numpy2.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")  # what numpy 1.x writes
+    back = safe_loads(numpy1)
+    np.testing.assert_array_equal(back["a"], np.arange(4.0))
+    assert back["s"] == 2.5
+    with pytest.raises(CsptInputError, match="numpy.ma"):
+        safe_loads(pickle.dumps(np.ma.masked_array([1, 2], mask=[0, 1])))
+
+
 @pytest.mark.parametrize("payload", [
     b"cos\nsystem\n(S'true'\ntR.",  # protocol 0: os.system('true')
     b"cbuiltins\neval\n(S'1'\ntR.",

@@ -364,9 +364,9 @@ def read_trackset(path: str | os.PathLike[str], image_shape_yx: tuple[int, int] 
         tracks = cistem.tracks_from_tables(cistem.read_cistem(main), particles, tilts, path=main,
                                            image_shape_yx=shape or find_image_shape(main), tilt_table=tilt_table)
     else:
-        from .io.trackdata import read_tracks as read_track_file
+        from .io.trackdata import read_track_data
 
-        tracks = read_track_file(path, shape)
+        tracks = read_track_data(path, shape)
     if tracks.image_shape_yx is None:
         found = find_image_shape(path)
         if found is None:

@@ -120,8 +120,10 @@ def _run_fsc(args: argparse.Namespace) -> int:
     curve = fsc.fsc_curve(map1, map2, voxel_A=voxel)
     print(f"resolution at FSC 0.143: {curve.resolution_A(0.143):.2f} Å; at 0.5: {curve.resolution_A(0.5):.2f} Å")
     if args.out:
-        fsc.write_fsc(curve, args.out)
-        print(f"wrote {args.out}.txt and {args.out}.png")
+        table, plot = Path(f"{args.out}.csv"), Path(f"{args.out}.png")
+        fsc.write_fsc_table(table, curve)
+        fsc.plot_fsc(plot, curve)
+        print(f"wrote {table} and {plot}")
     return EXIT_OK
 
 

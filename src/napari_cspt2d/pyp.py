@@ -111,7 +111,8 @@ class Parameters:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], extended_path: str | os.PathLike[str] | None = None
                   ) -> Parameters:
-        """Read ``path`` (``.cistem``) and its ``_extended.cistem`` (``extended_path``, default beside it) if present."""
+        """Read ``path`` (``.cistem``) and, if present, its ``_extended.cistem`` (``extended_path``, default: beside
+        it)."""
         path = Path(path)
         ext = cistem.extended_path(path) if extended_path is None else Path(extended_path)
         main = cistem.read_cistem(path)

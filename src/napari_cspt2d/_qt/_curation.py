@@ -117,8 +117,8 @@ class CurationWidget(QWidget):
         self.recovery_label.setWordWrap(True)
         self.recover_button = QPushButton("Recover")
         self.discard_button = QPushButton("Discard")
-        self.recover_button.clicked.connect(self.recover)
-        self.discard_button.clicked.connect(self.discard_recovery)
+        self.recover_button.clicked.connect(lambda _=False: self.recover())
+        self.discard_button.clicked.connect(lambda _=False: self.discard_recovery())
         banner.addWidget(self.recovery_label, 1)
         banner.addWidget(self.recover_button)
         banner.addWidget(self.discard_button)
@@ -527,7 +527,10 @@ class CurationWidget(QWidget):
             self._window_filtered = window
 
     def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt API
-        if obj is self._window_filtered and event.type() == QEvent.Type.Close:
+        window = getattr(self, "_window_filtered", None)  # None while Python tears the widget down
+        if window is not None and obj is window and event.type() == QEvent.Type.Close:
+            window.removeEventFilter(self)
+            self._window_filtered = None
             self.close_session()
         return False
 

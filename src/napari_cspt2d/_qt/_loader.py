@@ -162,7 +162,7 @@ class TiltSeriesLoader(QWidget):
     def _run(self, func, *args: Any, **kwargs: Any) -> None:
         if self._worker is not None:
             raise CsptInputError("still loading", field="loader", expected="the current load to finish")
-        worker = create_worker(func, *args, _start_thread=False, **kwargs)
+        worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True, **kwargs)
         worker.returned.connect(self._add)
         worker.errored.connect(self._failed)
         worker.finished.connect(self._done)

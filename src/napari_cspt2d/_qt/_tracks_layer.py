@@ -56,7 +56,7 @@ class TracksLayerController(QObject):
         self.viewer = viewer
         self.document = document
         self.points = points
-        meta = points.metadata.setdefault("cspt2d", {})
+        meta = points.metadata["cspt2d"] = dict(points.metadata.get("cspt2d", {}))  # own copy: it is updated
         self.pixel_A = float(meta.get("pixel_A", points.scale[-1]))
         self.radius_px = float(meta.get("radius_px", np.mean(points.size) / 2 if len(points.size) else 20.0))
         self._active: int | None = None
@@ -75,7 +75,7 @@ class TracksLayerController(QObject):
         self.refresh_all()
         self._unsubscribe = document.subscribe(self._on_change)
         points.events.data.connect(self._on_layer_data)
-        points.selected_data.events.changed.connect(self._on_layer_selection)
+        points.selected_data.events.items_changed.connect(self._on_layer_selection)
         viewer.dims.events.current_step.connect(self._on_step)
         viewer.layers.events.removed.connect(self._on_layer_removed)
         self._closed = False
@@ -90,7 +90,7 @@ class TracksLayerController(QObject):
         self._unsubscribe()
         with contextlib.suppress(TypeError, ValueError, RuntimeError):
             self.points.events.data.disconnect(self._on_layer_data)
-            self.points.selected_data.events.changed.disconnect(self._on_layer_selection)
+            self.points.selected_data.events.items_changed.disconnect(self._on_layer_selection)
             self.viewer.dims.events.current_step.disconnect(self._on_step)
             self.viewer.layers.events.removed.disconnect(self._on_layer_removed)
 
@@ -190,6 +190,7 @@ class TracksLayerController(QObject):
         if len(data) == 0:
             layer.visible = False
             return
+        layer.color_by = "track_id"  # the new data drops the features, and with them "colour"
         layer.data = data
         layer.features = features
         layer.color_by = "colour"
@@ -251,7 +252,7 @@ class TracksLayerController(QObject):
             return
         row = rows[np.argmin(np.abs(ts.tilt[rows] - self.current_tilt()))]
         _, y, x = points_data(ts, np.array([row]))[0]
-        self.viewer.camera.center = (y * self.pixel_A, x * self.pixel_A)
+        self.viewer.scene.camera.center = (y * self.pixel_A, x * self.pixel_A)
 
     # ------------------------------------------------------------------ layers -> model
     @report_errors("Track edit")
@@ -316,7 +317,7 @@ class TracksLayerController(QObject):
             raise
 
     @report_errors("Select point")
-    def _on_layer_selection(self, event=None) -> None:
+    def _on_layer_selection(self, *_) -> None:
         if self._syncing:
             return
         rows = [r for r in self.points.selected_data if r < len(self.document.tracks)]
@@ -329,5 +330,5 @@ class TracksLayerController(QObject):
                 self.active_particle_changed.emit(particle)
 
     @report_errors("Change tilt")
-    def _on_step(self, event=None) -> None:
+    def _on_step(self, *_) -> None:
         self._select_active_in_current_tilt()

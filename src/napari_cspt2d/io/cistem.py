@@ -65,7 +65,7 @@ from .atomic import atomic_open
 __all__ = [
     "INTEGER", "FLOAT", "LONG", "DOUBLE", "CHAR", "VARLEN", "UINT",
     "COLUMNS", "MAIN_LAYOUT", "PARTICLE_LAYOUT", "TILT_LAYOUT", "PARTICLES_BLOCK", "TILTS_BLOCK", "DATA_COLUMNS",
-    "CistemTable", "read_cistem", "write_cistem", "read_extended", "write_extended", "extended_path",
+    "CistemTable", "column_code", "column_name", "read_cistem", "write_cistem", "read_extended", "write_extended", "extended_path",
     "tables_from_tracks", "tracks_from_tables", "check_tables", "projection_data",
 ]
 
@@ -516,7 +516,8 @@ def check_tables(main: CistemTable, particles: CistemTable | None, tilts: Cistem
     if unknown.any():
         row = int(np.flatnonzero(unknown)[0])
         raise CsptInputError(f"(TIND {tind[row]}, RIND {rind[row]}) in row {row} is not in the tilts block",
-                             file=path, field="TIND", expected="tilt indices listed in the _extended.cistem tilts block")
+                             file=path, field="TIND",
+                             expected="tilt indices listed in the _extended.cistem tilts block")
     for ids, name in ((np.unique(ppind), "particles.PIND"), (np.unique(tilts["TIND"]), "tilts.TIND")):
         if ids.size and not np.array_equal(ids, np.arange(ids[0], ids[0] + ids.size)):
             warn_input("ids are not sequential", file=path, field=name)

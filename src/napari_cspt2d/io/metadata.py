@@ -37,9 +37,9 @@ _RESERVED = ("mode", "tomo", "frames") + _TILT_KEYS
 
 def _missing(path: Path, what: str) -> CsptInputError:
     """The seed's "Metadata is required" error; its message starts with those words and names file and gap."""
-    exc = CsptInputError(f"Metadata is required: {path} {what}", field="tomo",
+    exc = CsptInputError(f"Metadata is required: {path} {what}",
                          expected="{'tomo': {'x': [width], 'y': [height], 'z': [n_tilts]}}")
-    exc.file = os.fspath(path)
+    exc.file, exc.field = os.fspath(path), "tomo"  # set after construction: the message keeps the seed's start
     return exc
 
 

@@ -6,6 +6,13 @@ refer only to the globals in :data:`ALLOWED_GLOBALS`: a few builtin containers a
 arrays, dtypes and scalars need (under both the numpy 1 ``numpy.core`` and numpy 2 ``numpy._core`` names). Anything
 else raises :class:`~napari_cspt2d.errors.CsptInputError` naming the file and the refused global, before that
 global is imported or called. pandas objects (pyp writes its own ``.pkl`` files with pandas) are refused too.
+
+Nothing a pickle declares may allocate more than the pickle's own size (a few bytes must not become gigabytes): the
+unpickler is the pure-Python one, whose memo is a dict (the C unpickler sizes its memo array from whatever index a
+pickle names), array shapes and ``BYTEARRAY8`` lengths are checked before anything is allocated, ``set``/
+``frozenset``/``bytearray`` may only be called on data already in the pickle (not on ``range(10**12)``), ``BUILD`` may
+only set the state of numpy arrays and dtypes, and the opcodes numpy and the builtins never need for these types
+(``INST``, ``OBJ``, ``NEWOBJ``, ``NEWOBJ_EX``) are refused.
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ import builtins
 import codecs
 import importlib
 import io
+import math
 import os
 import pickle
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -64,35 +73,95 @@ def _resolve(module: str, name: str) -> Any:
     return getattr(_numpy_core_module(sub), name)
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only :data:`ALLOWED_GLOBALS`; ``source`` names the file in errors."""
+_MATERIALIZED = (list, tuple, set, frozenset, str, bytes, bytearray)
+_RECONSTRUCT = _numpy_core_module("multiarray")._reconstruct
 
-    def __init__(self, file: io.BufferedIOBase, source: str | os.PathLike[str] | None = None) -> None:
+
+class SafeUnpickler(pickle._Unpickler):
+    """An unpickler that resolves only :data:`ALLOWED_GLOBALS`; ``source`` names the file in errors, ``size`` (bytes
+    of the pickle) bounds what it may allocate (see the module docstring)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file: io.BufferedIOBase, source: str | os.PathLike[str] | None = None,
+                 size: int | None = None) -> None:
         super().__init__(file)
         self.source = source
+        if size is None:  # a BytesIO or a real file
+            size = len(file.getbuffer()) if hasattr(file, "getbuffer") else os.fstat(file.fileno()).st_size
+        self.size = size
+
+    def _refuse(self, what: str) -> CsptInputError:
+        return CsptInputError(what, file=self.source, field="pickle",
+                              expected="only plain dicts/lists/tuples/sets, numbers, strings and numpy arrays")
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in ALLOWED_GLOBALS:
-            raise CsptInputError(
-                f"refers to the global '{module}.{name}', which is refused",
-                file=self.source,
-                field="pickle",
-                expected="only plain dicts/lists/tuples/sets, numbers, strings and numpy arrays",
-            )
+            raise self._refuse(f"refers to the global '{module}.{name}', which is refused")
         return _resolve(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
         raise CsptInputError("uses persistent ids", file=self.source, field="pickle", expected="a plain pickle")
 
+    def _check_array(self, shape: Any, dtype: Any) -> None:
+        """Refuse an array larger than the pickle could hold (object arrays: one element per pickle byte)."""
+        try:
+            count, dtype = math.prod(int(n) for n in shape), np.dtype(dtype)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise pickle.UnpicklingError(f"malformed array state ({exc})") from None
+        if (count if dtype.hasobject else count * max(dtype.itemsize, 1)) > self.size:
+            raise self._refuse(f"declares a {dtype} array of shape {tuple(shape)}, larger than the "
+                               f"{self.size}-byte pickle")
+
+    def load_reduce(self) -> None:
+        func, args = self.stack[-2], self.stack[-1]
+        if func is np.ndarray:
+            raise self._refuse("calls numpy.ndarray directly (numpy pickles arrays through _reconstruct)")
+        if func is _RECONSTRUCT:
+            if len(args) != 3 or args[0] is not np.ndarray:
+                raise self._refuse("calls numpy's _reconstruct with unexpected arguments")
+            self._check_array(args[1], args[2])
+        consumer = any(func is kind for kind in (set, frozenset, bytearray))
+        if consumer and args and not isinstance(args[0], _MATERIALIZED):
+            raise self._refuse(f"calls {func.__name__}() on a {type(args[0]).__name__}")
+        pickle._Unpickler.load_reduce(self)
+
+    def load_build(self) -> None:
+        state, inst = self.stack[-1], self.stack[-2]
+        if not isinstance(inst, (np.ndarray, np.dtype)):
+            raise self._refuse(f"sets the state of a {type(inst).__name__}")
+        if isinstance(inst, np.ndarray) and isinstance(state, tuple) and len(state) in (4, 5):
+            self._check_array(state[-4], state[-3])
+        pickle._Unpickler.load_build(self)
+
+    def load_bytearray8(self) -> None:
+        (size,) = struct.unpack("<Q", self.read(8))
+        if size > self.size:
+            raise self._refuse(f"declares a {size}-byte bytearray, larger than the {self.size}-byte pickle")
+        data = self.read(size)
+        if len(data) != size:
+            raise pickle.UnpicklingError("pickle data was truncated")
+        self.append(bytearray(data))
+
+    def load_refused(self) -> None:
+        raise self._refuse("instantiates classes (INST/OBJ/NEWOBJ opcodes), which plain data never needs")
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+    for _opcode in (pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX):
+        dispatch[_opcode[0]] = load_refused
+    del _opcode
+
 
 def safe_loads(data: bytes, source: str | os.PathLike[str] | None = None) -> Any:
     """Unpickle ``data`` with :class:`SafeUnpickler`; a corrupt pickle raises :class:`CsptInputError`."""
     try:
-        return SafeUnpickler(io.BytesIO(data), source).load()
+        return SafeUnpickler(io.BytesIO(data), source, len(data)).load()
     except CsptInputError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
+            KeyError, UnicodeDecodeError, OverflowError, MemoryError, struct.error, RecursionError) as exc:
         raise CsptInputError(f"is not a readable pickle ({type(exc).__name__}: {exc})", file=source,
                              field="pickle") from exc
 

@@ -13,8 +13,8 @@ Notes on pyp's meaning of some keys (kept, so that a project means the same thin
   for iteration 2 (the first refinement), the last one is repeated for later iterations
   (:func:`param_for_iteration`).
 * ``csp_UseImagesForRefinementMin/Max`` select exposures by acquisition index (``TIND``, 0 = first exposure;
-  Max = -1 means "to the last"). Whether a tilt range selects nothing is checked by the pipeline, which knows the
-  tilts.
+  Max = -1 means "to the last"); a negative Min makes them tilt angles in degrees (the seed's -60/60). Whether the
+  range selects nothing is checked by the pipeline, which knows the tilts.
 """
 
 from __future__ import annotations
@@ -128,9 +128,12 @@ _SPECS = [
               "pyp: only refine particles with at least this many projections (0 = all). pyp types it int; a "
               "float is accepted because the seed sets 0.5.", minimum=0),
     ParamSpec("csp_UseImagesForRefinementMin", int, 0, "refinement", "First exposure for refinement",
-              "First exposure (acquisition index, 0 = first image taken) used in refinement."),
+              "First exposure used in refinement: acquisition index (pyp's meaning, 0 = first image taken); a "
+              "negative Min makes Min/Max tilt angles in degrees instead (the seed's -60/60; see "
+              "recon.refine.TiltSelection)."),
     ParamSpec("csp_UseImagesForRefinementMax", int, 20, "refinement", "Last exposure for refinement",
-              "Last exposure (acquisition index) used in refinement; -1 = up to the last one.", minimum=-1),
+              "Last exposure used in refinement (acquisition index, -1 = up to the last one; degrees when Min is "
+              "negative)."),
     # ---------------------------------------------------------------- reconstruction
     ParamSpec("particle_sym", str, "C1", "reconstruction", "Symmetry",
               "Point-group symmetry applied during reconstruction (Cn, Dn, T, O, I, I1, I2).",
@@ -408,7 +411,8 @@ def check_cspt_mode(params: Mapping[str, Any]) -> None:
         source = getattr(params, "source", None)
         exc = CsptInputError("No output parameter file is generated: " + "; ".join(failures)
                              + (f" (parameters from {source})" if source else ""))
-        exc.file, exc.field = source, "csp_no_3d_points/data_mode/csp_frame_refinement"  # message keeps the seed's start
+        # file and field set after construction, so that the message keeps the seed's wording at its start
+        exc.file, exc.field = source, "csp_no_3d_points/data_mode/csp_frame_refinement"
         raise exc
 
 
@@ -429,7 +433,8 @@ def refine_rhref_for(params: Mapping[str, Any], iteration: int) -> float:
     try:
         result = float(value)
     except ValueError:
-        raise CsptInputError(f"has item {value!r}", field="refine_rhref", expected="numbers in Å like '8:7:6'") from None
+        raise CsptInputError(f"has item {value!r}", field="refine_rhref",
+                             expected="numbers in Å like '8:7:6'") from None
     if not (math.isfinite(result) and result > 0):
         raise CsptInputError(f"has item {value!r}", field="refine_rhref", expected="resolutions > 0 Å")
     return result

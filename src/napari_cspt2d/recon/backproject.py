@@ -46,7 +46,7 @@ from ..errors import CsptInputError
 from . import fsc as fsc_mod
 from .ctf import ImageModel, model_row
 
-__all__ = ["Backprojector", "HalfMapReconstruction", "Projector", "project_volume", "fourier_images"]
+__all__ = ["Backprojector", "HalfMapReconstruction", "Projector", "project_volume", "fourier_images", "apply_bfactor"]
 
 WORKERS = 2
 
@@ -465,7 +465,8 @@ class Projector:
     """Fourier-slice projector of a ``box``³ volume (origin at voxel ``box // 2``), ``pad``× oversampled.
 
     The volume is divided by the trilinear gridding profile before its transform, so slices interpolated
-    trilinearly match real-space projections."""
+    trilinearly match real-space projections. That correction assumes samples between grid points; the zero
+    frequency always falls on a grid point, so it is set to the volume's sum instead."""
 
     def __init__(self, volume: ArrayLike, *, pad: int = 2) -> None:
         vol = np.asarray(volume, dtype=np.float32)
@@ -482,6 +483,7 @@ class Projector:
             vol.copy(), grid
         )
         self.ft = scipy.fft.rfftn(np.fft.ifftshift(padded), workers=WORKERS).astype(np.complex64)
+        self.dc = np.complex64(vol.sum(dtype=np.float64))
 
     def project_fourier(self, matrices: ArrayLike, shifts_px: ArrayLike | None = None) -> NDArray[np.complex64]:
         """Central slices ``(B, box, box//2+1)`` (``rfft2`` layout of images with origin at ``box // 2``)."""
@@ -493,6 +495,7 @@ class Projector:
         chunks = [slice(i, min(b, i + max(1, -(-b // WORKERS)))) for i in range(0, b, max(1, -(-b // WORKERS)))]
         with ThreadPoolExecutor(max_workers=WORKERS) as pool:
             list(pool.map(lambda s: _extract_slices(self.ft, axes[s], out[s], rmax2), chunks))
+        out[:, 0, 0] = self.dc
         if shifts_px is not None:
             px, py = _shift_phases(shifts_px, b, n, -1.0)
             out *= py[:, :, None]
@@ -513,3 +516,15 @@ def project_volume(
     """Reference projections ``(B, n, n)`` of ``volume`` (n³, origin at ``n // 2``) through ``matrices`` (B, 3, 3),
     with the particle centre at ``n // 2 + shifts_px`` (B, 2; x, y pixels). See :class:`Projector` for reuse."""
     return Projector(volume, pad=pad).project(matrices, shifts_px)
+
+
+def apply_bfactor(volume: ArrayLike, voxel_A: float, bfactor_A2: float) -> NDArray[np.float32]:
+    """Multiply a map's transform by ``exp(−B s² / 4)`` (``s`` in 1/Å): negative ``bfactor_A2`` sharpens."""
+    vol = np.asarray(volume, dtype=np.float32)
+    if vol.ndim != 3 or not np.isfinite(bfactor_A2):
+        raise CsptInputError(f"volume {vol.shape}, B {bfactor_A2}", field="bfactor_A2", expected="a finite B, 3D map")
+    n = vol.shape
+    k2 = (np.fft.fftfreq(n[0])[:, None, None] ** 2 + np.fft.fftfreq(n[1])[None, :, None] ** 2
+          + np.fft.rfftfreq(n[2])[None, None, :] ** 2) / voxel_A**2
+    ft = scipy.fft.rfftn(vol, workers=WORKERS) * np.exp(-bfactor_A2 * k2 / 4.0)
+    return scipy.fft.irfftn(ft, s=n, workers=WORKERS).astype(np.float32)

@@ -227,8 +227,8 @@ def radial_envelope(
     n_images: int = 1, voltage_kV: float = 300.0,
 ) -> NDArray[np.float32]:
     """Radial part of the image model, ``scale × dose filter``, sampled every ``1 / (box · pixel_A)`` 1/Å from 0 to
-    beyond Nyquist: shape ``(B, box // 2 + 2)`` float32."""
-    s = np.arange(box // 2 + 2) / (box * pixel_A)
+    beyond the corner of the 2D transform (√2 × Nyquist): shape ``(B, R)`` float32."""
+    s = np.arange(int(np.ceil(box * np.sqrt(0.5))) + 2) / (box * pixel_A)
     env = np.ones((n_images, s.size), np.float32)
     if exposure_e_A2 is not None:
         dose = np.broadcast_to(np.asarray(exposure_e_A2, dtype=np.float64), (n_images,))

@@ -1,0 +1,451 @@
+"""The "Run" dock widget: reconstruct (one pass) or refine (CSPT iterations) in a worker thread, with progress,
+cancel, a run log, results (map window, FSC plot) and the shift-validation views.
+
+A run works on a :class:`~napari_cspt2d._qt.params_widget.Session` taken when the button is pressed: the tracks are
+the curation document's immutable TrackSet at that moment, so the user can keep editing while it runs (the edits are
+not part of the run). Progress arrives as ``(stage, done, total)`` from the core; Cancel sets a flag the core checks
+between batches (well under a second on the sample) and the run ends with :class:`CsptCancelled`; files are only
+written when a map or an iteration is complete (atomically), so what earlier iterations wrote stays intact.
+
+With a project folder (Parameters widget) the outputs follow pyp's names: ``frealign/maps/{name}_r01_01.mrc`` for
+the first map, ``{name}_r01_{kk}.mrc`` and ``{name}_r01_{kk}.cistem`` for refinement iteration ``kk``, half maps and
+FSC table/plot beside each map, and the run log in ``log/``. Without one, results stay in the viewer and the log is
+written to the user cache folder.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from numpy.typing import NDArray
+from qtpy.QtCore import QEvent, QObject, Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .. import pyp
+from ..errors import CsptCancelled, CsptError, CsptInputError
+from ..model.params import PypParameters
+from ..model.tracks import TrackSet
+from ..recon.reconstruct import ReconstructionResult, reconstruct_tracks
+from ..recon.refine import Imaging, RefineOptions, RefineResult, refine_tracks
+from ..recon.trackfit import fit_tracks
+from ._guard import report_errors
+from .params_widget import Session, session
+from .preview import LivePreview
+from .results import FscPlot, MapWindow
+from .validation import ShiftReview, ShiftValidation
+
+__all__ = ["RunWidget", "IterationResult", "run_job", "preview_reconstruction", "preview_bin", "reconstruction_kwargs",
+           "log_folder"]
+
+RunMode = Literal["reconstruct", "refine"]
+ProgressFn = Callable[[str, int, int], None]
+
+#: Projections per extraction/insertion batch: small enough that Cancel is noticed within about a second.
+BATCH_SIZE = 128
+
+_STAGE_TEXT = {
+    "backproject": "extracting and inserting particles",
+    "reconstruct": "reconstructing (half maps, FSC)",
+    "extract": "extracting particles",
+    "shifts": "refining shifts",
+    "shifts (new orientations)": "refining shifts (new orientations)",
+    "orientations": "refining particle",
+    "scores": "scoring",
+}
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+@dataclass(frozen=True, eq=False)
+class IterationResult:
+    """One completed step of a run: ``iteration`` (1 = map of the picked tracks, 2... = refinement iterations), the
+    ``tracks`` the map was made from, the ``reconstruction``, for refinement iterations the ``refinement`` and
+    ``residual_px`` (N,) of each refined projection from its particle's fitted 3D track, and the files ``written``."""
+
+    iteration: int
+    tracks: TrackSet
+    reconstruction: ReconstructionResult
+    refinement: RefineResult | None = None
+    residual_px: NDArray[np.float64] | None = None
+    written: list[Path] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return "picked tracks" if self.iteration == 1 else f"iteration {self.iteration}"
+
+
+def reconstruction_kwargs(params: PypParameters) -> dict[str, Any]:
+    """Keyword arguments of :func:`reconstruct_tracks` from pyp parameters (pyp's ``extract_box`` is in extracted
+    pixels, :func:`reconstruct_tracks` takes the box cut from the stack)."""
+    return {
+        "pixel_A": params.stack_pixel_A, "extract_box": params.box_unbinned_px, "extract_bin": params["extract_bin"],
+        "particle_rad_A": params["particle_rad"], "voltage_kV": params["scope_voltage"], "cs_mm": params["scope_cs"],
+        "amp_contrast": params["scope_wgh"], "min_tilt_deg": params["reconstruct_mintilt"],
+        "max_tilt_deg": params["reconstruct_maxtilt"],
+        "dose_weighting": params["reconstruct_dose_weighting_enable"],
+    }
+
+
+def _residuals(tracks: TrackSet) -> NDArray[np.float64]:
+    """Distance (px) of each projection from its particle's fitted 3D track."""
+    fit = fit_tracks(tracks)
+    return np.hypot(fit.residual_px[:, 0], fit.residual_px[:, 1])
+
+
+def run_job(s: Session, mode: RunMode, progress: ProgressFn, cancel: Callable[[], bool]
+            ) -> Iterator[IterationResult]:
+    """Reconstruct the session's tracks, then (``mode="refine"``) refine them for iterations ``refine_iter`` ..
+    ``refine_maxiter`` against the previous iteration's half maps; yields each completed iteration."""
+    p = s.params
+    iterations = list(range(p["refine_iter"], p["refine_maxiter"] + 1)) if mode == "refine" else []
+    total = 1 + len(iterations)
+    maps = None if s.project_dir is None else s.project_dir / "frealign" / "maps"
+
+    def stage_progress(step: int) -> ProgressFn:
+        prefix = f"step {step}/{total}: " if total > 1 else ""
+        return lambda stage, done, n: progress(prefix + stage, done, n)
+
+    def reconstruct(tracks: TrackSet, step: int) -> ReconstructionResult:
+        return reconstruct_tracks(s.stack, tracks, **reconstruction_kwargs(p), batch_size=BATCH_SIZE,
+                                  progress=stage_progress(step), cancel=cancel)
+
+    tracks = s.tracks
+    result = reconstruct(tracks, 1)
+    written = [] if maps is None else result.write(maps / f"{s.name}_r01_01.mrc")
+    yield IterationResult(1, tracks, result, written=written)
+    imaging = Imaging.from_params(p)
+    for step, iteration in enumerate(iterations, start=2):
+        options = RefineOptions.from_params(p, iteration)
+        refined = refine_tracks(s.stack, tracks, (result.half1, result.half2), options, imaging,
+                                origin_shift_px=s.tracks.shift_px, progress=stage_progress(step), cancel=cancel)
+        tracks = refined.tracks
+        result = reconstruct(tracks, step)
+        residual = _residuals(tracks)
+        written = []
+        if maps is not None:
+            written = result.write(maps / f"{s.name}_r01_{iteration:02d}.mrc")
+            written += pyp.Parameters.from_trackset(tracks, p).write(maps / f"{s.name}_r01_{iteration:02d}.cistem")
+        yield IterationResult(iteration, tracks, result, refined, residual, written)
+
+
+def preview_bin(params: PypParameters, *, min_box: int = 24) -> int:
+    """Extraction binning of the live preview: twice ``extract_bin`` (or more, up to a map of ``min_box`` voxels)
+    when the box divides evenly, else ``extract_bin``."""
+    box, current = params.box_unbinned_px, params["extract_bin"]
+    for factor in (4, 3, 2):
+        b = current * factor
+        if box % b == 0 and box // b >= min_box:
+            return b
+    return current
+
+
+def preview_reconstruction(s: Session, cancel: Callable[[], bool]) -> ReconstructionResult:
+    """The live preview: :func:`reconstruct_tracks` of the session's tracks at :func:`preview_bin`, no refinement,
+    nothing written."""
+    kwargs = reconstruction_kwargs(s.params) | {"extract_bin": preview_bin(s.params)}
+    return reconstruct_tracks(s.stack, s.tracks, **kwargs, batch_size=BATCH_SIZE, cancel=cancel)
+
+
+def _guarded(job: Callable[..., Iterator[IterationResult]], *args: Any) -> Iterator[IterationResult]:
+    """Run ``job`` in the worker; an exception is *returned* (with its traceback text) instead of raised, so the
+    widget reports it with the log path (napari would otherwise show a bare traceback)."""
+    try:
+        yield from job(*args)
+    except BaseException as exc:  # noqa: BLE001 - reported by the widget
+        return exc, traceback.format_exc()
+    return None
+
+
+def log_folder(project_dir: Path | None) -> Path:
+    """Where run logs go: ``{project}/log`` or ``$XDG_CACHE_HOME/napari-cspt2d/logs``."""
+    if project_dir is not None:
+        return Path(project_dir) / "log"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "napari-cspt2d" / "logs"
+
+
+class _Relay(QObject):
+    """Carries progress from the worker thread to the GUI thread (queued signal)."""
+
+    progress = Signal(str, int, int)
+
+
+# ---------------------------------------------------------------------------------------------------- the widget
+class RunWidget(QWidget):
+    """Dock widget: Reconstruct / Refine / Cancel, progress, run log, live preview (see the module docstring).
+
+    Signals: ``run_finished(str)`` with ``"done"``, ``"cancelled"`` or ``"failed"``; ``iteration_done(object)`` with
+    each :class:`IterationResult`."""
+
+    run_finished = Signal(str)
+    iteration_done = Signal(object)
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.worker = None
+        self.results: list[IterationResult] = []
+        self.log_path: Path | None = None
+        self.state = "idle"
+        self._cancel = threading.Event()
+        self._session: Session | None = None
+        self._mode: RunMode = "reconstruct"
+        self._started = 0.0
+        self._last_stage = ""
+        self._relay = _Relay(self)
+        self._relay.progress.connect(self._on_progress)
+        self._window_filtered: QWidget | None = None
+        self.map_window = MapWindow(show=self._main_window_shown())
+        self.fsc_plot = FscPlot()
+        self._fsc_docked = False
+        self.validation: ShiftValidation | None = None
+        self.preview = LivePreview(self._preview_session, preview_reconstruction, self._show_preview,
+                                   is_busy=lambda: self.busy, parent=self)
+        self._build_ui()
+
+    def _main_window_shown(self) -> bool:
+        window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
+        return window is None or window.isVisible()
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        layout = QVBoxLayout(self)
+        row = QHBoxLayout()
+        self.reconstruct_button = QPushButton("Reconstruct")
+        self.reconstruct_button.setToolTip("One reconstruction of the current tracks (no refinement)")
+        self.refine_button = QPushButton("Refine")
+        self.refine_button.setToolTip("Reconstruct, then CSPT iterations refine_iter..refine_maxiter (shifts and "
+                                      "orientations against the previous half maps)")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.reconstruct_button.clicked.connect(lambda _=False: self.start("reconstruct"))
+        self.refine_button.clicked.connect(lambda _=False: self.start("refine"))
+        self.cancel_button.clicked.connect(lambda _=False: self.cancel())
+        for button in (self.reconstruct_button, self.refine_button, self.cancel_button):
+            row.addWidget(button)
+        layout.addLayout(row)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.stage_label = QLabel("Idle.")
+        self.stage_label.setWordWrap(True)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.stage_label)
+        self.preview_check = QCheckBox("Live preview (binned, no refinement)")
+        self.preview_check.setToolTip(f"Reconstruct quickly {self.preview.delay_ms / 1000:g} s after the tracks "
+                                      "stop changing; shown as layer 'preview' in the map window")
+        self.preview_check.toggled.connect(self._toggle_preview)
+        layout.addWidget(self.preview_check)
+        self.map_button = QPushButton("Show map window")
+        self.map_button.clicked.connect(lambda _=False: self.show_map_window())
+        layout.addWidget(self.map_button)
+        layout.addWidget(QLabel("Run log:"))
+        self.log_view = QPlainTextEdit()
+        self.log_view.setReadOnly(True)
+        self.log_view.setMaximumBlockCount(5000)
+        layout.addWidget(self.log_view, 1)
+
+    # ------------------------------------------------------------------ running
+    @property
+    def busy(self) -> bool:
+        """True while a run is in progress."""
+        return self.worker is not None
+
+    @report_errors("Run")
+    def start(self, mode: RunMode) -> None:
+        """Start a run (``"reconstruct"`` or ``"refine"``) on a snapshot of the current tracks and parameters."""
+        if self.busy:
+            raise CsptInputError("a run is in progress", field="run", expected="the current run to end (or Cancel)")
+        s = session(self.viewer)
+        self.preview.cancel()
+        self._session, self._mode = s, mode
+        self._cancel.clear()
+        self.results = []
+        self.fsc_plot.clear()
+        self._open_log(s)
+        p = s.params
+        steps = 1 + (p["refine_maxiter"] - p["refine_iter"] + 1 if mode == "refine" else 0)
+        self._log(f"{mode} of {s.name}: {s.tracks.n_particles} particles, {len(s.tracks)} projections, "
+                  f"{steps} step(s); box {p['extract_box']} px at {p.particle_pixel_A:g} Å/px"
+                  + (f"; outputs in {s.project_dir}" if s.project_dir else "; no project folder (results in viewer)"))
+        worker = create_worker(_guarded, run_job, s, mode, self._relay.progress.emit, self._cancel.is_set,
+                               _start_thread=False, _ignore_errors=True)
+        worker.yielded.connect(self._on_iteration)
+        worker.returned.connect(self._on_returned)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self.state = "running"
+        self._started = time.perf_counter()
+        self._last_stage = ""
+        self._set_running(True)
+        self.stage_label.setText("Starting…")
+        worker.start()
+
+    def cancel(self) -> None:
+        """Ask the run to stop; it ends at the core's next check (well under a second)."""
+        if not self.busy:
+            return
+        self._cancel.set()
+        self.cancel_button.setEnabled(False)
+        self.stage_label.setText("Cancelling…")
+        self._log("cancel requested")
+
+    def _set_running(self, running: bool) -> None:
+        self.reconstruct_button.setEnabled(not running)
+        self.refine_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+
+    def _on_progress(self, stage: str, done: int, total: int) -> None:
+        if self.worker is None:
+            return
+        self.progress_bar.setRange(0, max(int(total), 1))
+        self.progress_bar.setValue(int(done))
+        prefix, _, name = stage.rpartition(": ")
+        text = _STAGE_TEXT.get(name, name)
+        if name == "orientations":
+            text += f" {done + 1}/{total}"
+        elif total > 1:
+            text += f" ({done}/{total})"
+        elapsed = time.perf_counter() - self._started
+        self.stage_label.setText(f"{prefix.capitalize() + ': ' if prefix else ''}{text}  [{elapsed:.0f} s]")
+        if stage != self._last_stage and not self._cancel.is_set():
+            self._last_stage = stage
+            self._log(f"{prefix + ': ' if prefix else ''}{_STAGE_TEXT.get(name, name)}")
+
+    @report_errors("Show results")
+    def _on_iteration(self, item: IterationResult) -> None:
+        self.results.append(item)
+        rec = item.reconstruction
+        self._log(f"{item.label}: {rec.resolution_A:.2f} Å at FSC 0.143 ({rec.stats.get('n_used', '?')} projections, "
+                  f"{rec.stats.get('seconds', 0):.1f} s)" + (f"; wrote {len(item.written)} files" if item.written else ""))
+        self.map_window.show_result(rec, item.label)
+        self._dock_fsc()
+        self.fsc_plot.add_curve(rec.fsc, item.label)
+        if item.refinement is not None:
+            self._show_review(item)
+        self.iteration_done.emit(item)
+
+    def _on_returned(self, value) -> None:
+        elapsed = time.perf_counter() - self._started
+        if value is None:
+            self.state = "done"
+            self._log(f"finished in {elapsed:.1f} s")
+            self.stage_label.setText(f"Done in {elapsed:.1f} s."
+                                     + (f" {self.fsc_plot.resolution_A:.1f} Å at FSC 0.143."
+                                        if self.fsc_plot.resolution_A else ""))
+            return
+        exc, trace = value
+        if isinstance(exc, CsptCancelled):
+            self.state = "cancelled"
+            kept = f"; {len(self.results)} completed step(s) kept" if self.results else ""
+            self._log(f"cancelled after {elapsed:.1f} s{kept}")
+            self.stage_label.setText(f"Cancelled after {elapsed:.1f} s{kept}.")
+            show_info(f"Run cancelled{kept}.")
+            return
+        self.state = "failed"
+        self._log(trace.rstrip())
+        self.stage_label.setText(f"Failed: {exc}")
+        what = "Reconstruction" if self._mode == "reconstruct" else "Refinement"
+        detail = str(exc) if isinstance(exc, CsptError) else f"{type(exc).__name__}: {exc}"
+        show_error(f"{what} failed: {detail} (log: {self.log_path})")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self._set_running(False)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(1 if self.state == "done" else 0)
+        self.run_finished.emit(self.state)
+
+    # ------------------------------------------------------------------ results
+    def _dock_fsc(self) -> None:
+        if not self._fsc_docked and hasattr(self.viewer, "window"):
+            self.viewer.window.add_dock_widget(self.fsc_plot, name="FSC", area="right")
+            self._fsc_docked = True
+
+    def show_map_window(self) -> None:
+        """Bring the map window up (created empty when no map was made yet)."""
+        window = self.map_window.viewer.window
+        window.show()
+        window._qt_window.raise_()
+
+    def _show_review(self, item: IterationResult) -> None:
+        s = self._session
+        review = ShiftReview(s.tracks, item.tracks, item.residual_px)
+        if self.validation is None:
+            self.validation = ShiftValidation(self.viewer)
+        self.validation.set_review(review, stack=s.stack, params=s.params, volume=item.reconstruction.map,
+                                   document=s.document, label=item.label)
+
+    # ------------------------------------------------------------------ preview
+    def _toggle_preview(self, on: bool) -> None:
+        self.preview.set_enabled(on)
+
+    def _preview_session(self) -> Session:
+        return session(self.viewer)
+
+    def _show_preview(self, result: ReconstructionResult) -> None:
+        self.map_window.show_volume("preview", result.map, result.voxel_A)
+
+    # ------------------------------------------------------------------ log
+    def _open_log(self, s: Session) -> None:
+        folder = log_folder(s.project_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.log_path = folder / f"{s.name}_napari_{stamp}.log"
+        self.log_view.clear()
+
+    def _log(self, text: str) -> None:
+        line = f"[{datetime.datetime.now():%H:%M:%S}] {text}"
+        self.log_view.appendPlainText(line)
+        if self.log_path is not None:
+            try:
+                with open(self.log_path, "a", encoding="utf-8") as fh:
+                    fh.write(line + "\n")
+            except OSError as exc:
+                self.log_view.appendPlainText(f"(log file {self.log_path} not writable: {exc})")
+                self.log_path = None
+
+    # ------------------------------------------------------------------ life cycle
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
+        super().showEvent(event)
+        window = self.window()
+        if window is not self and window is not self._window_filtered:
+            window.installEventFilter(self)
+            self._window_filtered = window
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt API
+        window = getattr(self, "_window_filtered", None)
+        if window is not None and obj is window and event.type() == QEvent.Type.Close:
+            window.removeEventFilter(self)
+            self._window_filtered = None
+            self.close_session()
+        return False
+
+    def close_session(self) -> None:
+        """Stop a run, the preview and close the map window (called when the napari window closes)."""
+        self._cancel.set()
+        if self.worker is not None:
+            self.worker.await_workers(msecs=5000)
+        self.preview.close()
+        if self.validation is not None:
+            self.validation.close_session()
+        self.map_window.close()
