@@ -111,3 +111,22 @@ def test_bad_input(series):
         autotrack.AutotrackOptions(box_px=4)
     with pytest.raises(CsptInputError, match="min_confidence"):
         autotrack.AutotrackOptions(min_confidence=2.0)
+
+
+def test_cli_autotrack(series, tmp_path, capsys):
+    import mrcfile
+
+    from napari_cspt2d import cli
+    from napari_cspt2d.io.trackdata import read_track_data, write_track_data
+
+    stack, _, _, truth = series
+    with mrcfile.new(tmp_path / "ts.mrc") as mrc:
+        mrc.set_data(stack)
+    write_track_data(tmp_path / "picks.json", picked_tracks(series))
+    code = cli.main(["autotrack", str(tmp_path / "picks.json"), str(tmp_path / "ts.mrc"), "--out",
+                     str(tmp_path / "out.json"), "--box", "20", "--search", "7"])
+    assert code == 0 and "accepted" in capsys.readouterr().out
+    out = read_track_data(tmp_path / "out.json")
+    assert len(out) > 0.95 * truth.shape[0] * truth.shape[1]
+    err = np.linalg.norm(out.positions_px() - truth[out.particle, out.tilt], axis=1)
+    assert np.median(err) < 0.6

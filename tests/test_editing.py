@@ -49,6 +49,7 @@ def test_move_undo_redo_restores_exact_states(doc):
     target = np.array([[123.25, 45.5]])
     doc.move_points([7], target)
     moved = doc.tracks
+    assert moved.equals(original.with_positions([7], target))  # the fast path is TrackSet.with_positions
     np.testing.assert_allclose(moved.positions_px()[7], target[0], atol=1e-9)
     others = np.delete(np.arange(len(moved)), 7)
     np.testing.assert_array_equal(moved.shift_px[others], original.shift_px[others])

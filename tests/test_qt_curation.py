@@ -184,7 +184,7 @@ def test_merge_and_split_from_the_widget(make_napari_viewer, sample_layers, cach
     assert sorted(doc.tracks.tilt[doc.tracks.particle == new_id].tolist()) == list(range(12, 21))
     widget.refresh_table()
     widget.table.show_particle(2)
-    widget.table._select(new_id, widget.table.selectionModel().SelectionFlag.Select)
+    widget.table.select_particle(new_id, add=True)
     assert widget.table.selected_particles() == [2, new_id]
     widget.merge_selected()
     assert new_id not in doc.tracks.particles.id and ctl.active_particle == 2

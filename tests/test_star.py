@@ -146,6 +146,29 @@ def test_edits_reach_the_written_files(relion, tmp_path):
     assert np.median(np.linalg.norm(back.positions_px() - edited.positions_px(), axis=1)) < 1e-4
 
 
+@pytest.mark.parametrize("shape", [(300, 420), (301, 419)])
+def test_new_relion5_project_from_tracks(tmp_path, shape):
+    """A TrackSet that never came from RELION: written as a new project, read back at the same positions."""
+    from napari_cspt2d.model.tracks import TiltTable, TrackSet
+
+    rng = np.random.default_rng(0)
+    tilts = TiltTable.from_angles(np.arange(-45.0, 46.0, 15.0), defocus_um=2.5, axis_deg=84.0, dose=3.0)
+    xyz = rng.uniform(-100, 100, (4, 3))
+    tracks = TrackSet.from_positions(np.repeat(np.arange(4), 7), np.tile(np.arange(7), 4), np.zeros((28, 2)), tilts,
+                                     shape).with_particle_xyz(xyz, keep_positions=False)
+    shifted = tracks.replace(shift_px=tracks.shift_px + rng.normal(0, 3, (7, 2))[tracks.tilt])  # per-tilt shifts
+    series = star.relion5_series("TS_new", shifted, 2.0, tomogram_size=(419, 301, 201))
+    star.write_relion5_tomograms(tmp_path / "tomograms.star", {"TS_new": series})
+    star.write_relion5_particles(tmp_path / "particles.star", {"TS_new": shifted}, {"TS_new": series})
+    back = star.read_relion5_particles(tmp_path / "particles.star",
+                                       star.read_relion5_tomograms(tmp_path / "tomograms.star"), shape)["TS_new"]
+    np.testing.assert_allclose(back.positions_px(), shifted.positions_px(), atol=1e-5)
+    np.testing.assert_allclose(back.particles.xyz_px, xyz, atol=1e-5)
+    np.testing.assert_allclose(back.tilts.accumulated_dose(), tilts.accumulated_dose(), atol=1e-6)
+    written = starfile.read(tmp_path / "tilt_series" / "TS_new.star")
+    assert written.rlnMicrographName.iloc[0] == "000001@TS_new.mrcs"
+
+
 def test_particle_series_star(shared_data):
     path = shared_data / "cryodrgn_tilt" / "sta_testing_bin8.star"
     ps = star.read_particle_series_star(path, (4096, 4096))

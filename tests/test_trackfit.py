@@ -214,3 +214,15 @@ def test_imod_beads_global_refinement_from_prealigned_frame(shared_data, folder,
     a = imod.read_xf(base.with_suffix(".tltxf"))[:, :, :2]
     imod_axis = -np.degrees(np.arctan2(a[:, 1, 0] - a[:, 0, 1], a[:, 0, 0] + a[:, 1, 1]))
     assert np.median(np.abs(fit.geometry.axis_deg - imod_axis)) < 1.0
+
+
+def test_cli_fit(tmp_path, capsys):
+    from napari_cspt2d import cli
+    from napari_cspt2d.io.trackdata import read_track_data, write_track_data
+
+    tracks, xyz = synthetic(n_particles=5)
+    write_track_data(tmp_path / "t.json", tracks)
+    assert cli.main(["fit", str(tmp_path / "t.json"), "--robust", "none", "--out", str(tmp_path / "f.json")]) == 0
+    assert "mean residual 0.000 px" in capsys.readouterr().out
+    np.testing.assert_allclose(read_track_data(tmp_path / "f.json").particles.xyz_px, xyz, atol=1e-8)
+    assert cli.main(["fit", str(tmp_path / "t.json"), "--refine", "skew"]) == 2

@@ -147,5 +147,247 @@ def _run_demo(args: argparse.Namespace) -> int:
 register("demo", "open napari with the plugin and the sample (or, without a display, run the headless demo)", _configure_demo, _run_demo)
 
 
+# ---------------------------------------------------------------------------------------------------- import
+def _parse_settings(pairs: Sequence[str]) -> dict[str, str]:
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CsptInputError(f"is {pair!r}", field="--set", expected="KEY=VALUE")
+        settings[key.strip()] = value.strip()
+    return settings
+
+
+def _configure_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("tracks", type=Path, help="seed .json/.pkl, .cistem, IMOD .fid/.mod, or a RELION 5 particles .star")
+    p.add_argument("--stack", type=Path, required=True, help="the tilt stack the tracks were picked on")
+    p.add_argument("--out", type=Path, required=True, help="project folder to create")
+    p.add_argument("--name", help="tilt-series name (default: the stack's name without _stack)")
+    p.add_argument("--angles", type=Path, help=".tlt/.rawtlt/.mdoc (default: found beside the stack)")
+    p.add_argument("--tomograms", type=Path, help="RELION 5 tomograms.star (with a particles .star)")
+    p.add_argument("--tomo", help="RELION 5 tomogram name (rlnTomoName) to import")
+    p.add_argument("--config", type=Path, help="start from this .pyp_config.toml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set a parameter (repeatable)")
+    p.add_argument("--copy", action="store_true", help="copy the stack into the project instead of linking it")
+
+
+def _import_tracks(args: argparse.Namespace, series):
+    """The TrackSet of ``args.tracks`` on ``series`` (a TiltSeries)."""
+    if args.tracks.suffix.lower() != ".star":
+        from ._reader import read_trackset
+
+        return read_trackset(args.tracks, series.shape_yx)
+    from .io import star
+
+    if args.tomograms is None or args.tomo is None:
+        raise CsptInputError("needs --tomograms and --tomo", file=args.tracks,
+                             expected="the RELION 5 tomograms.star and the tomogram to import")
+    tomograms = star.read_relion5_tomograms(args.tomograms)
+    if args.tomo not in tomograms:
+        raise CsptInputError(f"is {args.tomo!r}", file=args.tomograms, field="--tomo",
+                             expected=f"one of {sorted(tomograms)}")
+    return star.read_relion5_particles(args.tracks, {args.tomo: tomograms[args.tomo]}, series.shape_yx)[args.tomo]
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from .io.toml import load_params
+    from .model.params import PypParameters
+    from .model.tiltseries import TiltSeries
+    from .pyp import create_project
+
+    series = TiltSeries.open(args.stack, args.angles)
+    tracks = _import_tracks(args, series)
+    params = load_params(args.config) if args.config else PypParameters()
+    settings = _parse_settings(args.set)
+    if not args.config and "scope_pixel" not in settings and series.pixel_A > 1.0:
+        params["scope_pixel"] = series.pixel_A  # the header's pixel size, when it is set (1.0 means unset)
+    for key, value in settings.items():
+        params[key] = value
+    name = args.name or series.name
+    paths = create_project(args.out, name, args.stack, tracks, params, angles=series.tilts, link=not args.copy)
+    print(f"imported {len(tracks)} projections of {tracks.n_particles} particles in {tracks.n_tilts} tilts")
+    for label, path in paths.items():
+        print(f"{label:>10}: {path}")
+    return EXIT_OK
+
+
+register("import", "make a pyp project folder from a tilt stack and tracks (json/pkl, .cistem, IMOD, RELION 5)",
+         _configure_import, _run_import)
+
+
+# ---------------------------------------------------------------------------------------------------- export
+def _latest_iteration(project: Path, name: str) -> int:
+    """The last iteration with a parameter file ``{name}_r01_NN.cistem`` (1 = only the input exists)."""
+    maps = project / "frealign" / "maps"
+    done = sorted(int(p.stem.rsplit("_", 1)[1]) for p in maps.glob(f"{name}_r01_[0-9][0-9].cistem"))
+    return done[-1] if done else 1
+
+
+def _configure_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("project", type=Path, help="project folder")
+    p.add_argument("--to", choices=("relion", "cryodrgn", "json"), required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder to write into")
+    p.add_argument("--name", help="tilt-series name (default: data_set)")
+    p.add_argument("--iteration", type=int, help="parameters of this iteration (default: the latest)")
+
+
+def _export_cryodrgn(out: Path, project: Path, name: str, tracks, params) -> list[Path]:
+    """Particle stack (protein white, as RELION extracts, for cryoDRGN's default data inversion), poses and CTF, one
+    entry per projection in the stack's order. Boxes are cut at each projection's position, so the poses carry no
+    further translation."""
+    import numpy as np
+
+    from .io import cryodrgn
+    from .io.mrc import merge_images, open_stack
+    from .recon.extract import extract_particles
+
+    stack, _ = open_stack(project / f"{name}_stack.mrc")
+    batches = extract_particles(stack, tracks, extract_box=params.box_unbinned_px, extract_bin=params["extract_bin"],
+                                particle_rad_A=params["particle_rad"], pixel_A=params.stack_pixel_A)
+    order: list[int] = []
+
+    def inverted_images():
+        for batch in batches:
+            order.extend(batch.rows.tolist())
+            yield from -batch.images
+
+    written = [merge_images(out / f"{name}_particles.mrcs", inverted_images(), len(tracks), params.particle_pixel_A)]
+    in_stack_order = tracks.select(np.asarray(order))
+    rot, trans = cryodrgn.poses(in_stack_order, box_px=params["extract_box"], binning=params["extract_bin"],
+                                offset_px=np.zeros((len(order), 2)))
+    written.append(out / f"{name}_poses.pkl")
+    cryodrgn.write_poses(written[-1], rot, trans)
+    ctf = cryodrgn.ctf_params(in_stack_order, box_px=params["extract_box"], pixel_A=params.particle_pixel_A,
+                              tilt_pixel_A=params.stack_pixel_A, voltage_kV=params["scope_voltage"],
+                              cs_mm=params["scope_cs"], amp_contrast=params["scope_wgh"])
+    written.append(out / f"{name}_ctf.pkl")
+    cryodrgn.write_ctf(written[-1], ctf)
+    return written
+
+
+def _export_relion(out: Path, name: str, tracks, params) -> list[Path]:
+    """RELION 5 ``tomograms.star`` (+ ``tilt_series/{name}.star``) and ``particles.star``."""
+    from .io import star
+
+    series = star.relion5_series(name, tracks, params.stack_pixel_A, voltage_kV=params["scope_voltage"],
+                                 cs_mm=params["scope_cs"], amp_contrast=params["scope_wgh"])
+    written = star.write_relion5_tomograms(out / "tomograms.star", {name: series})
+    star.write_relion5_particles(out / "particles.star", {name: tracks}, {name: series})
+    return [*written, out / "particles.star"]
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .io.trackdata import write_track_data
+    from .pyp import load_parameters, load_project
+
+    params = load_parameters(args.project)
+    name = args.name or params["data_set"]
+    iteration = args.iteration or _latest_iteration(args.project, name)
+    params, tracks, _ = load_project(args.project, name, iteration)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.to == "relion":
+        written = _export_relion(args.out, name, tracks, params)
+    elif args.to == "cryodrgn":
+        written = _export_cryodrgn(args.out, args.project, name, tracks, params)
+    else:
+        written = [write_track_data(args.out / f"{name}_r01_{iteration:02d}.json", tracks)]
+    print(f"exported iteration {iteration} of {name} ({len(tracks)} projections):")
+    for path in written:
+        print(f"  {path}")
+    return EXIT_OK
+
+
+register("export", "export a project's tracks: RELION 5 star files, cryoDRGN particles/poses/CTF, or seed json",
+         _configure_export, _run_export)
+
+
+# ---------------------------------------------------------------------------------------------------- fit / autotrack
+def _configure_tracks_in(p: argparse.ArgumentParser) -> None:
+    p.add_argument("tracks", type=Path, help="track file: seed .json/.pkl, .cistem, IMOD .fid/.mod")
+    p.add_argument("--image-shape", type=int, nargs=2, metavar=("NY", "NX"), help="tilt image size if not found")
+    p.add_argument("--refine", default="", help="comma list of axis,rotation,shift,mag,tilt (global refinement)")
+    p.add_argument("--axis-search", action="store_true", help="search the tilt-axis angle first")
+    p.add_argument("--robust", choices=("none", "huber", "tukey"), default="huber")
+
+
+def _fit_from_args(args: argparse.Namespace):
+    from ._reader import read_trackset
+    from .recon.trackfit import fit_tracks
+
+    tracks = read_trackset(args.tracks, args.image_shape)
+    refine = [r.strip() for r in args.refine.split(",") if r.strip()]
+    return tracks, fit_tracks(tracks, refine=refine, robust=args.robust, axis_search=args.axis_search)
+
+
+def _write_tracks(path: Path, tracks) -> None:
+    if path.suffix.lower() in (".fid", ".mod"):
+        from .io.imod import write_fiducial_model
+
+        write_fiducial_model(path, tracks)
+    else:
+        from .io.trackdata import write_track_data
+
+        write_track_data(path, tracks)
+    print(f"wrote {path}")
+
+
+def _configure_fit(p: argparse.ArgumentParser) -> None:
+    _configure_tracks_in(p)
+    p.add_argument("--out", type=Path, help="write the tracks with fitted 3D points (.json/.pkl/.fid/.mod)")
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .recon.trackfit import apply_fit
+
+    tracks, fit = _fit_from_args(args)
+    print(f"{tracks.n_particles} particles, {tracks.n_tilts} tilts, {len(tracks)} projections; "
+          f"mean residual {fit.mean_residual_px:.3f} px, rms {fit.rms_px:.3f} px"
+          f"{'' if fit.determined.all() else f', {int((~fit.determined).sum())} particles without height'}")
+    worst = [int(i) for i in fit.particle_id[np.argsort(-np.nan_to_num(fit.particle_mean_residual_px))[:5]]]
+    print(f"tilt axis {fit.geometry.axis_deg.min():.2f}..{fit.geometry.axis_deg.max():.2f} deg; "
+          f"largest mean residuals: particles {worst}")
+    if args.out:
+        _write_tracks(args.out, apply_fit(tracks, fit))
+    return EXIT_OK
+
+
+register("fit", "fit 3D particle positions to 2D tracks (optionally refining the tilt geometry)", _configure_fit, _run_fit)
+
+
+def _configure_autotrack(p: argparse.ArgumentParser) -> None:
+    _configure_tracks_in(p)
+    p.add_argument("stack", type=Path, help="tilt stack (.mrc/.st), sections = tilt ids")
+    p.add_argument("--out", type=Path, required=True, help="tracks with the new points (.json/.pkl/.fid/.mod)")
+    p.add_argument("--box", type=int, default=48, help="reference box (px, default 48)")
+    p.add_argument("--search", type=int, default=12, help="largest correction of a prediction (px, default 12)")
+    p.add_argument("--min-confidence", type=float, default=0.4, help="normalised CC peak to accept (default 0.4)")
+
+
+def _run_autotrack(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .io.mrc import open_stack
+    from .recon.autotrack import AutotrackOptions, autotrack_all
+
+    stack, _ = open_stack(args.stack)
+    tracks, fit = _fit_from_args(args)
+    options = AutotrackOptions(box_px=args.box, search_px=args.search, min_confidence=args.min_confidence)
+    progress = progress_printer("assisted tracking")
+    try:
+        result = autotrack_all(tracks, stack, fit=fit if args.refine else None, options=options, progress=progress)
+    finally:
+        progress.stop()
+    print(f"accepted {int(result.accepted.sum())} of {len(result.accepted)} attempted points "
+          f"(median confidence {np.nanmedian(result.confidence) if len(result.confidence) else float('nan'):.2f})")
+    _write_tracks(args.out, result.tracks)
+    return EXIT_OK
+
+
+register("autotrack", "find picked particles in their other tilts by cross-correlation (like IMOD beadtrack)",
+         _configure_autotrack, _run_autotrack)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

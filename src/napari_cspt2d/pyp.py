@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,14 @@ from .errors import CsptInputError, warn_input
 from .io import cistem, mrc
 from .io.metadata import metadata_shape, read_metadata, read_metadata_tilts, write_metadata
 from .io.toml import CONFIG_NAME, load_params, save_params
-from .model.params import PypParameters, check_name
+from .model.params import PypParameters, check_cspt_mode, check_name
 from .model.tracks import TiltTable, TrackSet
 
 __all__ = [
     "load_parameters", "save_parameters",
     "Parameters", "ExtendedParameters", "create_cistem_from_2d_tracks",
     "create_project", "load_project",
+    "sort_particles_regions", "prepare_particle_cspt", "csp_split",
 ]
 
 
@@ -288,17 +289,127 @@ def create_project(
             "extended": Path(ext)}
 
 
-def load_project(project_dir: str | os.PathLike[str], name: str) -> tuple[PypParameters, TrackSet, dict[str, Any]]:
+def load_project(
+    project_dir: str | os.PathLike[str], name: str, iteration: int = 1
+) -> tuple[PypParameters, TrackSet, dict[str, Any]]:
     """Read a project written by :func:`create_project` (or by pyp with the seed's plain metadata): parameters,
     tracks (image shape and tilt table from ``{name}.pkl``, dose per tilt = ``scope_dose_rate`` when the metadata
-    has no tilt table) and the metadata dict."""
+    has no tilt table) and the metadata dict. ``iteration`` 1 reads the input ``{name}_r01.cistem``, a later one
+    that iteration's ``{name}_r01_{iteration:02d}.cistem``."""
     check_name(name, "name")
     root = Path(project_dir)
     params = load_params(root / CONFIG_NAME, strict=False)
     meta_path = root / f"{name}.pkl"
     metadata = read_metadata(meta_path)
+    suffix = "" if iteration == 1 else f"_{int(iteration):02d}"
+    par = Parameters.from_file(root / "frealign" / "maps" / f"{name}_r01{suffix}.cistem")
+    return params, _tracks_with_metadata(par, meta_path, metadata, params), metadata
+
+
+def _tracks_with_metadata(par: Parameters, meta_path: Path, metadata: Mapping[str, Any],
+                          params: Mapping[str, Any]) -> TrackSet:
+    """``par`` as a TrackSet with the image shape and (when stored) tilt table of ``{name}.pkl``."""
     ny, nx, _ = metadata_shape(metadata)
     tilts = read_metadata_tilts(meta_path) if "tlt" in metadata else None
-    par = Parameters.from_file(root / "frealign" / "maps" / f"{name}_r01.cistem")
-    tracks = par.to_trackset((ny, nx), tilts=tilts, dose_per_tilt=params["scope_dose_rate"])
-    return params, tracks, metadata
+    return par.to_trackset((ny, nx), tilts=tilts, dose_per_tilt=params["scope_dose_rate"])
+
+
+# ==================================================================================================== pipeline
+def sort_particles_regions(
+    particle_coordinates: Any, corners_squares: Any = None, squaresize: Any = None, per_particle: bool = False
+) -> list[list[int]]:
+    """pyp's ``sort_particles_regions``: particle ids grouped by region.
+
+    ``particle_coordinates`` rows are ``[pind, x, y, z, ...]`` (or bare ids with ``per_particle``). With
+    ``per_particle`` (the ``csp_no_3d_points`` route) every particle is its own region, ``[[pind1], [pind2], ...]``
+    in input order; ``corners_squares``/``squaresize`` and the coordinates are ignored. Otherwise a particle goes to
+    the first square (corner ``[x, y, z]``, size ``squaresize``, bounds inclusive) that contains it, one extra last
+    region collects particles outside every square, and regions are sorted by size (smallest first), as pyp does."""
+    rows = [r if isinstance(r, (list, tuple, np.ndarray)) else [r] for r in particle_coordinates]
+    try:
+        ids = [int(float(r[0])) for r in rows]
+    except (TypeError, ValueError, IndexError) as exc:
+        raise CsptInputError(f"has a row without a particle id ({exc})", field="particle_coordinates",
+                             expected="rows [pind, x, y, z] or particle ids") from None
+    if per_particle:
+        return [[i] for i in ids]
+    if corners_squares is None or squaresize is None:
+        raise CsptInputError("are missing", field="corners_squares/squaresize",
+                             expected="square corners and size unless per_particle=True")
+    size = np.asarray(squaresize, dtype=np.float64).reshape(3)
+    regions: list[list[int]] = [[] for _ in range(len(corners_squares) + 1)]
+    for pid, row in zip(ids, rows):
+        try:
+            xyz = np.asarray([float(v) for v in row[1:4]])
+        except (TypeError, ValueError) as exc:
+            raise CsptInputError(f"has a bad row for particle {pid} ({exc})", field="particle_coordinates",
+                                 expected="rows [pind, x, y, z]") from None
+        if xyz.size != 3:
+            raise CsptInputError(f"has no x, y, z for particle {pid}", field="particle_coordinates",
+                                 expected="rows [pind, x, y, z] (or per_particle=True)")
+        inside = [k for k, c in enumerate(corners_squares)
+                  if np.all(xyz >= np.asarray(c, dtype=np.float64)) and np.all(xyz <= np.asarray(c) + size)]
+        regions[inside[0] if inside else -1].append(pid)
+    return sorted(regions, key=len)
+
+
+def _project_root(project_dir: str | os.PathLike[str] | None) -> Path:
+    return Path.cwd() if project_dir is None else Path(project_dir)
+
+
+def prepare_particle_cspt(
+    name: str,
+    parameter_file: str | os.PathLike[str],
+    alignment_parameters: Parameters,
+    parameters: Mapping[str, Any],
+    grids: Sequence[int] = (1, 1, 1),
+    use_frames: bool = False,
+    *,
+    project_dir: str | os.PathLike[str] | None = None,
+) -> list[tuple[str, NDArray[np.int64], NDArray[np.int64]]]:
+    """The seed's ``prepare_particle_cspt`` for ``csp_no_3d_points``: no specimen bounds, no spatial regions (``grids``
+    is accepted and ignored), one region per particle (:func:`sort_particles_regions` with ``per_particle=True``);
+    writes ``frealign/scratch/{stem}_region{k:04d}.cistem`` (+ ``_extended``) with ``stem`` = ``parameter_file``'s and
+    returns pyp's ``split_parx_list``: ``(path, [pind], tilt ids)`` per region.
+
+    Paths are relative to ``project_dir`` (default: the current folder, as in the seed's scripts). Raises
+    "Metadata is required" when ``{name}.pkl`` is missing or incomplete and "No output parameter file is generated"
+    when the parameters are not in 2D tilt-series CSPT mode (``csp_no_3d_points``, "tomo", ``csp_frame_refinement``)."""
+    from .recon.pipeline import split_regions
+
+    check_name(name, "name")
+    root = _project_root(project_dir)
+    params = _as_params(parameters, strict=False)
+    metadata = read_metadata(root / f"{name}.pkl")
+    check_cspt_mode(params)
+    if not isinstance(alignment_parameters, Parameters):
+        raise CsptInputError(f"is a {type(alignment_parameters).__name__}", field="alignment_parameters",
+                             expected="Parameters.from_file(parameter_file)")
+    tracks = _tracks_with_metadata(alignment_parameters, root / f"{name}.pkl", metadata, params)
+    regions = sort_particles_regions(np.unique(tracks.particle), per_particle=True)
+    split = split_regions(tracks, regions, parameter_file, params, root / "frealign" / "scratch")
+    return [(str(path), ids, tilt_ids) for path, ids, tilt_ids in split]
+
+
+def csp_split(
+    parameters: Mapping[str, Any],
+    iteration: int = 2,
+    *,
+    project_dir: str | os.PathLike[str] | None = None,
+    client: Any = None,
+    serial: bool = False,
+    workers: int | None = None,
+    progress: Any = None,
+    cancel: Any = None,
+) -> dict[str, Any]:
+    """The seed's Option A: the whole CSPT of the project (every tilt series of ``data_set``) from ``iteration`` to
+    ``refine_maxiter``: split per particle, bundle by ``slurm_bundle_size``, refine on dask (a LocalCluster unless
+    the cluster parameters say otherwise, or ``client``; ``serial`` runs in this process), merge, reconstruct,
+    iterate (:func:`napari_cspt2d.recon.pipeline.run_cspt`). Works in the current folder (the seed's scripts) or
+    ``project_dir``. Returns the output paths: ``map``, ``half_maps``, ``fsc_table``, ``fsc_plot``, ``parameters``,
+    ``log``, and ``iterations`` (per-iteration resolution and parameter changes), ``converged``, ``timings``."""
+    from .recon.pipeline import run_cspt
+
+    run = run_cspt(parameters, project_dir=project_dir, first_iteration=iteration, client=client, serial=serial,
+                   workers=workers, progress=progress, cancel=cancel)
+    return run.outputs()

@@ -46,7 +46,7 @@ from ..model.tracks import TrackSet
 from ._autosave import Autosaver
 from ._guard import report_errors
 from ._particle_table import ParticleTableView
-from ._tilt_overlay import connect_tilt_overlay, tilt_label
+from ._tilt_overlay import connect_tilt_view, tilt_label
 from ._tracks_layer import TracksLayerController
 
 __all__ = ["CurationWidget", "KEYS"]
@@ -89,7 +89,7 @@ class CurationWidget(QWidget):
         self._table_timer.setSingleShot(True)
         self._table_timer.setInterval(TABLE_DELAY_MS)
         self._table_timer.timeout.connect(self.refresh_table)
-        self._disconnect_overlay = connect_tilt_overlay(napari_viewer)
+        self._disconnect_overlay = connect_tilt_view(napari_viewer)
         napari_viewer.layers.events.inserted.connect(self._on_layer_inserted)
         napari_viewer.layers.events.removed.connect(self._on_layer_removed)
         napari_viewer.dims.events.current_step.connect(self._update_labels)

@@ -32,7 +32,7 @@ from .._reader import read_trackset, series_layer_data
 from ..errors import CsptError, CsptInputError
 from ..model.tiltseries import TiltSeries, find_angle_file
 from ._guard import report_errors
-from ._tilt_overlay import connect_tilt_overlay
+from ._tilt_overlay import connect_tilt_view
 
 __all__ = ["TiltSeriesLoader", "load_series_layers"]
 
@@ -130,7 +130,7 @@ class TiltSeriesLoader(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.info)
         layout.addStretch(1)
-        self._disconnect_overlay = connect_tilt_overlay(napari_viewer)
+        self._disconnect_overlay = connect_tilt_view(napari_viewer)
 
     @property
     def busy(self) -> bool:

@@ -67,12 +67,17 @@ class TracksLayerController(QObject):
                                                         pixel_A=self.pixel_A, uid=meta.get("uid"))
             trajectories = viewer.add_layer(Layer.create(data, kwargs, kind))
         self.trajectories = trajectories
+        shows_document = self._shows(document.tracks)
         self.active_track = self._make_active_layer()
         self._trajectory_timer = QTimer(self)
         self._trajectory_timer.setSingleShot(True)
         self._trajectory_timer.setInterval(TRAJECTORY_DELAY_MS)
         self._trajectory_timer.timeout.connect(self.refresh_trajectories)
-        self.refresh_all()
+        if shows_document:  # layers fresh from the reader: nothing to redraw
+            meta["tracks"] = document.tracks
+            self._refresh_active_track()
+        else:
+            self.refresh_all()
         self._unsubscribe = document.subscribe(self._on_change)
         points.events.data.connect(self._on_layer_data)
         points.selected_data.events.items_changed.connect(self._on_layer_selection)
@@ -122,6 +127,15 @@ class TracksLayerController(QObject):
     def current_tilt(self) -> int:
         """The tilt id (stack section) shown in the viewer."""
         return int(round(self.points.world_to_data(self.viewer.dims.point)[0]))
+
+    def _shows(self, tracks) -> bool:
+        """Whether the Points and trajectories layers already show ``tracks``."""
+        points, features = self.points.data, self.points.features
+        if len(points) != len(tracks) or len(self.trajectories.data) != len(tracks) or "particle" not in features:
+            return False
+        return (np.array_equal(features["particle"].to_numpy(), tracks.particle)
+                and np.array_equal(points, points_data(tracks))
+                and np.array_equal(self.trajectories.data, trajectory_data(tracks)[0]))
 
     def refresh_all(self) -> None:
         """Rebuild every layer from the document."""

@@ -104,10 +104,12 @@ class FscPlot(QWidget):
 
 
 class MapWindow:
-    """The napari window of the maps (see the module docstring). ``viewer_factory(title=..., ndisplay=3,
-    show=...)`` makes the viewer (default :class:`napari.Viewer`)."""
+    """The napari window of the maps (see the module docstring). ``show()`` says whether to show the window when it
+    is created (e.g. only if the main window is shown); ``viewer_factory(title=..., ndisplay=3, show=...)`` makes
+    the viewer (default :class:`napari.Viewer`)."""
 
-    def __init__(self, *, show: bool = True, viewer_factory: Callable[..., object] | None = None) -> None:
+    def __init__(self, *, show: Callable[[], bool] = lambda: True,
+                 viewer_factory: Callable[..., object] | None = None) -> None:
         self.show = show
         self._factory = viewer_factory
         self._viewer = None
@@ -120,7 +122,7 @@ class MapWindow:
                 from napari import Viewer
 
                 self._factory = Viewer
-            self._viewer = self._factory(title="napari-cspt2d: map", ndisplay=3, show=self.show)
+            self._viewer = self._factory(title="napari-cspt2d: map", ndisplay=3, show=bool(self.show()))
             self._viewer.window._qt_window.destroyed.connect(self._forget)
         return self._viewer
 

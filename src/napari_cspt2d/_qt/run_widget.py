@@ -15,6 +15,7 @@ written to the user cache folder.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import threading
@@ -42,11 +43,15 @@ from qtpy.QtWidgets import (
 )
 
 from .. import pyp
-from ..errors import CsptCancelled, CsptError, CsptInputError
+from ..cluster import make_client
+from ..errors import CsptCancelled, CsptError, CsptInputError, CsptRunError
+from ..io.mrc import read_image
+from ..io.toml import CONFIG_NAME, save_params
 from ..model.params import PypParameters
 from ..model.tracks import TrackSet
 from ..recon.reconstruct import ReconstructionResult, reconstruct_tracks
-from ..recon.refine import Imaging, RefineOptions, RefineResult, refine_tracks
+from ..recon.fsc import fsc_curve
+from ..recon.pipeline import ProjectPaths, reconstruction_options, run_cspt, tilt_series_names
 from ..recon.trackfit import fit_tracks
 from ._guard import report_errors
 from .params_widget import Session, session
@@ -54,8 +59,7 @@ from .preview import LivePreview
 from .results import FscPlot, MapWindow
 from .validation import ShiftReview, ShiftValidation
 
-__all__ = ["RunWidget", "IterationResult", "run_job", "preview_reconstruction", "preview_bin", "reconstruction_kwargs",
-           "log_folder"]
+__all__ = ["RunWidget", "IterationResult", "run_job", "preview_reconstruction", "preview_bin", "log_folder"]
 
 RunMode = Literal["reconstruct", "refine"]
 ProgressFn = Callable[[str, int, int], None]
@@ -77,32 +81,25 @@ _STAGE_TEXT = {
 # ---------------------------------------------------------------------------------------------------- the job
 @dataclass(frozen=True, eq=False)
 class IterationResult:
-    """One completed step of a run: ``iteration`` (1 = map of the picked tracks, 2... = refinement iterations), the
-    ``tracks`` the map was made from, the ``reconstruction``, for refinement iterations the ``refinement`` and
-    ``residual_px`` (N,) of each refined projection from its particle's fitted 3D track, and the files ``written``."""
+    """One completed step of a run: ``iteration`` (1 = map of the curated tracks, 2... = refinement iterations), the
+    ``tracks`` the map was made from (refined ones from iteration 2 on, rows in the order of the run's snapshot),
+    the ``reconstruction``, for refinement iterations the pipeline's ``summary`` and ``residual_px`` (N,) of each
+    refined projection from its particle's fitted 3D track, and the files ``written``."""
 
     iteration: int
     tracks: TrackSet
     reconstruction: ReconstructionResult
-    refinement: RefineResult | None = None
+    summary: dict[str, Any] | None = None
     residual_px: NDArray[np.float64] | None = None
     written: list[Path] = field(default_factory=list)
 
     @property
     def label(self) -> str:
-        return "picked tracks" if self.iteration == 1 else f"iteration {self.iteration}"
+        return "curated tracks" if self.iteration == 1 else f"iteration {self.iteration}"
 
-
-def reconstruction_kwargs(params: PypParameters) -> dict[str, Any]:
-    """Keyword arguments of :func:`reconstruct_tracks` from pyp parameters (pyp's ``extract_box`` is in extracted
-    pixels, :func:`reconstruct_tracks` takes the box cut from the stack)."""
-    return {
-        "pixel_A": params.stack_pixel_A, "extract_box": params.box_unbinned_px, "extract_bin": params["extract_bin"],
-        "particle_rad_A": params["particle_rad"], "voltage_kV": params["scope_voltage"], "cs_mm": params["scope_cs"],
-        "amp_contrast": params["scope_wgh"], "min_tilt_deg": params["reconstruct_mintilt"],
-        "max_tilt_deg": params["reconstruct_maxtilt"],
-        "dose_weighting": params["reconstruct_dose_weighting_enable"],
-    }
+    @property
+    def refined(self) -> bool:
+        return self.summary is not None
 
 
 def _residuals(tracks: TrackSet) -> NDArray[np.float64]:
@@ -111,40 +108,82 @@ def _residuals(tracks: TrackSet) -> NDArray[np.float64]:
     return np.hypot(fit.residual_px[:, 0], fit.residual_px[:, 1])
 
 
+def _same_rows(tracks: TrackSet, like: TrackSet, source: Path) -> TrackSet:
+    """``tracks`` with its rows in the order of ``like``'s (the same projections, matched by particle and tilt)."""
+    span = int(max(tracks.tilt.max(initial=0), like.tilt.max(initial=0))) + 1
+    keys, wanted = tracks.particle * span + tracks.tilt, like.particle * span + like.tilt
+    order = np.argsort(keys, kind="stable")
+    pos = np.clip(np.searchsorted(keys, wanted, sorter=order), 0, max(len(tracks) - 1, 0))
+    if len(tracks) != len(like) or not np.array_equal(keys[order[pos]], wanted):
+        raise CsptRunError(f"{source} does not hold the projections that were refined", log_path=None)
+    rows = order[pos]
+    return tracks.replace(particle=tracks.particle[rows], tilt=tracks.tilt[rows], shift_px=tracks.shift_px[rows],
+                          score=tracks.score[rows], occupancy=tracks.occupancy[rows])
+
+
+def _read_iteration(run: Any, like: TrackSet, params: PypParameters) -> tuple[TrackSet, ReconstructionResult]:
+    """The refined tracks and the map of the iteration :func:`run_cspt` just finished (read from its files)."""
+    tracks = pyp.Parameters.from_file(run.parameters[0]).to_trackset(like.image_shape_yx, tilts=like.tilts)
+    stem = run.map.with_suffix("")
+    volume, half1, half2 = (read_image(p) for p in (run.map, f"{stem}_half1.mrc", f"{stem}_half2.mrc"))
+    voxel = params.particle_pixel_A
+    curve = fsc_curve(half1, half2, voxel)
+    summary = run.iterations[-1]
+    rec = ReconstructionResult(volume, half1, half2, curve, summary["resolution_A"], summary["resolution_05_A"],
+                               voxel, dict(summary))
+    return _same_rows(tracks, like, Path(run.parameters[0])), rec
+
+
 def run_job(s: Session, mode: RunMode, progress: ProgressFn, cancel: Callable[[], bool]
             ) -> Iterator[IterationResult]:
-    """Reconstruct the session's tracks, then (``mode="refine"``) refine them for iterations ``refine_iter`` ..
-    ``refine_maxiter`` against the previous iteration's half maps; yields each completed iteration."""
+    """Reconstruct the session's tracks (iteration 1), then (``mode="refine"``) run the project's CSPT iterations
+    ``refine_iter`` .. ``refine_maxiter`` one at a time with :func:`run_cspt` (the pipeline the CLI runs), stopping
+    early when it reports convergence; yields each completed iteration.
+
+    With a project the curated tracks and the parameters are first written as the project's input
+    (``frealign/maps/{name}_r01.cistem``, ``.pyp_config.toml``) so that the project's files say what was run."""
     p = s.params
+    if mode == "refine" and s.project_dir is None:
+        raise CsptInputError("no project folder", field="project", expected="a project folder for refinement "
+                             "(Parameters widget: choose a folder, then Create project or Open project)")
     iterations = list(range(p["refine_iter"], p["refine_maxiter"] + 1)) if mode == "refine" else []
     total = 1 + len(iterations)
-    maps = None if s.project_dir is None else s.project_dir / "frealign" / "maps"
 
     def stage_progress(step: int) -> ProgressFn:
         prefix = f"step {step}/{total}: " if total > 1 else ""
         return lambda stage, done, n: progress(prefix + stage, done, n)
 
-    def reconstruct(tracks: TrackSet, step: int) -> ReconstructionResult:
-        return reconstruct_tracks(s.stack, tracks, **reconstruction_kwargs(p), batch_size=BATCH_SIZE,
-                                  progress=stage_progress(step), cancel=cancel)
-
-    tracks = s.tracks
-    result = reconstruct(tracks, 1)
-    written = [] if maps is None else result.write(maps / f"{s.name}_r01_01.mrc")
-    yield IterationResult(1, tracks, result, written=written)
-    imaging = Imaging.from_params(p)
-    for step, iteration in enumerate(iterations, start=2):
-        options = RefineOptions.from_params(p, iteration)
-        refined = refine_tracks(s.stack, tracks, (result.half1, result.half2), options, imaging,
-                                origin_shift_px=s.tracks.shift_px, progress=stage_progress(step), cancel=cancel)
-        tracks = refined.tracks
-        result = reconstruct(tracks, step)
-        residual = _residuals(tracks)
-        written = []
-        if maps is not None:
-            written = result.write(maps / f"{s.name}_r01_{iteration:02d}.mrc")
-            written += pyp.Parameters.from_trackset(tracks, p).write(maps / f"{s.name}_r01_{iteration:02d}.cistem")
-        yield IterationResult(iteration, tracks, result, refined, residual, written)
+    written: list[Path] = []
+    paths = None
+    if s.project_dir is not None:
+        names = tilt_series_names(s.project_dir)
+        if len(names) != 1:
+            raise CsptInputError(f"holds {len(names)} tilt series", file=s.project_dir, field="tilt series",
+                                 expected="one {name}_stack.mrc with its frealign/maps/{name}_r01.cistem "
+                                 "(Parameters widget: Create project)")
+        paths = ProjectPaths(s.project_dir.resolve(), p["data_set"] or names[0])
+        written += [save_params(p, paths.root / CONFIG_NAME)]
+        written += [Path(f) for f in pyp.create_cistem_from_2d_tracks(names[0], s.tracks, p, paths.maps)]
+    result = reconstruct_tracks(s.stack, s.tracks, **reconstruction_options(p), batch_size=BATCH_SIZE,
+                                progress=stage_progress(1), cancel=cancel)
+    if paths is not None:
+        written += result.write(paths.map(1))
+    yield IterationResult(1, s.tracks, result, written=written)
+    if not iterations:
+        return
+    serial = p["cluster_backend"] == "local"
+    with contextlib.nullcontext(None) if serial else make_client(p, tasks=s.tracks.n_particles,
+                                                                 project_dir=s.project_dir) as client:
+        for step, iteration in enumerate(iterations, start=2):
+            run = run_cspt(p, project_dir=s.project_dir, first_iteration=iteration, last_iteration=iteration,
+                           client=client, serial=serial, progress=stage_progress(step), cancel=cancel)
+            tracks, result = _read_iteration(run, s.tracks, p)
+            stem = run.map.with_suffix("")
+            files = [run.map, Path(f"{stem}_half1.mrc"), Path(f"{stem}_half2.mrc"), *map(Path, run.parameters)]
+            yield IterationResult(iteration, tracks, result, run.iterations[-1], _residuals(tracks), files)
+            if run.converged is not None:
+                progress(f"step {step}/{total}: converged", 1, 1)
+                return
 
 
 def preview_bin(params: PypParameters, *, min_box: int = 24) -> int:
@@ -161,7 +200,7 @@ def preview_bin(params: PypParameters, *, min_box: int = 24) -> int:
 def preview_reconstruction(s: Session, cancel: Callable[[], bool]) -> ReconstructionResult:
     """The live preview: :func:`reconstruct_tracks` of the session's tracks at :func:`preview_bin`, no refinement,
     nothing written."""
-    kwargs = reconstruction_kwargs(s.params) | {"extract_bin": preview_bin(s.params)}
+    kwargs = reconstruction_options(s.params) | {"extract_bin": preview_bin(s.params)}
     return reconstruct_tracks(s.stack, s.tracks, **kwargs, batch_size=BATCH_SIZE, cancel=cancel)
 
 
@@ -214,17 +253,13 @@ class RunWidget(QWidget):
         self._relay = _Relay(self)
         self._relay.progress.connect(self._on_progress)
         self._window_filtered: QWidget | None = None
-        self.map_window = MapWindow(show=self._main_window_shown())
+        self.map_window = MapWindow(show=self.isVisible)
         self.fsc_plot = FscPlot()
         self._fsc_docked = False
         self.validation: ShiftValidation | None = None
         self.preview = LivePreview(self._preview_session, preview_reconstruction, self._show_preview,
                                    is_busy=lambda: self.busy, parent=self)
         self._build_ui()
-
-    def _main_window_shown(self) -> bool:
-        window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
-        return window is None or window.isVisible()
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
@@ -340,7 +375,7 @@ class RunWidget(QWidget):
         self.map_window.show_result(rec, item.label)
         self._dock_fsc()
         self.fsc_plot.add_curve(rec.fsc, item.label)
-        if item.refinement is not None:
+        if item.refined:
             self._show_review(item)
         self.iteration_done.emit(item)
 

@@ -9,12 +9,32 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
+from mrcfile.mrcinterpreter import MrcInterpreter
 from numpy.typing import ArrayLike, NDArray
 
 from ..errors import CsptInputError
 from .atomic import atomic_path
 
 __all__ = ["open_stack", "read_voxel_size_A", "write_map", "write_stack", "merge_images"]
+
+
+def _check_header(path: Path) -> None:
+    """Refuse a header whose extended-header size (``nsymbt``) runs past the end of the file.
+
+    mrcfile allocates and zero-fills ``nsymbt`` bytes (up to 2 GB) before it notices the file is too short, so this
+    reads the 1024-byte header first, the way mrcfile interprets it (byte order from the machine stamp)."""
+    interpreter = MrcInterpreter(permissive=True)  # no stream given: reads nothing yet
+    try:
+        with warnings.catch_warnings(), open(path, "rb") as fh:
+            warnings.simplefilter("ignore")
+            interpreter._iostream = fh
+            interpreter._read_header()
+    except (ValueError, OSError) as exc:
+        raise CsptInputError(f"cannot be read as MRC ({exc})", file=path, field="header") from exc
+    extended = int(interpreter.header.nsymbt)
+    if not 0 <= extended <= path.stat().st_size - 1024:
+        raise CsptInputError(f"declares a {extended}-byte extended header in a {path.stat().st_size}-byte file",
+                             file=path, field="nsymbt", expected="a size that fits in the file")
 
 
 def open_stack(path: str | os.PathLike[str]) -> tuple[np.memmap, float]:
@@ -25,6 +45,7 @@ def open_stack(path: str | os.PathLike[str]) -> tuple[np.memmap, float]:
     path = Path(path)
     if not path.is_file():
         raise CsptInputError("does not exist", file=path, expected="an MRC stack")
+    _check_header(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -38,18 +59,17 @@ def open_stack(path: str | os.PathLike[str]) -> tuple[np.memmap, float]:
         data = data[np.newaxis]
     if data.ndim != 3:
         raise CsptInputError(f"has {data.ndim} dimensions", file=path, field="data", expected="a 2D image or 3D stack")
+    if 0 in data.shape:
+        raise CsptInputError(f"has shape {data.shape}", file=path, field="data", expected="nx, ny, nz >= 1")
     if data.dtype.kind not in "iuf":
         raise CsptInputError(f"has mode {mrc.header.mode}", file=path, field="mode", expected="real-valued data")
     pixel_A = float(mrc.voxel_size.x)
-    return data, pixel_A
+    return data, pixel_A if np.isfinite(pixel_A) and pixel_A > 0 else 0.0
 
 
 def read_voxel_size_A(path: str | os.PathLike[str]) -> float:
-    """The x voxel size (Å) from an MRC header."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
-            return float(mrc.voxel_size.x)
+    """The x voxel size (Å) from an MRC header (0 when unset or invalid)."""
+    return open_stack(path)[1]
 
 
 def write_map(path: str | os.PathLike[str], volume: ArrayLike, voxel_A: float) -> Path:

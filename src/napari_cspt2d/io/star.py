@@ -61,6 +61,7 @@ __all__ = [
     "read_relion5_tomograms",
     "read_relion5_particles",
     "relion5_tracks",
+    "relion5_series",
     "relion5_series_from_tracks",
     "write_relion5_tomograms",
     "write_relion5_particles",
@@ -313,6 +314,44 @@ def relion5_series_from_tracks(series: Relion5TiltSeries, tracks: TrackSet) -> R
         for row in np.unique(trow):
             shift[row] = np.median(offset[trow == row], axis=0)
     return replace(series, tilts=tracks.tilts, shift_px=shift)
+
+
+def relion5_series(
+    name: str,
+    tracks: TrackSet,
+    pixel_A: float,
+    *,
+    tomogram_size: tuple[int, int, int] | None = None,
+    micrograph_names: list[str] | None = None,
+    voltage_kV: float = 300.0,
+    cs_mm: float = 2.7,
+    amp_contrast: float = 0.1,
+    hand: float = -1.0,
+) -> Relion5TiltSeries:
+    """A new RELION 5 tilt series for ``tracks`` (tilts, per-tilt shifts from the projections, optics).
+
+    ``micrograph_names``: one image per tilt (default ``"<section>@<name>.mrcs"``, RELION's image-in-stack syntax,
+    section = tilt id + 1); ``tomogram_size`` (w, h, d) px defaults to the image size and an even depth holding every
+    particle with 32 px to spare."""
+    if not (np.isfinite(pixel_A) and pixel_A > 0):
+        raise CsptInputError(f"is {pixel_A}", field="pixel_A", expected="> 0 Å")
+    ny, nx = tracks._require_shape()
+    t = tracks.tilts
+    if micrograph_names is None:
+        micrograph_names = [f"{int(i) + 1:06d}@{name}.mrcs" for i in t.id]
+    if len(micrograph_names) != len(t):
+        raise CsptInputError(f"has {len(micrograph_names)} names for {len(t)} tilts", field="micrograph_names",
+                             expected="one name per tilt")
+    if tomogram_size is None:
+        depth = 2 * int(np.ceil(np.abs(tracks.particles.xyz_px[:, 2]).max(initial=0.0) + 32))
+        tomogram_size = (int(nx), int(ny), depth)
+    table = pd.DataFrame({"rlnMicrographName": list(micrograph_names), "rlnTomoNominalStageTiltAngle": t.angle_deg})
+    row = {"rlnTomoName": name, "rlnVoltage": voltage_kV, "rlnSphericalAberration": cs_mm,
+           "rlnAmplitudeContrast": amp_contrast, "rlnMicrographOriginalPixelSize": pixel_A, "rlnTomoHand": hand,
+           "rlnTomoTiltSeriesPixelSize": pixel_A}
+    blank = Relion5TiltSeries(name, t, np.zeros((len(t), 2)), np.zeros(len(t)), float(pixel_A),
+                              tuple(int(v) for v in tomogram_size), row, table)
+    return relion5_series_from_tracks(blank, tracks)
 
 
 def _tilt_series_table(series: Relion5TiltSeries) -> pd.DataFrame:

@@ -13,6 +13,7 @@ Autosave snapshots are ``.npz`` files of the TrackSet columns (exact, fast, no p
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -235,7 +236,7 @@ class TrackDocument:
             name = f"Move point (particle {ts.particle[rows[0]]}, tilt {ts.tilt[rows[0]]})"
         else:
             name = f"Move {rows.size} points"
-        self.apply(name, ts.with_positions(rows, pos), moved_rows=rows)
+        self.apply(name, _with_positions(ts, rows, pos), moved_rows=rows)
 
     def add_point(self, particle: int, tilt: int, position_xy_px: ArrayLike, *, score: float = 0.0,
                   occupancy: float = 100.0) -> int:
@@ -346,6 +347,22 @@ class TrackDocument:
             raise CsptInputError(f"{ids.size} distinct particles given", field="particles",
                                  expected=f"at least {at_least}")
         return ids
+
+
+def _with_positions(ts: TrackSet, rows: NDArray[np.int64], position_xy_px: NDArray[np.float64]) -> TrackSet:
+    """``ts.with_positions(rows, positions)`` in O(len(rows)) besides one copy of the shift column.
+
+    Only ``shift_px`` changes (finite values, same rows, particles and tilts), so the TrackSet invariants still hold
+    and the O(N log N) re-validation of ``TrackSet.__post_init__`` is skipped: a move in a 100k-projection set takes
+    well under a millisecond instead of tens."""
+    trow = np.searchsorted(ts.tilts.id, ts.tilt[rows])
+    prow = np.searchsorted(ts.particles.id, ts.particle[rows])
+    shift = ts.shift_px.copy()
+    shift[rows] = geometry.shifts_from_positions(ts.particles.xyz_px[prow], ts.tilts.angle_deg[trow],
+                                                 ts.tilts.axis_deg[trow], position_xy_px, _require_shape(ts))
+    moved = copy.copy(ts)  # a shallow copy shares every other column and does not run __post_init__
+    object.__setattr__(moved, "shift_px", shift)
+    return moved
 
 
 def _require_shape(tracks: TrackSet) -> tuple[int, int]:

@@ -134,10 +134,10 @@ def read_angles(source: ArrayLike | str | os.PathLike[str], *, n_sections: int |
         if not np.all(np.isfinite(angles)):
             raise CsptInputError("contains NaN or infinite angles", field="angles", expected="finite degrees")
         tilts = TiltTable.from_angles(angles)
+    file = source if isinstance(source, (str, os.PathLike)) else None
     if n_sections is not None and len(tilts) > n_sections:
         raise CsptInputError(f"lists {len(tilts)} tilts for a stack of {n_sections} sections", field="angles",
-                             file=source if isinstance(source, (str, os.PathLike)) else None,
-                             expected=f"at most {n_sections} tilts")
+                             file=file, expected=f"at most {n_sections} tilts")
     if np.any(np.abs(tilts.angle_deg) > 90):
-        raise CsptInputError("has angles beyond ±90°", field="angles", expected="tilt angles in degrees")
+        raise CsptInputError("has angles beyond ±90°", field="angles", file=file, expected="tilt angles in degrees")
     return tilts

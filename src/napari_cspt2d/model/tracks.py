@@ -21,6 +21,7 @@ round trip through the seed's ``track_data`` dict is exact; :meth:`TrackSet.posi
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -166,7 +167,10 @@ class TrackSet:
         object.__setattr__(self, "score", _column(self.score, np.float64, n, "projections.score"))
         object.__setattr__(self, "occupancy", _column(self.occupancy, np.float64, n, "projections.occupancy"))
         if self.image_shape_yx is not None:
-            shape = tuple(int(v) for v in self.image_shape_yx)
+            try:
+                shape = tuple(int(v) for v in self.image_shape_yx)
+            except (TypeError, ValueError, OverflowError):
+                shape = ()
             if len(shape) != 2 or min(shape) <= 0:
                 raise CsptInputError(f"is {self.image_shape_yx}", field="image_shape_yx", expected="(ny, nx) > 0")
             object.__setattr__(self, "image_shape_yx", shape)
@@ -455,9 +459,11 @@ def _concat_particles(a: ParticleTable, b: ParticleTable) -> ParticleTable:
 
 def _as_id(value: Any, where: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
-        raise CsptInputError(f"is {value!r}", field=where, expected="an integer id")
+        raise CsptInputError(f"is {reprlib.repr(value)}", field=where, expected="an integer id")
     if isinstance(value, (float, np.floating)) and (not math.isfinite(value) or value != int(value)):
         raise CsptInputError(f"is {value!r}", field=where, expected="an integer id")
+    if not -(2**63) <= int(value) < 2**63:
+        raise CsptInputError(f"is {value!r}", field=where, expected="an integer id that fits in 64 bits")
     return int(value)
 
 
@@ -473,8 +479,8 @@ def _num(record: Any, key: str, where: str, default: Any = _MISSING) -> float:
         return default
     value = record[key]
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise CsptInputError(f"is {value!r}", field=f"{where}.{key}", expected="a number")
-    if not math.isfinite(float(value)):
+        raise CsptInputError(f"is {reprlib.repr(value)}", field=f"{where}.{key}", expected="a number")
+    if abs(value) > np.finfo(np.float64).max or not math.isfinite(float(value)):
         raise CsptInputError(f"is {value!r}", field=f"{where}.{key}", expected="a finite number")
     return float(value)
 

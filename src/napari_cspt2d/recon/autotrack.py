@@ -73,10 +73,14 @@ class AutotrackResult:
 
     def confidence_of_rows(self) -> NDArray[np.float64]:
         """Confidence per row of ``tracks`` (NaN for rows that were not added by assisted tracking)."""
-        out = np.full(len(self.tracks), np.nan)
-        for pid, tid, conf in zip(self.particle[self.accepted], self.tilt[self.accepted],
-                                  self.confidence[self.accepted]):
-            out[self.tracks.row_of(int(pid), int(tid))] = conf
+        t = self.tracks
+        n_t = t.n_tilts
+        row_keys = t.particle_rows() * n_t + t.tilt_rows()
+        ok = self.accepted
+        keys = np.searchsorted(t.particles.id, self.particle[ok]) * n_t + np.searchsorted(t.tilts.id, self.tilt[ok])
+        order = np.argsort(row_keys)
+        out = np.full(len(t), np.nan)
+        out[order[np.searchsorted(row_keys[order], keys)]] = self.confidence[ok]
         return out
 
 

@@ -8,8 +8,9 @@ Iterations
     ``{data_set}_r01_01.mrc`` is reconstructed first when missing), iterations ``refine_iter`` ..
     ``refine_maxiter`` refine against the previous iteration's map. Iteration ``i``:
 
-    1. split every tilt series' parameters of iteration ``i − 1`` per particle (:func:`split_per_particle`, the
-       ``csp_no_3d_points`` route of ``prepare_particle_cspt``) into ``frealign/scratch/{stem}_region{k:04d}.cistem``;
+    1. split every tilt series' parameters of iteration ``i − 1`` per particle with the seed's
+       ``pyp.prepare_particle_cspt`` (``csp_no_3d_points``: one region per particle) into
+       ``frealign/scratch/{stem}_region{k:04d}.cistem`` (:func:`split_regions`);
     2. bundle ``slurm_bundle_size`` particles per job and run the jobs on dask (:func:`run_bundle`): each reads its
        particles, refines them against the map (:func:`refine.refine_tracks` with
        :meth:`RefineOptions.from_params` of iteration ``i``) and writes its result atomically to
@@ -31,6 +32,7 @@ All checks of the project (parameters, files, shapes, tilt selection, map sizes)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -57,7 +59,7 @@ __all__ = [
     "BundleJob",
     "CsptRun",
     "tilt_series_names",
-    "split_per_particle",
+    "split_regions",
     "run_bundle",
     "run_cspt",
     "reconstruction_options",
@@ -228,20 +230,25 @@ def _particle_slices(tracks: TrackSet) -> tuple[NDArray[np.int64], NDArray[np.in
     return ids, np.append(first, len(tracks))
 
 
-def split_per_particle(tracks: TrackSet, parameter_file: str | os.PathLike[str], params: Mapping[str, Any],
-                       out_dir: str | os.PathLike[str]) -> list[tuple[Path, NDArray[np.int64], NDArray[np.int64]]]:
-    """Write one parameter file per particle, ``{out_dir}/{stem}_region{k:04d}.cistem`` (+ ``_extended``), where
-    ``stem`` is ``parameter_file``'s; returns pyp's ``split_parx_list``: ``(path, [pind], tilt ids)`` per region,
-    in particle-id order."""
+def split_regions(tracks: TrackSet, regions: Sequence[Sequence[int]], parameter_file: str | os.PathLike[str],
+                  params: Mapping[str, Any], out_dir: str | os.PathLike[str]
+                  ) -> list[tuple[Path, NDArray[np.int64], NDArray[np.int64]]]:
+    """Write one parameter file per region (a list of particle ids), ``{out_dir}/{stem}_region{k:04d}.cistem``
+    (+ ``_extended``) with ``stem`` = ``parameter_file``'s; returns pyp's ``split_parx_list``: ``(path, particle
+    ids, tilt ids)`` per non-empty region, numbered in order."""
     params = _as_params(params)
     tracks = tracks.sorted()
-    stem = Path(parameter_file).stem
     ids, bounds = _particle_slices(tracks)
     out = []
-    for k, pid in enumerate(ids):
-        sub = tracks.select(np.arange(bounds[k], bounds[k + 1]))
-        path = _write_tracks(Path(out_dir) / f"{stem}_region{k:04d}.cistem", sub, params)
-        out.append((path, np.array([pid], np.int64), np.unique(sub.tilt)))
+    for region in regions:
+        k = np.searchsorted(ids, np.asarray(region, dtype=np.int64))
+        k = k[(k < ids.size) & (ids[np.minimum(k, ids.size - 1)] == np.asarray(region, dtype=np.int64))]
+        if k.size == 0:
+            continue
+        rows = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in k])
+        sub = tracks.select(rows)
+        path = _write_tracks(Path(out_dir) / f"{Path(parameter_file).stem}_region{len(out):04d}.cistem", sub, params)
+        out.append((path, sub.particles.id.copy(), np.unique(sub.tilt)))
     return out
 
 
@@ -369,3 +376,283 @@ def run_bundle(job: BundleJob) -> dict[str, Any]:
         log.close()
     return summary
 
+# ==================================================================================================== the run
+@dataclass(eq=False)
+class CsptRun:
+    """Outcome of :func:`run_cspt`: the last ``map`` (half maps and FSC files beside it), the last ``parameters``
+    file of every tilt series, the run ``log``, one summary dict per iteration (``iteration``, ``resolution_A`` at
+    FSC 0.143, ``resolution_05_A``, ``shift_change_px``, ``angle_change_deg``, ``bundles``, ``skipped``,
+    ``seconds``), the iteration at which the parameters ``converged`` (or None) and ``timings`` (s) per stage."""
+
+    project: Path
+    map: Path
+    parameters: list[Path]
+    log: Path
+    iterations: list[dict[str, Any]] = field(default_factory=list)
+    converged: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def outputs(self) -> dict[str, Any]:
+        """The seed-style summary: paths as strings under ``map``, ``half_maps``, ``fsc_table``, ``fsc_plot``,
+        ``parameters``, ``log``, plus ``iterations``, ``converged`` and ``timings``."""
+        stem = self.map.with_suffix("")
+        return {"map": str(self.map), "half_maps": [f"{stem}_half1.mrc", f"{stem}_half2.mrc"],
+                "fsc_table": f"{stem}_fsc.csv", "fsc_plot": f"{stem}_fsc.png",
+                "parameters": [str(p) for p in self.parameters], "log": str(self.log),
+                "iterations": self.iterations, "converged": self.converged, "timings": dict(self.timings)}
+
+
+class _RunLog:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+
+    def __call__(self, message: str) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+
+def _digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _fingerprint(job_fields: Sequence[Any], regions: Sequence[Path], reference_digest: str) -> str:
+    from ..io.cistem import extended_path
+
+    h = hashlib.sha256(reference_digest.encode())
+    for value in job_fields:
+        h.update(value.tobytes() if isinstance(value, np.ndarray) else repr(value).encode())
+    for r in regions:
+        h.update(_digest(r, extended_path(r)).encode())
+    return h.hexdigest()
+
+
+def _merge(previous: TrackSet, results: Sequence[Path]) -> TrackSet:
+    """``previous`` with the refined columns of every bundle result."""
+    keys = _pair_key(previous.particle, previous.tilt)
+    shift, score, occ = previous.shift_px.copy(), previous.score.copy(), previous.occupancy.copy()
+    euler = previous.particles.euler_deg.copy()
+    for path in results:
+        with np.load(path) as d:
+            rows = np.searchsorted(keys, _pair_key(d["particle"], d["tilt"]))
+            shift[rows], score[rows], occ[rows] = d["shift_px"], d["score"], d["occupancy"]
+            euler[np.searchsorted(previous.particles.id, d["particle_id"])] = d["euler_deg"]
+    particles = ParticleTable(previous.particles.id, previous.particles.xyz_px, euler)
+    return previous.replace(shift_px=shift, score=score, occupancy=occ, particles=particles)
+
+
+class _Executor:
+    """Runs bundle jobs in this process (``client`` None) or on a dask client; reports progress per job."""
+
+    def __init__(self, client: Any, stage: refine._Stage) -> None:
+        self.client, self.stage = client, stage
+
+    def run(self, jobs: Sequence[BundleJob], label: str) -> list[dict[str, Any]]:
+        self.stage(label, 0, len(jobs))
+        if self.client is None:
+            out = []
+            for i, job in enumerate(jobs):
+                out.append(run_bundle(job))
+                self.stage(label, i + 1, len(jobs))
+            return out
+        from distributed import as_completed
+
+        token = os.urandom(4).hex()
+        futures = self.client.map(run_bundle, jobs, pure=False,
+                                  key=[f"cspt-{j.name}-{j.iteration:02d}-{j.index:04d}-{token}" for j in jobs])
+        index = {f.key: i for i, f in enumerate(futures)}
+        out: list[dict[str, Any]] = [{} for _ in jobs]
+        try:
+            for done, future in enumerate(as_completed(futures), start=1):
+                out[index[future.key]] = future.result()
+                self.stage(label, done, len(jobs))
+        except CsptCancelled:
+            self.client.cancel(futures)
+            raise
+        return out
+
+
+def _reconstruct(paths: ProjectPaths, series: _Series, tracks: TrackSet, params: PypParameters, iteration: int,
+                 stage: refine._Stage) -> Any:
+    from .reconstruct import reconstruct_tracks
+
+    data, _ = open_stack(series.stack)
+    result = reconstruct_tracks(data, tracks, **reconstruction_options(params),
+                                progress=lambda s, d, t: stage(f"iteration {iteration}: {s}", d, t))
+    result.write(paths.map(iteration))
+    return result
+
+
+def run_cspt(
+    parameters: Mapping[str, Any],
+    *,
+    project_dir: str | os.PathLike[str] | None = None,
+    first_iteration: int | None = None,
+    last_iteration: int | None = None,
+    client: Any = None,
+    serial: bool = False,
+    workers: int | None = None,
+    gold_standard: bool = False,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> CsptRun:
+    """Run the CSPT iterations of a project (module docstring) and return a :class:`CsptRun`.
+
+    Parameters
+    ----------
+    parameters:
+        The project's pyp parameters (a dict or :class:`PypParameters`; ``.pyp_config.toml``'s content).
+    project_dir:
+        The project folder; default the current folder (as the seed's scripts run).
+    first_iteration, last_iteration:
+        Default ``refine_iter`` and ``refine_maxiter``; starting later needs the previous iteration's files.
+    client:
+        A ``distributed.Client`` to run the bundles on; default: one from :func:`napari_cspt2d.cluster.make_client`
+        (a ``LocalCluster`` unless the parameters say otherwise) with ``workers`` workers.
+    serial:
+        Run the bundles one after the other in this process (no dask).
+    gold_standard:
+        Refine each particle against its own half map instead of the full map.
+    progress, cancel:
+        ``progress(stage, done, total)``; ``cancel()`` returning True stops the run with :class:`CsptCancelled`.
+
+    Raises :class:`CsptInputError` (before any work) for bad inputs and :class:`CsptRunError` naming the failed
+    bundles and the log of the first one when jobs fail; rerunning resumes (module docstring)."""
+    params = _as_params(parameters)
+    root = Path.cwd() if project_dir is None else Path(project_dir)
+    root = root.resolve()
+    names = tilt_series_names(root)
+    data_set = params["data_set"] or (names[0] if len(names) == 1 else "")
+    check_name(data_set, "data_set")
+    paths = ProjectPaths(root, data_set)
+    first = params["refine_iter"] if first_iteration is None else int(first_iteration)
+    last = params["refine_maxiter"] if last_iteration is None else int(last_iteration)
+    series = _check_project(paths, params, first, last, names)
+    if len(series) > 1:
+        raise CsptInputError(f"has {len(series)} tilt series ({', '.join(names)})", file=paths.maps,
+                             field="tilt series", expected="one tilt series per project for now (reconstruction of "
+                             "several stacks into one map is not supported yet)")
+    stage = refine._Stage(progress, cancel)
+    runlog = _RunLog(paths.run_log)
+    timings: dict[str, float] = {}
+
+    def timed(name: str, started: float) -> None:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
+
+    runlog(f"CSPT of {data_set} in {root}: iterations {first}..{last}, tilt series {', '.join(names)}")
+    picks = {s.name: s.tracks for s in series}
+    current = {s.name: (s.tracks if first == 2 else _read_tracks(paths.parameters(s.name, first - 1),
+                                                                  s.tracks.image_shape_yx, s.tracks.tilts))
+               for s in series}
+    if not paths.map(first - 1).is_file():
+        t0 = time.perf_counter()
+        rec = _reconstruct(paths, series[0], current[series[0].name], params, first - 1, stage)
+        timed("reconstruct", t0)
+        runlog(f"iteration {first - 1}: map {paths.map(first - 1)} at {rec.resolution_A:.1f} Å (FSC 0.143)")
+
+    run = CsptRun(root, paths.map(first - 1), [paths.parameters(s.name, first - 1) for s in series], paths.run_log,
+                  timings=timings)
+    imaging = refine.Imaging.from_params(params)
+    n_jobs = sum(len(_bundles(np.unique(t.particle), params)) for t in current.values())
+    with _client(client, serial, params, workers, n_jobs, root) as dask_client:
+        executor = _Executor(dask_client, stage)
+        for it in range(first, last + 1):
+            summary = _iteration(it, paths, series, picks, current, params, imaging, executor, gold_standard, stage,
+                                 timed, runlog)
+            run.iterations.append(summary)
+            run.map, run.parameters = paths.map(it), [paths.parameters(s.name, it) for s in series]
+            if summary["shift_change_px"] < CONVERGED_SHIFT_PX and summary["angle_change_deg"] < CONVERGED_ANGLE_DEG:
+                run.converged = it
+                runlog(f"iteration {it}: parameters stopped changing; done")
+                break
+    return run
+
+
+def _bundles(particle_ids: NDArray[np.int64], params: PypParameters) -> list[NDArray[np.int64]]:
+    size = int(params["slurm_bundle_size"])
+    return [particle_ids[i:i + size] for i in range(0, particle_ids.size, size)]
+
+
+def _client(client: Any, serial: bool, params: PypParameters, workers: int | None, n_jobs: int, root: Path) -> Any:
+    """Context manager giving the dask client to use (None: run in this process)."""
+    if serial or client is not None:
+        return contextlib.nullcontext(None if serial else client)
+    from ..cluster import make_client
+
+    return make_client(params, workers=workers, tasks=max(1, n_jobs), project_dir=root)
+
+
+def _iteration(it: int, paths: ProjectPaths, series: Sequence[_Series], picks: Mapping[str, TrackSet],
+               current: dict[str, TrackSet], params: PypParameters, imaging: refine.Imaging, executor: _Executor,
+               gold_standard: bool, stage: refine._Stage, timed: Callable[[str, float], None],
+               runlog: _RunLog) -> dict[str, Any]:
+    """One iteration (module docstring, steps 1-5); updates ``current`` and returns the iteration's summary."""
+    from ..pyp import Parameters, prepare_particle_cspt
+    from .reconstruct import half_split
+
+    t0 = time.perf_counter()
+    options = refine.RefineOptions.from_params(params, it)
+    reference = paths.map(it - 1)
+    references = (reference,) if not gold_standard else tuple(
+        reference.with_name(f"{reference.stem}_half{h}.mrc") for h in (1, 2))
+    ref_digest = _digest(*references)
+    jobs: list[BundleJob] = []
+    for s in series:
+        tracks = current[s.name]
+        parameter_file = paths.parameters(s.name, it - 1)
+        regions = prepare_particle_cspt(s.name, parameter_file, Parameters.from_file(parameter_file), params,
+                                        use_frames=True, project_dir=paths.root)
+        region_of = {int(ids[0]): path for path, ids, _ in regions}
+        pick_keys = _pair_key(picks[s.name].particle, picks[s.name].tilt)
+        pick_pos = picks[s.name].positions_px()
+        half_ids, first_rows = np.unique(tracks.particle, return_index=True)
+        half_of = half_split(tracks)[first_rows] if gold_standard else None
+        for k, ids in enumerate(_bundles(np.unique(tracks.particle), params)):
+            files = tuple(str(region_of[int(i)]) for i in ids)
+            rows = np.flatnonzero(np.isin(picks[s.name].particle, ids))
+            result, log = paths.bundle(s.name, it, k)
+            half_args = (half_ids, half_of) if gold_standard else (None, None)
+            fields = (options, imaging, [str(r) for r in references], pick_keys[rows], pick_pos[rows], *half_args)
+            jobs.append(BundleJob(s.name, it, k, files, str(s.stack), s.tracks.image_shape_yx, s.tracks.tilts,
+                                  tuple(str(r) for r in references), options, imaging, pick_keys[rows],
+                                  pick_pos[rows], *half_args,
+                                  fingerprint=_fingerprint(fields, [Path(f) for f in files], ref_digest),
+                                  result=str(result), log=str(log)))
+    timed("prepare", t0)
+
+    t0 = time.perf_counter()
+    outcomes = executor.run(jobs, f"iteration {it}: refine")
+    timed("refine", t0)
+    failed = [o for o in outcomes if not o["ok"]]
+    for o in outcomes:
+        runlog(f"{o['label']}: {'skipped (finished before)' if o['skipped'] else 'ok' if o['ok'] else 'FAILED'}"
+               f"{'' if o['ok'] else ' - ' + o['error']} ({o['log']})")
+    if failed:
+        raise CsptRunError(f"{len(failed)} of {len(jobs)} refinement job(s) of iteration {it} failed "
+                           f"({'; '.join(o['label'] + ': ' + o['error'] for o in failed[:3])}); fix the cause and "
+                           "run again to resume", log_path=failed[0]["log"])
+
+    t0 = time.perf_counter()
+    shift_change, angle_change = 0.0, 0.0
+    for s in series:
+        merged = _merge(current[s.name], [Path(j.result) for j in jobs if j.name == s.name])
+        change = refine.parameter_change(current[s.name], merged)
+        shift_change, angle_change = max(shift_change, change[0]), max(angle_change, change[1])
+        _write_tracks(paths.parameters(s.name, it), merged, params)
+        current[s.name] = merged
+    timed("merge", t0)
+
+    t0 = time.perf_counter()
+    rec = _reconstruct(paths, series[0], current[series[0].name], params, it, stage)
+    timed("reconstruct", t0)
+    summary = {"iteration": it, "resolution_A": rec.resolution_A, "resolution_05_A": rec.resolution_05_A,
+               "refine_resolution_A": options.resolution_A, "shift_change_px": shift_change,
+               "angle_change_deg": angle_change, "bundles": len(jobs),
+               "skipped": sum(o["skipped"] for o in outcomes)}
+    runlog(f"iteration {it}: map {paths.map(it)} at {rec.resolution_A:.1f} Å (FSC 0.143), "
+           f"{rec.resolution_05_A:.1f} Å (0.5); shifts moved {shift_change:.3f} px RMS, orientations "
+           f"{angle_change:.3f}° median; {summary['skipped']}/{len(jobs)} bundles resumed")
+    return summary

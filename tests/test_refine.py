@@ -1,0 +1,192 @@
+"""CSPT refinement (recon/refine.py): rules, and accuracy against the synthetic sample's ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from napari_cspt2d.errors import CsptInputError
+from napari_cspt2d.model.tracks import ParticleTable, TiltTable
+from napari_cspt2d.recon import geometry
+from napari_cspt2d.recon.pipeline import reconstruction_options
+from napari_cspt2d.recon.reconstruct import reconstruct_tracks
+from napari_cspt2d.recon.refine import (
+    Imaging,
+    RefineOptions,
+    TiltSelection,
+    has_no_angles,
+    orientation_grid,
+    parameter_change,
+    projection_cutoff_mask,
+    refine_tracks,
+    rotation_angle_deg,
+)
+from napari_cspt2d.sample import make_sample
+
+
+def particle_matrices(tracks):
+    e = tracks.particles.euler_deg
+    return geometry.euler_to_matrix(e[:, 2], e[:, 1], e[:, 0])
+
+
+def with_matrices(tracks, matrices):
+    phi, theta, psi = geometry.matrix_to_euler(matrices)
+    p = tracks.particles
+    return tracks.replace(particles=ParticleTable(p.id, p.xyz_px, np.column_stack([psi, theta, phi])))
+
+
+def position_error_px(tracks, truth):
+    """Length of each projection's position error (px)."""
+    return np.linalg.norm(tracks.positions_px() - truth.positions_px(), axis=1)
+
+
+def rms(values):
+    return float(np.sqrt(np.mean(np.square(values))))
+
+
+def reconstruct(sample, tracks):
+    return reconstruct_tracks(sample.stack, tracks, **reconstruction_options(sample.params)).map
+
+
+# ------------------------------------------------------------------------------------------------ rules
+def test_tilt_selection_degrees_when_min_is_negative_else_exposure_order():
+    tilts = TiltTable.from_angles(np.linspace(-60, 60, 41))  # dose-symmetric order: |angle| small first
+    seed = TiltSelection(-60, 60)  # the seed's values: degrees
+    assert seed.resolved_unit == "degrees" and seed.mask(tilts).all()
+    assert TiltSelection(-30, 30).mask(tilts).sum() == 21
+    pyp = TiltSelection(0, 10)  # pyp's values: acquisition indices 0..10, the 11 lowest tilts
+    assert pyp.resolved_unit == "order"
+    assert np.array_equal(np.sort(np.abs(tilts.angle_deg[pyp.mask(tilts)])).max(), 15.0)
+    assert TiltSelection(5, -1).mask(tilts).sum() == 36  # -1 = up to the last exposure
+    assert TiltSelection(0, 10, unit="degrees").mask(tilts).sum() == 4  # 0, 3, 6, 9 degrees
+    assert TiltSelection.from_params({"csp_UseImagesForRefinementMin": -60,
+                                      "csp_UseImagesForRefinementMax": 60}).resolved_unit == "degrees"
+    with pytest.raises(CsptInputError, match="tilt unit"):
+        TiltSelection(0, 1, unit="radians")
+
+
+def test_projection_cutoff_rule():
+    particle = np.repeat([1, 2], 5)
+    score = np.array([0.40, 0.42, 0.38, 0.10, 0.41, 0.2, 0.21, 0.19, 0.2, np.nan])
+    assert projection_cutoff_mask(score, particle, 0.0).all()
+    keep = projection_cutoff_mask(score, particle, 0.5)  # below half the particle's median score
+    assert keep.tolist() == [True, True, True, False, True] + [True] * 5
+    strict = projection_cutoff_mask(score, particle, 1.5)  # below mean - 1.5 sd of the particle's scores
+    assert strict.tolist()[:5] == [True, True, True, False, True]
+    with pytest.raises(CsptInputError, match="csp_RefineProjectionCutoff"):
+        projection_cutoff_mask(score, particle, -1)
+
+
+def test_orientation_grid_covers_rotations():
+    grid = orientation_grid(15.0)
+    assert 3000 < len(grid) < 6000
+    probes = Rotation.random(100, random_state=3).as_matrix()
+    nearest = [rotation_angle_deg(grid, p).min() for p in probes]
+    assert max(nearest) < 15.0
+
+
+def test_options_from_params_follow_iteration_and_particle_radius():
+    params = {"refine_rhref": "12:10:8", "refine_rlref": 200.0, "particle_rad": 80.0, "refine_shift_range_A": 0,
+              "csp_RefineProjectionCutoff": 0.5, "csp_UseImagesForRefinementMin": -60,
+              "csp_UseImagesForRefinementMax": 60}
+    assert [RefineOptions.from_params(params, it).resolution_A for it in (2, 3, 4, 7)] == [12, 10, 8, 8]
+    opt = RefineOptions.from_params(params, 2)
+    assert opt.shift_range_A == 20.0 and opt.projection_cutoff == 0.5 and opt.tilts.resolved_unit == "degrees"
+    with pytest.raises(CsptInputError, match="refine_rhref"):
+        RefineOptions(resolution_A=50, low_resolution_A=40)
+
+
+# ------------------------------------------------------------------------------------------------ accuracy
+@pytest.fixture(scope="module")
+def noisy():
+    """30 particles × 41 tilts, box 64, SNR 0.1, 2 px pick error (the sample's defaults otherwise)."""
+    return make_sample(n_particles=30, n_tilts=41, box=64, snr=0.1, pick_error_px=2.0, seed=5)
+
+
+@pytest.fixture(scope="module")
+def refined(noisy):
+    """Two rounds of reconstruct → refine from the picks, with every orientation turned 10° off the truth."""
+    truth = noisy.truth_tracks
+    rng = np.random.default_rng(1)
+    axes = rng.normal(size=(truth.n_particles, 3))
+    turns = Rotation.from_rotvec(np.deg2rad(10.0) * axes / np.linalg.norm(axes, axis=1, keepdims=True))
+    start = with_matrices(noisy.tracks, turns.as_matrix() @ particle_matrices(truth))
+    imaging = Imaging.from_params(noisy.params)
+    tracks = start
+    for resolution in (12.0, 10.0):
+        options = RefineOptions(resolution_A=resolution, shift_range_A=0.25 * noisy.params["particle_rad"])
+        tracks = refine_tracks(noisy.stack, tracks, reconstruct(noisy, tracks), options, imaging,
+                               origin_px=start.positions_px()).tracks
+    return start, tracks
+
+
+@pytest.mark.slow
+def test_shifts_refine_to_half_a_pixel(noisy, refined):
+    start, tracks = refined
+    before, after = rms(position_error_px(start, noisy.truth_tracks)), rms(position_error_px(tracks,
+                                                                                            noisy.truth_tracks))
+    assert before > 2.5  # 2 px per axis
+    assert after <= 0.5, f"RMS position error {after:.3f} px (from {before:.2f} px)"
+
+
+@pytest.mark.slow
+def test_orientations_refine_to_three_degrees(noisy, refined):
+    start, tracks = refined
+    truth = particle_matrices(noisy.truth_tracks)
+    before = np.median(rotation_angle_deg(particle_matrices(start), truth))
+    after = np.median(rotation_angle_deg(particle_matrices(tracks), truth))
+    assert before == pytest.approx(10.0)
+    assert after <= 3.0, f"median orientation error {after:.2f}° (from {before:.1f}°)"
+    assert np.all(np.isfinite(tracks.score)) and np.median(tracks.score) > 0.1
+    assert np.all(tracks.occupancy == 100.0)
+
+
+def test_global_search_finds_particles_without_angles(small_sample):
+    s = small_sample
+    truth = s.truth_tracks
+    lost = np.isin(truth.particles.id, truth.particles.id[:2])
+    euler = truth.particles.euler_deg.copy()
+    euler[lost] = 0.0
+    tracks = truth.replace(particles=ParticleTable(truth.particles.id, truth.particles.xyz_px, euler))
+    assert has_no_angles(tracks.particles.euler_deg).tolist() == lost.tolist()
+    keep = np.isin(tracks.particle, tracks.particles.id[lost])
+    tracks = tracks.select(keep)
+    options = RefineOptions(resolution_A=12.0, refine_shifts=False, global_step_deg=20.0)
+    out = refine_tracks(s.stack, tracks, s.truth_map, options, Imaging.from_params(s.params))
+    assert out.searched_globally.all()
+    error = rotation_angle_deg(particle_matrices(out.tracks), particle_matrices(s.truth_tracks)[lost])
+    assert np.all(error < 3.0), error
+
+
+def test_tilt_range_and_cutoff_are_applied(small_sample):
+    s = small_sample
+    tracks = s.tracks
+    far = np.flatnonzero(tracks.particle == tracks.particles.id[0])[:1]  # push one pick onto background
+    shift = tracks.shift_px.copy()
+    shift[far] += 40.0
+    tracks = tracks.replace(shift_px=shift)
+    options = RefineOptions(resolution_A=12.0, refine_angles=False, projection_cutoff=0.5,
+                            tilts=TiltSelection(-30, 30, unit="degrees"))
+    out = refine_tracks(s.stack, tracks, s.truth_map, options, Imaging.from_params(s.params))
+    angle = tracks.tilts.angle_deg[tracks.tilt_rows()]
+    outside = np.abs(angle) > 30
+    assert np.array_equal(out.tracks.shift_px[outside], tracks.shift_px[outside])
+    assert not np.array_equal(out.tracks.shift_px[~outside], tracks.shift_px[~outside])
+    assert np.all(np.abs(out.tracks.shift_px - tracks.shift_px) <= options.shift_range_A / 4.0 + 1e-6)
+    assert out.tracks.occupancy[far] == 0.0 and not out.used[far].any()
+    assert (out.tracks.occupancy == 0).sum() < 0.05 * len(tracks)
+    assert np.isfinite(out.particle_score).all()
+    assert parameter_change(out.tracks, out.tracks) == (0.0, 0.0)
+
+
+def test_bad_inputs_are_named(small_sample):
+    s = small_sample
+    imaging = Imaging.from_params(s.params)
+    options = RefineOptions(resolution_A=12.0)
+    with pytest.raises(CsptInputError, match="references"):
+        refine_tracks(s.stack, s.tracks, np.zeros((32, 32, 32), np.float32), options, imaging)
+    with pytest.raises(CsptInputError, match="half"):
+        refine_tracks(s.stack, s.tracks, (s.truth_map, s.truth_map), options, imaging)
+    with pytest.raises(CsptInputError, match="image_shape_yx"):
+        refine_tracks(s.stack[:, :200], s.tracks, s.truth_map, options, imaging)
