@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("napari")
 pytestmark = pytest.mark.gui
 
-from napari.layers import Points, Shapes, Tracks  # noqa: E402
+from napari.layers import Points, Tracks, Vectors  # noqa: E402
 from napari.layers.base import ActionType  # noqa: E402
 from napari.utils.notifications import notification_manager  # noqa: E402
 from qtpy.QtCore import Qt  # noqa: E402
@@ -66,7 +66,7 @@ def test_layers_of_the_curated_sample(make_napari_viewer, sample_layers, cache_h
     ctl = widget.controller
     ts = ctl.document.tracks
     assert isinstance(ctl.points, Points) and isinstance(ctl.trajectories, Tracks)
-    assert isinstance(ctl.active_track, Shapes)
+    assert isinstance(ctl.active_track, Vectors)
     assert viewer.dims.axis_labels == ("tilt", "y", "x")
     pixel = sample_layers[0][1]["scale"][-1]
     assert tuple(ctl.points.scale) == (1.0, pixel, pixel)
@@ -140,6 +140,11 @@ def test_add_and_delete_particles(make_napari_viewer, sample_layers, cache_home,
     assert ctl.active_particle == 4
     viewer.dims.set_current_step(0, 7)
     assert ctl.points.selected_data == {doc.tracks.row_of(4, 7)}  # the particle's point in the new tilt
+    segments = ctl.active_track.data  # the active trajectory: one segment between consecutive tilts
+    track = points_data(doc.tracks, np.flatnonzero(doc.tracks.particle == 4))[:, 1:]
+    assert len(segments) == doc.tracks.n_tilts - 1
+    np.testing.assert_allclose(segments[:, 0], track[:-1])
+    np.testing.assert_allclose(segments[:, 0] + segments[:, 1], track[1:])
 
     widget.delete_particle()  # Shift+D
     assert 4 not in doc.tracks.particles.id and len(doc.tracks) == n0 - doc.tracks.n_tilts

@@ -104,14 +104,27 @@ def noisy():
     return make_sample(n_particles=30, n_tilts=41, box=64, snr=0.1, pick_error_px=2.0, seed=5)
 
 
+def turned(n, degrees, seed):
+    """Rotations by exactly ``degrees`` about random axes, in ± pairs (particle 2k turns one way about its axis,
+    2k + 1 the other way about the same axis) so that the mean turn is ~0: a map reconstructed from the turned
+    particles stays in the truth's frame (the frame is otherwise free: refinement cannot know it)."""
+    axes = np.random.default_rng(seed).normal(size=((n + 1) // 2, 3))
+    axes = np.repeat(axes / np.linalg.norm(axes, axis=1, keepdims=True), 2, axis=0)[:n]
+    sign = np.where(np.arange(n) % 2 == 0, 1.0, -1.0)[:, None]
+    return Rotation.from_rotvec(np.deg2rad(degrees) * sign * axes).as_matrix()
+
+
+def frame_offset_deg(matrices, truth):
+    """Angle of the mean rotation between refined and true orientations (the global frame's drift)."""
+    mean = Rotation.from_matrix(np.einsum("pji,pjk->pik", truth, matrices)).mean().as_matrix()
+    return float(rotation_angle_deg(mean, np.eye(3)))
+
+
 @pytest.fixture(scope="module")
 def refined(noisy):
-    """Two rounds of reconstruct → refine from the picks, with every orientation turned 10° off the truth."""
+    """Two rounds of reconstruct → refine from the picks, with every orientation turned ±10° off the truth."""
     truth = noisy.truth_tracks
-    rng = np.random.default_rng(1)
-    axes = rng.normal(size=(truth.n_particles, 3))
-    turns = Rotation.from_rotvec(np.deg2rad(10.0) * axes / np.linalg.norm(axes, axis=1, keepdims=True))
-    start = with_matrices(noisy.tracks, turns.as_matrix() @ particle_matrices(truth))
+    start = with_matrices(noisy.tracks, turned(truth.n_particles, 10.0, seed=1) @ particle_matrices(truth))
     imaging = Imaging.from_params(noisy.params)
     tracks = start
     for resolution in (12.0, 10.0):
@@ -138,6 +151,7 @@ def test_orientations_refine_to_three_degrees(noisy, refined):
     after = np.median(rotation_angle_deg(particle_matrices(tracks), truth))
     assert before == pytest.approx(10.0)
     assert after <= 3.0, f"median orientation error {after:.2f}° (from {before:.1f}°)"
+    assert frame_offset_deg(particle_matrices(tracks), truth) < 1.5
     assert np.all(np.isfinite(tracks.score)) and np.median(tracks.score) > 0.1
     assert np.all(tracks.occupancy == 100.0)
 
@@ -175,7 +189,8 @@ def test_tilt_range_and_cutoff_are_applied(small_sample):
     assert not np.array_equal(out.tracks.shift_px[~outside], tracks.shift_px[~outside])
     assert np.all(np.abs(out.tracks.shift_px - tracks.shift_px) <= options.shift_range_A / 4.0 + 1e-6)
     assert out.tracks.occupancy[far] == 0.0 and not out.used[far].any()
-    assert (out.tracks.occupancy == 0).sum() < 0.05 * len(tracks)
+    # refined projections score well; unrefined ones (outside the range, 2 px off) may fall below the cutoff
+    assert (out.tracks.occupancy[~outside] == 0).sum() <= 0.05 * (~outside).sum()
     assert np.isfinite(out.particle_score).all()
     assert parameter_change(out.tracks, out.tracks) == (0.0, 0.0)
 

@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from napari_cspt2d.cluster import JOB_NAME, bundle, make_client
@@ -128,3 +129,32 @@ def test_partition_slurm_refuses_names_the_key(params, tmp_path):
             pass
     assert err.value.field == "slurm_partition"
     assert not _queued(f"{JOB_NAME}-{params['data_set']}")
+
+
+@pytest.mark.slow
+def test_csp_split_on_slurm_matches_the_local_run(small_sample, params, tmp_path):
+    from napari_cspt2d import pyp
+    from napari_cspt2d.io.mrc import read_image
+    from napari_cspt2d.sample import write_sample
+
+    name = params["data_set"]
+    bundle_size = 6  # 12 particles: 2 bundles, so 2 SLURM jobs
+    results = {}
+    for backend in ("local", "slurm"):
+        root = tmp_path / backend
+        write_sample(small_sample, root, name)
+        project = pyp.load_parameters(root)
+        project.update({**params, "cluster_backend": backend, "slurm_bundle_size": bundle_size,
+                        "refine_maxiter": 2})
+        pyp.save_parameters(project, root)
+        results[backend] = pyp.csp_split(pyp.load_parameters(root), 2, project_dir=root)
+    (local_par,), (slurm_par,) = results["local"]["parameters"], results["slurm"]["parameters"]
+    assert Path(slurm_par).parent.parent.parent == tmp_path / "slurm"
+    a, b = pyp.Parameters.from_file(local_par).data, pyp.Parameters.from_file(slurm_par).data
+    assert a.shape == b.shape and np.allclose(a, b, rtol=1e-6, atol=1e-4)
+    map_local, map_slurm = read_image(results["local"]["map"]), read_image(results["slurm"]["map"])
+    assert np.allclose(map_local, map_slurm, atol=1e-5 * float(np.abs(map_local).max()))
+    job_logs = sorted((tmp_path / "slurm" / "log").glob(f"{JOB_NAME}-{name}-*.err"))
+    assert len(job_logs) == 2  # one job per bundle
+    completed = _wait(lambda: len(_completed(f"{JOB_NAME}-{name}")) >= 2 and _completed(f"{JOB_NAME}-{name}"), 20)
+    assert not completed or len(completed) == 2

@@ -6,7 +6,7 @@ Layers (all views of the document):
   angle_deg, score, occupancy, residual_px;
 * a Tracks layer with every particle's whole trajectory (so a jump stands out), refreshed shortly after an edit
   (it is the slow one: ~0.2 s for 100k projections);
-* a 2D Shapes layer with the active particle's trajectory drawn on top.
+* a 2D Vectors layer with the active particle's trajectory drawn on top.
 
 A layer edit (``points.events.data`` with its action and indices) becomes one document action; the layers are then
 refreshed from the document. A move refreshes only the moved rows; anything else rebuilds the Points layer.
@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import Iterator
 
 import numpy as np
-from napari.layers import Layer, Points, Shapes, Tracks
+from napari.layers import Layer, Points, Tracks, Vectors
 from napari.layers.base import ActionType
 from napari.utils.notifications import show_info
 from qtpy.QtCore import QObject, QTimer, Signal
@@ -111,14 +111,14 @@ class TracksLayerController(QObject):
         finally:
             self._syncing = previous
 
-    def _make_active_layer(self) -> Shapes:
+    def _make_active_layer(self) -> Vectors:
         name = f"{self.points.name} active"
         for layer in self.viewer.layers:
-            if isinstance(layer, Shapes) and layer.name == name:
+            if isinstance(layer, Vectors) and layer.name == name:
                 return layer
-        layer = Shapes(ndim=2, name=name, scale=(self.pixel_A, self.pixel_A), edge_color="white",
-                       edge_width=max(1.0, self.radius_px / 8), face_color="transparent", opacity=0.9,
-                       metadata={"cspt2d": {"role": "active-track"}})
+        layer = Vectors(np.zeros((0, 2, 2)), ndim=2, name=name, scale=(self.pixel_A, self.pixel_A),
+                        edge_color="white", edge_width=max(1.0, self.radius_px / 8), vector_style="line",
+                        opacity=0.9, metadata={"cspt2d": {"role": "active-track"}})
         self.viewer.add_layer(layer)
         self.viewer.layers.selection.active = self.points
         return layer
@@ -240,16 +240,14 @@ class TracksLayerController(QObject):
             self.active_particle_changed.emit(particle)
 
     def _refresh_active_track(self) -> None:
+        """Draw the active particle's trajectory (segments between its consecutive tilts) on every tilt."""
         ts = self.document.tracks
         rows = np.flatnonzero(ts.particle == self._active) if self._active is not None else np.zeros(0, int)
-        with self._sync():
-            if rows.size >= 2:
-                yx = points_data(ts, rows)[:, 1:]
-                self.active_track.data = [yx]
-                self.active_track.shape_type = ["path"]
-                self.active_track.edge_color = "white"
-            elif len(self.active_track.data):
-                self.active_track.data = []
+        yx = points_data(ts, rows[np.argsort(ts.tilt[rows], kind="stable")])[:, 1:]
+        segments = np.stack([yx[:-1], np.diff(yx, axis=0)], axis=1) if len(yx) >= 2 else np.zeros((0, 2, 2))
+        if len(segments) or len(self.active_track.data):
+            with self._sync():
+                self.active_track.data = segments
 
     def _select_active_in_current_tilt(self) -> None:
         if self._active is None:

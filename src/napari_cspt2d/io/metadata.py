@@ -16,6 +16,7 @@ Sizes are tilt-stack (unbinned) pixels. pyp itself stores pandas DataFrames in t
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -119,7 +120,9 @@ def _first_positive_int(value: Any) -> int | None:
         value = value[0] if len(value) else None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         return None
-    return int(value) if value > 0 and float(value) == int(value) else None
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return int(value) if 0 < value < 2**31 and value == int(value) else None
 
 
 def metadata_shape(data: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -138,7 +141,7 @@ def read_metadata_tilts(path: str | os.PathLike[str]) -> TiltTable:
     try:
         angles = np.asarray(data["tlt"], dtype=np.float64).reshape(-1)
         columns = {k: np.asarray(data[k]).reshape(-1) for k in _TILT_KEYS[1:] if data.get(k) is not None}
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise CsptInputError(f"has a malformed tilt entry ({exc})", file=path, field="tlt") from None
     for key, values in columns.items():
         if values.size != angles.size:
@@ -151,5 +154,5 @@ def read_metadata_tilts(path: str | os.PathLike[str]) -> TiltTable:
         )
     except CsptInputError as exc:
         raise CsptInputError(exc.reason, file=path, field=exc.field, expected=exc.expected) from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise CsptInputError(f"has a malformed tilt entry ({exc})", file=path, field="tlt") from None

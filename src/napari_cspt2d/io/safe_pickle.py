@@ -12,7 +12,8 @@ unpickler is the pure-Python one, whose memo is a dict (the C unpickler sizes it
 pickle names), array shapes and ``BYTEARRAY8`` lengths are checked before anything is allocated, ``set``/
 ``frozenset``/``bytearray`` may only be called on data already in the pickle (not on ``range(10**12)``), ``BUILD`` may
 only set the state of numpy arrays and dtypes, and the opcodes numpy and the builtins never need for these types
-(``INST``, ``OBJ``, ``NEWOBJ``, ``NEWOBJ_EX``) are refused.
+(``INST``, ``OBJ``, ``NEWOBJ``, ``NEWOBJ_EX``) are refused. Tuples may nest at most :data:`MAX_TUPLE_DEPTH` deep:
+hashing a deeper one (as a dict key or set item) overflows the C stack and kills the process.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..errors import CsptInputError
 
 __all__ = ["ALLOWED_GLOBALS", "SafeUnpickler", "safe_load", "safe_loads"]
 
-_BUILTINS = ("set", "frozenset", "complex", "bytearray", "slice", "range")
+_BUILTINS = ("set", "frozenset", "complex", "bytearray", "range")  # not slice: hashable, so nestable, in 3.12
 _NUMPY_MULTIARRAY = ("_reconstruct", "scalar")
 _NUMPY_NUMERIC = ("_frombuffer",)
 
@@ -74,6 +75,8 @@ def _resolve(module: str, name: str) -> Any:
 
 
 _MATERIALIZED = (list, tuple, set, frozenset, str, bytes, bytearray)
+#: Deepest tuple nesting a pickle may build.
+MAX_TUPLE_DEPTH = 100
 _RECONSTRUCT = _numpy_core_module("multiarray")._reconstruct
 
 
@@ -90,6 +93,7 @@ class SafeUnpickler(pickle._Unpickler):
         if size is None:  # a BytesIO or a real file
             size = len(file.getbuffer()) if hasattr(file, "getbuffer") else os.fstat(file.fileno()).st_size
         self.size = size
+        self._tuple_depth: dict[int, int] = {}  # id of each tuple built -> its nesting depth
 
     def _refuse(self, what: str) -> CsptInputError:
         return CsptInputError(what, file=self.source, field="pickle",
@@ -143,6 +147,14 @@ class SafeUnpickler(pickle._Unpickler):
             raise pickle.UnpicklingError("pickle data was truncated")
         self.append(bytearray(data))
 
+    def _check_tuple(self) -> None:
+        """Record the nesting depth of the tuple just built (ids of tuples freed since are overwritten when reused)."""
+        built = self.stack[-1]
+        depth = 1 + max((self._tuple_depth.get(id(t), 1) for t in built if type(t) is tuple), default=0)
+        if depth > MAX_TUPLE_DEPTH:
+            raise self._refuse(f"nests tuples more than {MAX_TUPLE_DEPTH} deep")
+        self._tuple_depth[id(built)] = depth
+
     def load_refused(self) -> None:
         raise self._refuse("instantiates classes (INST/OBJ/NEWOBJ opcodes), which plain data never needs")
 
@@ -151,6 +163,8 @@ class SafeUnpickler(pickle._Unpickler):
     dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
     for _opcode in (pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX):
         dispatch[_opcode[0]] = load_refused
+    for _opcode in (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3):
+        dispatch[_opcode[0]] = lambda self, _load=dispatch[_opcode[0]]: (_load(self), self._check_tuple())
     del _opcode
 
 

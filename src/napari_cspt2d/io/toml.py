@@ -42,10 +42,10 @@ def load_params(path: str | os.PathLike[str], *, strict: bool = True) -> PypPara
     try:
         with open(path, "rb") as fh:
             values = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise CsptInputError(f"is not valid TOML ({exc})", file=path, field="toml") from exc
     except UnicodeDecodeError as exc:
         raise CsptInputError("is not UTF-8 text", file=path, field="toml") from exc
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, integers beyond 4300 digits, deep nesting
+        raise CsptInputError(f"is not valid TOML ({type(exc).__name__}: {exc})", file=path, field="toml") from exc
     return PypParameters(values, strict=strict, source=path)
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import re
+import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,11 @@ def _int_keys(table: Any, name: str, path: Path) -> dict[int, Any]:
         raise CsptInputError(f"is a {type(table).__name__}", file=path, field=name, expected="an object {id: {...}}")
     out = {}
     for key, value in table.items():
-        if not re.fullmatch(r"-?\d+", str(key)):
-            raise CsptInputError(f"has key {key!r}", file=path, field=name, expected="integer ids")
+        if isinstance(key, str) and not re.fullmatch(r"-?\d{1,18}", key):
+            raise CsptInputError(f"has key {reprlib.repr(key)}", file=path, field=name, expected="integer ids")
+        if isinstance(key, bool) or not isinstance(key, (int, str)) or not -(2**63) <= int(key) < 2**63:
+            raise CsptInputError(f"has a key of type {type(key).__name__} that is not an int64", file=path,
+                                 field=name, expected="integer ids")
         out[int(key)] = value
     return out
 

@@ -171,8 +171,9 @@ class TrackSet:
                 shape = tuple(int(v) for v in self.image_shape_yx)
             except (TypeError, ValueError, OverflowError):
                 shape = ()
-            if len(shape) != 2 or min(shape) <= 0:
-                raise CsptInputError(f"is {self.image_shape_yx}", field="image_shape_yx", expected="(ny, nx) > 0")
+            if len(shape) != 2 or min(shape) <= 0 or max(shape) >= 2**31:
+                raise CsptInputError(f"is {_shown(self.image_shape_yx)}", field="image_shape_yx",
+                                     expected="(ny, nx), each 1 .. 2**31 - 1")
             object.__setattr__(self, "image_shape_yx", shape)
         unknown_p = ~np.isin(particle, self.particles.id)
         if unknown_p.any():
@@ -457,13 +458,21 @@ def _concat_particles(a: ParticleTable, b: ParticleTable) -> ParticleTable:
                          np.concatenate([a.euler_deg, b.euler_deg])[order])
 
 
+def _shown(value: Any) -> str:
+    """A short repr for error messages (bounded length and depth; ints too long to print are named, not shown)."""
+    try:
+        return reprlib.repr(value)
+    except ValueError:
+        return f"a {type(value).__name__} too long to print"
+
+
 def _as_id(value: Any, where: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
-        raise CsptInputError(f"is {reprlib.repr(value)}", field=where, expected="an integer id")
+        raise CsptInputError(f"is {_shown(value)}", field=where, expected="an integer id")
     if isinstance(value, (float, np.floating)) and (not math.isfinite(value) or value != int(value)):
         raise CsptInputError(f"is {value!r}", field=where, expected="an integer id")
     if not -(2**63) <= int(value) < 2**63:
-        raise CsptInputError(f"is {value!r}", field=where, expected="an integer id that fits in 64 bits")
+        raise CsptInputError("is out of the int64 range", field=where, expected="an integer id that fits in 64 bits")
     return int(value)
 
 
@@ -479,8 +488,13 @@ def _num(record: Any, key: str, where: str, default: Any = _MISSING) -> float:
         return default
     value = record[key]
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise CsptInputError(f"is {reprlib.repr(value)}", field=f"{where}.{key}", expected="a number")
-    if abs(value) > np.finfo(np.float64).max or not math.isfinite(float(value)):
+        raise CsptInputError(f"is {_shown(value)}", field=f"{where}.{key}", expected="a number")
+    try:
+        number = float(value)
+    except OverflowError:  # a Python int beyond float64
+        raise CsptInputError("is beyond the float64 range", field=f"{where}.{key}",
+                             expected="a finite number") from None
+    if not math.isfinite(number):
         raise CsptInputError(f"is {value!r}", field=f"{where}.{key}", expected="a finite number")
     return float(value)
 

@@ -290,7 +290,7 @@ class RefineOptions:
     refine_angles: bool = True
     angle_range_deg: float = 15.0
     angle_step_deg: float = 4.0
-    angle_precision_deg: float = 0.25
+    angle_precision_deg: float = 0.5
     global_step_deg: float = 15.0
     tilts: TiltSelection = field(default_factory=TiltSelection)
     projection_cutoff: float = 0.0
