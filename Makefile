@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test system-deps bench clean
+.PHONY: demo test system-deps slurm bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,10 +15,14 @@ $(STAMP): pyproject.toml
 system-deps:
 	bash .ci/system-deps
 
+# a one-node SLURM on localhost for the tests marked `slurm` (skipped, with the reason, when it cannot start)
+slurm:
+	bash .ci/slurm start || echo "SLURM did not start: tests marked slurm will be skipped" >&2
+
 demo: system-deps $(STAMP)
 	$(VENV)/bin/cspt2d demo
 
-test: system-deps $(STAMP)
+test: system-deps slurm $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -6,7 +6,8 @@ images (``.mrcs``), poses and CTF (cryoDRGN pickles) to a scratch folder. Then, 
 is per run):
 
 * ours: images streamed from the memory-mapped ``.mrcs`` in batches → FFT → CTF model → insertion into two half-map
-  grids (Wiener reconstruction, FSC), with ``pad`` 1 and 2; pad 2 also with half the images (peak RSS must not grow);
+  grids (Wiener reconstruction, FSC), with ``pad`` 1 and 2 (images zero-padded to the grid); pad 2 also with half
+  the images (peak RSS must not grow) and with unpadded images (RELION's scheme: faster, less accurate);
 * cryoDRGN: ``cryodrgn backproject_voxel images.mrcs --poses --ctf --uninvert-data`` (CTF "mul", half maps on), run
   from its own venv (``/work/venvs/cryodrgn`` or ``--cryodrgn``); its rate is from its own log line.
 
@@ -15,7 +16,7 @@ images in T s", which includes its data loading), end-to-end seconds, peak RSS, 
 between each map and the truth falls below 0.143 and 0.5. A table is printed and JSON written to
 ``benchmarks/results/backproject.json``.
 
-Usage: ``python benchmarks/backproject.py [--boxes 64 128 256] [--images 64:4000 128:2000 256:400] [--no-cryodrgn]``
+Usage: ``python benchmarks/backproject.py [--boxes 64 128 256] [--images 64:3000 128:1500 256:300] [--no-cryodrgn]``
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_IMAGES = {64: 4000, 128: 2000, 256: 400}
+DEFAULT_IMAGES = {64: 3000, 128: 1500, 256: 300}
 PIXEL_A = 2.0
 SNR = 0.05
 BATCH = 256
@@ -81,26 +82,25 @@ def make_dataset(box: int, n: int, folder: Path, seed: int = 0) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ workers
-def run_ours(folder: Path, pad: int, n_images: int) -> dict:
+def run_ours(folder: Path, pad: int, n_images: int, pad_images: bool = True) -> dict:
     """Stream the images through the backprojector; returns timings, peak RSS and FSC vs truth."""
     from napari_cspt2d.io import cryodrgn
     from napari_cspt2d.io.mrc import open_stack
     from napari_cspt2d.recon.backproject import Backprojector
     from napari_cspt2d.recon.ctf import image_model
-    from napari_cspt2d.recon.fsc import fsc_curve
 
     stack, _ = open_stack(folder / "images.mrcs")
     box = stack.shape[1]
     rot, _ = cryodrgn.read_poses(folder / "poses.pkl")
     ctf = cryodrgn.read_ctf(folder / "ctf.pkl")
     truth = np.load(folder / "truth.npy")
-    warm = Backprojector(box, PIXEL_A, pad=pad)  # compile/load numba kernels outside the timing
+    warm = Backprojector(box, PIXEL_A, pad=pad, pad_images=pad_images)  # load the numba kernels outside the timing
     warm.insert(np.zeros((2, box, box), np.float32), rot[:2], half=[0, 1],
                 model=image_model(box, PIXEL_A, ctf[:2, 2], exposure_e_A2=[0, 1], scale=[1, 1]))
     warm.close()
     del warm
     started = time.perf_counter()
-    bp = Backprojector(box, PIXEL_A, pad=pad)
+    bp = Backprojector(box, PIXEL_A, pad=pad, pad_images=pad_images)
     for start in range(0, n_images, BATCH):
         sl = slice(start, min(n_images, start + BATCH))
         images = np.asarray(stack[sl], dtype=np.float32)
@@ -112,20 +112,16 @@ def run_ours(folder: Path, pad: int, n_images: int) -> dict:
     res = bp.reconstruct()
     bp.close()
     done = time.perf_counter()
-    vs_truth = fsc_curve(res.full, truth, PIXEL_A)
     return {
         "images": n_images, "images_per_s": n_images / (inserted - started), "seconds_insert": inserted - started,
         "seconds_total": done - started, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "fsc_truth_0143_A": vs_truth.resolution_A(0.143), "fsc_truth_05_A": vs_truth.resolution_A(0.5),
-        "half_map_fsc_0143_A": res.fsc.resolution_A(0.143),
+        **_vs_truth(res.full, truth), "half_map_fsc_0143_A": res.fsc.resolution_A(0.143),
     }
 
 
 def run_cryodrgn(folder: Path, exe: Path) -> dict:
     """Run cryoDRGN's backproject_voxel in a child process; returns its rate, peak RSS and FSC vs truth."""
     import mrcfile
-
-    from napari_cspt2d.recon.fsc import fsc_curve
 
     out = folder / "cryodrgn_out"
     cmd = [str(exe), "backproject_voxel", str(folder / "images.mrcs"), "--poses", str(folder / "poses.pkl"),
@@ -140,13 +136,24 @@ def run_cryodrgn(folder: Path, exe: Path) -> dict:
     n, seconds = int(match.group(1).replace(",", "")), float(match.group(2))
     with mrcfile.open(out / "backproject.mrc", permissive=True) as m:
         vol = np.array(m.data, dtype=np.float32)
-    truth = np.load(folder / "truth.npy")
-    vs_truth = fsc_curve(vol, truth, PIXEL_A)
     return {
         "images": n, "images_per_s": n / seconds, "seconds_insert": seconds, "seconds_total": wall,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-        "fsc_truth_0143_A": vs_truth.resolution_A(0.143), "fsc_truth_05_A": vs_truth.resolution_A(0.5),
+        **_vs_truth(vol, np.load(folder / "truth.npy")),
     }
+
+
+def _vs_truth(vol: np.ndarray, truth: np.ndarray) -> dict:
+    """Resolution (Å) where the FSC between a map and the truth falls below 0.143 and 0.5, without and with a soft
+    spherical mask (radius 0.42 box) around the object, which takes implicit apodisation out of the comparison."""
+    from napari_cspt2d.recon.fsc import fsc_curve
+
+    n = truth.shape[0]
+    r = np.sqrt(((np.mgrid[:n, :n, :n] - n // 2) ** 2).sum(0))
+    mask = np.clip((0.42 * n - r) / (0.04 * n), 0.0, 1.0)
+    plain, masked = fsc_curve(vol, truth, PIXEL_A), fsc_curve(vol, truth, PIXEL_A, mask=mask)
+    return {"fsc_truth_0143_A": plain.resolution_A(0.143), "fsc_truth_05_A": plain.resolution_A(0.5),
+            "masked_fsc_truth_0143_A": masked.resolution_A(0.143), "masked_fsc_truth_05_A": masked.resolution_A(0.5)}
 
 
 def in_child(*args: str) -> dict:
@@ -169,8 +176,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         kind, folder = args.worker[0], Path(args.worker[1])
-        result = (run_ours(folder, int(args.worker[2]), int(args.worker[3])) if kind == "ours"
-                  else run_cryodrgn(folder, Path(args.worker[2])))
+        result = (run_ours(folder, int(args.worker[2]), int(args.worker[3]), args.worker[4] == "dense")
+                  if kind == "ours" else run_cryodrgn(folder, Path(args.worker[2])))
         print(json.dumps(result))
         return
 
@@ -184,9 +191,10 @@ def main() -> None:
             folder = Path(tmp) / str(box)
             folder.mkdir()
             make_dataset(box, n, folder)
-            runs = [("ours pad 1", ("ours", str(folder), "1", str(n))),
-                    ("ours pad 2", ("ours", str(folder), "2", str(n))),
-                    ("ours pad 2, half the images", ("ours", str(folder), "2", str(n // 2)))]
+            runs = [("ours pad 1", ("ours", str(folder), "1", str(n), "dense")),
+                    ("ours pad 2", ("ours", str(folder), "2", str(n), "dense")),
+                    ("ours pad 2, half the images", ("ours", str(folder), "2", str(n // 2), "dense")),
+                    ("ours pad 2, unpadded images", ("ours", str(folder), "2", str(n), "sparse"))]
             if use_cryodrgn:
                 runs.append(("cryoDRGN backproject_voxel", ("cryodrgn", str(folder), str(args.cryodrgn))))
             for label, worker_args in runs:
@@ -196,12 +204,13 @@ def main() -> None:
                       f"{result['peak_rss_mb']:7.0f} MB  FSC(truth) 0.143: {result['fsc_truth_0143_A']:.2f} Å",
                       flush=True)
 
-    print("\n| box | method | images | images/s | insert s | total s | peak RSS MB | FSC vs truth 0.143 (Å) | 0.5 (Å) |")
+    print("\n| box | method | images | images/s | insert s | total s | peak RSS MB | FSC vs truth 0.143 / 0.5 (Å) |"
+          " masked 0.143 / 0.5 (Å) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['box']} | {r['method']} | {r['images']} | {r['images_per_s']:.1f} | {r['seconds_insert']:.2f} | "
-              f"{r['seconds_total']:.2f} | {r['peak_rss_mb']:.0f} | {r['fsc_truth_0143_A']:.2f} | "
-              f"{r['fsc_truth_05_A']:.2f} |")
+              f"{r['seconds_total']:.2f} | {r['peak_rss_mb']:.0f} | {r['fsc_truth_0143_A']:.2f} / "
+              f"{r['fsc_truth_05_A']:.2f} | {r['masked_fsc_truth_0143_A']:.2f} / {r['masked_fsc_truth_05_A']:.2f} |")
     speedups = {}
     for box in args.boxes:
         ours = next(r for r in rows if r["box"] == box and r["method"] == "ours pad 2")

@@ -104,6 +104,7 @@ def run() -> dict:
         results["stack_GB"] = round(stack.stat().st_size / 1e9, 2)
         viewer = napari.Viewer(show=True)
         viewer.window._qt_window.resize(1400, 900)
+        viewer.window.add_plugin_dock_widget("napari-cspt2d", "Tilt-series loader")  # as a user would open it
         for _ in range(5):
             app_events()
             time.sleep(0.05)
@@ -140,25 +141,39 @@ def run() -> dict:
         series = TiltSeries.open(stack)
         tracks = make_tracks(series.shape_yx)
         t0 = time.perf_counter()
-        add_layers(viewer, series_layer_data(series, tracks)[1:])
-        _, widget = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Tracks curation")
+        added = add_layers(viewer, series_layer_data(series, tracks)[1:])
         app_events()
-        results["tracks_100k_load_and_bind_ms"] = _ms(time.perf_counter() - t0)
-        assert isinstance(widget, CurationWidget)
-        ctl, doc = widget.controller, widget.document
-        layer = ctl.points
+        results["tracks_100k_layers_added_ms"] = _ms(time.perf_counter() - t0)
+        layer = added[-1]
         viewer.dims.set_current_step(0, 20)
         app_events()
         rng = np.random.default_rng(1)
         rows = rng.choice(len(tracks), 15, replace=False)
 
-        def drag(row: int) -> None:  # what napari's select-mode drag emits on release
+        def drag(row: int) -> None:  # what napari's select-mode drag does on release (it moves, then emits)
             layer.events.data(value=layer.data, action=ActionType.CHANGING, data_indices=(row,),
                               vertex_indices=((),))
             layer.data[row, 1:] += rng.normal(0, 3, 2)
             layer.refresh(extent=False, thumbnail=False)
             layer.events.data(value=layer.data, action=ActionType.CHANGED, data_indices=(row,),
                               vertex_indices=((),))
+
+        # napari alone (nothing listening): a drag, a deletion and an addition, for reference
+        baseline = _timed(lambda: drag(int(rng.integers(len(tracks)))), 15)
+        results["move_point_100k_napari_alone_ms"] = _ms(statistics.median(baseline))
+        layer.selected_data = {5}
+        results["delete_point_100k_napari_alone_ms"] = _ms(_timed(layer.remove_selected, 1)[0])
+        results["add_point_100k_napari_alone_ms"] = _ms(_timed(lambda: layer.add([20.0, 100.0, 100.0]), 1)[0])
+        fresh = series_layer_data(series, tracks)[-1]
+        layer.data, layer.features, layer.border_color = fresh[0], fresh[1]["features"], fresh[1]["border_color"]
+        layer.selected_data = set()
+        t0 = time.perf_counter()
+        _, widget = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Tracks curation")
+        app_events()
+        results["curation_bind_100k_ms"] = _ms(time.perf_counter() - t0)
+        assert isinstance(widget, CurationWidget)
+        ctl, doc = widget.controller, widget.document
+        assert ctl.points is layer
 
         move, paint, undo = [], [], []
         for row in rows:
@@ -192,7 +207,7 @@ def run() -> dict:
             ctl.set_active_particle(pid)
             t0 = time.perf_counter()
             layer.add([20.0, 100.0, 100.0])
-            ctl.flush()
+            app_events()  # the layer's addition is applied right after napari's add() returns
             return t_del, time.perf_counter() - t0
 
         timings = [add_and_delete() for _ in range(3)]

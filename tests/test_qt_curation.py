@@ -105,7 +105,7 @@ def test_move_point_through_layer_then_undo_redo(make_napari_viewer, sample_laye
     data = layer.data.copy()
     data[row + 1, 2] += 7.0
     layer.data = data
-    assert doc.undo_name == f"Move point (particle 3, tilt 11)" and len(doc.history_names) == 2
+    assert doc.undo_name == "Move point (particle 3, tilt 11)" and len(doc.history_names) == 2
 
     widget.undo()
     widget.undo()
@@ -226,6 +226,14 @@ def test_keyboard_navigation(make_napari_viewer, sample_layers, cache_home, qtbo
     assert np.all(np.isfinite(ctl.points.features["residual_px"]))
     qtbot.keyClick(canvas, Qt.Key.Key_R)
     assert ctl.active_particle == worst_particle and viewer.dims.current_step[0] == worst_tilt
+    qtbot.keyClick(canvas, Qt.Key.Key_R)  # again: the next worst
+    assert ctl.active_particle != worst_particle
+    # the table sorted by largest residual puts the worst particle first, and keeps the selection
+    widget.refresh_table()
+    widget.table.sortByColumn(3, Qt.SortOrder.DescendingOrder)
+    first = widget.table.proxy.mapToSource(widget.table.proxy.index(0, 0)).row()
+    assert widget.table.source.particle_at(first) == worst_particle
+    assert widget.table.selected_particles() == [ctl.active_particle]
 
     qtbot.keyClick(canvas, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
     assert doc.can_redo and not doc.can_undo
@@ -265,19 +273,26 @@ def test_autosave_and_recovery_after_closing_without_saving(make_napari_viewer, 
     assert widget2.document.undo_name == "Recover autosave"
     layers_match_model(widget2)
 
-    # saving removes the autosave: nothing is offered next time
-    out = widget2.save(Path(cache_home) / "saved.json")
-    assert out[0].exists() and not snapshot.exists()
+    # saving removes the autosave; later edits are autosaved beside the saved file
+    out = widget2.save(cache_home / "saved.json")
+    assert out[0].exists() and not snapshot.exists() and not widget2.document.dirty
+    assert widget2.controller.points.metadata["cspt2d"]["source"] == str(out[0])
+    widget2.document.delete_particles([1])
+    qtbot.waitUntil(autosave_path(out[0]).exists, timeout=5000)
+    assert autosave_path(out[0]).parent == cache_home
 
 
-def test_screenshot_of_curated_sample(make_napari_viewer, cache_home, tmp_path):
+def test_screenshot_of_curated_sample(make_napari_viewer, cache_home, qtbot):
     layers = make_sample_data(n_particles=20, n_tilts=31, shape_yx=(512, 512), box=48, thickness_px=60.0)
     viewer, widget = open_curation(make_napari_viewer, layers)
-    viewer.window._qt_window.resize(1400, 900)
+    viewer.window._qt_window.resize(1500, 950)
     widget.controller.set_active_particle(7)
     viewer.dims.set_current_step(0, 15)
-    viewer.reset_view()
+    widget.fit_residuals()
+    widget.refresh_table()
     widget.controller.flush()
+    qtbot.wait(300)  # let the window lay out its docks at the new size
+    viewer.reset_view()
     shot = viewer.screenshot(canvas_only=False, flash=False)
     assert shot.ndim == 3 and shot.shape[0] > 300 and shot.shape[1] > 500
     assert shot[..., :3].std() > 10  # not blank

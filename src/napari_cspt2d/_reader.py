@@ -140,7 +140,7 @@ def tracks_layer_data(
                              "residual_px": np.nan},
         "size": 2.0 * float(radius_px),
         "face_color": "transparent",
-        "border_color": particle_colors(tracks.particle),
+        "border_color": particle_colors(tracks.particle) if len(tracks) else "white",  # napari refuses (0, 4)
         "border_width": 0.12,
         "border_width_is_relative": True,
         "scale": (1.0, float(pixel_A), float(pixel_A)),
@@ -162,10 +162,14 @@ def trajectory_data(tracks: TrackSet) -> tuple[NDArray[np.float64], pd.DataFrame
 
 def trajectory_layer_data(tracks: TrackSet, *, name: str = "trajectories", pixel_A: float = 1.0,
                           uid: str | None = None) -> LayerData:
-    """Tracks layer data drawing every particle's whole trajectory on every tilt (jumps stand out)."""
+    """Tracks layer data drawing every particle's whole trajectory on every tilt (jumps stand out). napari cannot
+    make an empty Tracks layer: without tracks it holds one hidden placeholder vertex."""
     data, features = trajectory_data(tracks)
+    if not len(data):
+        data, features = np.zeros((1, 4)), pd.DataFrame({"colour": [0.0]})
     n_tilts = max(int(tracks.n_tilts), 1)
     kwargs = {
+        "visible": bool(len(tracks)),
         "name": name,
         "features": features,
         "color_by": "colour",
@@ -435,13 +439,15 @@ def read_tracks(path: str | os.PathLike[str]) -> list[LayerData]:
     ]
 
 
-def _looks_like_track_json(path: Path) -> bool:
+def _looks_like_track_data(path: Path) -> bool:
+    """Whether a ``.json``/``.pkl`` file names the track-data keys near its start (a ``{name}.pkl`` metadata
+    pickle or another JSON file does not), without parsing it."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
+        with open(path, "rb") as fh:
             head = fh.read(65536)
     except OSError:
         return False
-    return any(f'"{key}"' in head for key in ("projections", "particles", "tilts"))
+    return any(key in head for key in (b"projections", b"particles"))
 
 
 def get_tracks_reader(path: str | list[str]) -> Callable[[str], list[LayerData]] | None:
@@ -450,7 +456,7 @@ def get_tracks_reader(path: str | list[str]) -> Callable[[str], list[LayerData]]
         return None
     p = Path(path)
     suffix = p.suffix.lower()
-    if suffix not in TRACK_SUFFIXES or (suffix == ".json" and not _looks_like_track_json(p)):
+    if suffix not in TRACK_SUFFIXES or (suffix in (".json", ".pkl") and not _looks_like_track_data(p)):
         return None
     return read_tracks
 

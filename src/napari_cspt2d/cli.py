@@ -215,6 +215,68 @@ register("import", "make a pyp project folder from a tilt stack and tracks (json
          _configure_import, _run_import)
 
 
+# ---------------------------------------------------------------------------------------------------- run / reconstruct
+def _configure_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("project", type=Path, help="project folder (with .pyp_config.toml)")
+    p.add_argument("--iteration", type=int, help="first iteration (default: refine_iter)")
+    p.add_argument("--workers", type=int, help="dask workers (default: the workers parameter, 0 = one per core)")
+    p.add_argument("--scheduler", help="address of a running dask scheduler (overrides cluster_backend)")
+    p.add_argument("--serial", action="store_true", help="run in this process, without dask")
+    p.add_argument("--dry-run", action="store_true", help="check the project and print the plan, run nothing")
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from .pyp import csp_split, load_parameters
+    from .recon.pipeline import plan_cspt
+
+    params = load_parameters(args.project)
+    if args.scheduler:
+        params["cluster_backend"], params["cluster_address"] = "address", args.scheduler
+    first = args.iteration or params["refine_iter"]
+    if args.dry_run:
+        print(plan_cspt(params, project_dir=args.project, first_iteration=first))
+        return EXIT_OK
+    progress = progress_printer("CSPT")
+    try:
+        outputs = csp_split(params, first, project_dir=args.project, serial=args.serial, workers=args.workers,
+                            progress=progress)
+    finally:
+        progress.stop()
+    for key in ("map", "half_maps", "fsc_plot", "parameters", "log"):
+        if key in outputs:
+            print(f"{key:>10}: {outputs[key]}")
+    return EXIT_OK
+
+
+register("run", "run the CSPT refinement of a project (pyp's csp_split) on dask", _configure_run, _run_run)
+
+
+def _configure_reconstruct(p: argparse.ArgumentParser) -> None:
+    p.add_argument("project", type=Path, help="project folder (with .pyp_config.toml)")
+    p.add_argument("--name", help="tilt-series name (default: data_set)")
+    p.add_argument("--iteration", type=int, default=2, help="iteration number of the output (default 2)")
+    p.add_argument("--save-stacks", action="store_true", help="keep the extracted particles in frealign/scratch/")
+
+
+def _run_reconstruct(args: argparse.Namespace) -> int:
+    from .pyp import load_parameters, run_reconstruction
+
+    params = load_parameters(args.project)
+    progress = progress_printer("reconstruction")
+    try:
+        outputs = run_reconstruction(args.name or params["data_set"], params, save_stacks=args.save_stacks,
+                                     iteration=args.iteration, project_dir=args.project, progress=progress)
+    finally:
+        progress.stop()
+    for key, value in outputs.items():
+        print(f"{key:>10}: {value}")
+    return EXIT_OK
+
+
+register("reconstruct", "reconstruct one tilt series' map with half maps and FSC (pyp's run_reconstruction)",
+         _configure_reconstruct, _run_reconstruct)
+
+
 # ---------------------------------------------------------------------------------------------------- export
 def _latest_iteration(project: Path, name: str) -> int:
     """The last iteration with a parameter file ``{name}_r01_NN.cistem`` (1 = only the input exists)."""
@@ -238,31 +300,23 @@ def _export_cryodrgn(out: Path, project: Path, name: str, tracks, params) -> lis
     import numpy as np
 
     from .io import cryodrgn
-    from .io.mrc import merge_images, open_stack
-    from .recon.extract import extract_particles
+    from .io.mrc import open_stack
+    from .recon.extract import write_particle_stack
 
     stack, _ = open_stack(project / f"{name}_stack.mrc")
-    batches = extract_particles(stack, tracks, extract_box=params.box_unbinned_px, extract_bin=params["extract_bin"],
-                                particle_rad_A=params["particle_rad"], pixel_A=params.stack_pixel_A)
-    order: list[int] = []
-
-    def inverted_images():
-        for batch in batches:
-            order.extend(batch.rows.tolist())
-            yield from -batch.images
-
-    written = [merge_images(out / f"{name}_particles.mrcs", inverted_images(), len(tracks), params.particle_pixel_A)]
-    in_stack_order = tracks.select(np.asarray(order))
+    particles = out / f"{name}_particles.mrcs"
+    order = write_particle_stack(particles, stack, tracks, extract_box=params.box_unbinned_px,
+                                 extract_bin=params["extract_bin"], particle_rad_A=params["particle_rad"],
+                                 pixel_A=params.stack_pixel_A, invert=True)
+    in_stack_order = tracks.select(order)
     rot, trans = cryodrgn.poses(in_stack_order, box_px=params["extract_box"], binning=params["extract_bin"],
                                 offset_px=np.zeros((len(order), 2)))
-    written.append(out / f"{name}_poses.pkl")
-    cryodrgn.write_poses(written[-1], rot, trans)
+    cryodrgn.write_poses(out / f"{name}_poses.pkl", rot, trans)
     ctf = cryodrgn.ctf_params(in_stack_order, box_px=params["extract_box"], pixel_A=params.particle_pixel_A,
                               tilt_pixel_A=params.stack_pixel_A, voltage_kV=params["scope_voltage"],
                               cs_mm=params["scope_cs"], amp_contrast=params["scope_wgh"])
-    written.append(out / f"{name}_ctf.pkl")
-    cryodrgn.write_ctf(written[-1], ctf)
-    return written
+    cryodrgn.write_ctf(out / f"{name}_ctf.pkl", ctf)
+    return [particles, out / f"{name}_poses.pkl", out / f"{name}_ctf.pkl"]
 
 
 def _export_relion(out: Path, name: str, tracks, params) -> list[Path]:

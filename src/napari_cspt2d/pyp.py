@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .errors import CsptInputError, warn_input
+from .errors import CsptInputError, CsptRunError, warn_input
 from .io import cistem, mrc
 from .io.metadata import metadata_shape, read_metadata, read_metadata_tilts, write_metadata
 from .io.toml import CONFIG_NAME, load_params, save_params
@@ -37,7 +37,7 @@ __all__ = [
     "load_parameters", "save_parameters",
     "Parameters", "ExtendedParameters", "create_cistem_from_2d_tracks",
     "create_project", "load_project",
-    "sort_particles_regions", "prepare_particle_cspt", "csp_split",
+    "sort_particles_regions", "prepare_particle_cspt", "csp_split", "run_reconstruction",
 ]
 
 
@@ -338,7 +338,7 @@ def sort_particles_regions(
                              expected="square corners and size unless per_particle=True")
     size = np.asarray(squaresize, dtype=np.float64).reshape(3)
     regions: list[list[int]] = [[] for _ in range(len(corners_squares) + 1)]
-    for pid, row in zip(ids, rows):
+    for pid, row in zip(ids, rows, strict=True):
         try:
             xyz = np.asarray([float(v) for v in row[1:4]])
         except (TypeError, ValueError) as exc:
@@ -399,17 +399,94 @@ def csp_split(
     client: Any = None,
     serial: bool = False,
     workers: int | None = None,
+    tilt_unit: str = "auto",
     progress: Any = None,
     cancel: Any = None,
 ) -> dict[str, Any]:
     """The seed's Option A: the whole CSPT of the project (every tilt series of ``data_set``) from ``iteration`` to
     ``refine_maxiter``: split per particle, bundle by ``slurm_bundle_size``, refine on dask (a LocalCluster unless
     the cluster parameters say otherwise, or ``client``; ``serial`` runs in this process), merge, reconstruct,
-    iterate (:func:`napari_cspt2d.recon.pipeline.run_cspt`). Works in the current folder (the seed's scripts) or
-    ``project_dir``. Returns the output paths: ``map``, ``half_maps``, ``fsc_table``, ``fsc_plot``, ``parameters``,
-    ``log``, and ``iterations`` (per-iteration resolution and parameter changes), ``converged``, ``timings``."""
+    iterate (:func:`napari_cspt2d.recon.pipeline.run_cspt`; ``tilt_unit`` says how to read
+    ``csp_UseImagesForRefinementMin/Max``: "auto", "degrees" or "order"). Works in the current folder (the seed's
+    scripts) or ``project_dir``. Returns the output paths: ``map``, ``half_maps``, ``fsc_table``, ``fsc_plot``,
+    ``parameters``, ``log``, and ``iterations`` (per-iteration resolution and parameter changes), ``converged``,
+    ``timings``."""
     from .recon.pipeline import run_cspt
 
     run = run_cspt(parameters, project_dir=project_dir, first_iteration=iteration, client=client, serial=serial,
-                   workers=workers, progress=progress, cancel=cancel)
+                   workers=workers, tilt_unit=tilt_unit, progress=progress, cancel=cancel)
     return run.outputs()
+
+
+def run_reconstruction(
+    name: str,
+    mp: Mapping[str, Any],
+    merged_recon_dir: str | os.PathLike[str] = "merged_recon",
+    output_folder: str | os.PathLike[str] = "../output",
+    save_stacks: bool = False,
+    ref: int = 1,
+    iteration: int = 2,
+    *,
+    project_dir: str | os.PathLike[str] | None = None,
+    progress: Any = None,
+    cancel: Any = None,
+) -> dict[str, Path]:
+    """The seed's Option B reconstruction of tilt series ``name`` at ``iteration``.
+
+    Reads the iteration's parameters ``frealign/maps/{name}_r01_{iteration:02d}.cistem`` when a refinement wrote
+    them, else the previous iteration's, else the input ``{name}_r01.cistem`` (via :meth:`Parameters.from_file`),
+    and the stack; writes ``frealign/maps/{name}_r01_{iteration:02d}.mrc`` (voxel size set) with ``_half1.mrc``,
+    ``_half2.mrc``, ``_fsc.csv``, ``_fsc.png`` beside it, the iteration's ``.cistem`` pair (when it came from an
+    earlier iteration), and ``log/{name}_r01_{iteration:02d}_reconstruct.log``. ``save_stacks`` keeps the extracted
+    particles as ``frealign/scratch/{name}_r01_{iteration:02d}_particles.mrcs`` (+ ``.rows.txt``, each section's
+    projection row). Tilts outside ``reconstruct_mintilt``/``maxtilt`` are left out. ``merged_recon_dir`` and
+    ``output_folder`` are pyp's cluster staging folders and have no use here; ``ref`` is the class (``r01``), only
+    1 exists in this mode. Raises "Metadata is required" (missing/incomplete ``{name}.pkl``) and "No output
+    parameter file is generated: <reason>" (wrong mode, or nothing to reconstruct)."""
+    from .io.atomic import atomic_open
+    from .recon.extract import write_particle_stack
+    from .recon.pipeline import ProjectPaths, reconstruction_options
+    from .recon.reconstruct import reconstruct_tracks
+
+    check_name(name, "name")
+    if int(ref) != 1:
+        raise CsptInputError(f"is {ref}", field="ref", expected="1 (2D tilt-series CSPT has one class)")
+    root = _project_root(project_dir)
+    params = _as_params(mp, strict=False)
+    meta_path = root / f"{name}.pkl"
+    metadata = read_metadata(meta_path)
+    check_cspt_mode(params)
+    paths = ProjectPaths(root, name)
+    candidates = [paths.parameters(name, it) for it in range(int(iteration), 0, -1)]
+    source = next((p for p in candidates if p.is_file()), candidates[-1])
+    tracks = _tracks_with_metadata(Parameters.from_file(source), meta_path, metadata, params)
+    stack, _ = mrc.open_stack(paths.stack(name))
+    stem = f"{name}_r01_{int(iteration):02d}"
+    log_path = paths.logs / f"{stem}_reconstruct.log"
+    try:
+        result = reconstruct_tracks(stack, tracks, **reconstruction_options(params), progress=progress, cancel=cancel)
+    except CsptInputError as exc:
+        raise CsptRunError(f"No output parameter file is generated: {exc}", log_path=log_path) from exc
+    outputs = {"map": paths.maps / f"{stem}.mrc"}
+    written = result.write(outputs["map"])
+    outputs.update(half_maps=written[1:3], fsc_table=written[3], fsc_plot=written[4])
+    parameters_out = paths.parameters(name, int(iteration))
+    if source != parameters_out:
+        Parameters.from_trackset(tracks, params).write(parameters_out)
+    outputs["parameters"] = parameters_out
+    if save_stacks:
+        particles = paths.scratch / f"{stem}_particles.mrcs"
+        opts = reconstruction_options(params)
+        order = write_particle_stack(particles, stack, tracks, extract_box=opts["extract_box"],
+                                     extract_bin=opts["extract_bin"], particle_rad_A=opts["particle_rad_A"],
+                                     pixel_A=opts["pixel_A"])
+        with atomic_open(particles.with_suffix(".rows.txt"), "w") as fh:
+            fh.write("\n".join(str(r) for r in order.tolist()) + "\n")
+        outputs["particles"] = particles
+    with atomic_open(log_path, "w", encoding="utf-8") as fh:
+        fh.write(f"reconstruction of {name}, iteration {iteration}, from {source}\n")
+        for key, value in result.stats.items():
+            fh.write(f"{key}: {value}\n")
+        fh.write(f"resolution (FSC 0.143): {result.resolution_A:.2f} A; (FSC 0.5): {result.resolution_05_A:.2f} A\n")
+    outputs["log"] = log_path
+    return outputs

@@ -67,6 +67,11 @@ class Autosaver(QObject):
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
+    def set_key(self, key: str | os.PathLike[str]) -> None:
+        """Follow a new source (the tracks were saved under another name): later snapshots go to its sidecar."""
+        self.key = os.fspath(key)
+        self.path = autosave_path(self.key)
+
     def close(self) -> None:
         """Flush and stop following the document."""
         self.flush()

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
-from napari.layers import Points, Tracks
+from napari.layers import Layer, Points, Tracks
 from napari.utils.notifications import show_info, show_warning
-from qtpy.QtCore import QEvent, QObject, QTimer
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -39,14 +40,17 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .._reader import tracks_layer_data, trajectory_layer_data
 from .._writer import TRACK_SAVE_SUFFIXES, save_tracks
 from ..errors import CsptInputError
 from ..model.editing import Change, TrackDocument, find_recovery, particle_summary, read_snapshot
 from ..model.tracks import TrackSet
 from ._autosave import Autosaver
 from ._guard import report_errors
+from ._lifecycle import WindowCloseWatcher
+from ._loader import DEFAULT_RADIUS_A
 from ._particle_table import ParticleTableView
-from ._tilt_overlay import connect_tilt_view, tilt_label
+from ._tilt_overlay import connect_tilt_view, tilt_label, tiltseries_layer
 from ._tracks_layer import TracksLayerController
 
 __all__ = ["CurationWidget", "KEYS"]
@@ -82,8 +86,7 @@ class CurationWidget(QWidget):
         self.autosaver: Autosaver | None = None
         self._documents: dict[int, TrackDocument] = {}
         self._recovery: TrackSet | None = None
-        self._worst_visited: list[int] = []
-        self._window_filtered: QWidget | None = None
+        self._last_worst: int | None = None  # R again goes on to the next worst particle
         self._build_ui()
         self._table_timer = QTimer(self)
         self._table_timer.setSingleShot(True)
@@ -94,6 +97,7 @@ class CurationWidget(QWidget):
         napari_viewer.layers.events.removed.connect(self._on_layer_removed)
         napari_viewer.dims.events.current_step.connect(self._update_labels)
         self._bind_keys()
+        self._close_watcher = WindowCloseWatcher(self, self.close_session)
         self._refresh_combo()
         tracks_layers = [layer for layer in napari_viewer.layers if _is_tracks_layer(layer)]
         if tracks_layers:
@@ -108,6 +112,10 @@ class CurationWidget(QWidget):
         self.layer_combo = QComboBox()
         self.layer_combo.currentIndexChanged.connect(self._on_combo)
         row.addWidget(self.layer_combo, 1)
+        self.new_tracks_button = QPushButton("New")
+        self.new_tracks_button.setToolTip("A new, empty tracks layer for the open tilt series (pick from scratch)")
+        self.new_tracks_button.clicked.connect(lambda _=False: self.new_tracks())
+        row.addWidget(self.new_tracks_button)
         layout.addLayout(row)
 
         self.recovery_frame = QFrame()
@@ -411,11 +419,11 @@ class CurationWidget(QWidget):
         summary = particle_summary(doc.tracks, residual)
         known = np.isfinite(summary.max_residual_px)
         order = summary.id[known][np.argsort(-summary.max_residual_px[known], kind="stable")].tolist()
-        if ctl.active_particle in order and self._worst_visited and self._worst_visited[-1] == ctl.active_particle:
-            target = order[(order.index(ctl.active_particle) + 1) % len(order)]
+        if ctl.active_particle is not None and ctl.active_particle == self._last_worst and self._last_worst in order:
+            target = order[(order.index(self._last_worst) + 1) % len(order)]
         else:
             target = order[0]
-        self._worst_visited = [target]
+        self._last_worst = target
         rows = np.flatnonzero(doc.tracks.particle == target)
         worst_row = rows[np.nanargmax(residual[rows])]
         axis = self._tilt_axis()
@@ -478,14 +486,39 @@ class CurationWidget(QWidget):
         self._status(f"Fit 3D: mean residual {fit.mean_residual_px:.2f} px, rms {fit.rms_px:.2f} px. "
                      "R jumps to the worst particle.")
 
+    @report_errors("New tracks")
+    def new_tracks(self) -> None:
+        """Add an empty tracks layer for the top tilt series and curate it (then N and clicks add particles)."""
+        image = tiltseries_layer(self.viewer)
+        if image is None:
+            raise CsptInputError("no tilt series is open", field="stack",
+                                 expected="a tilt stack opened with napari-cspt2d (loader widget or File > Open)")
+        meta = image.metadata["cspt2d"]
+        if meta.get("tilts") is None:
+            raise CsptInputError("has no tilt angles", file=meta.get("path"), field="angles",
+                                 expected="the stack opened with its angles (Tilt-series loader)")
+        tracks = TrackSet.empty(meta["tilts"], tuple(meta["shape_yx"]))
+        uid = uuid.uuid4().hex
+        pixel = meta["pixel_A"]
+        source = f"napari-cspt2d:new:{meta.get('path') or meta['name']}"
+        for data, kwargs, kind in (
+            trajectory_layer_data(tracks, name=f"{meta['name']} trajectories", pixel_A=pixel, uid=uid),
+            tracks_layer_data(tracks, name=f"{meta['name']} tracks", pixel_A=pixel, radius_px=DEFAULT_RADIUS_A / pixel,
+                              source=source, uid=uid),
+        ):
+            self.viewer.add_layer(Layer.create(data, kwargs, kind))  # the tracks layer is adopted on insertion
+
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> list[Path]:
-        """Save the current tracks (``.json``/``.pkl``/``.cistem`` by suffix); the autosave is then removed."""
+        """Save the current tracks (``.json``/``.pkl``/``.cistem`` by suffix); the autosave is removed, and later
+        autosaves go beside the saved file."""
         ctl = self._require()
         ctl.flush()
         meta = ctl.points.metadata["cspt2d"]
         written = save_tracks(path, ctl.document.tracks, pixel_A=ctl.pixel_A, microscope=meta.get("microscope"))
-        ctl.document.mark_saved()
+        ctl.document.mark_saved()  # removes the autosave snapshot
+        meta["source"] = str(written[0])  # reopening the saved file finds later autosaves
+        self.autosaver.set_key(written[0])
         self._status(f"Saved {', '.join(p.name for p in written)}")
         return written
 
@@ -518,21 +551,6 @@ class CurationWidget(QWidget):
     @report_errors("Particle table")
     def _on_table_clicked(self, particle: int) -> None:
         self._require().set_active_particle(particle, center=True)
-
-    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
-        super().showEvent(event)
-        window = self.window()
-        if window is not self and window is not self._window_filtered:
-            window.installEventFilter(self)
-            self._window_filtered = window
-
-    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt API
-        window = getattr(self, "_window_filtered", None)  # None while Python tears the widget down
-        if window is not None and obj is window and event.type() == QEvent.Type.Close:
-            window.removeEventFilter(self)
-            self._window_filtered = None
-            self.close_session()
-        return False
 
     def close_session(self) -> None:
         """Flush the autosave and detach from the viewer (called when the napari window closes)."""

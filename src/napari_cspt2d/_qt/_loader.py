@@ -32,6 +32,7 @@ from .._reader import read_trackset, series_layer_data
 from ..errors import CsptError, CsptInputError
 from ..model.tiltseries import TiltSeries, find_angle_file
 from ._guard import report_errors
+from ._lifecycle import WindowCloseWatcher
 from ._tilt_overlay import connect_tilt_view
 
 __all__ = ["TiltSeriesLoader", "load_series_layers"]
@@ -130,7 +131,7 @@ class TiltSeriesLoader(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.info)
         layout.addStretch(1)
-        self._disconnect_overlay = connect_tilt_view(napari_viewer)
+        self._close_watcher = WindowCloseWatcher(self, connect_tilt_view(napari_viewer))
 
     @property
     def busy(self) -> bool:
@@ -179,8 +180,8 @@ class TiltSeriesLoader(QWidget):
 
     def _failed(self, exc: BaseException) -> None:
         self.info.setText("")
-        prefix = "Open tilt series" if isinstance(exc, CsptError) else "Open tilt series failed"
-        show_error(f"{prefix}: {exc}")
+        message = str(exc) if isinstance(exc, CsptError) else f"failed: {type(exc).__name__}: {exc}"
+        show_error(f"Open tilt series: {message}")
 
     @report_errors("Open tilt series")
     def _add(self, layers: list[tuple[Any, dict, str]]) -> None:
@@ -203,7 +204,3 @@ class TiltSeriesLoader(QWidget):
         window = getattr(self.viewer, "window", None)
         if window is not None and hasattr(window, "add_plugin_dock_widget"):
             window.add_plugin_dock_widget(*CURATION_WIDGET)
-
-    def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
-        self._disconnect_overlay()
-        super().closeEvent(event)

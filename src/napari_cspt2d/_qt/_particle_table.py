@@ -17,9 +17,10 @@ __all__ = ["ParticleTableView", "ParticleTableModel", "NumpySortProxy"]
 
 
 class ParticleTableModel(QAbstractTableModel):
-    """Columns: particle id, number of tilts, mean score, max residual (px), as numpy arrays in ``_columns``."""
+    """Columns: particle id, number of tilts, mean score, largest residual (px), as numpy arrays in ``_columns``."""
 
-    HEADERS = ("Particle", "Tilts", "Mean score", "Max resid. (px)")
+    HEADERS = ("Particle", "Tilts", "Score", "Resid.")
+    TOOLTIPS = ("Particle id", "Tilts with a point", "Mean score", "Largest residual (px) of the last 3D fit")
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -60,8 +61,12 @@ class ParticleTableModel(QAbstractTableModel):
         return None
 
     def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole):  # noqa: N802
-        if role == Qt.ItemDataRole.DisplayRole and orientation == Qt.Orientation.Horizontal:
+        if orientation != Qt.Orientation.Horizontal or section >= len(self.HEADERS):
+            return None
+        if role == Qt.ItemDataRole.DisplayRole:
             return self.HEADERS[section]
+        if role == Qt.ItemDataRole.ToolTipRole and section < len(self.TOOLTIPS):
+            return self.TOOLTIPS[section]
         return None
 
 

@@ -62,6 +62,7 @@ class TracksLayerController(QObject):
         self._active: int | None = None
         self._syncing = False
         self._pending_added: list[int] = []
+        self._hidden_while_empty = not len(document.tracks)
         if trajectories is None:
             data, kwargs, kind = trajectory_layer_data(document.tracks, name=f"{points.name} trajectories",
                                                         pixel_A=self.pixel_A, uid=meta.get("uid"))
@@ -131,6 +132,8 @@ class TracksLayerController(QObject):
     def _shows(self, tracks) -> bool:
         """Whether the Points and trajectories layers already show ``tracks``."""
         points, features = self.points.data, self.points.features
+        if not len(tracks):
+            return not len(points)
         if len(points) != len(tracks) or len(self.trajectories.data) != len(tracks) or "particle" not in features:
             return False
         return (np.array_equal(features["particle"].to_numpy(), tracks.particle)
@@ -179,15 +182,23 @@ class TracksLayerController(QObject):
                 features.loc[features.index[rows], "residual_px"] = residual[rows]
 
     def _rebuild_points(self) -> None:
+        """Make the Points layer show the document; only what differs is set (after a layer-made deletion the
+        layer already shows it: ~1 ms instead of ~0.1 s per property for 100k points)."""
         ts = self.document.tracks
         keep = self._selected_pairs()
+        data = points_data(ts)
+        features = points_features(ts, self.document.residual_px)
+        colors = particle_colors(ts.particle)
+        layer = self.points
         with self._sync():
             self.points.metadata["cspt2d"]["tracks"] = ts
-            self.points.data = points_data(ts)
-            self.points.features = points_features(ts, self.document.residual_px)
-            if len(ts):
-                self.points.border_color = particle_colors(ts.particle)
-            self.points.selected_data = {r for r in (ts.row_of(p, t) for p, t in keep) if r is not None}
+            if layer.data.shape != data.shape or not np.array_equal(layer.data, data):
+                layer.data = data
+            if not _same_table(layer.features, features):
+                layer.features = features
+            if len(ts) and not np.array_equal(layer.border_color, colors):
+                layer.border_color = colors
+            layer.selected_data = {r for r in (ts.row_of(p, t) for p, t in keep) if r is not None}
 
     def _selected_pairs(self) -> list[tuple[int, int]]:
         features = self.points.features
@@ -201,13 +212,16 @@ class TracksLayerController(QObject):
         self._trajectory_timer.stop()
         data, features = trajectory_data(self.document.tracks)
         layer = self.trajectories
-        if len(data) == 0:
+        if len(data) == 0:  # napari has no empty Tracks layer: hide the old lines
+            self._hidden_while_empty = self._hidden_while_empty or layer.visible
             layer.visible = False
             return
         layer.color_by = "track_id"  # the new data drops the features, and with them "colour"
         layer.data = data
         layer.features = features
         layer.color_by = "colour"
+        if self._hidden_while_empty:
+            layer.visible, self._hidden_while_empty = True, False
 
     def flush(self) -> None:
         """Apply pending layer additions and the pending trajectory refresh now (tests, benchmarks, saving)."""
@@ -344,3 +358,10 @@ class TracksLayerController(QObject):
     @report_errors("Change tilt")
     def _on_step(self, *_) -> None:
         self._select_active_in_current_tilt()
+
+
+def _same_table(a, b) -> bool:
+    """Whether two feature tables hold the same columns and values (NaN equal to NaN)."""
+    if len(a) != len(b) or list(a.columns) != list(b.columns):
+        return False
+    return all(np.array_equal(a[c].to_numpy(), b[c].to_numpy(), equal_nan=b[c].dtype.kind == "f") for c in b.columns)

@@ -370,8 +370,13 @@ class RunWidget(QWidget):
     def _on_iteration(self, item: IterationResult) -> None:
         self.results.append(item)
         rec = item.reconstruction
-        self._log(f"{item.label}: {rec.resolution_A:.2f} Å at FSC 0.143 ({rec.stats.get('n_used', '?')} projections, "
-                  f"{rec.stats.get('seconds', 0):.1f} s)" + (f"; wrote {len(item.written)} files" if item.written else ""))
+        if item.refined:
+            detail = (f"shifts moved {item.summary['shift_change_px']:.2f} px RMS, orientations "
+                      f"{item.summary['angle_change_deg']:.2f}° median")
+        else:
+            detail = f"{rec.stats['n_used']} projections, {rec.stats['seconds']:.1f} s"
+        self._log(f"{item.label}: {rec.resolution_A:.2f} Å at FSC 0.143 ({detail})"
+                  + (f"; wrote {', '.join(p.name for p in item.written)}" if item.written else ""))
         self.map_window.show_result(rec, item.label)
         self._dock_fsc()
         self.fsc_plot.add_curve(rec.fsc, item.label)

@@ -9,11 +9,12 @@ global is imported or called. pandas objects (pyp writes its own ``.pkl`` files 
 
 Nothing a pickle declares may allocate more than the pickle's own size (a few bytes must not become gigabytes): the
 unpickler is the pure-Python one, whose memo is a dict (the C unpickler sizes its memo array from whatever index a
-pickle names), array shapes and ``BYTEARRAY8`` lengths are checked before anything is allocated, ``set``/
-``frozenset``/``bytearray`` may only be called on data already in the pickle (not on ``range(10**12)``), ``BUILD`` may
-only set the state of numpy arrays and dtypes, and the opcodes numpy and the builtins never need for these types
-(``INST``, ``OBJ``, ``NEWOBJ``, ``NEWOBJ_EX``) are refused. Tuples may nest at most :data:`MAX_TUPLE_DEPTH` deep:
-hashing a deeper one (as a dict key or set item) overflows the C stack and kills the process.
+pickle names); array shapes and ``BYTEARRAY8`` lengths are checked before anything is allocated; ``set``,
+``frozenset``, ``bytes`` and ``bytearray`` may only be called on data already in the pickle (not on
+``range(10**12)``); ``numpy.dtype`` only with ``copy=True``; ``BUILD`` may only set the state of numpy arrays and
+dtypes; the opcodes that instantiate classes (``INST``, ``OBJ``, ``NEWOBJ``, ``NEWOBJ_EX``), which plain data never
+needs, are refused. Tuples may nest at most :data:`MAX_TUPLE_DEPTH` deep: hashing a deeper one (as a dict key or set
+item) overflows the C stack and kills the process.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ..errors import CsptInputError
 
 __all__ = ["ALLOWED_GLOBALS", "SafeUnpickler", "safe_load", "safe_loads"]
 
-_BUILTINS = ("set", "frozenset", "complex", "bytearray", "range")  # not slice: hashable, so nestable, in 3.12
+_BUILTINS = ("set", "frozenset", "complex", "bytes", "bytearray", "range")  # not slice: hashable, so nestable, in 3.12
 _NUMPY_MULTIARRAY = ("_reconstruct", "scalar")
 _NUMPY_NUMERIC = ("_frombuffer",)
 
@@ -114,8 +115,8 @@ class SafeUnpickler(pickle._Unpickler):
         except (TypeError, ValueError, OverflowError) as exc:
             raise pickle.UnpicklingError(f"malformed array state ({exc})") from None
         if (count if dtype.hasobject else count * max(dtype.itemsize, 1)) > self.size:
-            raise self._refuse(f"declares a {dtype} array of shape {tuple(shape)}, larger than the "
-                               f"{self.size}-byte pickle")
+            raise self._refuse(f"declares an array of {count} {dtype} elements, more than the {self.size}-byte "
+                               "pickle can hold")
 
     def load_reduce(self) -> None:
         func, args = self.stack[-2], self.stack[-1]
@@ -125,7 +126,9 @@ class SafeUnpickler(pickle._Unpickler):
             if len(args) != 3 or args[0] is not np.ndarray:
                 raise self._refuse("calls numpy's _reconstruct with unexpected arguments")
             self._check_array(args[1], args[2])
-        consumer = any(func is kind for kind in (set, frozenset, bytearray))
+        if func is np.dtype and (len(args) != 3 or args[2] != 1):  # numpy pickles dtype(obj, align, copy=True)
+            raise self._refuse("calls numpy.dtype without copy=True (that returns numpy's shared dtype objects)")
+        consumer = any(func is kind for kind in (set, frozenset, bytes, bytearray))
         if consumer and args and not isinstance(args[0], _MATERIALIZED):
             raise self._refuse(f"calls {func.__name__}() on a {type(args[0]).__name__}")
         pickle._Unpickler.load_reduce(self)

@@ -72,6 +72,16 @@ def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict; a key given twice raises (json would silently keep the last one)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"key {reprlib.repr(key)} appears twice in one object")
+        data[key] = value
+    return data
+
+
 def _int_keys(table: Any, name: str, path: Path) -> dict[int, Any]:
     if not isinstance(table, Mapping):
         raise CsptInputError(f"is a {type(table).__name__}", file=path, field=name, expected="an object {id: {...}}")
@@ -82,6 +92,8 @@ def _int_keys(table: Any, name: str, path: Path) -> dict[int, Any]:
         if isinstance(key, bool) or not isinstance(key, (int, str)) or not -(2**63) <= int(key) < 2**63:
             raise CsptInputError(f"has a key of type {type(key).__name__} that is not an int64", file=path,
                                  field=name, expected="integer ids")
+        if int(key) in out:
+            raise CsptInputError(f"has id {int(key)} twice", file=path, field=name, expected="unique ids")
         out[int(key)] = value
     return out
 
@@ -96,11 +108,12 @@ def read_track_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = safe_load(path)
     else:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants)
-        except (json.JSONDecodeError, ValueError, UnicodeDecodeError) as exc:
+            data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants,
+                              object_pairs_hook=_unique_keys)
+        except (json.JSONDecodeError, ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise CsptInputError(f"is not valid JSON ({exc})", file=path, field="json") from None
-        if "format" in data and data.get("format") != FORMAT:
-            raise CsptInputError(f"has format {data.get('format')!r}", file=path, field="format",
+        if isinstance(data, dict) and "format" in data and data.get("format") != FORMAT:
+            raise CsptInputError(f"has format {reprlib.repr(data.get('format'))}", file=path, field="format",
                                  expected=repr(FORMAT))
     if not isinstance(data, dict):
         raise CsptInputError(f"holds a {type(data).__name__}", file=path, field="track_data",

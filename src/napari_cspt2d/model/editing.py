@@ -386,7 +386,8 @@ def _relabel(ts: TrackSet, rows: NDArray[np.int64], new_id: int, copy_from: int 
     old_xyz = ts.particles.xyz_px[ts.particle_rows()[rows]]
     new_xyz = np.broadcast_to(particles.xyz_px[np.searchsorted(particles.id, new_id)], old_xyz.shape)
     shift = ts.shift_px.copy()
-    shift[rows] += (geometry.project_points(old_xyz, angle, axis) - geometry.project_points(new_xyz, angle, axis))[:, :2]
+    moved_by = geometry.project_points(old_xyz, angle, axis) - geometry.project_points(new_xyz, angle, axis)
+    shift[rows] += moved_by[:, :2]
     particle = ts.particle.copy()
     particle[rows] = new_id
     keep = np.isin(particles.id, particle)

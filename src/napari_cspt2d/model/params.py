@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CsptInputError, warn_input
+from .tracks import _shown
 
 __all__ = [
     "ParamSpec", "PARAMS", "GROUPS", "PypParameters", "check_cspt_mode", "param_for_iteration",
@@ -196,7 +197,7 @@ def _suggest(key: str, known: list[str]) -> str:
 
 def _coerce(spec: ParamSpec, value: Any) -> Any:
     """``value`` converted to ``spec``'s type and checked against its range, choices and pattern."""
-    bad = lambda: CsptInputError(f"is {value!r}", field=spec.name, expected=_expected(spec))  # noqa: E731
+    bad = lambda: CsptInputError(f"is {_shown(value)}", field=spec.name, expected=_expected(spec))  # noqa: E731
     if spec.type is bool:
         if isinstance(value, (bool, np.bool_)):
             return bool(value)
@@ -213,18 +214,22 @@ def _coerce(spec: ParamSpec, value: Any) -> Any:
         if isinstance(number, float) and not (math.isfinite(number) and number == int(number)):
             raise bad()
         result: Any = int(number)
+        if not -(2**63) <= result < 2**63:
+            raise bad()
         _check_range(spec, result, value)
         return result
     if spec.type is float:
         try:
             result = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise bad() from None
         if not math.isfinite(result):
             raise bad()
         _check_range(spec, result, value)
         return result
     if spec.per_iteration and isinstance(value, (int, float)):
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise bad()
         value = f"{value:g}" if isinstance(value, float) else str(value)
     if not isinstance(value, str):
         raise bad()
@@ -250,7 +255,7 @@ def _check_range(spec: ParamSpec, number: float, original: Any) -> None:
     low_ok = spec.minimum is None or (number > spec.minimum if spec.min_exclusive else number >= spec.minimum)
     high_ok = spec.maximum is None or number <= spec.maximum
     if not (low_ok and high_ok):
-        raise CsptInputError(f"is {original!r}", field=spec.name, expected=_expected(spec))
+        raise CsptInputError(f"is {_shown(original)}", field=spec.name, expected=_expected(spec))
 
 
 def _expected(spec: ParamSpec) -> str:

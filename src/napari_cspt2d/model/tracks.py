@@ -458,10 +458,14 @@ def _concat_particles(a: ParticleTable, b: ParticleTable) -> ParticleTable:
                          np.concatenate([a.euler_deg, b.euler_deg])[order])
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+
+
 def _shown(value: Any) -> str:
     """A short repr for error messages (bounded length and depth; ints too long to print are named, not shown)."""
     try:
-        return reprlib.repr(value)
+        return _REPR.repr(value)
     except ValueError:
         return f"a {type(value).__name__} too long to print"
 

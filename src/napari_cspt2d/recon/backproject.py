@@ -8,26 +8,35 @@ by ``−s`` and projection puts the projected origin at ``+s``.
 
 Fourier grid
     The 3D grid is ``P = pad · n`` voxels on a side (``pad``× oversampled: it holds the transform of the map
-    embedded in a ``P``³ box). Images are zero-padded to ``P`` before their ``rfft2``, so every slice is sampled at
-    the grid spacing; this costs ``pad²`` more points than inserting unpadded transforms at scaled coordinates, but
-    those sparse samples make trilinear insertion close to nearest-neighbour and the map loses its high resolution
-    (FSC vs truth 0.83 instead of 0.99 at 0.8 Nyquist in our tests). Only the half ``kx ≥ 0`` of the grid is stored
-    (``rfftn`` layout ``[kz, ky, kx]``, ``kz``/``ky`` in FFT order): a point that lands at ``kx < 0`` is inserted
-    as its Friedel mate (negated coordinates, complex conjugate). The image column ``kx = 0`` holds each point and
-    its mate, so it gets half weight; after insertion the ``kx = 0`` plane is made Hermitian by adding its conjugate
-    mirror (``_symmetrise_planes``). Frequencies at or beyond the images' Nyquist are left out. Interpolation is
-    trilinear; the normalised trilinear spread multiplies the real-space map by ``sinc²(x / P) sinc²(y / P)
-    sinc²(z / P)``, which the gridding correction divides out (and the projector divides in before transforming).
+    embedded in a ``P``³ box). By default images are zero-padded to ``P`` before their ``rfft2``, so every slice is
+    sampled at the grid spacing. This costs ``pad²`` more points than inserting unpadded transforms at coordinates
+    scaled by ``pad`` (RELION's scheme, ``pad_images=False``), whose sparse samples make trilinear insertion close
+    to nearest-neighbour: on noise-free data the FSC vs truth at 0.8 Nyquist is ~0.83 instead of ~0.98. Errors of
+    either kind grow with the object's extent in the box and shrink with the number of views. Only the half
+    ``kx ≥ 0`` of the grid is stored (``rfftn`` layout ``[kz, ky, kx]``, ``kz``/``ky`` in FFT order): a point that
+    lands at ``kx < 0`` is inserted as its Friedel mate (negated coordinates, complex conjugate). The image column
+    ``kx = 0`` holds each point and its mate, so it gets half weight; when maps are computed the ``kx = 0`` plane is
+    made Hermitian by adding its conjugate mirror (``_hermitian_planes``). Frequencies at or beyond the images'
+    Nyquist are left out. Interpolation is trilinear; the normalised trilinear spread multiplies the real-space map
+    by ``sinc²(x / P) sinc²(y / P) sinc²(z / P)``, which the gridding correction divides out (and the projector
+    divides in before transforming).
 
 Weights and reconstruction
-    With per-frequency image models ``m`` (CTF × dose filter × scale, see :class:`ctf.ImageModel`, evaluated inside the kernel) the grid
-    accumulates ``D = Σ m · F_img`` and ``W = Σ m²``. The map is ``D / (W + 1/τ²)`` with ``1/τ²`` per shell from the
-    gold-standard FSC as in RELION: a first pass with a tiny regulariser gives half maps and their FSC, ``SNR = FSC /
-    (1 − FSC)``, and ``σ²/τ² = Σ(W/(W+ε))² / (SNR · Σ W/(W+ε)²)`` over the shell (RELION's ``mean(1/W)/SNR`` made
-    robust to barely-sampled voxels). Half maps are split by particle: each image is inserted into the grid of its
-    half, so the two halves are independent; the two grids fill in parallel (one thread each, numba ``nogil``).
+    With per-frequency image models ``m`` (CTF × dose filter × scale, :class:`ctf.ImageModel`, evaluated inside the
+    kernel) the grid accumulates ``D = Σ m · F_img`` and ``W = Σ m²``. The map is ``D / (W + 1/τ²)`` with ``1/τ²``
+    per shell from the gold-standard FSC as in RELION: a first pass with a tiny regulariser gives half maps and
+    their FSC, ``SNR = FSC / (1 − FSC)`` (smoothed over 3 shells, floored at the FSC's statistical error, see
+    ``_half_map_snr``), and ``σ²/τ² = Σ(W/(W+ε))² / (SNR · Σ W/(W+ε)²)`` over the shell (RELION's ``mean(1/W)/SNR``
+    made robust to barely-sampled voxels). Half maps are split by particle: each image is inserted into the grid of
+    its half, so the two halves are independent; the two grids fill in parallel (one thread each, numba ``nogil``).
 
-Memory is ``O(P³)`` (two complex64 + float32 grids for half maps) and does not depend on the number of images.
+Insertion runs in three passes per chunk of images (``_records``, ``_sort_records``, ``_splat_records``): the points
+are computed (coordinates, value × model, weight) into a record buffer, sorted by 16³-voxel block of the grid, then
+spread; a grid larger than the caches is then visited block by block instead of at random, which is 1.5-2× faster
+for boxes ≥ 64 than inserting image by image.
+
+Memory is ``O(P³)`` (per half: a complex64 and a float32 grid, plus ~29 MB of insertion scratch) and does not depend
+on the number of images.
 """
 
 from __future__ import annotations
@@ -49,41 +58,42 @@ from .ctf import ImageModel, model_row
 __all__ = ["Backprojector", "HalfMapReconstruction", "Projector", "project_volume", "fourier_images", "apply_bfactor"]
 
 WORKERS = 2
+RECORD_CAPACITY = 1 << 19  # points per insertion chunk and half (~29 MB of scratch per half)
 
 
 # ----------------------------------------------------------------------------------------------------- numba kernels
-@njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _splat_row(data, weight, zi, yi, x0, wzy, gx0, fx, v, w):  # pragma: no cover - compiled
-    k0 = wzy * gx0
-    k1 = wzy * fx
-    data[zi, yi, x0] += k0 * v
-    weight[zi, yi, x0] += k0 * w
-    data[zi, yi, x0 + 1] += k1 * v
-    weight[zi, yi, x0 + 1] += k1 * w
+BLOCK_SHIFT = 4  # records are sorted into blocks of 16³ grid voxels before they are spread into the grid
+RECORD_FIELDS = 6  # x, y + P, z + P, Re v, Im v, w
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _insert(data, weight, fimg, axes, phase_x, phase_y, ctf, env, env_step_inv, flip, f_step):  # pragma: no cover
-    """Trilinear insertion of ``fimg`` (B, P, P//2+1) into ``data``/``weight`` (P, P, P//2+1), frequencies below the
-    images' Nyquist (radius P/2).
+def _records(fimg, axes, phase_x, phase_y, ctf, env, env_step_inv, flip, f_step, grid, rec, key, counts):
+    """Pass 1 of the insertion: one record per inserted point (grid coordinates after the Friedel flip, value × model,
+    weight = model²), its block key, and the per-block counts. Returns the number of records.
 
-    ``axes[b]`` (2, 3): grid coordinates (x, y, z) of the image's unit kx and unit ky (= A[:2, :]); ``phase_x`` (B,
-    P//2+1) and ``phase_y`` (B, P) the separable phases that move each image's origin (and shift) to pixel 0;
-    ``ctf``/``env``/``env_step_inv``/``flip`` the image model (see ``ctf.model_row``; empty arrays for none) on
-    frequencies ``k · f_step`` (1/Å)."""
-    grid = data.shape[0]
+    ``fimg`` (B, m, m//2+1): ``m = P`` for images zero-padded to the grid, ``m = box`` for unpadded ones; only
+    frequencies below the images' Nyquist (radius m/2) are taken. ``axes[b]`` (2, 3): grid coordinates (x, y, z) of
+    the image's unit kx and unit ky (``P/m · A[:2, :]``); ``phase_x`` (B, m//2+1) and ``phase_y`` (B, m) the separable
+    phases that move each image's origin (and shift) to pixel 0; ``ctf``/``env``/``env_step_inv``/``flip`` the image
+    model (``ctf.model_row``; empty arrays for none) at frequencies ``k · f_step`` (1/Å). The image column kx = 0
+    holds each point and its Friedel mate, so it gets half weight."""
+    g = float(grid)
+    nbx = ((grid // 2) >> BLOCK_SHIFT) + 1
+    nby = ((grid - 1) >> BLOCK_SHIFT) + 1
+    m = fimg.shape[1]
     nh = fimg.shape[2]
-    rmax2 = (grid // 2) ** 2
+    rmax2 = (m // 2) ** 2
     has_ctf = ctf.shape[0] > 0
     has_env = env.shape[0] > 0
     buf = np.ones(nh)
+    n = 0
     for b in range(fimg.shape[0]):
         crow = ctf[b] if has_ctf else ctf[0:0].reshape(-1)
         erow = env[b] if has_env else env[0:0].reshape(-1)
         ax0, ax1, ax2 = axes[b, 0, 0], axes[b, 0, 1], axes[b, 0, 2]
         ay0, ay1, ay2 = axes[b, 1, 0], axes[b, 1, 1], axes[b, 1, 2]
-        for iy in range(grid):
-            ky = iy if iy < (grid + 1) // 2 else iy - grid
+        for iy in range(m):
+            ky = iy if iy < (m + 1) // 2 else iy - m
             if ky * ky >= rmax2:
                 continue
             ix_end = min(nh, int(math.sqrt(rmax2 - ky * ky)) + 1)
@@ -105,23 +115,107 @@ def _insert(data, weight, fimg, axes, phase_x, phase_y, ctf, env, env_step_inv, 
                 if x < 0.0:
                     x, y, z = -x, -y, -z
                     v = v.conjugate()
-                x0 = int(x)
-                y0 = int(math.floor(y))
-                z0 = int(math.floor(z))
-                fx = np.float32(x - x0)
-                fy = np.float32(y - y0)
-                fz = np.float32(z - z0)
-                ya = y0 + grid if y0 < 0 else y0
-                yb = y0 + 1 + grid if y0 + 1 < 0 else y0 + 1
-                za = z0 + grid if z0 < 0 else z0
-                zb = z0 + 1 + grid if z0 + 1 < 0 else z0 + 1
-                gx0 = np.float32(1.0) - fx
-                gy0 = np.float32(1.0) - fy
-                gz0 = np.float32(1.0) - fz
-                _splat_row(data, weight, za, ya, x0, gz0 * gy0, gx0, fx, v, w)
-                _splat_row(data, weight, za, yb, x0, gz0 * fy, gx0, fx, v, w)
-                _splat_row(data, weight, zb, ya, x0, fz * gy0, gx0, fx, v, w)
-                _splat_row(data, weight, zb, yb, x0, fz * fy, gx0, fx, v, w)
+                # |y|, |z| < P/2: shifted by P, int() is a floor and wrapping one subtraction
+                y += g
+                z += g
+                yi = int(y)
+                zi = int(z)
+                yi = yi - grid if yi >= grid else yi
+                zi = zi - grid if zi >= grid else zi
+                rec[n, 0] = x
+                rec[n, 1] = y
+                rec[n, 2] = z
+                rec[n, 3] = v.real
+                rec[n, 4] = v.imag
+                rec[n, 5] = w
+                k = ((zi >> BLOCK_SHIFT) * nby + (yi >> BLOCK_SHIFT)) * nbx + (int(x) >> BLOCK_SHIFT)
+                key[n] = k
+                counts[k] += 1
+                n += 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _sort_records(rec, key, n, counts, out):  # pragma: no cover - compiled
+    """Pass 2: counting sort of the first ``n`` records by block into ``out``; resets ``counts``."""
+    start = np.empty_like(counts)
+    total = 0
+    for k in range(counts.shape[0]):
+        start[k] = total
+        total += counts[k]
+        counts[k] = 0
+    for i in range(n):
+        j = start[key[i]]
+        start[key[i]] = j + 1
+        for c in range(RECORD_FIELDS):
+            out[j, c] = rec[i, c]
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _splat_records(data, weight, rec, n):  # pragma: no cover - compiled
+    """Pass 3: trilinear spread of the (block-sorted) records into ``data``/``weight``; neighbouring records touch
+    neighbouring voxels, so the grid is read and written block by block through the cache."""
+    grid = data.shape[0]
+    for i in range(n):
+        x = rec[i, 0]
+        y = rec[i, 1]
+        z = rec[i, 2]
+        v = np.complex64(rec[i, 3] + 1j * rec[i, 4])
+        w = rec[i, 5]
+        x0 = int(x)
+        yi = int(y)
+        zi = int(z)
+        fx = x - np.float32(x0)
+        fy = y - np.float32(yi)
+        fz = z - np.float32(zi)
+        ya = yi - grid if yi >= grid else yi
+        yb = ya + 1 if ya + 1 < grid else 0
+        za = zi - grid if zi >= grid else zi
+        zb = za + 1 if za + 1 < grid else 0
+        gx0 = np.float32(1.0) - fx
+        gy0 = np.float32(1.0) - fy
+        gz0 = np.float32(1.0) - fz
+        _splat_pair(data, weight, za, ya, x0, gz0 * gy0, gx0, fx, v, w)
+        _splat_pair(data, weight, za, yb, x0, gz0 * fy, gx0, fx, v, w)
+        _splat_pair(data, weight, zb, ya, x0, fz * gy0, gx0, fx, v, w)
+        _splat_pair(data, weight, zb, yb, x0, fz * fy, gx0, fx, v, w)
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _splat_pair(data, weight, zi, yi, x0, wzy, gx0, fx, v, w):  # pragma: no cover - compiled
+    """Add ``v``/``w`` with weights ``wzy·(1−fx)`` and ``wzy·fx`` to voxels ``x0`` and ``x0 + 1`` of row (zi, yi)."""
+    k0 = wzy * gx0
+    k1 = wzy * fx
+    data[zi, yi, x0] += k0 * v
+    data[zi, yi, x0 + 1] += k1 * v
+    weight[zi, yi, x0] += k0 * w
+    weight[zi, yi, x0 + 1] += k1 * w
+
+
+class _Inserter:
+    """Insertion into one half's grids through the three passes above, in chunks of at most ``RECORD_CAPACITY``
+    records (scratch buffers reused; 56 bytes per record)."""
+
+    def __init__(self, data: NDArray, weight: NDArray) -> None:
+        self.data, self.weight = data, weight
+        grid = data.shape[0]
+        nb = ((grid - 1) >> BLOCK_SHIFT) + 1
+        self.counts = np.zeros(nb * nb * (((grid // 2) >> BLOCK_SHIFT) + 1), np.int64)
+        capacity = max(RECORD_CAPACITY, grid * (grid // 2 + 1))  # at least one padded image
+        self.rec = np.empty((capacity, RECORD_FIELDS), np.float32)
+        self.sorted = np.empty_like(self.rec)
+        self.key = np.empty(capacity, np.int64)
+
+    def __call__(self, fimg, axes, px, py, ctf, env, env_step_inv, flip, f_step) -> None:
+        m = fimg.shape[1]
+        step = max(1, self.rec.shape[0] // ((m // 2 + 1) * m))
+        for s in range(0, fimg.shape[0], step):
+            sl = slice(s, s + step)
+            n = _records(fimg[sl], axes[sl], px[sl], py[sl], ctf[sl] if ctf.shape[0] else ctf,
+                         env[sl] if env.shape[0] else env, env_step_inv, flip, f_step, self.data.shape[0],
+                         self.rec, self.key, self.counts)
+            _sort_records(self.rec, self.key, n, self.counts, self.sorted)
+            _splat_records(self.data, self.weight, self.sorted, n)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -191,8 +285,9 @@ def _shell_sums(weight, eps, pad, n_shells):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _divide(data, weight, reg_per_shell, pad, out):  # pragma: no cover - compiled
-    """``out = data / (weight + reg[shell])``; zero beyond the last shell (Nyquist of the unpadded box)."""
+def _divide(data, weight, reg_per_shell, pad, out, x_offset=0):  # pragma: no cover - compiled
+    """``out = data / (weight + reg[shell])``; zero beyond the last shell (Nyquist of the unpadded box). Column
+    ``ix`` of the arrays is frequency ``ix + x_offset``."""
     grid = data.shape[0]
     n_shells = reg_per_shell.shape[0]
     for iz in range(grid):
@@ -200,7 +295,8 @@ def _divide(data, weight, reg_per_shell, pad, out):  # pragma: no cover - compil
         for iy in range(grid):
             ky = iy if iy < (grid + 1) // 2 else iy - grid
             for ix in range(data.shape[2]):
-                shell = int(math.sqrt(ix * ix + ky * ky + kz * kz) / pad + 0.5)
+                kx = ix + x_offset
+                shell = int(math.sqrt(kx * kx + ky * ky + kz * kz) / pad + 0.5)
                 if shell >= n_shells:
                     out[iz, iy, ix] = 0
                 else:
@@ -252,10 +348,9 @@ def _sinc2(n: int, grid: int) -> NDArray[np.float32]:
     return (np.sinc((np.arange(n) - n // 2) / grid) ** 2).astype(np.float32)
 
 
-def _gridding_correct(vol: NDArray, grid: int, inverse: bool = False) -> NDArray:
-    """Divide (``inverse=False``) or multiply a cube by the separable trilinear profile, in place."""
-    p = _sinc2(vol.shape[0], grid)
-    p = 1.0 / p if not inverse else p
+def _gridding_correct(vol: NDArray, grid: int) -> NDArray:
+    """Divide a cube by the separable trilinear profile of a ``grid``-point transform, in place."""
+    p = 1.0 / _sinc2(vol.shape[0], grid)
     vol *= p[:, None, None]
     vol *= p[None, :, None]
     vol *= p[None, None, :]
@@ -263,7 +358,8 @@ def _gridding_correct(vol: NDArray, grid: int, inverse: bool = False) -> NDArray
 
 
 def _half_grid_to_map(ft: NDArray[np.complex64], box: int) -> NDArray[np.float32]:
-    """Real-space ``box``³ map (origin at ``box // 2``) from a half-grid transform of a ``P``³ box, gridding-corrected."""
+    """Real-space ``box``³ map (origin at ``box // 2``) from a half-grid transform of a ``P``³ box, gridding
+    corrected."""
     grid = ft.shape[0]
     full = scipy.fft.irfftn(ft, s=(grid, grid, grid), workers=WORKERS)
     start = grid // 2 - box // 2
@@ -273,18 +369,27 @@ def _half_grid_to_map(ft: NDArray[np.complex64], box: int) -> NDArray[np.float32
     return _gridding_correct(vol, grid)
 
 
-def _symmetrise_planes(data: NDArray, weight: NDArray) -> None:
-    """Make the ``kx = 0`` (and, for even P, ``kx = P/2``) planes Hermitian by adding their conjugate mirror."""
+def _hermitian_planes(data: NDArray, weight: NDArray) -> list[tuple[int, NDArray, NDArray]]:
+    """The ``kx = 0`` (and, for even P, ``kx = P/2``) planes made Hermitian by adding their conjugate mirror:
+    ``[(x, data_plane, weight_plane), ...]`` (copies; the grids are not changed)."""
     grid = data.shape[0]
     mirror = (-np.arange(grid)) % grid
     planes = [0] + ([grid // 2] if grid % 2 == 0 and data.shape[2] == grid // 2 + 1 else [])
+    out = []
     for x in planes:
-        d = data[:, :, x]
-        w = weight[:, :, x]
-        d_m = np.conj(d[np.ix_(mirror, mirror)])
-        w_m = w[np.ix_(mirror, mirror)]
-        data[:, :, x] = d + d_m
-        weight[:, :, x] = w + w_m
+        d, w = data[:, :, x], weight[:, :, x]
+        out.append((x, d + np.conj(d[np.ix_(mirror, mirror)]), w + w[np.ix_(mirror, mirror)]))
+    return out
+
+
+def _half_map_snr(curve: fsc_mod.FscCurve) -> NDArray[np.float64]:
+    """Per-shell SNR of a half map, ``FSC / (1 − FSC)``, from a noisy FSC: smoothed over neighbouring shells and
+    kept between the FSC's own statistical error ``1/√(voxels in the shell)`` and 0.999, so shells whose FSC cannot
+    be told from zero are damped, not erased (erasing them loses the weak signal near the resolution limit)."""
+    smooth = np.convolve(np.pad(curve.fsc, 1, mode="edge"), np.ones(3) / 3.0, mode="valid")
+    floor = 1.0 / np.sqrt(np.maximum(curve.n_voxels, 1))
+    clipped = np.clip(smooth, floor, 0.999)
+    return clipped / (1.0 - clipped)
 
 
 # ----------------------------------------------------------------------------------------------------- backprojector
@@ -303,10 +408,12 @@ class HalfMapReconstruction:
 class Backprojector:
     """Accumulates images into two half-map Fourier grids (or one, ``n_halves=1``) of a ``box``³ map.
 
-    ``pad`` is the oversampling of the 3D grid (2 = RELION's default). Insert batches with :meth:`insert` (real images)
-    or :meth:`insert_fourier` (``rfft2`` from :func:`fourier_images`), then call :meth:`reconstruct`."""
+    ``pad`` is the oversampling of the 3D grid (2 = RELION's default); ``pad_images`` zero-pads the images to the grid
+    before their transform (accurate to Nyquist; False inserts unpadded transforms at scaled coordinates, RELION's
+    way, about 3× faster at pad 2 but less accurate at high resolution). Insert batches with :meth:`insert` (real
+    images) or :meth:`insert_fourier` (``rfft2`` from :func:`fourier_images`), then call :meth:`reconstruct`."""
 
-    def __init__(self, box: int, pixel_A: float, *, pad: int = 2, n_halves: int = 2) -> None:
+    def __init__(self, box: int, pixel_A: float, *, pad: int = 2, pad_images: bool = True, n_halves: int = 2) -> None:
         if not (isinstance(box, (int, np.integer)) and box >= 4):
             raise CsptInputError(f"is {box}", field="box", expected="an integer >= 4")
         if not (np.isfinite(pixel_A) and pixel_A > 0):
@@ -318,11 +425,13 @@ class Backprojector:
         self.box = int(box)
         self.pixel_A = float(pixel_A)
         self.pad = int(pad)
+        self.pad_images = bool(pad_images)
         self.grid = self.box * self.pad
         shape = (self.grid, self.grid, self.grid // 2 + 1)
         self.data = [np.zeros(shape, np.complex64) for _ in range(n_halves)]
         self.weight = [np.zeros(shape, np.float32) for _ in range(n_halves)]
         self.count = np.zeros(n_halves, np.int64)
+        self._inserters = [_Inserter(d, w) for d, w in zip(self.data, self.weight)]
         self._pool = ThreadPoolExecutor(max_workers=n_halves) if n_halves > 1 else None
 
     @property
@@ -343,7 +452,8 @@ class Backprojector:
         ``half`` (B,) in {0, 1} picks each image's half map (default 0); ``shifts_px`` (B, 2) the particle centre's
         offset from the box centre (x, y, box pixels; the image is moved by minus this); ``model`` the images' CTF
         and weights (:func:`ctf.image_model` for ``box`` px of ``pixel_A``), default 1."""
-        self.insert_fourier(fourier_images(images, self.pad), matrices, half=half, shifts_px=shifts_px, model=model)
+        self.insert_fourier(fourier_images(images, self.pad if self.pad_images else 1), matrices, half=half,
+                            shifts_px=shifts_px, model=model)
 
     def insert_fourier(
         self,
@@ -354,21 +464,24 @@ class Backprojector:
         shifts_px: ArrayLike | None = None,
         model: ImageModel | None = None,
     ) -> None:
-        """Like :meth:`insert` with ``fimages`` = :func:`fourier_images` ``(images, pad)``."""
+        """Like :meth:`insert` with ``fimages`` = :func:`fourier_images` of the images, zero-padded to the grid
+        (``pad``, the accurate default) or not (``1``: RELION's scheme, ``pad²`` times fewer points to insert but
+        sparse samples in the oversampled grid, which costs accuracy at high resolution)."""
         fimg = np.asarray(fimages)
-        b, p = fimg.shape[0], self.grid
-        if fimg.shape != (b, p, p // 2 + 1) or fimg.dtype != np.complex64:
+        b, m = fimg.shape[0], fimg.shape[1]
+        if m not in (self.grid, self.box) or fimg.shape != (b, m, m // 2 + 1) or fimg.dtype != np.complex64:
             raise CsptInputError(f"has shape {fimg.shape} ({fimg.dtype})", field="images",
-                                 expected=f"(B, {self.box}, {self.box}) images or complex64 (B, {p}, {p // 2 + 1})")
-        axes = np.ascontiguousarray(_matrices(matrices, b)[:, :2, :])
+                                 expected=f"(B, {self.box}, {self.box}) images or complex64 (B, m, m//2+1) "
+                                          f"transforms with m = {self.grid} or {self.box}")
+        axes = np.ascontiguousarray(_matrices(matrices, b)[:, :2, :] * (self.grid / m))
         halves = np.zeros(b, np.int64) if half is None else np.asarray(half, dtype=np.int64).reshape(-1)
         if halves.shape != (b,) or np.any((halves < 0) | (halves >= self.n_halves)):
             raise CsptInputError("has wrong length or values", field="half",
                                  expected=f"{b} values in 0..{self.n_halves - 1}")
         if model is not None and len(model) != b:
             raise CsptInputError(f"describes {len(model)} images", field="model", expected=f"{b} like the images")
-        px, py = _shift_phases(shifts_px, b, p, +1.0, origin_px=self.box // 2)
-        f_step = 1.0 / (p * self.pixel_A)
+        px, py = _shift_phases(shifts_px, b, m, +1.0, origin_px=self.box // 2)
+        f_step = 1.0 / (m * self.pixel_A)
 
         def run(h: int) -> None:
             sel = np.flatnonzero(halves == h)
@@ -379,8 +492,7 @@ class Backprojector:
             part = model if (model is None or whole) else model.take(sel)
             ctf, env, env_step_inv, flip = (np.zeros((0, 6)), np.zeros((0, 1), np.float32), 1.0, False) if (
                 part is None) else part.kernel_args()
-            _insert(self.data[h], self.weight[h], take(fimg), take(axes), take(px), take(py), ctf, env,
-                    env_step_inv, flip, f_step)
+            self._inserters[h](take(fimg), take(axes), take(px), take(py), ctf, env, env_step_inv, flip, f_step)
             self.count[h] += sel.size
 
         if self._pool is None:
@@ -395,8 +507,13 @@ class Backprojector:
 
     # ------------------------------------------------------------------------------------------------ reconstruction
     def _map(self, data: NDArray, weight: NDArray, reg: NDArray[np.float64]) -> NDArray[np.float32]:
+        """``data / (weight + reg[shell])`` with Hermitian ``kx = 0`` planes, to a gridding-corrected map."""
         out = np.empty_like(data)
         _divide(data, weight, reg, float(self.pad), out)
+        for x, d, w in _hermitian_planes(data, weight):
+            _divide(np.ascontiguousarray(d[:, :, None]), np.ascontiguousarray(w[:, :, None]), reg, float(self.pad),
+                    plane := np.empty((self.grid, self.grid, 1), np.complex64), x)
+            out[:, :, x] = plane[:, :, 0]
         return _half_grid_to_map(out, self.box)
 
     def reconstruct(
@@ -416,8 +533,6 @@ class Backprojector:
             raise CsptInputError(f"half maps hold {self.count.tolist()} images", field="images",
                                  expected="at least one image in each half")
         step = (lambda i: progress("reconstruct", i, 4)) if progress else (lambda i: None)
-        for d, w in zip(self.data, self.weight):
-            _symmetrise_planes(d, w)
         n_shells = self.box // 2 + 1
         step(0)
         # first pass: a tiny regulariser, only to measure the FSC
@@ -428,8 +543,7 @@ class Backprojector:
         step(1)
         curve0 = fsc_mod.fsc_curve(first[0], first[1], self.pixel_A, mask=fsc_mask)
         del first
-        fsc_clip = np.clip(curve0.fsc[:n_shells], 1e-3, 0.999)
-        snr = tau2_fudge * fsc_clip / (1.0 - fsc_clip)
+        snr = tau2_fudge * _half_map_snr(curve0)
         sig = np.zeros(n_shells)
         noi = np.zeros(n_shells)
         for w in self.weight:
@@ -451,9 +565,6 @@ class Backprojector:
         """Map from all halves with a constant regulariser ``reg_fraction × mean(W)`` (no FSC needed)."""
         data = self.data[0] if self.n_halves == 1 else self.data[0] + self.data[1]
         weight = self.weight[0] if self.n_halves == 1 else self.weight[0] + self.weight[1]
-        if self.n_halves == 1:
-            data, weight = data.copy(), weight.copy()
-        _symmetrise_planes(data, weight)
         if not np.any(weight > 0):
             raise CsptInputError("no image was inserted", field="images", expected="at least one image")
         reg = np.full(self.box // 2 + 1, reg_fraction * float(weight[weight > 0].mean()))

@@ -9,8 +9,9 @@ maps, which is how maps are written (RELION/cisTEM convention).
     gamma(s) = 2π(−½ Δf λ s² + ¼ Cs λ³ s⁴) − φ
     CTF(s)   = √(1 − w²) sin(gamma) − w cos(gamma) = sin(gamma − asin w)
 
-``Δf`` is the defocus along the frequency direction (astigmatism: ``Δf = ½(dfU + dfV) + ½(dfU − dfV) cos 2(α − α_ast)``),
-λ the relativistic electron wavelength, w the amplitude contrast, φ an additional phase shift.
+``Δf`` is the defocus along the frequency direction (astigmatism:
+``Δf = ½(dfU + dfV) + ½(dfU − dfV) cos 2(α − α_ast)``), λ the relativistic electron wavelength, w the amplitude
+contrast, φ an additional phase shift.
 
 Defocus of a projection (:func:`projection_defocus_A`): the tilt's defocus minus the particle's height along the beam
 in the tilted specimen (``geometry.project_points`` third column × pixel size). In underfocus the plane imaged in
@@ -40,7 +41,6 @@ from ..errors import CsptInputError
 
 __all__ = [
     "electron_wavelength_A",
-    "frequency_grid",
     "ctf_2d",
     "critical_exposure_e_A2",
     "mid_exposure",
@@ -58,14 +58,6 @@ def electron_wavelength_A(voltage_kV: float) -> float:
     """Relativistic electron wavelength (Å) at an acceleration voltage (kV)."""
     volts = voltage_kV * 1e3
     return 12.2643247 / np.sqrt(volts * (1.0 + 0.978466e-6 * volts))
-
-
-def frequency_grid(shape_yx: tuple[int, int], pixel_A: float, rfft: bool = True) -> tuple[NDArray, NDArray]:
-    """Spatial frequencies ``(fy, fx)`` in 1/Å of an ``fft2`` (or ``rfft2``) of an image of ``shape_yx``, unshifted."""
-    ny, nx = shape_yx
-    fy = np.fft.fftfreq(ny, d=pixel_A)
-    fx = np.fft.rfftfreq(nx, d=pixel_A) if rfft else np.fft.fftfreq(nx, d=pixel_A)
-    return np.meshgrid(fy, fx, indexing="ij")
 
 
 def _check_optics(voltage_kV: float, cs_mm: float, amp_contrast: float, pixel_A: float) -> None:
@@ -89,8 +81,9 @@ def ctf_params(
     amp_contrast: float = 0.07,
     phase_shift_deg: float = 0.0,
 ) -> NDArray[np.float64]:
-    """Per-image CTF coefficients ``(B, 6)`` for :func:`ctf_value`: ``gamma = c0 s² + c1 (cos2α (fx² − fy²) +
-    sin2α · 2 fx fy) + c4 s⁴ − c5`` with ``(c2, c3) = (cos 2α, sin 2α)``; inputs broadcast to ``(B,)``."""
+    """Per-image CTF coefficients ``(B, 6)`` for :func:`model_row`: ``CTF = sin(c0 s² + c1 (c2 (fx² − fy²) + c3 · 2 fx
+    fy) + c4 s⁴ − c5)`` with ``(c2, c3) = (cos 2α, sin 2α)`` of the astigmatism angle and ``c5 = φ + asin w``
+    (see the module docstring); inputs broadcast to ``(B,)``."""
     _check_optics(voltage_kV, cs_mm, amp_contrast, 1.0)
     dfu = np.atleast_1d(np.asarray(defocus_u_A, dtype=np.float64))
     dfv = dfu if defocus_v_A is None else np.atleast_1d(np.asarray(defocus_v_A, dtype=np.float64))

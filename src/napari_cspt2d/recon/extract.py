@@ -16,6 +16,7 @@ Contrast is left as in the stack (tilt images show protein dark; the CTF model a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from numpy.typing import ArrayLike, NDArray
 from ..errors import CsptInputError
 from ..model.tracks import TrackSet
 
-__all__ = ["ParticleBatch", "extract_particles", "extracted_pixel_A", "check_extraction"]
+__all__ = ["ParticleBatch", "extract_particles", "extracted_pixel_A", "check_extraction", "write_particle_stack"]
 
 WORKERS = 2
 
@@ -208,3 +209,31 @@ def _take(pending: list[ParticleBatch], size: int) -> tuple[ParticleBatch, list[
     head = ParticleBatch(rows[:size], images[:size], edge[:size])
     rest = [ParticleBatch(rows[size:], images[size:], edge[size:])] if rows.size > size else []
     return head, rest, max(rows.size - size, 0)
+
+
+def write_particle_stack(
+    path: str | os.PathLike[str],
+    stack: ArrayLike,
+    tracks: TrackSet,
+    *,
+    extract_box: int,
+    extract_bin: int = 1,
+    particle_rad_A: float,
+    pixel_A: float,
+    invert: bool = False,
+) -> NDArray[np.int64]:
+    """Stream every projection's box into an MRC stack at ``path`` (atomically, memory bounded by one batch) and
+    return the TrackSet row of each section ``(N,)`` (boxes come in stack order). ``invert`` writes protein white,
+    as RELION extracts particles."""
+    from ..io.mrc import merge_images
+
+    order: list[int] = []
+
+    def boxes() -> Iterator[NDArray[np.float32]]:
+        for batch in extract_particles(stack, tracks, extract_box=extract_box, extract_bin=extract_bin,
+                                       particle_rad_A=particle_rad_A, pixel_A=pixel_A):
+            order.extend(batch.rows.tolist())
+            yield from (-batch.images if invert else batch.images)
+
+    merge_images(path, boxes(), len(tracks), extracted_pixel_A(pixel_A, extract_bin))
+    return np.asarray(order, dtype=np.int64)

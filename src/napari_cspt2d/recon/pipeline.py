@@ -23,7 +23,7 @@ Iterations
 
 Resuming
     A bundle result carries a fingerprint of everything it depends on (its parameter files, the reference map,
-    the options); a rerun skips bundles whose result exists with the same fingerprint, so after a failure (reported
+    the options, the picks, the tilt table, the stack's path, size and time); a rerun skips bundles whose result exists with the same fingerprint, so after a failure (reported
     with the failed bundle's log) running again only redoes what is missing. Merge and reconstruction are redone
     (they are deterministic and cheap next to refinement).
 
@@ -33,6 +33,7 @@ All checks of the project (parameters, files, shapes, tilt selection, map sizes)
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import time
@@ -46,7 +47,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..errors import CsptCancelled, CsptInputError, CsptRunError
-from ..io.atomic import atomic_open, atomic_path
+from ..io.atomic import atomic_open
 from ..io.mrc import open_stack, read_image
 from ..model.params import PypParameters, check_cspt_mode, check_name
 from ..model.tracks import ParticleTable, TiltTable, TrackSet
@@ -186,8 +187,8 @@ def reconstruction_options(params: Mapping[str, Any]) -> dict[str, Any]:
                 max_tilt_deg=p["reconstruct_maxtilt"], dose_weighting=p["reconstruct_dose_weighting_enable"])
 
 
-def _check_project(paths: ProjectPaths, params: PypParameters, first: int, last: int, names: Sequence[str]
-                   ) -> list[_Series]:
+def _check_project(paths: ProjectPaths, params: PypParameters, first: int, last: int, names: Sequence[str],
+                   tilt_unit: refine.TiltUnit) -> list[_Series]:
     """Every check that can fail on the inputs, before any work (module docstring)."""
     from .extract import check_extraction
 
@@ -200,7 +201,7 @@ def _check_project(paths: ProjectPaths, params: PypParameters, first: int, last:
                              field="iteration", expected="refine_iter <= iteration <= refine_maxiter")
     check_extraction(params.box_unbinned_px, params["extract_bin"], params["particle_rad"], params.stack_pixel_A)
     imaging = refine.Imaging.from_params(params)
-    options = [refine.RefineOptions.from_params(params, it) for it in range(first, last + 1)]
+    options = [refine.RefineOptions.from_params(params, it, tilt_unit=tilt_unit) for it in range(first, last + 1)]
     series = [_load_series(paths, name) for name in names]
     for s in series:
         for opt in options:
@@ -223,11 +224,14 @@ def _check_project(paths: ProjectPaths, params: PypParameters, first: int, last:
 
 
 # ==================================================================================================== split
-def _particle_slices(tracks: TrackSet) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """``(ids, bounds)``: the ids of the particles that have projections and the row bounds of each in the
-    (particle, tilt)-sorted TrackSet (``rows of ids[k]`` = ``bounds[k]:bounds[k + 1]``)."""
+def _particle_rows(tracks: TrackSet, wanted: Sequence[int] | NDArray[np.int64]) -> NDArray[np.int64]:
+    """Rows of the particles ``wanted`` in a (particle, tilt)-sorted TrackSet (ids without projections give none)."""
     ids, first = np.unique(tracks.particle, return_index=True)
-    return ids, np.append(first, len(tracks))
+    bounds = np.append(first, len(tracks))
+    wanted = np.asarray(wanted, dtype=np.int64).reshape(-1)
+    k = np.searchsorted(ids, wanted)
+    k = k[(k < ids.size) & (ids[np.minimum(k, max(ids.size - 1, 0))] == wanted)] if ids.size else k[:0]
+    return np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in k]) if k.size else np.zeros(0, np.int64)
 
 
 def split_regions(tracks: TrackSet, regions: Sequence[Sequence[int]], parameter_file: str | os.PathLike[str],
@@ -238,14 +242,11 @@ def split_regions(tracks: TrackSet, regions: Sequence[Sequence[int]], parameter_
     ids, tilt ids)`` per non-empty region, numbered in order."""
     params = _as_params(params)
     tracks = tracks.sorted()
-    ids, bounds = _particle_slices(tracks)
     out = []
     for region in regions:
-        k = np.searchsorted(ids, np.asarray(region, dtype=np.int64))
-        k = k[(k < ids.size) & (ids[np.minimum(k, ids.size - 1)] == np.asarray(region, dtype=np.int64))]
-        if k.size == 0:
+        rows = _particle_rows(tracks, region)
+        if rows.size == 0:
             continue
-        rows = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in k])
         sub = tracks.select(rows)
         path = _write_tracks(Path(out_dir) / f"{Path(parameter_file).stem}_region{len(out):04d}.cistem", sub, params)
         out.append((path, sub.particles.id.copy(), np.unique(sub.tilt)))
@@ -256,7 +257,8 @@ def split_regions(tracks: TrackSet, regions: Sequence[Sequence[int]], parameter_
 @dataclass(frozen=True, eq=False)
 class BundleJob:
     """Everything one bundle job needs (picklable, no open files): the ``regions`` parameter files of its particles,
-    the tilt series' ``stack``, ``tilts`` and ``image_shape_yx``, the reference map(s), the particles' picks
+    the tilt series' ``stack``, ``tilts`` and ``image_shape_yx``, the reference map(s) (and a digest of their
+    content), the particles' picks
     (``origin_keys`` = particle id × 2³² + tilt id, ``origin_px`` positions) and, for gold standard, the half of
     each particle (``half_ids``/``half_of``). ``fingerprint`` identifies the inputs; ``result``/``log`` are where
     the job writes."""
@@ -269,6 +271,7 @@ class BundleJob:
     image_shape_yx: tuple[int, int]
     tilts: TiltTable
     references: tuple[str, ...]
+    reference_digest: str
     options: refine.RefineOptions
     imaging: refine.Imaging
     origin_keys: NDArray[np.int64]
@@ -334,6 +337,29 @@ def _finished(result: Path, fingerprint: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def _projectors(paths: tuple[str, ...], digest: str) -> list[Any]:
+    """Projectors of the reference map(s), kept for the next bundle of the same iteration on this worker (``digest``
+    of the files' content is part of the key, so a changed map is never reused)."""
+    from .backproject import Projector
+
+    return [Projector(read_image(p)) for p in paths]
+
+
+def _one_thread_on_dask_worker() -> None:
+    """On a dask worker, make extraction and projection single-threaded: the workers are the parallelism (each is
+    one process with one thread), so their own FFT/projection threads would only oversubscribe the cores."""
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:  # not on a worker (serial run): keep their default threads
+        return
+    from . import backproject, extract
+
+    backproject.WORKERS = extract.WORKERS = 1
+
+
 def run_bundle(job: BundleJob) -> dict[str, Any]:
     """Refine the particles of one bundle (runs on a dask worker). Returns ``{"label", "ok", "skipped", "seconds",
     "error", "log"}``; never raises for a failure of the work itself (the error and traceback go to the log)."""
@@ -343,14 +369,13 @@ def run_bundle(job: BundleJob) -> dict[str, Any]:
     if _finished(result, job.fingerprint):
         summary["skipped"] = True
         return summary
+    _one_thread_on_dask_worker()
     log = _JobLog(log_path)
     try:
         log(f"{job.label}: {len(job.regions)} particle(s), reference {', '.join(job.references)}")
-        from .backproject import Projector
-
         tracks = _combine([_read_tracks(Path(r), job.image_shape_yx, job.tilts) for r in job.regions])
         stack, _ = open_stack(job.stack)
-        refs = [Projector(read_image(r)) for r in job.references]
+        refs = _projectors(job.references, job.reference_digest)
         rows = np.searchsorted(job.origin_keys, _pair_key(tracks.particle, tracks.tilt))
         if np.any(rows >= job.origin_keys.size) or np.any(job.origin_keys[np.minimum(rows, job.origin_keys.size - 1)]
                                                           != _pair_key(tracks.particle, tracks.tilt)):
@@ -496,6 +521,8 @@ def run_cspt(
     serial: bool = False,
     workers: int | None = None,
     gold_standard: bool = False,
+    tilt_unit: refine.TiltUnit = "auto",
+    stop_when_converged: bool = True,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> CsptRun:
@@ -516,6 +543,11 @@ def run_cspt(
         Run the bundles one after the other in this process (no dask).
     gold_standard:
         Refine each particle against its own half map instead of the full map.
+    tilt_unit:
+        Unit of ``csp_UseImagesForRefinementMin/Max``: "auto" (degrees when Min < 0, else acquisition index),
+        "degrees" or "order" (:class:`refine.TiltSelection`).
+    stop_when_converged:
+        Stop before ``last_iteration`` when the parameters stopped changing (module docstring, step 5).
     progress, cancel:
         ``progress(stage, done, total)``; ``cancel()`` returning True stops the run with :class:`CsptCancelled`.
 
@@ -530,7 +562,8 @@ def run_cspt(
     paths = ProjectPaths(root, data_set)
     first = params["refine_iter"] if first_iteration is None else int(first_iteration)
     last = params["refine_maxiter"] if last_iteration is None else int(last_iteration)
-    series = _check_project(paths, params, first, last, names)
+    t0 = time.perf_counter()
+    series = _check_project(paths, params, first, last, names, tilt_unit)
     if len(series) > 1:
         raise CsptInputError(f"has {len(series)} tilt series ({', '.join(names)})", file=paths.maps,
                              field="tilt series", expected="one tilt series per project for now (reconstruction of "
@@ -542,6 +575,7 @@ def run_cspt(
     def timed(name: str, started: float) -> None:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
 
+    timed("check", t0)
     runlog(f"CSPT of {data_set} in {root}: iterations {first}..{last}, tilt series {', '.join(names)}")
     picks = {s.name: s.tracks for s in series}
     current = {s.name: (s.tracks if first == 2 else _read_tracks(paths.parameters(s.name, first - 1),
@@ -557,17 +591,21 @@ def run_cspt(
                   timings=timings)
     imaging = refine.Imaging.from_params(params)
     n_jobs = sum(len(_bundles(np.unique(t.particle), params)) for t in current.values())
+    t0 = time.perf_counter()
     with _client(client, serial, params, workers, n_jobs, root) as dask_client:
+        timed("cluster start", t0)
         executor = _Executor(dask_client, stage)
         for it in range(first, last + 1):
-            summary = _iteration(it, paths, series, picks, current, params, imaging, executor, gold_standard, stage,
-                                 timed, runlog)
+            options = refine.RefineOptions.from_params(params, it, tilt_unit=tilt_unit)
+            summary = _iteration(it, paths, series, picks, current, params, options, imaging, executor,
+                                 gold_standard, stage, timed, runlog)
             run.iterations.append(summary)
             run.map, run.parameters = paths.map(it), [paths.parameters(s.name, it) for s in series]
             if summary["shift_change_px"] < CONVERGED_SHIFT_PX and summary["angle_change_deg"] < CONVERGED_ANGLE_DEG:
-                run.converged = it
-                runlog(f"iteration {it}: parameters stopped changing; done")
-                break
+                run.converged = run.converged or it
+                runlog(f"iteration {it}: parameters stopped changing")
+                if stop_when_converged:
+                    break
     return run
 
 
@@ -586,15 +624,14 @@ def _client(client: Any, serial: bool, params: PypParameters, workers: int | Non
 
 
 def _iteration(it: int, paths: ProjectPaths, series: Sequence[_Series], picks: Mapping[str, TrackSet],
-               current: dict[str, TrackSet], params: PypParameters, imaging: refine.Imaging, executor: _Executor,
-               gold_standard: bool, stage: refine._Stage, timed: Callable[[str, float], None],
-               runlog: _RunLog) -> dict[str, Any]:
+               current: dict[str, TrackSet], params: PypParameters, options: refine.RefineOptions,
+               imaging: refine.Imaging, executor: _Executor, gold_standard: bool, stage: refine._Stage,
+               timed: Callable[[str, float], None], runlog: _RunLog) -> dict[str, Any]:
     """One iteration (module docstring, steps 1-5); updates ``current`` and returns the iteration's summary."""
     from ..pyp import Parameters, prepare_particle_cspt
     from .reconstruct import half_split
 
     t0 = time.perf_counter()
-    options = refine.RefineOptions.from_params(params, it)
     reference = paths.map(it - 1)
     references = (reference,) if not gold_standard else tuple(
         reference.with_name(f"{reference.stem}_half{h}.mrc") for h in (1, 2))
@@ -610,14 +647,18 @@ def _iteration(it: int, paths: ProjectPaths, series: Sequence[_Series], picks: M
         pick_pos = picks[s.name].positions_px()
         half_ids, first_rows = np.unique(tracks.particle, return_index=True)
         half_of = half_split(tracks)[first_rows] if gold_standard else None
+        stat = os.stat(s.stack)
+        stack_id = (str(s.stack), stat.st_size, stat.st_mtime_ns)
         for k, ids in enumerate(_bundles(np.unique(tracks.particle), params)):
             files = tuple(str(region_of[int(i)]) for i in ids)
-            rows = np.flatnonzero(np.isin(picks[s.name].particle, ids))
+            rows = _particle_rows(picks[s.name], ids)
             result, log = paths.bundle(s.name, it, k)
             half_args = (half_ids, half_of) if gold_standard else (None, None)
-            fields = (options, imaging, [str(r) for r in references], pick_keys[rows], pick_pos[rows], *half_args)
+            fields = (options, imaging, [str(r) for r in references], pick_keys[rows], pick_pos[rows], *half_args,
+                      *stack_id, *(getattr(s.tracks.tilts, a) for a in ("angle_deg", "defocus_um", "axis_deg",
+                                                                         "dose", "order")))
             jobs.append(BundleJob(s.name, it, k, files, str(s.stack), s.tracks.image_shape_yx, s.tracks.tilts,
-                                  tuple(str(r) for r in references), options, imaging, pick_keys[rows],
+                                  tuple(str(r) for r in references), ref_digest, options, imaging, pick_keys[rows],
                                   pick_pos[rows], *half_args,
                                   fingerprint=_fingerprint(fields, [Path(f) for f in files], ref_digest),
                                   result=str(result), log=str(log)))

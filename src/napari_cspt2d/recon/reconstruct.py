@@ -112,6 +112,7 @@ def reconstruct_tracks(
     max_tilt_deg: float = 90.0,
     batch_size: int = 256,
     pad: int = 2,
+    pad_images: bool = True,
     ctf_mode: Literal["multiply", "flip", "none"] = "multiply",
     dose_weighting: bool = True,
     cos_weighting: bool = True,
@@ -130,8 +131,9 @@ def reconstruct_tracks(
 
     ``pixel_A`` is the stack's pixel size; the map's voxel is ``pixel_A × extract_bin`` and its box ``extract_box //
     extract_bin``. Tilts outside ``[min_tilt_deg, max_tilt_deg]`` and projections with ``score < score_cutoff`` or
-    zero occupancy are left out. ``ctf_mode`` "multiply" (Wiener-style), "flip" (phase flip) or "none";
-    ``dose_weighting`` uses the tilts' ``dose``/``order``; ``cos_weighting`` weights images by cos(tilt). ``mask``
+    zero occupancy are left out. ``pad``/``pad_images``: see :class:`Backprojector`. ``ctf_mode`` "multiply"
+    (Wiener-style), "flip" (phase flip) or "none"; ``dose_weighting`` uses the tilts' ``dose``/``order``;
+    ``cos_weighting`` weights images by cos(tilt). ``mask``
     (n³, 0..1) is used for the FSC and applied to the final map, ``bfactor_A2`` (negative sharpens) to the final map.
     ``progress(stage, done, total)`` is called between batches ("backproject") and reconstruction steps
     ("reconstruct"); ``cancel()`` returning True raises :class:`CsptCancelled` at the next batch."""
@@ -156,10 +158,11 @@ def reconstruct_tracks(
     matrices = geometry.projection_matrices(euler[:, 2], euler[:, 1], euler[:, 0], tilt_deg,
                                             tracks.tilts.axis_deg[trow])
     defocus_A = ctf.projection_defocus_A(tracks.tilts.defocus_um[trow], tracks.projected_px()[:, 2], pixel_A)
-    exposure = ctf.mid_exposure(tracks.tilts.accumulated_dose(), tracks.tilts.dose)[trow] if dose_weighting else None
+    dosed = dose_weighting and bool(np.any(tracks.tilts.dose > 0))
+    exposure = ctf.mid_exposure(tracks.tilts.accumulated_dose(), tracks.tilts.dose)[trow] if dosed else None
     scale = np.cos(np.deg2rad(tilt_deg)) if cos_weighting else None
 
-    bp = Backprojector(n, voxel_A, pad=pad)
+    bp = Backprojector(n, voxel_A, pad=pad, pad_images=pad_images)
     done, n_edge = 0, 0
     try:
         for batch in extract_particles(stack, tracks, extract_box=extract_box, extract_bin=extract_bin,

@@ -26,7 +26,8 @@ Per-projection shifts
     through the 3 × 3 neighbourhood and two Newton steps on the band-limited (continuous) correlation.
 
 Per-particle orientations
-    All tilts of a particle are scored jointly (mean NCC at the refined shifts). *Local search* around the current
+    All tilts of a particle are scored jointly: the mean NCC, at the refined shifts, of its projections in the
+    refinement tilt range that were not dropped by the cutoff (occupancy > 0). *Local search* around the current
     angles, coarse to fine: at each step size (``angle_step_deg`` halving down to ``angle_precision_deg``) the six
     rotations by ± step about the x, y and z axes are scored, a parabola per axis predicts the optimum, and the best
     of these becomes the new centre; the band is narrowed to what the step can resolve (radius ``1.5 / step`` Fourier
@@ -64,7 +65,7 @@ Scores, occupancy and convergence
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 

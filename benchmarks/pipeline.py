@@ -1,0 +1,130 @@
+"""CSPT pipeline speed and quality on the synthetic sample: full run on dask, per-stage times, worker scaling.
+
+The sample (``napari_cspt2d.sample.make_sample``: 50 particles × 41 tilts, 1024², box 64, SNR 0.5, 2 px pick error)
+is written as a pyp project; then the seed's Option A (``pyp.csp_split(parameters, iteration=2)``) runs 3 refinement
+iterations (2..4, no early stop) after the initial reconstruction, in a fresh project copy each time:
+
+* with a ``LocalCluster`` of 2 single-threaded workers (the whole run, cluster start included, must take < 60 s on
+  2 cores), and
+* with 1 worker, for the scaling of the refinement stage (the dask part) and of the whole run.
+
+Reported per run: seconds per stage (input checks, cluster start, split, refine, merge, reconstruct; summed over
+iterations), total wall time, the final resolution (half-map FSC 0.143, and FSC 0.5 against the truth map) and the
+RMS position error against the truth. A table is printed and JSON written to ``benchmarks/results/pipeline.json``.
+
+The machine's load average before and after is recorded: other processes on the same cores make every number
+(and above all the 2-vs-1-worker scaling) meaningless, so run it on an otherwise idle machine.
+
+Usage: ``python benchmarks/pipeline.py [--particles 50] [--iterations 3] [--workers 2 1] [--bundle-size 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+STAGES = ("check", "cluster start", "prepare", "refine", "merge", "reconstruct")
+
+
+def run_once(template: Path, workdir: Path, workers: int, iterations: int, bundle_size: int, sample) -> dict:
+    """One Option A run in a fresh copy of the template project; returns timings and quality."""
+    from napari_cspt2d import pyp
+    from napari_cspt2d.io.mrc import read_image
+    from napari_cspt2d.recon import fsc, pipeline
+
+    root = workdir / f"workers{workers}"
+    shutil.copytree(template, root)
+    params = pyp.load_parameters(root)
+    params["refine_maxiter"] = 1 + iterations
+    params["workers"] = workers
+    params["slurm_bundle_size"] = bundle_size
+    params["csp_UseImagesForRefinementMin"], params["csp_UseImagesForRefinementMax"] = -60, 60  # the seed's
+    started = time.perf_counter()
+    run = pipeline.run_cspt(params, project_dir=root, first_iteration=2, stop_when_converged=False)
+    total = time.perf_counter() - started
+    tracks = pyp.Parameters.from_file(run.parameters[0]).to_trackset(sample.tracks.image_shape_yx,
+                                                                      tilts=sample.tracks.tilts)
+    error = np.linalg.norm(tracks.positions_px() - sample.truth_tracks.positions_px(), axis=1)
+    truth_fsc = fsc.fsc_curve(read_image(run.map), sample.truth_map, sample.pixel_A)
+    return {
+        "workers": workers,
+        "total_s": total,
+        "stages_s": {k: run.timings.get(k, 0.0) for k in STAGES},
+        "iterations": [{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in it.items()}
+                       for it in run.iterations],
+        "half_map_resolution_A": float(run.iterations[-1]["resolution_A"]),
+        "truth_fsc05_A": float(truth_fsc.resolution_A(0.5)),
+        "rms_position_error_px": float(np.sqrt(np.mean(error**2))),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--particles", type=int, default=50)
+    parser.add_argument("--tilts", type=int, default=41)
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--bundle-size", type=int, default=5, help="particles per dask task (slurm_bundle_size)")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "pipeline.json")
+    args = parser.parse_args()
+
+    from napari_cspt2d.sample import make_sample, write_sample
+
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="cspt2d-bench-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        sample = make_sample(n_particles=args.particles, n_tilts=args.tilts, box=64)
+        write_sample(sample, work / "template", name="sample")
+        prepare_s = time.perf_counter() - t0
+        error0 = np.linalg.norm(sample.tracks.positions_px() - sample.truth_tracks.positions_px(), axis=1)
+        runs = [run_once(work / "template", work, w, args.iterations, args.bundle_size, sample)
+                for w in args.workers]
+
+    by_workers = {r["workers"]: r for r in runs}
+    speedup = {}
+    if 1 in by_workers and 2 in by_workers:
+        one, two = by_workers[1], by_workers[2]
+        speedup = {"refine_stage": one["stages_s"]["refine"] / two["stages_s"]["refine"],
+                   "whole_run": one["total_s"] / two["total_s"]}
+
+    header = f"{'stage (s)':<16}" + "".join(f"{str(r['workers']) + ' worker(s)':>14}" for r in runs)
+    print(f"CSPT pipeline: {args.particles} particles × {args.tilts} tilts, box 64, {args.iterations} iterations "
+          f"(+ initial reconstruction), {args.bundle_size} particles per task; sample written in {prepare_s:.1f} s; "
+          f"cores: {os.cpu_count()}, load average before: {load[0]:.1f}")
+    print(header)
+    print("-" * len(header))
+    for stage in STAGES:
+        print(f"{stage:<16}" + "".join(f"{r['stages_s'][stage]:>14.2f}" for r in runs))
+    print(f"{'total':<16}" + "".join(f"{r['total_s']:>14.2f}" for r in runs))
+    print("-" * len(header))
+    for key, label in (("half_map_resolution_A", "FSC0.143 Å"), ("truth_fsc05_A", "truth 0.5 Å"),
+                       ("rms_position_error_px", "RMS err px")):
+        print(f"{label:<16}" + "".join(f"{r[key]:>14.2f}" for r in runs))
+    print(f"RMS position error of the picks: {np.sqrt(np.mean(error0**2)):.2f} px")
+    if speedup:
+        print(f"2 workers vs 1: refine stage ×{speedup['refine_stage']:.2f}, whole run ×{speedup['whole_run']:.2f}")
+    goal = by_workers.get(2, runs[0])["total_s"]
+    print(f"goal: whole run < 60 s on 2 cores: {'met' if goal < 60 else 'NOT met'} ({goal:.1f} s)")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"particles": args.particles, "tilts": args.tilts, "box": 64, "iterations": args.iterations,
+              "bundle_size": args.bundle_size, "load_average_before": load,
+              "sample_seconds": prepare_s, "pick_rms_error_px": float(np.sqrt(np.mean(error0**2))), "runs": runs,
+              "speedup_2_vs_1": speedup, "cpu_count": os.cpu_count(), "machine": platform.platform(),
+              "python": platform.python_version(), "load_average_after": os.getloadavg()}
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The Run widget in a real, shown napari viewer (Xvfb): runs in a worker, results, cancel, errors, live preview.
+
+Run under pytest-xvfb (``QT_QPA_PLATFORM=offscreen`` does not work for a napari Viewer). The map window is kept hidden
+(software OpenGL renders volumes slowly); its layers are checked instead."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytestmark = pytest.mark.gui
+
+from napari.utils.notifications import notification_manager  # noqa: E402
+
+from napari_cspt2d._qt import run_widget as run_module  # noqa: E402
+from napari_cspt2d._qt._loader import add_layers  # noqa: E402
+from napari_cspt2d._qt.params_widget import ParametersWidget  # noqa: E402
+from napari_cspt2d._qt.run_widget import RunWidget, preview_bin  # noqa: E402
+from napari_cspt2d._sample_data import make_sample_data  # noqa: E402
+from napari_cspt2d.io.mrc import read_image  # noqa: E402
+
+SMALL = {"n_particles": 8, "n_tilts": 15, "shape_yx": (256, 256), "box": 32}
+
+
+@pytest.fixture(scope="module")
+def sample_layers():
+    return make_sample_data(**SMALL)
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def open_run(make_napari_viewer, layers):
+    viewer = make_napari_viewer(show=True)
+    add_layers(viewer, layers)
+    viewer.window.add_plugin_dock_widget("napari-cspt2d", "Tracks curation")
+    _, params = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Parameters")
+    _, run = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Run")
+    assert isinstance(params, ParametersWidget) and isinstance(run, RunWidget)
+    run.map_window.show = lambda: False  # layers are checked, not rendered
+    return viewer, params, run
+
+
+def wait_done(qtbot, run: RunWidget, timeout_s: float = 120) -> None:
+    qtbot.waitUntil(lambda: not run.busy, timeout=int(timeout_s * 1000))
+
+
+def test_reconstruct_runs_in_a_worker_and_shows_map_and_fsc(make_napari_viewer, sample_layers, qtbot, cache_home):
+    viewer, params, run = open_run(make_napari_viewer, sample_layers)
+    assert params.is_valid  # filled from the sample's layers ("From data")
+    p = params.parameters()
+    stages: list[str] = []
+    run._relay.progress.connect(lambda stage, done, total: stages.append(stage))
+    run.reconstruct_button.click()
+    assert run.busy and not run.reconstruct_button.isEnabled() and run.cancel_button.isEnabled()
+    wait_done(qtbot, run)
+    assert run.state == "done", run.log_view.toPlainText()
+    assert {"backproject", "reconstruct"} <= set(stages)
+    # the map and the half maps in the map window, the tilt series' viewer untouched
+    layers = {layer.name: layer for layer in run.map_window.viewer.layers}
+    assert set(layers) == {"map", "half map 1", "half map 2"}
+    box = p["extract_box"]
+    assert layers["map"].data.shape == (box, box, box) and layers["map"].rendering == "iso"
+    assert not layers["half map 1"].visible
+    np.testing.assert_allclose(layers["map"].scale, [p.particle_pixel_A] * 3)
+    assert viewer.dims.axis_labels == ("tilt", "y", "x") and viewer.dims.ndisplay == 2
+    assert viewer.dims.nsteps[0] == SMALL["n_tilts"]
+    # FSC plot docked with the resolution at 0.143
+    result = run.results[-1].reconstruction
+    assert len(run.fsc_plot.curves) == 1
+    assert run.fsc_plot.resolution_A == pytest.approx(result.fsc.resolution_A(0.143))
+    assert f"{result.resolution_A:.2f} Å" in run.fsc_plot.label.text()
+    assert "curated tracks" in run.log_view.toPlainText()
+    assert run.log_path.is_file() and run.log_path.is_relative_to(cache_home)
+    assert run.reconstruct_button.isEnabled() and not run.cancel_button.isEnabled()
+
+
+def test_run_works_on_a_snapshot_while_the_user_edits(make_napari_viewer, sample_layers, qtbot):
+    viewer, params, run = open_run(make_napari_viewer, sample_layers)
+    doc = run_module.session(viewer).document
+    before = doc.tracks
+    run.start("reconstruct")
+    doc.move_points([0], [[100.0, 90.0]])  # the GUI is not blocked: edits go on during the run
+    assert doc.tracks is not before
+    wait_done(qtbot, run)
+    assert run.state == "done"
+    assert run.results[0].tracks is before  # the run used the tracks of the moment it started
+
+
+def test_cancel_stops_quickly_and_keeps_earlier_outputs(make_napari_viewer, sample_layers, qtbot, tmp_path,
+                                                         monkeypatch):
+    viewer, params, run = open_run(make_napari_viewer, sample_layers)
+    params.create_project(tmp_path / "project")
+    run.start("reconstruct")
+    wait_done(qtbot, run)
+    first_map = tmp_path / "project" / "frealign" / "maps" / "sample_r01_01.mrc"
+    kept = read_image(first_map)
+    stamp = first_map.stat().st_mtime_ns
+
+    real = run_module.reconstruct_tracks
+
+    def slow_reconstruct(*args, progress, **kwargs):  # the real core, made slow enough to be caught running
+        def slow_progress(*report):
+            progress(*report)
+            time.sleep(0.05)
+
+        return real(*args, progress=slow_progress, **kwargs)
+
+    monkeypatch.setattr(run_module, "BATCH_SIZE", 4)  # a cancel check every 4 boxes
+    monkeypatch.setattr(run_module, "reconstruct_tracks", slow_reconstruct)
+    events: list[tuple[str, float]] = []
+    run._relay.progress.connect(lambda stage, done, total: events.append((stage, time.perf_counter())))
+    run.start("reconstruct")
+    qtbot.waitUntil(lambda: any(s == "backproject" for s, _ in events), timeout=30000)
+    asked = time.perf_counter()
+    run.cancel_button.click()
+    assert run.stage_label.text() == "Cancelling…" and not run.cancel_button.isEnabled()
+    wait_done(qtbot, run, 30)
+    stopped = time.perf_counter() - asked
+    assert run.state == "cancelled"
+    assert stopped < 3.0, f"cancel took {stopped:.2f} s"
+    assert first_map.stat().st_mtime_ns == stamp  # the earlier map was not touched
+    np.testing.assert_array_equal(read_image(first_map), kept)
+    assert run.reconstruct_button.isEnabled() and run.refine_button.isEnabled() and not run.cancel_button.isEnabled()
+    assert run.progress_bar.value() == 0 and "Cancelled" in run.stage_label.text()
+    assert "cancelled after" in run.log_view.toPlainText()
+    run.start("reconstruct")  # a new run works after a cancel
+    wait_done(qtbot, run)
+    assert run.state == "done"
+
+
+def test_worker_error_becomes_a_notification_with_the_log(make_napari_viewer, sample_layers, qtbot, monkeypatch):
+    viewer, params, run = open_run(make_napari_viewer, sample_layers)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("insertion exploded")
+
+    monkeypatch.setattr(run_module, "reconstruct_tracks", broken)
+    n = len(notification_manager.records)
+    run.start("reconstruct")
+    wait_done(qtbot, run)
+    assert run.state == "failed"
+    messages = [r.message for r in notification_manager.records[n:]]
+    assert any("Reconstruction failed: RuntimeError: insertion exploded" in m and str(run.log_path) in m
+               for m in messages), messages
+    log = run.log_path.read_text()
+    assert "Traceback" in log and "insertion exploded" in log
+    assert run.reconstruct_button.isEnabled()
+
+    # an input problem found in the worker (refinement needs a project) is reported the same way
+    n = len(notification_manager.records)
+    run.start("refine")
+    wait_done(qtbot, run)
+    messages = [r.message for r in notification_manager.records[n:]]
+    assert any(m.startswith("Refinement failed:") and "no project folder" in m for m in messages), messages
+
+
+def test_invalid_parameters_stop_the_run_before_it_starts(make_napari_viewer, sample_layers):
+    viewer, params, run = open_run(make_napari_viewer, sample_layers)
+    params.set_value("scope_pixel", "-2")
+    n = len(notification_manager.records)
+    run.start("reconstruct")
+    assert not run.busy and run.worker is None
+    assert any("scope_pixel" in r.message for r in notification_manager.records[n:])
+
+
+def test_live_preview_follows_edits(make_napari_viewer, sample_layers, qtbot):
+    viewer, params, run = open_run(make_napari_viewer, sample_layers)
+    run.preview.delay_ms = 200
+    run.preview._timer.setInterval(200)
+    shown = []
+    run.preview.refreshed.connect(shown.append)
+    run.preview_check.setChecked(True)
+    qtbot.waitUntil(lambda: len(shown) == 1, timeout=60000)
+    layer = next(lyr for lyr in run.map_window.viewer.layers if lyr.name == "preview")
+    n = params.parameters().box_unbinned_px // preview_bin(params.parameters())
+    assert layer.data.shape == (n, n, n)
+    doc = run_module.session(viewer).document
+    doc.move_points([1], [[120.0, 100.0]])
+    assert run.preview.pending
+    qtbot.waitUntil(lambda: len(shown) == 2, timeout=60000)
+    assert not np.array_equal(shown[0].map, shown[1].map)  # the edit changed the preview
+    run.preview_check.setChecked(False)
+    doc.move_points([1], [[121.0, 100.0]])
+    assert not run.preview.pending
+
+
+def test_preview_bin_keeps_a_useful_box():
+    from napari_cspt2d.model.params import PypParameters
+
+    base = {"scope_pixel": 2.0, "particle_rad": 30.0}
+    assert preview_bin(PypParameters({**base, "extract_box": 128})) == 4  # 32-voxel preview
+    assert preview_bin(PypParameters({**base, "extract_box": 64})) == 2
+    assert preview_bin(PypParameters({**base, "extract_box": 40})) == 1  # too small to bin
+
+
+def test_outputs_use_pyp_names_in_a_project(make_napari_viewer, sample_layers, qtbot, tmp_path):
+    viewer, params, run = open_run(make_napari_viewer, sample_layers)
+    root = tmp_path / "project"
+    params.create_project(root)
+    run.start("reconstruct")
+    wait_done(qtbot, run)
+    maps = root / "frealign" / "maps"
+    for name in ("sample_r01_01.mrc", "sample_r01_01_half1.mrc", "sample_r01_01_half2.mrc", "sample_r01_01_fsc.csv",
+                 "sample_r01.cistem", "sample_r01_extended.cistem"):
+        assert (maps / name).is_file(), name
+    assert run.log_path.parent == root / "log"
+    assert Path(run.results[0].written[0]).name == ".pyp_config.toml"
