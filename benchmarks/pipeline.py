@@ -12,8 +12,9 @@ Reported per run: seconds per stage (input checks, cluster start, split, refine,
 iterations), total wall time, the final resolution (half-map FSC 0.143, and FSC 0.5 against the truth map) and the
 RMS position error against the truth. A table is printed and JSON written to ``benchmarks/results/pipeline.json``.
 
-The machine's load average before and after is recorded: other processes on the same cores make every number
-(and above all the 2-vs-1-worker scaling) meaningless, so run it on an otherwise idle machine.
+The machine's load average before and after, and a probe of how much 2 processes gain over 1 on a pure-CPU loop
+(2.0 on idle cores), are recorded: other processes on the same cores slow every number down and above all flatten
+the 2-vs-1-worker scaling, so run it on an otherwise idle machine.
 
 Usage: ``python benchmarks/pipeline.py [--particles 50] [--iterations 3] [--workers 2 1] [--bundle-size 5]``
 """
@@ -33,6 +34,29 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 STAGES = ("check", "cluster start", "prepare", "refine", "merge", "reconstruct")
+
+
+def _spin(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+
+
+def cpu_scaling_probe(n: int = 3_000_000) -> float:
+    """Throughput of 2 processes relative to 1 on a pure-CPU loop: what the machine can give 2 workers right now
+    (2.0 on 2 idle cores; much less when other processes share them)."""
+    import multiprocessing
+
+    t0 = time.perf_counter()
+    _spin(n)
+    one = time.perf_counter() - t0
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(_spin, [1000, 1000])  # start-up outside the timing
+        t0 = time.perf_counter()
+        pool.map(_spin, [n, n])
+        two = time.perf_counter() - t0
+    return 2.0 * one / two
 
 
 def run_once(template: Path, workdir: Path, workers: int, iterations: int, bundle_size: int, sample) -> dict:
@@ -80,6 +104,7 @@ def main() -> None:
     from napari_cspt2d.sample import make_sample, write_sample
 
     load = os.getloadavg()
+    probe = cpu_scaling_probe()
     with tempfile.TemporaryDirectory(prefix="cspt2d-bench-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
@@ -100,7 +125,8 @@ def main() -> None:
     header = f"{'stage (s)':<16}" + "".join(f"{str(r['workers']) + ' worker(s)':>14}" for r in runs)
     print(f"CSPT pipeline: {args.particles} particles × {args.tilts} tilts, box 64, {args.iterations} iterations "
           f"(+ initial reconstruction), {args.bundle_size} particles per task; sample written in {prepare_s:.1f} s; "
-          f"cores: {os.cpu_count()}, load average before: {load[0]:.1f}")
+          f"cores: {os.cpu_count()}, load average before: {load[0]:.1f}, CPU scaling probe (2 vs 1 process): "
+          f"×{probe:.2f}")
     print(header)
     print("-" * len(header))
     for stage in STAGES:
@@ -118,7 +144,7 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"particles": args.particles, "tilts": args.tilts, "box": 64, "iterations": args.iterations,
-              "bundle_size": args.bundle_size, "load_average_before": load,
+              "bundle_size": args.bundle_size, "load_average_before": load, "cpu_scaling_probe": probe,
               "sample_seconds": prepare_s, "pick_rms_error_px": float(np.sqrt(np.mean(error0**2))), "runs": runs,
               "speedup_2_vs_1": speedup, "cpu_count": os.cpu_count(), "machine": platform.platform(),
               "python": platform.python_version(), "load_average_after": os.getloadavg()}

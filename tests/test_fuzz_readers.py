@@ -107,7 +107,7 @@ READERS: dict[str, tuple[str, tuple[Callable[[Path], object], ...]]] = {
     "tlt": ("ts.tlt", (imod.read_tlt, read_angles, lambda p: TiltSeries.open(p.with_name("ts_stack.mrc"), angles=p))),
     "xf": ("ts.xf", (imod.read_xf,)),
     "resid": ("ts.resid", (imod.read_resid, _resid)),
-    "fid_xyz": ("fid.xyz", (lambda p: imod.read_fid_xyz(p).xyz_px(),)),
+    "fid_xyz": ("fid.xyz", (imod.read_fid_xyz,)),
     "fiducial": ("ts.fid", (_fiducials,)),
     "mdoc": ("ts.mrc.mdoc", (_mdoc,)),
     "star_tomograms": ("tomograms.star", (_relion5,)),

@@ -255,6 +255,7 @@ def test_errors_become_notifications(make_napari_viewer, sample_layers, cache_ho
     assert widget.controller.active_particle == 1
 
 
+@pytest.mark.slow
 def test_autosave_and_recovery_after_closing_without_saving(make_napari_viewer, sample_layers, cache_home, qtbot):
     viewer, widget = open_curation(make_napari_viewer, sample_layers)
     doc = widget.document

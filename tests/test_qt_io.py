@@ -99,6 +99,7 @@ def test_writers_round_trip(project, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- viewer
 @pytest.mark.gui
+@pytest.mark.slow
 def test_loader_opens_project_with_binning_and_tracks(make_napari_viewer, project, qtbot, monkeypatch, tmp_path):
     from napari_cspt2d._qt import CurationWidget, TiltSeriesLoader
 

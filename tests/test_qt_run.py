@@ -21,6 +21,7 @@ from napari_cspt2d._qt._loader import add_layers  # noqa: E402
 from napari_cspt2d._qt.params_widget import ParametersWidget  # noqa: E402
 from napari_cspt2d._qt.run_widget import RunWidget, preview_bin  # noqa: E402
 from napari_cspt2d._sample_data import make_sample_data  # noqa: E402
+from napari_cspt2d.errors import CsptInputError  # noqa: E402
 from napari_cspt2d.io.mrc import read_image  # noqa: E402
 
 SMALL = {"n_particles": 8, "n_tilts": 15, "shape_yx": (256, 256), "box": 32}
@@ -80,6 +81,8 @@ def test_reconstruct_runs_in_a_worker_and_shows_map_and_fsc(make_napari_viewer, 
     assert "curated tracks" in run.log_view.toPlainText()
     assert run.log_path.is_file() and run.log_path.is_relative_to(cache_home)
     assert run.reconstruct_button.isEnabled() and not run.cancel_button.isEnabled()
+    run.map_window.viewer.close()  # the user closes the map window: the next map opens a new one
+    qtbot.waitUntil(lambda: not run.map_window.is_open, timeout=5000)
 
 
 def test_run_works_on_a_snapshot_while_the_user_edits(make_napari_viewer, sample_layers, qtbot):
@@ -154,21 +157,27 @@ def test_worker_error_becomes_a_notification_with_the_log(make_napari_viewer, sa
     assert "Traceback" in log and "insertion exploded" in log
     assert run.reconstruct_button.isEnabled()
 
-    # an input problem found in the worker (refinement needs a project) is reported the same way
-    n = len(notification_manager.records)
-    run.start("refine")
-    wait_done(qtbot, run)
-    messages = [r.message for r in notification_manager.records[n:]]
-    assert any(m.startswith("Refinement failed:") and "no project folder" in m for m in messages), messages
-
-
-def test_invalid_parameters_stop_the_run_before_it_starts(make_napari_viewer, sample_layers):
-    viewer, params, run = open_run(make_napari_viewer, sample_layers)
-    params.set_value("scope_pixel", "-2")
+    # an input problem found in the worker is reported the same way
+    monkeypatch.setattr(run_module, "reconstruct_tracks", lambda *a, **k: (_ for _ in ()).throw(
+        CsptInputError("is 3", field="extract_box", expected="an integer >= 8")))
     n = len(notification_manager.records)
     run.start("reconstruct")
+    wait_done(qtbot, run)
+    messages = [r.message for r in notification_manager.records[n:]]
+    assert any(m.startswith("Reconstruction failed: field 'extract_box': is 3") for m in messages), messages
+
+
+def test_invalid_parameters_or_no_project_stop_the_run_before_it_starts(make_napari_viewer, sample_layers):
+    viewer, params, run = open_run(make_napari_viewer, sample_layers)
+    n = len(notification_manager.records)
+    run.refine_button.click()  # refinement needs a project
     assert not run.busy and run.worker is None
-    assert any("scope_pixel" in r.message for r in notification_manager.records[n:])
+    params.set_value("scope_pixel", "-2")
+    run.reconstruct_button.click()
+    assert not run.busy and run.worker is None
+    messages = [r.message for r in notification_manager.records[n:]]
+    assert messages[0].startswith("Run:") and "no project folder" in messages[0]
+    assert messages[1].startswith("Run:") and "scope_pixel" in messages[1]
 
 
 def test_live_preview_follows_edits(make_napari_viewer, sample_layers, qtbot):

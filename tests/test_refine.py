@@ -195,6 +195,16 @@ def test_tilt_range_and_cutoff_are_applied(small_sample):
     assert parameter_change(out.tracks, out.tracks) == (0.0, 0.0)
 
 
+def test_gold_standard_refines_each_half_against_its_own_map(small_sample):
+    s = small_sample
+    half = (s.tracks.particle % 2).astype(np.int64)  # odd ids: half 1, whose map is empty here
+    options = RefineOptions(resolution_A=12.0, refine_angles=False)
+    out = refine_tracks(s.stack, s.tracks, (s.truth_map, np.zeros_like(s.truth_map)), options,
+                        Imaging.from_params(s.params), half=half)
+    assert np.median(out.tracks.score[half == 0]) > 0.2
+    assert np.all(out.tracks.score[half == 1] == 0.0)
+
+
 def test_bad_inputs_are_named(small_sample):
     s = small_sample
     imaging = Imaging.from_params(s.params)

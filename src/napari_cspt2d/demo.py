@@ -18,12 +18,9 @@ def run_gui() -> int:
     import napari
 
     viewer = napari.Viewer(title="napari-cspt2d demo")
-    viewer.open_sample("napari-cspt2d", "sample")
-    for widget in ("loader", "curation", "parameters", "run"):
-        try:
-            viewer.window.add_plugin_dock_widget("napari-cspt2d", widget)
-        except (KeyError, ValueError):
-            continue
+    viewer.open_sample("napari-cspt2d", "synthetic")
+    for widget in ("Tracks curation", "Parameters", "Run"):
+        viewer.window.add_plugin_dock_widget("napari-cspt2d", widget)
     napari.run()
     return 0
 

@@ -223,10 +223,11 @@ class TracksLayerController(QObject):
         if self._hidden_while_empty:
             layer.visible, self._hidden_while_empty = True, False
 
-    def flush(self) -> None:
-        """Apply pending layer additions and the pending trajectory refresh now (tests, benchmarks, saving)."""
+    def flush(self, *, trajectories: bool = True) -> None:
+        """Apply pending layer additions and (unless ``trajectories`` is False) the pending trajectory refresh now
+        (tests, benchmarks, saving)."""
         self._apply_pending_added()
-        if self._trajectory_timer.isActive():
+        if trajectories and self._trajectory_timer.isActive():
             self.refresh_trajectories()
 
     # ------------------------------------------------------------------ active particle

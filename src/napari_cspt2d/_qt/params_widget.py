@@ -44,7 +44,7 @@ from superqt import QCollapsible
 
 from .. import pyp
 from .._reader import series_layer_data
-from ..errors import CsptInputError
+from ..errors import CsptInputError, CsptInputWarning
 from ..io.mrc import open_stack
 from ..io.toml import CONFIG_NAME, load_params, save_params
 from ..model.editing import TrackDocument
@@ -190,10 +190,13 @@ class ParametersWidget(QWidget):
         self._source: str | None = None
         self._valid: PypParameters | None = None
         self.project_dir: Path | None = None
+        self.touched = False  # edited, loaded or opened: "From data" is then only done on request
         self._build_ui()
         self.set_parameters({})
-        if napari_viewer is not None and tiltseries_layer(napari_viewer) is not None:
-            self.fill_from_viewer()
+        if napari_viewer is not None:
+            napari_viewer.layers.events.inserted.connect(self._on_layer_inserted)
+            if tiltseries_layer(napari_viewer) is not None:
+                self.fill_from_viewer()
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
@@ -296,7 +299,8 @@ class ParametersWidget(QWidget):
                     values[name] = float(optics[key])
         for name, value in values.items():
             self.fields[name].set_value(value)
-        self._on_edit("data_set")
+        if self._validate() is not None:
+            self.parameters_changed.emit(self._copy())
 
     def set_value(self, name: str, value: Any) -> None:
         """Set one field as if typed (``value`` as the editor shows it); the form is checked again."""
@@ -315,11 +319,23 @@ class ParametersWidget(QWidget):
             raise CsptInputError(self.summary.text() or "invalid parameters", file=self._source,
                                  field=", ".join(n for n, f in self.fields.items() if f.message.text()) or None,
                                  expected="the values marked in the Parameters widget fixed")
-        return self._valid.copy()
+        return self._copy()
+
+    def _copy(self) -> PypParameters:
+        """A copy of the valid parameters; the warnings copying repeats are already shown in the summary."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CsptInputWarning)
+            return self._valid.copy()
+
+    def _on_layer_inserted(self, event) -> None:
+        role = event.value.metadata.get("cspt2d", {}).get("role")
+        if role in ("tiltseries", "tracks") and not self.touched and tiltseries_layer(self.viewer) is not None:
+            self.fill_from_viewer()
 
     def _on_edit(self, name: str) -> None:
+        self.touched = True
         if self._validate() is not None:
-            self.parameters_changed.emit(self._valid.copy())
+            self.parameters_changed.emit(self._copy())
 
     def _validate(self) -> PypParameters | None:
         """Check every field, then the combination; show the messages; returns the parameters when valid."""
@@ -364,6 +380,7 @@ class ParametersWidget(QWidget):
         """Read ``.pyp_config.toml`` (the file or a folder holding it) into the form."""
         params = load_params(path, strict=False)
         self.set_parameters(params, source=params.source)
+        self.touched = True
         return params
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
@@ -415,6 +432,7 @@ class ParametersWidget(QWidget):
         if not params["data_set"]:
             params["data_set"] = name
         self.set_parameters(params, source=params.source)
+        self.touched = True
         self._set_project(root)
         return root
 

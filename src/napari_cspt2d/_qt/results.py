@@ -29,11 +29,17 @@ __all__ = ["FscPlot", "MapWindow", "iso_level", "FSC_THRESHOLD"]
 
 FSC_THRESHOLD = 0.143
 MAP_AXES = ("z", "y", "x")
+MAP_WINDOW_SIZE = (800, 760)
+#: Initial 3D view of a map (napari camera angles, degrees): tilted so that its depth shows.
+MAP_VIEW_ANGLES = (20.0, 30.0, 140.0)
+#: Initial zoom over napari's fit-the-box view (a particle fills about half of its box).
+MAP_ZOOM = 1.6
 _BG, _FG = "#262930", "#d6d6d6"  # napari's dark theme
 
 
-def iso_level(volume: NDArray[np.floating], fraction: float = 0.04) -> float:
-    """Density above which the brightest ``fraction`` of the voxels lie (a first iso-surface threshold)."""
+def iso_level(volume: NDArray[np.floating], fraction: float = 0.01) -> float:
+    """Density above which the brightest ``fraction`` of the voxels lie: the first iso-surface threshold (1 %, the
+    usual initial level of map viewers; a particle fills a few % of its box)."""
     return float(np.quantile(np.asarray(volume, dtype=np.float32), 1.0 - fraction))
 
 
@@ -81,9 +87,9 @@ class FscPlot(QWidget):
         ax.axhline(0.0, color="#555555", lw=0.8)
         for i, (label, curve) in enumerate(self.curves):
             latest = i == len(self.curves) - 1
+            fade = 1.0 if latest else 0.35 + 0.5 * i / len(self.curves)  # earlier iterations fainter
             ax.plot(curve.frequency_A_inv, curve.fsc, lw=2.0 if latest else 1.0,
-                    color="#4fc3f7" if latest else "#7a7a7a", alpha=1.0 if latest else 0.35 + 0.5 * i / len(self.curves),
-                    label=label if latest or i == 0 else None)
+                    color="#4fc3f7" if latest else "#7a7a7a", alpha=fade, label=label if latest or i == 0 else None)
         if self.curves:
             label, curve = self.curves[-1]
             res = curve.resolution_A(FSC_THRESHOLD)
@@ -123,6 +129,7 @@ class MapWindow:
 
                 self._factory = Viewer
             self._viewer = self._factory(title="napari-cspt2d: map", ndisplay=3, show=bool(self.show()))
+            self._viewer.window.resize(*MAP_WINDOW_SIZE)
             self._viewer.window._qt_window.destroyed.connect(self._forget)
         return self._viewer
 
@@ -157,6 +164,8 @@ class MapWindow:
             )
             if len(self._viewer.layers) == 1:
                 self._viewer.reset_view()
+                self._viewer.scene.camera.angles = MAP_VIEW_ANGLES
+                self._viewer.scene.camera.zoom *= MAP_ZOOM
         else:
             layer.data = data
             layer.contrast_limits_range = limits

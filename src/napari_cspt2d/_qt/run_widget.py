@@ -4,13 +4,18 @@ cancel, a run log, results (map window, FSC plot) and the shift-validation views
 A run works on a :class:`~napari_cspt2d._qt.params_widget.Session` taken when the button is pressed: the tracks are
 the curation document's immutable TrackSet at that moment, so the user can keep editing while it runs (the edits are
 not part of the run). Progress arrives as ``(stage, done, total)`` from the core; Cancel sets a flag the core checks
-between batches (well under a second on the sample) and the run ends with :class:`CsptCancelled`; files are only
-written when a map or an iteration is complete (atomically), so what earlier iterations wrote stays intact.
+between batches of particles (:data:`BATCH_SIZE` boxes when reconstructing, one bundle of ``slurm_bundle_size``
+particles when refining) and the run ends with :class:`CsptCancelled`; files are only written when a map or an
+iteration is complete (atomically), so what earlier iterations wrote stays intact.
 
-With a project folder (Parameters widget) the outputs follow pyp's names: ``frealign/maps/{name}_r01_01.mrc`` for
-the first map, ``{name}_r01_{kk}.mrc`` and ``{name}_r01_{kk}.cistem`` for refinement iteration ``kk``, half maps and
-FSC table/plot beside each map, and the run log in ``log/``. Without one, results stay in the viewer and the log is
-written to the user cache folder.
+*Reconstruct* calls :func:`reconstruct_tracks` directly and needs no project. *Refine* runs the project's CSPT
+iterations with the same pipeline as the command line (:func:`napari_cspt2d.recon.pipeline.run_cspt`, one iteration
+per call so that each map and FSC shows up as it is made; in this process for ``cluster_backend = "local"``, on the
+dask cluster of the parameters otherwise). With a project folder (Parameters widget) the curated tracks and the
+parameters become the project's input first (``frealign/maps/{name}_r01.cistem``, ``.pyp_config.toml``) and the
+outputs follow pyp's names: ``frealign/maps/{data_set}_r01_01.mrc`` for the map of the curated tracks,
+``{data_set}_r01_{kk}.mrc`` and ``{name}_r01_{kk}.cistem`` for iteration ``kk``, half maps and FSC table/plot beside
+each map, the widget's run log in ``log/``. Without a project the log goes to the user cache folder.
 """
 
 from __future__ import annotations
@@ -70,11 +75,8 @@ BATCH_SIZE = 128
 _STAGE_TEXT = {
     "backproject": "extracting and inserting particles",
     "reconstruct": "reconstructing (half maps, FSC)",
-    "extract": "extracting particles",
-    "shifts": "refining shifts",
-    "shifts (new orientations)": "refining shifts (new orientations)",
-    "orientations": "refining particle",
-    "scores": "scoring",
+    "refine": "refining particles",
+    "converged": "parameters stopped changing",
 }
 
 
@@ -134,6 +136,11 @@ def _read_iteration(run: Any, like: TrackSet, params: PypParameters) -> tuple[Tr
     return _same_rows(tracks, like, Path(run.parameters[0])), rec
 
 
+def _no_project() -> CsptInputError:
+    return CsptInputError("no project folder", field="project", expected="a project folder for refinement "
+                          "(Parameters widget: choose a folder, then Create project or Open project)")
+
+
 def run_job(s: Session, mode: RunMode, progress: ProgressFn, cancel: Callable[[], bool]
             ) -> Iterator[IterationResult]:
     """Reconstruct the session's tracks (iteration 1), then (``mode="refine"``) run the project's CSPT iterations
@@ -144,8 +151,7 @@ def run_job(s: Session, mode: RunMode, progress: ProgressFn, cancel: Callable[[]
     (``frealign/maps/{name}_r01.cistem``, ``.pyp_config.toml``) so that the project's files say what was run."""
     p = s.params
     if mode == "refine" and s.project_dir is None:
-        raise CsptInputError("no project folder", field="project", expected="a project folder for refinement "
-                             "(Parameters widget: choose a folder, then Create project or Open project)")
+        raise _no_project()
     iterations = list(range(p["refine_iter"], p["refine_maxiter"] + 1)) if mode == "refine" else []
     total = 1 + len(iterations)
 
@@ -255,7 +261,7 @@ class RunWidget(QWidget):
         self._window_filtered: QWidget | None = None
         self.map_window = MapWindow(show=self.isVisible)
         self.fsc_plot = FscPlot()
-        self._fsc_docked = False
+        self.fsc_dock = None
         self.validation: ShiftValidation | None = None
         self.preview = LivePreview(self._preview_session, preview_reconstruction, self._show_preview,
                                    is_busy=lambda: self.busy, parent=self)
@@ -311,6 +317,8 @@ class RunWidget(QWidget):
         if self.busy:
             raise CsptInputError("a run is in progress", field="run", expected="the current run to end (or Cancel)")
         s = session(self.viewer)
+        if mode == "refine" and s.project_dir is None:
+            raise _no_project()
         self.preview.cancel()
         self._session, self._mode = s, mode
         self._cancel.clear()
@@ -355,11 +363,7 @@ class RunWidget(QWidget):
         self.progress_bar.setRange(0, max(int(total), 1))
         self.progress_bar.setValue(int(done))
         prefix, _, name = stage.rpartition(": ")
-        text = _STAGE_TEXT.get(name, name)
-        if name == "orientations":
-            text += f" {done + 1}/{total}"
-        elif total > 1:
-            text += f" ({done}/{total})"
+        text = _STAGE_TEXT.get(name, name) + (f" ({done}/{total})" if total > 1 else "")
         elapsed = time.perf_counter() - self._started
         self.stage_label.setText(f"{prefix.capitalize() + ': ' if prefix else ''}{text}  [{elapsed:.0f} s]")
         if stage != self._last_stage and not self._cancel.is_set():
@@ -417,9 +421,8 @@ class RunWidget(QWidget):
 
     # ------------------------------------------------------------------ results
     def _dock_fsc(self) -> None:
-        if not self._fsc_docked and hasattr(self.viewer, "window"):
-            self.viewer.window.add_dock_widget(self.fsc_plot, name="FSC", area="right")
-            self._fsc_docked = True
+        if self.fsc_dock is None and hasattr(self.viewer, "window"):
+            self.fsc_dock = self.viewer.window.add_dock_widget(self.fsc_plot, name="FSC", area="right")
 
     def show_map_window(self) -> None:
         """Bring the map window up (created empty when no map was made yet)."""

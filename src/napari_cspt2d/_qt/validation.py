@@ -4,14 +4,16 @@ A refinement proposes a new position for every projection. :class:`ShiftReview` 
 (``before``, the run's snapshot) with the refined ones (``after``, same rows) and derives the *status* of each
 proposal from the curation document itself: **accepted** when the document's projection sits at the refined
 position, **pending** or **rejected** (the user said no) when it sits at the picked one, **edited** when it was moved
-or deleted by hand since. Deriving it from the document keeps the status right through undo/redo. Accepting writes
+or deleted by hand since, **unchanged** when the refinement did not move it (tilts not used for refinement) and it
+is still there. Deriving it from the document keeps the status right through undo/redo. Accepting writes
 the refined position and score into the document as one named action; rejecting an accepted shift puts the picked
 position back (also one action); both are undone with Ctrl+Z like any other edit.
 
 Views (:class:`ShiftValidation`, docked on the right, with the gallery docked at the bottom):
 
 * a Vectors layer ``refined shifts`` in the tilt-series viewer, from each projection's picked position to its
-  refined one, coloured by refinement score (arrows drawn :data:`VECTOR_EXAGGERATION` × longer: the layer's *length*);
+  refined one, coloured by refinement score (red = low, green = high; arrows drawn :data:`VECTOR_EXAGGERATION` ×
+  longer: the layer's *length*);
 * a sortable table of projections (particle, tilt, angle, shift, score, residual from the particle's fitted 3D
   track; row colour = status); selecting a row jumps to that tilt and particle;
 * a gallery of the selected particle through all its tilts (ordered by angle): its box at the picked position, at
@@ -48,12 +50,12 @@ from .params_widget import curation_widget
 
 __all__ = [
     "ShiftReview", "ShiftValidation", "ParticleGallery", "GalleryImages", "gallery_images", "vectors_layer_data",
-    "PENDING", "ACCEPTED", "REJECTED", "EDITED", "STATUS_NAMES", "VECTOR_EXAGGERATION",
+    "PENDING", "ACCEPTED", "REJECTED", "EDITED", "UNCHANGED", "STATUS_NAMES", "VECTOR_EXAGGERATION",
 ]
 
-PENDING, ACCEPTED, REJECTED, EDITED = 0, 1, 2, 3
-STATUS_NAMES = ("pending", "accepted", "rejected", "edited")
-STATUS_COLOURS = ("#6b6f78", "#3fae5a", "#d64541", "#4a90d9")
+PENDING, ACCEPTED, REJECTED, EDITED, UNCHANGED = 0, 1, 2, 3, 4
+STATUS_NAMES = ("pending", "accepted", "rejected", "edited", "unchanged")
+STATUS_COLOURS = ("#6b6f78", "#3fae5a", "#d64541", "#4a90d9", "#3b3e45")
 VECTOR_EXAGGERATION = 5.0
 SAME_POSITION_PX = 1e-6
 VECTORS_LAYER = "refined shifts"
@@ -119,8 +121,8 @@ class ShiftReview:
         return out
 
     def status(self, tracks: TrackSet) -> NDArray[np.int64]:
-        """Status (:data:`PENDING`, :data:`ACCEPTED`, :data:`REJECTED`, :data:`EDITED`) of each proposal given the
-        document's current ``tracks``."""
+        """Status (:data:`PENDING`, :data:`ACCEPTED`, :data:`REJECTED`, :data:`EDITED`, :data:`UNCHANGED`) of each
+        proposal given the document's current ``tracks``."""
         rows = self.document_rows(tracks)
         status = np.full(len(self), EDITED, np.int64)
         have = rows >= 0
@@ -135,6 +137,7 @@ class ShiftReview:
             rejected[list(self.rejected)] = True
             status[at_before & rejected] = REJECTED
         status[at_after] = ACCEPTED
+        status[at_after & np.all(np.abs(self.shift_px) <= SAME_POSITION_PX, axis=1)] = UNCHANGED
         return status
 
     def _action_name(self, verb: str, rows: NDArray[np.int64]) -> str:
@@ -201,8 +204,8 @@ def vectors_layer_data(review: ShiftReview, pixel_A: float) -> tuple[NDArray[np.
         "name": VECTORS_LAYER,
         "features": {"particle": review.before.particle, "tilt": review.before.tilt, "shift_px": review.shift_length_px,
                      "score": score, "residual_px": review.residual_px},
-        "edge_color": "score", "edge_colormap": "plasma", "edge_contrast_limits": limits,
-        "edge_width": 2.0, "length": VECTOR_EXAGGERATION, "vector_style": "arrow", "opacity": 1.0,
+        "edge_color": "score", "edge_colormap": "RdYlGn", "edge_contrast_limits": limits,
+        "edge_width": 2.5, "length": VECTOR_EXAGGERATION, "vector_style": "arrow", "opacity": 1.0,
         "projection_mode": "none", "scale": (1.0, float(pixel_A), float(pixel_A)), "axis_labels": ("tilt", "y", "x"),
         "metadata": {"cspt2d": {"role": "refined-shifts"}},
     }
@@ -407,7 +410,7 @@ class ProjectionTableModel(ParticleTableModel):
     def data(self, index: QModelIndex, role: int = Qt.ItemDataRole.DisplayRole):
         if index.isValid() and index.row() < self.status.size:
             status = int(self.status[index.row()])
-            if role == Qt.ItemDataRole.BackgroundRole and status != PENDING:
+            if role == Qt.ItemDataRole.BackgroundRole and status not in (PENDING, UNCHANGED):
                 colour = QColor(STATUS_COLOURS[status])
                 colour.setAlpha(90)
                 return colour
@@ -473,8 +476,9 @@ class ShiftValidation(QWidget):
         self._status_timer.timeout.connect(self.refresh_status)
         napari_viewer.dims.events.current_step.connect(self._on_step)
         window = napari_viewer.window
-        self.dock = window.add_dock_widget(self, name="Shift validation", area="right")
+        self.dock = window.add_dock_widget(self, name="Shift validation", area="right", tabify=True)
         self.gallery_dock = window.add_dock_widget(self.gallery_scroll, name="Particle gallery", area="bottom")
+        self.dock.raise_()
 
     def _build_ui(self) -> None:
         layout = QVBoxLayout(self)
@@ -483,6 +487,7 @@ class ShiftValidation(QWidget):
         layout.addWidget(self.summary)
         self.table = ProjectionTableView()
         self.table.row_activated.connect(self.jump)
+        self.table.setMinimumHeight(150)
         layout.addWidget(self.table, 1)
         grid = QGridLayout()
         for i, (attr, text, slot, tip) in enumerate((
@@ -503,7 +508,7 @@ class ShiftValidation(QWidget):
         layout.addLayout(grid)
         legend = "  ".join(f"<span style='color:{c}'>■</span> {n}" for n, c in zip(STATUS_NAMES, STATUS_COLOURS))
         hint = QLabel(f"{legend}<br>Arrows in '{VECTORS_LAYER}' are drawn ×{VECTOR_EXAGGERATION:g} (layer length), "
-                      "coloured by score.")
+                      "coloured by score (red low, green high).")
         hint.setWordWrap(True)
         hint.setStyleSheet("color: gray")
         layout.addWidget(hint)
@@ -563,11 +568,11 @@ class ShiftValidation(QWidget):
 
     def _update_summary(self) -> None:
         review = self.review
-        counts = np.bincount(self._status, minlength=4)
+        counts = np.bincount(self._status, minlength=len(STATUS_NAMES))
         shift = review.shift_length_px
         self.summary.setText(
             f"{self._label}: {len(review)} projections refined, shift median {np.median(shift):.2f} px, "
-            f"max {shift.max():.2f} px; " + ", ".join(f"{counts[i]} {STATUS_NAMES[i]}" for i in range(4)))
+            f"max {shift.max():.2f} px; " + ", ".join(f"{c} {n}" for c, n in zip(counts, STATUS_NAMES) if c))
 
     # ------------------------------------------------------------------ navigation
     @report_errors("Jump to projection")

@@ -188,8 +188,8 @@ def read_fid_xyz(path: str | os.PathLike[str]) -> ImodFidXYZ:
     if not len(rows):
         raise CsptInputError("has no points", file=path, field="point", expected="'point X Y Z object contour' rows")
     first = path.read_text(errors="replace").splitlines()[0]
-    pix = re.search(r"Pix:\s*([-+\d.eE]+)", first)
-    dim = re.search(r"Dim:\s*(\d+)\s+(\d+)", first)
+    pix = re.search(r"Pix:\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)", first)
+    dim = re.search(r"Dim:\s*(\d{1,9})\s+(\d{1,9})\b", first)
     as_int = rows[:, [0, 4, 5]]
     if np.any(as_int != np.round(as_int)):
         raise CsptInputError("has non-integer point/object/contour numbers", file=path, field="point",

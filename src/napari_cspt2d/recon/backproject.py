@@ -285,23 +285,28 @@ def _shell_sums(weight, eps, pad, n_shells):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _divide(data, weight, reg_per_shell, pad, out, x_offset=0):  # pragma: no cover - compiled
-    """``out = data / (weight + reg[shell])``; zero beyond the last shell (Nyquist of the unpadded box). Column
-    ``ix`` of the arrays is frequency ``ix + x_offset``."""
-    grid = data.shape[0]
+def _divide(datas, weights, reg_per_shell, pad, out, x_offset=0):  # pragma: no cover - compiled
+    """``out = Σ datas / (Σ weights + reg[shell])`` over a tuple of grids (one half, or both for the full map,
+    without forming the sums); zero beyond the last shell (Nyquist of the unpadded box). Column ``ix`` of the arrays
+    is frequency ``ix + x_offset``."""
+    grid = out.shape[0]
     n_shells = reg_per_shell.shape[0]
     for iz in range(grid):
         kz = iz if iz < (grid + 1) // 2 else iz - grid
         for iy in range(grid):
             ky = iy if iy < (grid + 1) // 2 else iy - grid
-            for ix in range(data.shape[2]):
+            for ix in range(out.shape[2]):
                 kx = ix + x_offset
                 shell = int(math.sqrt(kx * kx + ky * ky + kz * kz) / pad + 0.5)
                 if shell >= n_shells:
                     out[iz, iy, ix] = 0
-                else:
-                    den = weight[iz, iy, ix] + reg_per_shell[shell]
-                    out[iz, iy, ix] = data[iz, iy, ix] / den if den > 0 else 0
+                    continue
+                num = np.complex64(0)
+                den = reg_per_shell[shell]
+                for h in range(len(datas)):
+                    num += datas[h][iz, iy, ix]
+                    den += weights[h][iz, iy, ix]
+                out[iz, iy, ix] = num / den if den > 0 else 0
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -369,15 +374,15 @@ def _half_grid_to_map(ft: NDArray[np.complex64], box: int) -> NDArray[np.float32
     return _gridding_correct(vol, grid)
 
 
-def _hermitian_planes(data: NDArray, weight: NDArray) -> list[tuple[int, NDArray, NDArray]]:
-    """The ``kx = 0`` (and, for even P, ``kx = P/2``) planes made Hermitian by adding their conjugate mirror:
-    ``[(x, data_plane, weight_plane), ...]`` (copies; the grids are not changed)."""
-    grid = data.shape[0]
+def _hermitian_planes(datas: tuple[NDArray, ...], weights: tuple[NDArray, ...]) -> list[tuple[int, NDArray, NDArray]]:
+    """The ``kx = 0`` (and, for even P, ``kx = P/2``) planes of the summed grids made Hermitian by adding their
+    conjugate mirror: ``[(x, data_plane, weight_plane), ...]`` (new arrays; the grids are not changed)."""
+    grid, half = datas[0].shape[0], datas[0].shape[2]
     mirror = (-np.arange(grid)) % grid
-    planes = [0] + ([grid // 2] if grid % 2 == 0 and data.shape[2] == grid // 2 + 1 else [])
     out = []
-    for x in planes:
-        d, w = data[:, :, x], weight[:, :, x]
+    for x in [0] + ([grid // 2] if grid % 2 == 0 and half == grid // 2 + 1 else []):
+        d = sum(a[:, :, x] for a in datas)
+        w = sum(a[:, :, x] for a in weights)
         out.append((x, d + np.conj(d[np.ix_(mirror, mirror)]), w + w[np.ix_(mirror, mirror)]))
     return out
 
@@ -506,13 +511,17 @@ class Backprojector:
             self._pool.shutdown()
 
     # ------------------------------------------------------------------------------------------------ reconstruction
-    def _map(self, data: NDArray, weight: NDArray, reg: NDArray[np.float64]) -> NDArray[np.float32]:
-        """``data / (weight + reg[shell])`` with Hermitian ``kx = 0`` planes, to a gridding-corrected map."""
-        out = np.empty_like(data)
-        _divide(data, weight, reg, float(self.pad), out)
-        for x, d, w in _hermitian_planes(data, weight):
-            _divide(np.ascontiguousarray(d[:, :, None]), np.ascontiguousarray(w[:, :, None]), reg, float(self.pad),
-                    plane := np.empty((self.grid, self.grid, 1), np.complex64), x)
+    def _map(self, halves: tuple[int, ...], reg: NDArray[np.float64]) -> NDArray[np.float32]:
+        """``Σ data / (Σ weight + reg[shell])`` over ``halves`` with Hermitian ``kx = 0`` planes, to a
+        gridding-corrected map."""
+        datas = tuple(self.data[h] for h in halves)
+        weights = tuple(self.weight[h] for h in halves)
+        out = np.empty_like(datas[0])
+        _divide(datas, weights, reg, float(self.pad), out)
+        plane = np.empty((self.grid, self.grid, 1), np.complex64)
+        for x, d, w in _hermitian_planes(datas, weights):
+            _divide((np.ascontiguousarray(d[:, :, None]),), (np.ascontiguousarray(w[:, :, None]),), reg,
+                    float(self.pad), plane, x)
             out[:, :, x] = plane[:, :, 0]
         return _half_grid_to_map(out, self.box)
 
@@ -539,7 +548,7 @@ class Backprojector:
         mean_w = float(np.mean([w[w > 0].mean() for w in self.weight]))
         eps = 1e-3 * mean_w
         tiny = np.full(n_shells, eps)
-        first = [self._map(d, w, tiny) for d, w in zip(self.data, self.weight)]
+        first = [self._map((h,), tiny) for h in range(2)]
         step(1)
         curve0 = fsc_mod.fsc_curve(first[0], first[1], self.pixel_A, mask=fsc_mask)
         del first
@@ -554,21 +563,19 @@ class Backprojector:
             reg = np.where(noi > 0, sig / (snr * noi), eps)
         reg = np.maximum(np.nan_to_num(reg, nan=eps, posinf=1e30), 1e-6 * mean_w)
         step(2)
-        half1, half2 = (self._map(d, w, reg) for d, w in zip(self.data, self.weight))
+        half1, half2 = (self._map((h,), reg) for h in range(2))
         step(3)
-        full = self._map(self.data[0] + self.data[1], self.weight[0] + self.weight[1], reg)
+        full = self._map((0, 1), reg)
         curve = fsc_mod.fsc_curve(half1, half2, self.pixel_A, mask=fsc_mask)
         step(4)
         return HalfMapReconstruction(full, half1, half2, curve, reg)
 
     def reconstruct_single(self, reg_fraction: float = 1e-3) -> NDArray[np.float32]:
         """Map from all halves with a constant regulariser ``reg_fraction × mean(W)`` (no FSC needed)."""
-        data = self.data[0] if self.n_halves == 1 else self.data[0] + self.data[1]
-        weight = self.weight[0] if self.n_halves == 1 else self.weight[0] + self.weight[1]
-        if not np.any(weight > 0):
+        if not self.count.sum():
             raise CsptInputError("no image was inserted", field="images", expected="at least one image")
-        reg = np.full(self.box // 2 + 1, reg_fraction * float(weight[weight > 0].mean()))
-        return self._map(data, weight, reg)
+        mean_w = float(sum(w[w > 0].mean() for w, c in zip(self.weight, self.count) if c))
+        return self._map(tuple(range(self.n_halves)), np.full(self.box // 2 + 1, reg_fraction * mean_w))
 
 
 # ----------------------------------------------------------------------------------------------------- projector

@@ -5,7 +5,9 @@
 
 Iterations
     pyp's numbering: iteration 1 is the input (``frealign/maps/{name}_r01.cistem`` of every tilt series; its map
-    ``{data_set}_r01_01.mrc`` is reconstructed first when missing), iterations ``refine_iter`` ..
+    ``{data_set}_r01_01.mrc`` is reconstructed first when missing, or rebuilt when the input parameters changed
+    since it was built here; a map put there by the user is their initial reference and is kept), iterations
+    ``refine_iter`` ..
     ``refine_maxiter`` refine against the previous iteration's map. Iteration ``i``:
 
     1. split every tilt series' parameters of iteration ``i − 1`` per particle with the seed's
@@ -23,9 +25,10 @@ Iterations
 
 Resuming
     A bundle result carries a fingerprint of everything it depends on (its parameter files, the reference map,
-    the options, the picks, the tilt table, the stack's path, size and time); a rerun skips bundles whose result exists with the same fingerprint, so after a failure (reported
-    with the failed bundle's log) running again only redoes what is missing. Merge and reconstruction are redone
-    (they are deterministic and cheap next to refinement).
+    the options, the picks, the tilt table, the stack's path, size and time); a rerun skips bundles whose result
+    exists with the same fingerprint, so after a failure (reported with the failed bundle's log) running again only
+    redoes what is missing. Merge and reconstruction are redone (they are deterministic and cheap next to
+    refinement).
 
 All checks of the project (parameters, files, shapes, tilt selection, map sizes) run before any work starts.
 """
@@ -38,7 +41,7 @@ import hashlib
 import os
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -581,11 +584,13 @@ def run_cspt(
     current = {s.name: (s.tracks if first == 2 else _read_tracks(paths.parameters(s.name, first - 1),
                                                                   s.tracks.image_shape_yx, s.tracks.tilts))
                for s in series}
-    if not paths.map(first - 1).is_file():
+    if _initial_map_needed(paths, series, first):
         t0 = time.perf_counter()
-        rec = _reconstruct(paths, series[0], current[series[0].name], params, first - 1, stage)
+        rec = _reconstruct(paths, series[0], current[series[0].name], params, 1, stage)
+        with atomic_open(_initial_map_source(paths), "w", encoding="utf-8") as fh:
+            fh.write(_digest(*(paths.parameters(s.name, 1) for s in series)))
         timed("reconstruct", t0)
-        runlog(f"iteration {first - 1}: map {paths.map(first - 1)} at {rec.resolution_A:.1f} Å (FSC 0.143)")
+        runlog(f"iteration 1: map {paths.map(1)} at {rec.resolution_A:.1f} Å (FSC 0.143)")
 
     run = CsptRun(root, paths.map(first - 1), [paths.parameters(s.name, first - 1) for s in series], paths.run_log,
                   timings=timings)
@@ -609,18 +614,47 @@ def run_cspt(
     return run
 
 
+def _initial_map_source(paths: ProjectPaths) -> Path:
+    return paths.scratch / f"{paths.data_set}_r01_01.inputs"
+
+
+def _initial_map_needed(paths: ProjectPaths, series: Sequence[_Series], first: int) -> bool:
+    """True when iteration 1's map must be (re)built: it is missing, or we built it from input parameters that have
+    changed since (a map without our record of its inputs is the user's reference and is kept)."""
+    if first > 2:
+        return False
+    if not paths.map(1).is_file():
+        return True
+    source = _initial_map_source(paths)
+    return source.is_file() and source.read_text() != _digest(*(paths.parameters(s.name, 1) for s in series))
+
+
 def _bundles(particle_ids: NDArray[np.int64], params: PypParameters) -> list[NDArray[np.int64]]:
     size = int(params["slurm_bundle_size"])
     return [particle_ids[i:i + size] for i in range(0, particle_ids.size, size)]
 
 
-def _client(client: Any, serial: bool, params: PypParameters, workers: int | None, n_jobs: int, root: Path) -> Any:
-    """Context manager giving the dask client to use (None: run in this process)."""
+#: dask settings for the workers this pipeline starts: no statistical profiler (it samples every worker thread each
+#: 10 ms) and slower housekeeping ticks. On 2 cores the defaults made even *idle* workers slow the reconstruction
+#: in the main process by 30-60 %.
+QUIET_WORKERS = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "500ms",
+                 "distributed.worker.memory.monitor-interval": "1s"}
+
+
+@contextlib.contextmanager
+def _client(client: Any, serial: bool, params: PypParameters, workers: int | None, n_jobs: int,
+            root: Path) -> Iterator[Any]:
+    """The dask client to use (None: run in this process); a cluster started here is closed on exit."""
     if serial or client is not None:
-        return contextlib.nullcontext(None if serial else client)
+        yield None if serial else client
+        return
+    import dask
+
     from ..cluster import make_client
 
-    return make_client(params, workers=workers, tasks=max(1, n_jobs), project_dir=root)
+    with dask.config.set(QUIET_WORKERS), make_client(params, workers=workers, tasks=max(1, n_jobs),
+                                                      project_dir=root) as started:
+        yield started
 
 
 def _iteration(it: int, paths: ProjectPaths, series: Sequence[_Series], picks: Mapping[str, TrackSet],
