@@ -115,7 +115,6 @@ def test_projection_defocus_sign_with_particle_height():
     np.testing.assert_allclose(df, [30000 - 100.0, 30000 - 100.0 * c40, 30000.0, 30000 + 200.0 * s40])
 
 
-@pytest.mark.slow
 def test_ctf_round_trip_reconstructs_truth():
     """Projections multiplied by CTFs at several defoci (1-3 µm) reconstruct to the truth once the CTF is part of the
     model; without it the map is not the truth (contrast inverted and ringing)."""

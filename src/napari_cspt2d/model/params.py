@@ -122,12 +122,14 @@ _SPECS = [
               "iteration 2, 7 Å in 3, 6 Å after).", unit="Å", minimum=0, min_exclusive=True, per_iteration=True),
     ParamSpec("refine_rlref", float, 100.0, "refinement", "Min resolution",
               "Low-resolution limit used in refinement.", unit="Å", minimum=0, min_exclusive=True),
-    ParamSpec("refine_shift_range_A", float, 20.0, "refinement", "Shift search range",
-              "Largest distance a projection may move from its pick during refinement.", unit="Å", minimum=0,
+    ParamSpec("refine_shift_range_A", float, 0.0, "refinement", "Shift search range",
+              "Largest distance a projection may move from its pick during refinement; 0 = a quarter of "
+              "particle_rad.", unit="Å", minimum=0,
               pyp=False),
-    ParamSpec("csp_RefineProjectionCutoff", float, 0.0, "refinement", "Min projections for refinement",
-              "pyp: only refine particles with at least this many projections (0 = all). pyp types it int; a "
-              "float is accepted because the seed sets 0.5.", minimum=0),
+    ParamSpec("csp_RefineProjectionCutoff", float, 0.0, "refinement", "Projection score cutoff",
+              "Drop low-scoring projections from refinement and reconstruction (occupancy 0), per particle: for "
+              "0 < c < 1 below c x the particle's median score, for c >= 1 below mean - c x sd; 0 keeps all. "
+              "(pyp's int 'minimum projections' reading does not fit the seed's 0.5.)", minimum=0),
     ParamSpec("csp_UseImagesForRefinementMin", int, 0, "refinement", "First exposure for refinement",
               "First exposure used in refinement: acquisition index (pyp's meaning, 0 = first image taken); a "
               "negative Min makes Min/Max tilt angles in degrees instead (the seed's -60/60; see "

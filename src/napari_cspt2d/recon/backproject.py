@@ -218,10 +218,37 @@ class _Inserter:
             _splat_records(self.data, self.weight, self.sorted, n)
 
 
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def sample_half_grid(ft, x, y, z):  # pragma: no cover - compiled
+    """Trilinear value of the half-grid transform ``ft`` (P, P, P//2+1) at Fourier voxel ``(x, y, z)`` (x the rfft
+    axis; negative x through Friedel symmetry). The point must lie inside the grid's sphere."""
+    grid = ft.shape[0]
+    flip = x < 0.0
+    if flip:
+        x, y, z = -x, -y, -z
+    x0 = int(x)
+    y0 = int(math.floor(y))
+    z0 = int(math.floor(z))
+    fx = np.float32(x - x0)
+    fy = np.float32(y - y0)
+    fz = np.float32(z - z0)
+    ya = y0 + grid if y0 < 0 else y0
+    yb = y0 + 1 + grid if y0 + 1 < 0 else y0 + 1
+    za = z0 + grid if z0 < 0 else z0
+    zb = z0 + 1 + grid if z0 + 1 < 0 else z0 + 1
+    gx0 = np.float32(1.0) - fx
+    gy0 = np.float32(1.0) - fy
+    gz0 = np.float32(1.0) - fz
+    acc = gz0 * gy0 * (gx0 * ft[za, ya, x0] + fx * ft[za, ya, x0 + 1])
+    acc += gz0 * fy * (gx0 * ft[za, yb, x0] + fx * ft[za, yb, x0 + 1])
+    acc += fz * gy0 * (gx0 * ft[zb, ya, x0] + fx * ft[zb, ya, x0 + 1])
+    acc += fz * fy * (gx0 * ft[zb, yb, x0] + fx * ft[zb, yb, x0 + 1])
+    return acc.conjugate() if flip else acc
+
+
 @njit(cache=True, nogil=True, fastmath=True)
 def _extract_slices(ft, axes, out, rmax2):  # pragma: no cover - compiled
     """Trilinear central slices of the half-grid transform ``ft`` (P, P, P//2+1) into ``out`` (B, n, n//2+1)."""
-    grid = ft.shape[0]
     n = out.shape[1]
     nh = out.shape[2]
     for b in range(out.shape[0]):
@@ -233,30 +260,7 @@ def _extract_slices(ft, axes, out, rmax2):  # pragma: no cover - compiled
                 if ix * ix + ky * ky >= rmax2:
                     out[b, iy, ix] = 0
                     continue
-                x = ix * ax0 + ky * ay0
-                y = ix * ax1 + ky * ay1
-                z = ix * ax2 + ky * ay2
-                flip = x < 0.0
-                if flip:
-                    x, y, z = -x, -y, -z
-                x0 = int(x)
-                y0 = int(math.floor(y))
-                z0 = int(math.floor(z))
-                fx = np.float32(x - x0)
-                fy = np.float32(y - y0)
-                fz = np.float32(z - z0)
-                ya = y0 + grid if y0 < 0 else y0
-                yb = y0 + 1 + grid if y0 + 1 < 0 else y0 + 1
-                za = z0 + grid if z0 < 0 else z0
-                zb = z0 + 1 + grid if z0 + 1 < 0 else z0 + 1
-                gx0 = np.float32(1.0) - fx
-                gy0 = np.float32(1.0) - fy
-                gz0 = np.float32(1.0) - fz
-                acc = gz0 * gy0 * (gx0 * ft[za, ya, x0] + fx * ft[za, ya, x0 + 1])
-                acc += gz0 * fy * (gx0 * ft[za, yb, x0] + fx * ft[za, yb, x0 + 1])
-                acc += fz * gy0 * (gx0 * ft[zb, ya, x0] + fx * ft[zb, ya, x0 + 1])
-                acc += fz * fy * (gx0 * ft[zb, yb, x0] + fx * ft[zb, yb, x0 + 1])
-                out[b, iy, ix] = acc.conjugate() if flip else acc
+                out[b, iy, ix] = sample_half_grid(ft, ix * ax0 + ky * ay0, ix * ax1 + ky * ay1, ix * ax2 + ky * ay2)
 
 
 @njit(cache=True, nogil=True)

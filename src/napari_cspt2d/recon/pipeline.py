@@ -66,6 +66,7 @@ __all__ = [
     "split_regions",
     "run_bundle",
     "run_cspt",
+    "plan_cspt",
     "reconstruction_options",
 ]
 
@@ -514,6 +515,48 @@ def _reconstruct(paths: ProjectPaths, series: _Series, tracks: TrackSet, params:
     return result
 
 
+def _prepare(parameters: Mapping[str, Any], project_dir: str | os.PathLike[str] | None,
+             first_iteration: int | None, last_iteration: int | None, tilt_unit: refine.TiltUnit
+             ) -> tuple[PypParameters, ProjectPaths, int, int, list[str], list[_Series]]:
+    """Parameters, paths, iteration range, tilt-series names and loaded series of a run, after every check."""
+    params = _as_params(parameters)
+    root = (Path.cwd() if project_dir is None else Path(project_dir)).resolve()
+    names = tilt_series_names(root)
+    data_set = params["data_set"] or (names[0] if len(names) == 1 else "")
+    check_name(data_set, "data_set")
+    paths = ProjectPaths(root, data_set)
+    first = params["refine_iter"] if first_iteration is None else int(first_iteration)
+    last = params["refine_maxiter"] if last_iteration is None else int(last_iteration)
+    series = _check_project(paths, params, first, last, names, tilt_unit)
+    if len(series) > 1:
+        raise CsptInputError(f"has {len(series)} tilt series ({', '.join(names)})", file=paths.maps,
+                             field="tilt series", expected="one tilt series per project for now (reconstruction of "
+                             "several stacks into one map is not supported yet)")
+    return params, paths, first, last, names, series
+
+
+def plan_cspt(
+    parameters: Mapping[str, Any],
+    *,
+    project_dir: str | os.PathLike[str] | None = None,
+    first_iteration: int | None = None,
+    last_iteration: int | None = None,
+    tilt_unit: refine.TiltUnit = "auto",
+) -> str:
+    """Check a project exactly as :func:`run_cspt` does before any work and describe what it would run (tilt series,
+    particles, projections, iterations, bundles, cluster backend), without running anything."""
+    params, paths, first, last, names, series = _prepare(parameters, project_dir, first_iteration, last_iteration,
+                                                          tilt_unit)
+    lines = [f"project {paths.root} (data set {paths.data_set}): iterations {first}..{last}"]
+    for s in series:
+        n_bundles = len(_bundles(np.unique(s.tracks.particle), params))
+        lines.append(f"  {s.name}: {s.tracks.n_particles} particles, {s.tracks.n_tilts} tilts, {len(s.tracks)} "
+                     f"projections -> {n_bundles} bundles of <= {params['slurm_bundle_size']} particles")
+    lines.append(f"  cluster: {params['cluster_backend']}, workers {params['workers'] or 'auto'}; outputs "
+                 f"{paths.map(first).name} .. {paths.map(last).name} in {paths.maps}")
+    return "\n".join(lines)
+
+
 def run_cspt(
     parameters: Mapping[str, Any],
     *,
@@ -556,21 +599,10 @@ def run_cspt(
 
     Raises :class:`CsptInputError` (before any work) for bad inputs and :class:`CsptRunError` naming the failed
     bundles and the log of the first one when jobs fail; rerunning resumes (module docstring)."""
-    params = _as_params(parameters)
-    root = Path.cwd() if project_dir is None else Path(project_dir)
-    root = root.resolve()
-    names = tilt_series_names(root)
-    data_set = params["data_set"] or (names[0] if len(names) == 1 else "")
-    check_name(data_set, "data_set")
-    paths = ProjectPaths(root, data_set)
-    first = params["refine_iter"] if first_iteration is None else int(first_iteration)
-    last = params["refine_maxiter"] if last_iteration is None else int(last_iteration)
     t0 = time.perf_counter()
-    series = _check_project(paths, params, first, last, names, tilt_unit)
-    if len(series) > 1:
-        raise CsptInputError(f"has {len(series)} tilt series ({', '.join(names)})", file=paths.maps,
-                             field="tilt series", expected="one tilt series per project for now (reconstruction of "
-                             "several stacks into one map is not supported yet)")
+    params, paths, first, last, names, series = _prepare(parameters, project_dir, first_iteration, last_iteration,
+                                                          tilt_unit)
+    root, data_set = paths.root, paths.data_set
     stage = refine._Stage(progress, cancel)
     runlog = _RunLog(paths.run_log)
     timings: dict[str, float] = {}
@@ -630,8 +662,9 @@ def _initial_map_needed(paths: ProjectPaths, series: Sequence[_Series], first: i
 
 
 def _bundles(particle_ids: NDArray[np.int64], params: PypParameters) -> list[NDArray[np.int64]]:
-    size = int(params["slurm_bundle_size"])
-    return [particle_ids[i:i + size] for i in range(0, particle_ids.size, size)]
+    from ..cluster import bundle
+
+    return [np.asarray(b, dtype=np.int64) for b in bundle(particle_ids.tolist(), int(params["slurm_bundle_size"]))]
 
 
 #: dask settings for the workers this pipeline starts: no statistical profiler (it samples every worker thread each

@@ -79,7 +79,7 @@ from ..errors import CsptCancelled, CsptInputError
 from ..model.tiltseries import TiltSeries
 from ..model.tracks import TiltTable, TrackSet
 from . import ctf, geometry
-from .backproject import Projector
+from .backproject import Projector, sample_half_grid
 from .extract import extract_particles
 
 __all__ = [
@@ -231,10 +231,9 @@ def _orientation_scores(ft, axes, kx, ky, g, m2, out):  # pragma: no cover - com
     """NCC of candidate orientations against images, on a sparse set of frequencies.
 
     ``ft`` (P, P, P//2+1): the projector's half-grid transform; ``axes`` (C, T, 2, 3): grid coordinates of the unit
-    kx and ky of tilt ``t`` under candidate ``c`` (``pad · A[:2]``); ``kx``/``ky`` (K,): the frequencies (box units,
-    one of each Friedel pair); ``g`` (T, K) = mult · m · I / ‖I‖ and ``m2`` (T, K) = mult · m². Writes
+    kx and ky of tilt ``t`` under candidate ``c`` (``pad · A[:2]``); ``kx``/``ky`` (K,): the frequencies (box units);
+    ``g`` (T, K) = mult · m · I / ‖I‖ and ``m2`` (T, K) = mult · m². Writes
     ``out[c, t] = Σ Re(conj(S) g) / sqrt(Σ m2 |S|²)`` with ``S`` the trilinear central slice."""
-    grid = ft.shape[0]
     for c in range(axes.shape[0]):
         for t in range(axes.shape[1]):
             ax0, ax1, ax2 = axes[c, t, 0, 0], axes[c, t, 0, 1], axes[c, t, 0, 2]
@@ -242,34 +241,11 @@ def _orientation_scores(ft, axes, kx, ky, g, m2, out):  # pragma: no cover - com
             num = 0.0
             den = 0.0
             for j in range(kx.shape[0]):
-                x = kx[j] * ax0 + ky[j] * ay0
-                y = kx[j] * ax1 + ky[j] * ay1
-                z = kx[j] * ax2 + ky[j] * ay2
-                flip = x < 0.0
-                if flip:
-                    x, y, z = -x, -y, -z
-                x0 = int(x)
-                y0 = int(math.floor(y))
-                z0 = int(math.floor(z))
-                fx = np.float32(x - x0)
-                fy = np.float32(y - y0)
-                fz = np.float32(z - z0)
-                ya = y0 + grid if y0 < 0 else y0
-                yb = y0 + 1 + grid if y0 + 1 < 0 else y0 + 1
-                za = z0 + grid if z0 < 0 else z0
-                zb = z0 + 1 + grid if z0 + 1 < 0 else z0 + 1
-                gx0 = np.float32(1.0) - fx
-                gy0 = np.float32(1.0) - fy
-                gz0 = np.float32(1.0) - fz
-                s = gz0 * gy0 * (gx0 * ft[za, ya, x0] + fx * ft[za, ya, x0 + 1])
-                s += gz0 * fy * (gx0 * ft[za, yb, x0] + fx * ft[za, yb, x0 + 1])
-                s += fz * gy0 * (gx0 * ft[zb, ya, x0] + fx * ft[zb, ya, x0 + 1])
-                s += fz * fy * (gx0 * ft[zb, yb, x0] + fx * ft[zb, yb, x0 + 1])
-                sr = s.real
-                si = -s.imag if flip else s.imag
+                s = sample_half_grid(ft, kx[j] * ax0 + ky[j] * ay0, kx[j] * ax1 + ky[j] * ay1,
+                                     kx[j] * ax2 + ky[j] * ay2)
                 q = g[t, j]
-                num += sr * q.real + si * q.imag
-                den += m2[t, j] * (sr * sr + si * si)
+                num += s.real * q.real + s.imag * q.imag
+                den += m2[t, j] * (s.real * s.real + s.imag * s.imag)
             out[c, t] = num / math.sqrt(den) if den > 0.0 else 0.0
 
 
@@ -585,8 +561,10 @@ def _local_search(score: _ParticleScorer, start: NDArray[np.float64], first_step
             curv = plus + minus - 2.0 * best
             with np.errstate(divide="ignore", invalid="ignore"):
                 off = np.where(curv < 0, 0.5 * (minus - plus) / curv, np.sign(plus - minus))
-            off = np.clip(np.nan_to_num(off), -1.0, 1.0) * math.radians(step)
-            trial = Rotation.from_rotvec(off).as_matrix() @ current
+            off = np.clip(np.nan_to_num(off), -1.0, 1.0)
+            if s.max() < best and np.abs(off).max() < 0.25:
+                break  # the centre is best and the predicted optimum is within a quarter step of it
+            trial = Rotation.from_rotvec(off * math.radians(step)).as_matrix() @ current
             options = np.concatenate([current[None], moves, trial[None]])
             values = np.concatenate([[best], s, score(trial[None], radius)])
             values[rotation_angle_deg(options, start[None]) > max_range] = -np.inf
