@@ -40,6 +40,7 @@ def run_headless(out: Path) -> int:
     print(f"  sample project written: {paths['project']} ({len(sample.tracks)} projections, "
           f"{sample.tracks.n_particles} particles, {sample.tracks.n_tilts} tilts)")
     params = pyp.load_parameters(out)
+    params["refine_maxiter"] = 3  # two refinement iterations
     cwd = Path.cwd()
     try:
         os.chdir(out)

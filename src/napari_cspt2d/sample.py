@@ -179,7 +179,6 @@ def make_sample(
         "particle_rad": float(box * 0.4 * pixel_A), "scope_voltage": voltage_kV, "scope_cs": cs_mm,
         "scope_wgh": amp_contrast, "scope_dose_rate": dose_per_tilt,
         "csp_UseImagesForRefinementMin": -60, "csp_UseImagesForRefinementMax": 60, "refine_rhref": "20:16:12",
-        "refine_maxiter": 3,
     }
     return Sample(stack, tracks, truth, render_map(model, box), model, pixel_A, params)
 
