@@ -261,6 +261,13 @@ def read_fiducial_model(
     from imodmodel import ImodModel
 
     path = _existing(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+        fh.seek(max(path.stat().st_size - 4, 0))
+        tail = fh.read(4)
+    if head != b"IMOD" or tail != b"IEOF":  # imodmodel loops for ever on a model without its end marker
+        raise CsptInputError("is not a complete IMOD model file (it must start with IMOD and end with IEOF)",
+                             file=path, field="model", expected="an IMOD binary model written to the end")
     try:
         model = ImodModel.from_file(path)
     except Exception as exc:  # imodmodel raises struct/pydantic/Unicode errors on damaged files
