@@ -7,7 +7,6 @@ its log), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -98,7 +97,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-register("sample", "write the synthetic sample tilt series as a pyp project folder (with its ground truth)", _configure_sample, _run_sample)
+register("sample", "write the synthetic sample tilt series as a pyp project folder (with its ground truth)",
+         _configure_sample, _run_sample)
 
 
 # ---------------------------------------------------------------------------------------------------- fsc
@@ -127,7 +127,8 @@ def _run_fsc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-register("fsc", "Fourier shell correlation between two maps; prints the resolution at 0.143 and 0.5", _configure_fsc, _run_fsc)
+register("fsc", "Fourier shell correlation between two maps; prints the resolution at 0.143 and 0.5",
+         _configure_fsc, _run_fsc)
 
 
 # ---------------------------------------------------------------------------------------------------- demo
@@ -144,7 +145,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     return demo.run_gui()
 
 
-register("demo", "open napari with the plugin and the sample (or, without a display, run the headless demo)", _configure_demo, _run_demo)
+register("demo", "open napari with the plugin and the sample (or, without a display, run the headless demo)",
+         _configure_demo, _run_demo)
 
 
 # ---------------------------------------------------------------------------------------------------- import
@@ -407,7 +409,8 @@ def _run_fit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-register("fit", "fit 3D particle positions to 2D tracks (optionally refining the tilt geometry)", _configure_fit, _run_fit)
+register("fit", "fit 3D particle positions to 2D tracks (optionally refining the tilt geometry)",
+         _configure_fit, _run_fit)
 
 
 def _configure_autotrack(p: argparse.ArgumentParser) -> None:
