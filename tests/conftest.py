@@ -23,3 +23,22 @@ def small_sample():
     from napari_cspt2d.sample import make_sample
 
     return make_sample(n_particles=12, n_tilts=21, shape_yx=(384, 384), box=48, thickness_px=60.0)
+
+
+#: The small synthetic tilt series the widget tests load (fast to make and to reconstruct).
+GUI_SAMPLE = {"n_particles": 8, "n_tilts": 15, "shape_yx": (256, 256), "box": 32}
+
+
+@pytest.fixture(scope="module")
+def sample_layers():
+    """napari layer data of :data:`GUI_SAMPLE` (image, tracks, trajectories), as File > Open Sample makes it."""
+    from napari_cspt2d._sample_data import make_sample_data
+
+    return make_sample_data(**GUI_SAMPLE)
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    """A private ``XDG_CACHE_HOME`` (autosaves of tracks without a file go there)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("napari")
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("cache_home")]
 
 from qtpy.QtCore import Qt  # noqa: E402
 from qtpy.QtWidgets import QCheckBox, QComboBox, QLineEdit, QSpinBox  # noqa: E402
@@ -17,28 +17,17 @@ from napari_cspt2d import pyp  # noqa: E402
 from napari_cspt2d._qt._loader import add_layers  # noqa: E402
 from napari_cspt2d._qt._tilt_overlay import tiltseries_layer  # noqa: E402
 from napari_cspt2d._qt.params_widget import ParametersWidget, session, suggested_box  # noqa: E402
-from napari_cspt2d._sample_data import make_sample_data  # noqa: E402
+from conftest import GUI_SAMPLE as SMALL  # noqa: E402
 from napari_cspt2d.errors import CsptInputError  # noqa: E402
 from napari_cspt2d.io.toml import load_params  # noqa: E402
 from napari_cspt2d.model.params import GROUPS, PARAMS, PypParameters  # noqa: E402
 from napari_cspt2d.sample import make_sample  # noqa: E402
 
-SMALL = {"n_particles": 8, "n_tilts": 15, "shape_yx": (256, 256), "box": 32}
-
-
-@pytest.fixture(scope="module")
-def sample_layers():
-    return make_sample_data(**SMALL)
 
 
 @pytest.fixture(scope="module")
 def sample():
     return make_sample(**SMALL)
-
-
-@pytest.fixture(autouse=True)
-def cache_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 def open_params(make_napari_viewer, layers=None):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("napari")
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("cache_home")]
 
 from napari.utils.notifications import notification_manager  # noqa: E402
 
@@ -20,22 +20,10 @@ from napari_cspt2d._qt import run_widget as run_module  # noqa: E402
 from napari_cspt2d._qt._loader import add_layers  # noqa: E402
 from napari_cspt2d._qt.params_widget import ParametersWidget  # noqa: E402
 from napari_cspt2d._qt.run_widget import RunWidget, preview_bin  # noqa: E402
-from napari_cspt2d._sample_data import make_sample_data  # noqa: E402
+from conftest import GUI_SAMPLE as SMALL  # noqa: E402
 from napari_cspt2d.errors import CsptInputError  # noqa: E402
 from napari_cspt2d.io.mrc import read_image  # noqa: E402
 
-SMALL = {"n_particles": 8, "n_tilts": 15, "shape_yx": (256, 256), "box": 32}
-
-
-@pytest.fixture(scope="module")
-def sample_layers():
-    return make_sample_data(**SMALL)
-
-
-@pytest.fixture(autouse=True)
-def cache_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def open_run(make_napari_viewer, layers):
