@@ -58,6 +58,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def print_outputs(outputs: dict) -> None:
+    """One ``label: path`` line per output, labels right-aligned."""
+    width = max((len(str(k)) for k in outputs), default=0)
+    for label, value in outputs.items():
+        print(f"{label:>{width}}: {value}")
+
+
 def progress_printer(description: str):
     """A ``progress(stage, done, total)`` callback that draws a rich progress bar on stderr."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -91,9 +98,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     from .sample import make_sample, write_sample
 
     sample = make_sample(n_particles=args.particles, n_tilts=args.tilts, snr=args.snr, seed=args.seed)
-    paths = write_sample(sample, args.out, name=args.name)
-    for label, path in paths.items():
-        print(f"{label:>12}: {path}")
+    print_outputs(write_sample(sample, args.out, name=args.name))
     return EXIT_OK
 
 
@@ -208,8 +213,7 @@ def _run_import(args: argparse.Namespace) -> int:
     name = args.name or series.name
     paths = create_project(args.out, name, args.stack, tracks, params, angles=series.tilts, link=not args.copy)
     print(f"imported {len(tracks)} projections of {tracks.n_particles} particles in {tracks.n_tilts} tilts")
-    for label, path in paths.items():
-        print(f"{label:>10}: {path}")
+    print_outputs(paths)
     return EXIT_OK
 
 
@@ -244,9 +248,7 @@ def _run_run(args: argparse.Namespace) -> int:
                             progress=progress)
     finally:
         progress.stop()
-    for key in ("map", "half_maps", "fsc_plot", "parameters", "log"):
-        if key in outputs:
-            print(f"{key:>10}: {outputs[key]}")
+    print_outputs({k: outputs[k] for k in ("map", "half_maps", "fsc_plot", "parameters", "log") if k in outputs})
     return EXIT_OK
 
 
@@ -270,8 +272,7 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
                                      iteration=args.iteration, project_dir=args.project, progress=progress)
     finally:
         progress.stop()
-    for key, value in outputs.items():
-        print(f"{key:>10}: {value}")
+    print_outputs(outputs)
     return EXIT_OK
 
 

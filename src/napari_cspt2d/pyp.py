@@ -463,8 +463,9 @@ def run_reconstruction(
     stack, _ = mrc.open_stack(paths.stack(name))
     stem = f"{name}_r01_{int(iteration):02d}"
     log_path = paths.logs / f"{stem}_reconstruct.log"
+    opts = reconstruction_options(params)
     try:
-        result = reconstruct_tracks(stack, tracks, **reconstruction_options(params), progress=progress, cancel=cancel)
+        result = reconstruct_tracks(stack, tracks, **opts, progress=progress, cancel=cancel)
     except CsptInputError as exc:
         raise CsptRunError(f"No output parameter file is generated: {exc}", log_path=log_path) from exc
     outputs = {"map": paths.maps / f"{stem}.mrc"}
@@ -476,7 +477,6 @@ def run_reconstruction(
     outputs["parameters"] = parameters_out
     if save_stacks:
         particles = paths.scratch / f"{stem}_particles.mrcs"
-        opts = reconstruction_options(params)
         order = write_particle_stack(particles, stack, tracks, extract_box=opts["extract_box"],
                                      extract_bin=opts["extract_bin"], particle_rad_A=opts["particle_rad_A"],
                                      pixel_A=opts["pixel_A"])
