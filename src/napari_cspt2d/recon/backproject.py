@@ -30,19 +30,19 @@ Weights and reconstruction
     made robust to barely-sampled voxels). Half maps are split by particle: each image is inserted into the grid of
     its half, so the two halves are independent; the two grids fill in parallel (one thread each, numba ``nogil``).
 
-Insertion runs in three passes per chunk of images (``_records``, ``_sort_records``, ``_splat_records``): the points
-are computed (coordinates, value × model, weight) into a record buffer, sorted by 16³-voxel block of the grid, then
-spread; a grid larger than the caches is then visited block by block instead of at random, which is 1.5-2× faster
-for boxes ≥ 64 than inserting image by image.
+Insertion runs in three passes (``_records``, ``_sort_records``, ``_splat_records``): the points are computed
+(coordinates, value × model, weight) into a record buffer that spans calls, sorted by 16³-voxel block of the grid
+when the buffer is full or the grids are read, then spread; a grid larger than the caches is then visited block by
+block instead of at random, which is 2-4× faster for boxes ≥ 64 than inserting image by image.
 
-Memory is ``O(P³)`` (per half: a complex64 and a float32 grid, plus ~29 MB of insertion scratch) and does not depend
-on the number of images.
+Memory is ``O(P³)`` (per half: a complex64 and a float32 grid, plus an insertion buffer of ``P³/8`` points,
+14-115 MB) and does not depend on the number of images.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -58,7 +58,7 @@ from .ctf import ImageModel, model_row
 __all__ = ["Backprojector", "HalfMapReconstruction", "Projector", "project_volume", "fourier_images", "apply_bfactor"]
 
 WORKERS = 2
-RECORD_CAPACITY = 1 << 19  # points per insertion chunk and half (~29 MB of scratch per half)
+MIN_RECORDS, MAX_RECORDS = 1 << 19, 1 << 22  # insertion buffer per half: 14-115 MB of scratch (x2)
 
 
 # ----------------------------------------------------------------------------------------------------- numba kernels
@@ -67,9 +67,10 @@ RECORD_FIELDS = 6  # x, y + P, z + P, Re v, Im v, w
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _records(fimg, axes, phase_x, phase_y, ctf, env, env_step_inv, flip, f_step, grid, rec, key, counts):
+def _records(fimg, axes, phase_x, phase_y, ctf, env, env_step_inv, flip, f_step, grid, rec, key, counts, start):
     """Pass 1 of the insertion: one record per inserted point (grid coordinates after the Friedel flip, value × model,
-    weight = model²), its block key, and the per-block counts. Returns the number of records.
+    weight = model²), its block key, and the per-block counts, from row ``start`` of ``rec`` on. Returns the number
+    of records then held.
 
     ``fimg`` (B, m, m//2+1): ``m = P`` for images zero-padded to the grid, ``m = box`` for unpadded ones; only
     frequencies below the images' Nyquist (radius m/2) are taken. ``axes[b]`` (2, 3): grid coordinates (x, y, z) of
@@ -86,7 +87,7 @@ def _records(fimg, axes, phase_x, phase_y, ctf, env, env_step_inv, flip, f_step,
     has_ctf = ctf.shape[0] > 0
     has_env = env.shape[0] > 0
     buf = np.ones(nh)
-    n = 0
+    n = start
     for b in range(fimg.shape[0]):
         crow = ctf[b] if has_ctf else ctf[0:0].reshape(-1)
         erow = env[b] if has_env else env[0:0].reshape(-1)
@@ -193,29 +194,43 @@ def _splat_pair(data, weight, zi, yi, x0, wzy, gx0, fx, v, w):  # pragma: no cov
 
 
 class _Inserter:
-    """Insertion into one half's grids through the three passes above, in chunks of at most ``RECORD_CAPACITY``
-    records (scratch buffers reused; 56 bytes per record)."""
+    """Insertion into one half's grids through the three passes above. Records (28 bytes each) accumulate over calls
+    and are spread when the buffer is full or the grids are read (:meth:`flush`): the buffer holds about ``P³/8``
+    points (0.5-4 M), so each 16³ block receives a few points per voxel per spread and stays in cache while it is
+    written (2× faster at box 128 than spreading every 0.5 M points)."""
 
     def __init__(self, data: NDArray, weight: NDArray) -> None:
         self.data, self.weight = data, weight
         grid = data.shape[0]
         nb = ((grid - 1) >> BLOCK_SHIFT) + 1
         self.counts = np.zeros(nb * nb * (((grid // 2) >> BLOCK_SHIFT) + 1), np.int64)
-        capacity = max(RECORD_CAPACITY, grid * (grid // 2 + 1))  # at least one padded image
+        one_image = grid * (grid // 2 + 1)  # most points one (padded) image can give
+        capacity = max(one_image, min(MAX_RECORDS, max(MIN_RECORDS, grid**3 // 8)))
         self.rec = np.empty((capacity, RECORD_FIELDS), np.float32)
         self.sorted = np.empty_like(self.rec)
-        self.key = np.empty(capacity, np.int64)
+        self.key = np.empty(capacity, np.int32)
+        self.pending = 0
 
     def __call__(self, fimg, axes, px, py, ctf, env, env_step_inv, flip, f_step) -> None:
-        m = fimg.shape[1]
-        step = max(1, self.rec.shape[0] // ((m // 2 + 1) * m))
-        for s in range(0, fimg.shape[0], step):
-            sl = slice(s, s + step)
-            n = _records(fimg[sl], axes[sl], px[sl], py[sl], ctf[sl] if ctf.shape[0] else ctf,
-                         env[sl] if env.shape[0] else env, env_step_inv, flip, f_step, self.data.shape[0],
-                         self.rec, self.key, self.counts)
-            _sort_records(self.rec, self.key, n, self.counts, self.sorted)
-            _splat_records(self.data, self.weight, self.sorted, n)
+        per_image = fimg.shape[1] * (fimg.shape[1] // 2 + 1)
+        start = 0
+        while start < fimg.shape[0]:
+            room = (self.rec.shape[0] - self.pending) // per_image
+            if room == 0:
+                self.flush()
+                continue
+            sl = slice(start, start + room)
+            self.pending = _records(fimg[sl], axes[sl], px[sl], py[sl], ctf[sl] if ctf.shape[0] else ctf,
+                                    env[sl] if env.shape[0] else env, env_step_inv, flip, f_step, self.data.shape[0],
+                                    self.rec, self.key, self.counts, self.pending)
+            start += room
+
+    def flush(self) -> None:
+        """Spread the pending records into the grids."""
+        if self.pending:
+            _sort_records(self.rec, self.key, self.pending, self.counts, self.sorted)
+            _splat_records(self.data, self.weight, self.sorted, self.pending)
+            self.pending = 0
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
@@ -437,15 +452,35 @@ class Backprojector:
         self.pad_images = bool(pad_images)
         self.grid = self.box * self.pad
         shape = (self.grid, self.grid, self.grid // 2 + 1)
-        self.data = [np.zeros(shape, np.complex64) for _ in range(n_halves)]
-        self.weight = [np.zeros(shape, np.float32) for _ in range(n_halves)]
+        self._data = [np.zeros(shape, np.complex64) for _ in range(n_halves)]
+        self._weight = [np.zeros(shape, np.float32) for _ in range(n_halves)]
         self.count = np.zeros(n_halves, np.int64)
-        self._inserters = [_Inserter(d, w) for d, w in zip(self.data, self.weight)]
-        self._pool = ThreadPoolExecutor(max_workers=n_halves) if n_halves > 1 else None
+        self._inserters = [_Inserter(d, w) for d, w in zip(self._data, self._weight)]
+        # the halves fill in parallel unless this process is limited to one thread (WORKERS = 1, e.g. a dask worker)
+        self._pool = ThreadPoolExecutor(max_workers=n_halves) if n_halves > 1 and WORKERS > 1 else None
 
     @property
     def n_halves(self) -> int:
-        return len(self.data)
+        return len(self._data)
+
+    @property
+    def data(self) -> list[NDArray[np.complex64]]:
+        """Per half, ``Σ model · F_img`` on the half grid (P, P, P//2+1) complex64 (pending insertions spread)."""
+        self._flush()
+        return self._data
+
+    @property
+    def weight(self) -> list[NDArray[np.float32]]:
+        """Per half, ``Σ model²`` on the half grid (P, P, P//2+1) float32 (pending insertions spread)."""
+        self._flush()
+        return self._weight
+
+    def _flush(self) -> None:
+        if self._pool is None:
+            for inserter in self._inserters:
+                inserter.flush()
+        else:
+            list(self._pool.map(_Inserter.flush, self._inserters))
 
     def insert(
         self,
@@ -505,14 +540,31 @@ class Backprojector:
             self.count[h] += sel.size
 
         if self._pool is None:
-            run(0)
+            for h in range(self.n_halves):
+                run(h)
         else:
             list(self._pool.map(run, range(self.n_halves)))
 
+    def add_grids(self, data: Sequence[NDArray[np.complex64]], weight: Sequence[NDArray[np.float32]],
+                  count: ArrayLike) -> None:
+        """Add the grids of another accumulation of the same map (e.g. the images another process inserted):
+        ``data``/``weight`` one array per half shaped like :attr:`data`/:attr:`weight`, ``count`` images per half."""
+        shape = self.data[0].shape
+        if len(data) != self.n_halves or len(weight) != self.n_halves or any(
+                np.shape(a) != shape for a in (*data, *weight)):
+            raise CsptInputError(f"have {len(data)} data and {len(weight)} weight grids", field="grids",
+                                 expected=f"{self.n_halves} of each, shaped {shape}")
+        for h in range(self.n_halves):
+            self.data[h] += data[h]
+            self.weight[h] += weight[h]
+        self.count += np.asarray(count, dtype=np.int64).reshape(self.n_halves)
+
     def close(self) -> None:
-        """Release the worker threads (the grids stay)."""
+        """Spread pending insertions and release the worker threads (the grids stay usable)."""
+        self._flush()
         if self._pool is not None:
             self._pool.shutdown()
+            self._pool = None
 
     # ------------------------------------------------------------------------------------------------ reconstruction
     def _map(self, halves: tuple[int, ...], reg: NDArray[np.float64]) -> NDArray[np.float32]:
