@@ -466,16 +466,17 @@ class Backprojector:
     @property
     def data(self) -> list[NDArray[np.complex64]]:
         """Per half, ``Σ model · F_img`` on the half grid (P, P, P//2+1) complex64 (pending insertions spread)."""
-        self._flush()
+        self.flush()
         return self._data
 
     @property
     def weight(self) -> list[NDArray[np.float32]]:
         """Per half, ``Σ model²`` on the half grid (P, P, P//2+1) float32 (pending insertions spread)."""
-        self._flush()
+        self.flush()
         return self._weight
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Spread all pending insertions into the grids (reading :attr:`data` or :attr:`weight` does it too)."""
         if self._pool is None:
             for inserter in self._inserters:
                 inserter.flush()
@@ -561,7 +562,7 @@ class Backprojector:
 
     def close(self) -> None:
         """Spread pending insertions and release the worker threads (the grids stay usable)."""
-        self._flush()
+        self.flush()
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
