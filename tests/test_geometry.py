@@ -5,7 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from napari_cspt2d.errors import CsptInputError
 from napari_cspt2d.recon import geometry
+from napari_cspt2d.recon.geometry import symmetry_matrices
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
 BBA = DATA / "imod_bba"
@@ -122,3 +124,30 @@ def test_positions_with_tilt_axis_agree_with_imod_raw_frame():
     assert np.all(rms < 1.0), rms
     wrong_way = geometry.positions_from_shifts(rel, tilt, -axis, shift, (512, 512)) + 0.5
     assert np.sqrt(((wrong_way - predicted_imod) ** 2).mean()) > 10.0
+
+
+@pytest.mark.parametrize("name, order", [("C1", 1), ("c4", 4), ("D7", 14), ("O", 24)])
+def test_symmetry_groups_are_closed_rotation_groups(name, order):
+    ops = symmetry_matrices(name)
+    assert ops.shape == (order, 3, 3) and np.allclose(ops[0], np.eye(3))
+    assert np.allclose(np.linalg.det(ops), 1.0) and np.allclose(ops @ np.swapaxes(ops, 1, 2), np.eye(3))
+    flat = ops.reshape(order, 9)
+    for a in ops:  # every product is again in the group
+        products = (a @ ops).reshape(order, 1, 9)
+        assert np.all(np.min(np.abs(products - flat[None]).max(-1), axis=1) < 1e-9)
+
+
+def test_symmetry_axes_follow_relion():
+    z4 = symmetry_matrices("C4")
+    assert np.allclose(z4 @ [0, 0, 1], [0, 0, 1]) and not np.allclose(z4[1] @ [1, 0, 0], [1, 0, 0])
+    d3 = symmetry_matrices("D3")
+    assert any(np.allclose(s @ [1, 0, 0], [1, 0, 0]) and np.allclose(s @ [0, 0, 1], [0, 0, -1]) for s in d3)
+    octa = symmetry_matrices("O")
+    for axis in np.eye(3):  # 4-fold axes along x, y and z
+        assert sum(np.allclose(s @ axis, axis) for s in octa) == 4
+
+
+@pytest.mark.parametrize("bad", ["T", "I2", "C0", "X3", ""])
+def test_unsupported_symmetry_is_refused(bad):
+    with pytest.raises(CsptInputError, match="particle_sym"):
+        symmetry_matrices(bad)

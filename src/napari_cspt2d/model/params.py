@@ -139,8 +139,9 @@ _SPECS = [
               "negative)."),
     # ---------------------------------------------------------------- reconstruction
     ParamSpec("particle_sym", str, "C1", "reconstruction", "Symmetry",
-              "Point-group symmetry applied during reconstruction (Cn, Dn, T, O, I, I1, I2).",
-              pattern=r"(?i:[CD][1-9][0-9]{0,2}|T|O|I[12]?)"),
+              "Point-group symmetry applied during reconstruction: Cn (n-fold axis along z), Dn (plus a 2-fold "
+              "axis along x) or O (4-fold axes along x, y, z), as in RELION and cisTEM.",
+              pattern=r"(?i:[CD][1-9][0-9]{0,2}|O)"),
     ParamSpec("reconstruct_cutoff", str, "1", "reconstruction", "Fraction of particles",
               "Particles used for reconstruction, per iteration: 0 = automatic, < 1 = fraction, 1 = all, > 1 = "
               "number of particles.", minimum=0, per_iteration=True),

@@ -46,6 +46,11 @@ Shifts
     position (centre + projection of its 3D point) with its true centre at ``+shift_px`` from the box centre has
     cisTEM shift ``+shift_px * pixel_A``. Reconstruction moves the image by ``-shift`` before insertion.
 
+Symmetry (``particle_sym``, RELION's and cisTEM's settings)
+    ``Cn``: n-fold axis along z. ``Dn``: ``Cn`` plus a 2-fold axis along x. ``O``: 4-fold axes along x, y and z. A
+    symmetric map satisfies ``map(S @ r) = map(r)`` for every operator ``S`` of :func:`symmetry_matrices`, so an image
+    seen through ``A`` is also a view through every ``A @ S``; reconstruction inserts it once per operator.
+
 Box centre
     For an extracted box of size N (even or odd) the centre is pixel index ``N // 2`` (the FFT origin after
     ``fftshift``), as in RELION and cisTEM.
@@ -53,8 +58,12 @@ Box centre
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from ..errors import CsptInputError
 
 __all__ = [
     "euler_to_matrix",
@@ -67,6 +76,7 @@ __all__ = [
     "image_center_px",
     "positions_from_shifts",
     "shifts_from_positions",
+    "symmetry_matrices",
 ]
 
 
@@ -178,3 +188,39 @@ def shifts_from_positions(
 ) -> NDArray[np.float64]:
     """Inverse of :func:`positions_from_shifts`: shifts ``(N, 2)`` that put each projection at ``position_xy_px``."""
     return np.asarray(position_xy_px) - image_center_px(shape_yx) - project_points(xyz_px, angle_deg, axis_deg)[:, :2]
+
+
+def _axis_rotation(axis: ArrayLike, fold: int) -> NDArray[np.float64]:
+    """Rotation by ``360° / fold`` about the unit vector along ``axis`` (Rodrigues)."""
+    u = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
+    a = 2.0 * np.pi / fold
+    cross = np.array([[0.0, -u[2], u[1]], [u[2], 0.0, -u[0]], [-u[1], u[0], 0.0]])
+    return np.cos(a) * np.eye(3) + np.sin(a) * cross + (1.0 - np.cos(a)) * np.outer(u, u)
+
+
+def symmetry_matrices(symmetry: str) -> NDArray[np.float64]:
+    """Rotation matrices ``(n, 3, 3)`` of a point group (identity first): ``C1``, ``Cn``, ``Dn`` or ``O`` (case-
+    insensitive; axes as in the module docstring). Other groups raise :class:`CsptInputError`."""
+    text = str(symmetry).strip().upper()
+    match = re.fullmatch(r"([CD])([1-9][0-9]{0,2})|O", text)
+    if match is None:
+        raise CsptInputError(f"is {symmetry!r}", field="particle_sym", expected="C1, Cn, Dn or O (T and I are not "
+                                                                                 "supported)")
+    if text == "O":
+        generators = [_axis_rotation((0, 0, 1), 4), _axis_rotation((1, 1, 1), 3)]
+    else:
+        generators = [_axis_rotation((0, 0, 1), int(match.group(2)))]
+        if match.group(1) == "D":
+            generators.append(_axis_rotation((1, 0, 0), 2))
+    group = [np.eye(3)]
+    frontier = [np.eye(3)]
+    while frontier:  # closure under the generators
+        found = []
+        for m in frontier:
+            for g in generators:
+                candidate = g @ m
+                if not any(np.allclose(candidate, known, atol=1e-9) for known in group):
+                    group.append(candidate)
+                    found.append(candidate)
+        frontier = found
+    return np.array(group)
