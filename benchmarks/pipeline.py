@@ -6,11 +6,14 @@ iterations (2..4, no early stop) after the initial reconstruction, in a fresh pr
 
 * with a ``LocalCluster`` of 2 single-threaded workers (the whole run, cluster start included, must take < 60 s on
   2 cores), and
-* with 1 worker, for the scaling of the refinement stage (the dask part) and of the whole run.
+* with 1 worker: the whole run with 2 workers must be >= 1.7× faster (the workers refine the bundles and insert
+  their projections into the maps; the main process adds the workers' grids and finishes each map).
 
-Reported per run: seconds per stage (input checks, cluster start, split, refine, merge, reconstruct; summed over
-iterations), total wall time, the final resolution (half-map FSC 0.143, and FSC 0.5 against the truth map) and the
-RMS position error against the truth. A table is printed and JSON written to ``benchmarks/results/pipeline.json``.
+Reported per run: seconds per stage (input checks, cluster start, split, refine + insertion, merge, reconstruct =
+adding the grids and finishing the maps, plus the initial map's insertion jobs; close = cluster stop and the last
+FSC plot; summed over iterations), total wall time, the final resolution (half-map FSC 0.143, and FSC 0.5 against
+the truth map) and the RMS position error against the truth. A table is printed and JSON written to
+``benchmarks/results/pipeline.json``.
 
 The machine's load average before and after, and a probe of how much 2 processes gain over 1 on a pure-CPU loop
 (2.0 on idle cores), are recorded: other processes on the same cores slow every number down and above all flatten
@@ -22,6 +25,7 @@ Usage: ``python benchmarks/pipeline.py [--particles 50] [--iterations 3] [--work
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -33,7 +37,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("check", "cluster start", "prepare", "refine", "merge", "reconstruct")
+STAGES = ("check", "cluster start", "prepare", "refine", "merge", "reconstruct", "close")
+#: Whole-run speed of 2 workers relative to 1 that the pipeline must reach.
+SCALING_GOAL = 1.7
 
 
 def _spin(n: int) -> int:
@@ -57,6 +63,22 @@ def cpu_scaling_probe(n: int = 3_000_000) -> float:
         pool.map(_spin, [n, n])
         two = time.perf_counter() - t0
     return 2.0 * one / two
+
+
+def warm_up_main_process(template: Path, workdir: Path, sample) -> None:
+    """Pay the main process's one-time costs (importing dask and matplotlib, loading the reconstruction's numba
+    kernels) outside the timing, so they do not land on whichever run comes first: a map of 4 particles, written
+    with its FSC plot."""
+    from napari_cspt2d import pyp
+    from napari_cspt2d.io.mrc import open_stack
+    from napari_cspt2d.recon.pipeline import reconstruction_options
+    from napari_cspt2d.recon.reconstruct import reconstruct_tracks
+
+    importlib.import_module("napari_cspt2d.cluster")  # and so distributed
+    tracks = sample.tracks.select(np.isin(sample.tracks.particle, sample.tracks.particles.id[:4]))
+    stack, _ = open_stack(template / "sample_stack.mrc")
+    result = reconstruct_tracks(stack, tracks, **reconstruction_options(pyp.load_parameters(template)))
+    result.write(workdir / "warm_up.mrc")
 
 
 def run_once(template: Path, workdir: Path, workers: int, iterations: int, bundle_size: int, sample) -> dict:
@@ -112,6 +134,7 @@ def main() -> None:
         write_sample(sample, work / "template", name="sample")
         prepare_s = time.perf_counter() - t0
         error0 = np.linalg.norm(sample.tracks.positions_px() - sample.truth_tracks.positions_px(), axis=1)
+        warm_up_main_process(work / "template", work, sample)
         runs = [run_once(work / "template", work, w, args.iterations, args.bundle_size, sample)
                 for w in args.workers]
 
@@ -141,6 +164,10 @@ def main() -> None:
         print(f"2 workers vs 1: refine stage ×{speedup['refine_stage']:.2f}, whole run ×{speedup['whole_run']:.2f}")
     goal = by_workers.get(2, runs[0])["total_s"]
     print(f"goal: whole run < 60 s on 2 cores: {'met' if goal < 60 else 'NOT met'} ({goal:.1f} s)")
+    if speedup:
+        met = speedup["whole_run"] >= SCALING_GOAL
+        print(f"goal: 2 workers >= {SCALING_GOAL}× one worker: {'met' if met else 'NOT met'} "
+              f"(×{speedup['whole_run']:.2f})")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"particles": args.particles, "tilts": args.tilts, "box": 64, "iterations": args.iterations,

@@ -5,14 +5,16 @@ file, {name}.pkl, a map, a streamed stack) in a loop, each version filled with i
 it with SIGKILL at random moments, 20 times, and after each kill reads every file that has its final name with our
 readers and checks it is one whole version. What a kill may leave behind (documented and asserted here):
 
-* ``.{name}.<random>.part`` temporary files of the write that was interrupted (never read by anyone; they pile up
-  until removed, and a stack's can be large);
+* ``.{name}.<random>.part`` temporary files of the write that was interrupted (never read by anyone);
+  :func:`~napari_cspt2d.io.atomic.remove_stale_temp_files` (run at the start of every pipeline run) removes them;
 * a ``.cistem`` pair from two versions: each file is atomic, the pair is not (the main file is renamed first, so
-  after a kill between the two renames the main file is one version ahead of ``_extended.cistem``).
+  after a kill between the two renames the main file is one version ahead of ``_extended.cistem``). The pair
+  reader refuses such a pair (the extended file carries the digest of the main file it was written with).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
@@ -21,11 +23,15 @@ import sys
 import textwrap
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
+from test_fuzz_readers import PARAMS_SEED, seed_tracks
 
-from napari_cspt2d.io import cistem, metadata, mrc, toml, trackdata
+from napari_cspt2d import CsptInputError
+from napari_cspt2d.io import atomic, cistem, metadata, mrc, toml, trackdata
+from napari_cspt2d.pyp import Parameters, create_cistem_from_2d_tracks
 
 N_PARTICLES, N_TILTS, N_FRAMES, STACK_SHAPE, MAP_SHAPE = 20, 41, 500, (12, 128, 128), (24, 24, 24)
 
@@ -127,8 +133,52 @@ def test_files_survive_sigkill_at_random_moments(tmp_path):
         if main is not None and ext is not None:
             assert main - ext in (0, 1), f"pair versions {main} and {ext}"  # main renamed first, then extended
             split_pairs += main != ext
+            _check_pair(tmp_path / "ts_r01.cistem", torn=main != ext)
         leftovers = {p.name for p in tmp_path.iterdir()} - set(FINAL)
         assert all(re.fullmatch(rf"\.({'|'.join(map(re.escape, FINAL))})\.\w+\.part", n) for n in leftovers), leftovers
         stray_parts = len(leftovers)
     assert seen == set(FINAL), f"the writer never completed {set(FINAL) - seen} in {kills} runs"
     print(f"\n{kills} kills: {stray_parts} stray .part files left, cistem pair split by {split_pairs} kills")
+
+
+def _check_pair(path, *, torn: bool) -> None:
+    """The pair reader accepts a pair written together and refuses one torn between its two renames."""
+    if not torn:
+        cistem.read_pair(path)
+        return
+    with pytest.raises(CsptInputError) as err:
+        cistem.read_pair(path)
+    assert err.value.field == "pair" and err.value.file == str(cistem.extended_path(path))
+
+
+def test_torn_cistem_pair_is_refused(tmp_path):
+    """A kill between the two renames leaves a new main file beside the old extended file: refused by every pair
+    reader, accepted again once both files are written."""
+    main, ext = map(Path, create_cistem_from_2d_tracks("ts", seed_tracks(), PARAMS_SEED, tmp_path))
+    old_ext = ext.read_bytes()
+    moved = seed_tracks()
+    moved["projections"][0]["shift_x"] += 3.0
+    create_cistem_from_2d_tracks("ts", moved, PARAMS_SEED, tmp_path)
+    _check_pair(main, torn=False)
+    ext.write_bytes(old_ext)  # as if killed after the main file's rename
+    _check_pair(main, torn=True)
+    with pytest.raises(CsptInputError, match="interrupted"):
+        Parameters.from_file(main)
+    assert len(cistem.read_extended(ext)[0]) == 3  # the extended file alone is whole
+    create_cistem_from_2d_tracks("ts", moved, PARAMS_SEED, tmp_path)
+    assert len(Parameters.from_file(main)) == 12
+
+
+def test_stale_temp_files_are_removed_and_fresh_ones_kept(tmp_path):
+    started = time.time()
+    stale = [tmp_path / ".map.mrc.abcd1234.part", tmp_path / "frealign" / "scratch" / ".x_r01.cistem.zz_9zz_9.part"]
+    fresh = tmp_path / ".tracks.json.qwer5678.part"  # a writer at work
+    other = [tmp_path / ".notes.part", tmp_path / "map.part", tmp_path / ".old.mrc.abcd1234.partial"]
+    for path in (*stale, fresh, *other):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        if path != fresh:
+            os.utime(path, (started - 3600, started - 3600))
+    assert sorted(atomic.remove_stale_temp_files(tmp_path, started=started)) == sorted(stale)
+    assert fresh.exists() and all(p.exists() for p in other) and not any(p.exists() for p in stale)
+    assert atomic.remove_stale_temp_files(tmp_path, started=started + 3600) == [fresh]

@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -70,6 +71,11 @@ def test_dashboard_link_points_at_the_schedulers_http_server():
         assert port != 8787  # an ephemeral port: two runs on one machine do not clash
         with urllib.request.urlopen(link, timeout=10) as page:
             assert page.status == 200
+    with make_client({"cluster_backend": "local", "workers": 1}, dashboard=False) as client:  # as the pipeline
+        link = dashboard_link(client)  # the scheduler's HTTP server, without the dashboard's pages
+        assert client.scheduler_info()["services"]["dashboard"] != 8787
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(link, timeout=10)
 
 
 def test_a_worker_that_dies_mid_task_is_a_run_error():

@@ -120,22 +120,6 @@ READERS: dict[str, tuple[str, tuple[Callable[[Path], object], ...]]] = {
     "cryodrgn_ctf": ("ctf.pkl", (cryodrgn.read_ctf,)),
 }
 
-#: bugs found in readers still being written (reported to their author, not fixed here): the fuzz tests skip or
-#: expect them until they are fixed; remove the entry then.
-HANGS = {"fiducial": "imodmodel loops forever on a truncated or corrupt .fid (EOF reads as an unknown chunk) and "
-                     "builds a 'fff' * psize struct format from the file's point count"}
-FAILS = {"particle_series": "an empty loop or a repeated column name escapes as ValueError/TypeError",
-         "cryodrgn_poses": "non-numeric arrays in the pose tuple escape as ValueError"}
-
-
-def readers(*, known: bool) -> list:
-    """READERS as parameters; known bugs skipped (hangs) and, with ``known``, expected to fail."""
-    marks = {r: pytest.mark.skip(reason=why) for r, why in HANGS.items()}
-    if known:
-        marks.update({r: pytest.mark.xfail(reason=why, strict=False) for r, why in FAILS.items()})
-    return [pytest.param(r, marks=marks.get(r, ())) for r in READERS]
-
-
 MDOC = "PixelSpacing = 1.35\nImageSize = 40 32\n\n[T = SerialEM: fuzz]\n\n[T = Tilt axis angle = 85.3]\n\n" + "".join(
     f"[ZValue = {z}]\nTiltAngle = {a}\nExposureDose = 3\nTargetDefocus = -2.5\nDateTime = 02-Jan-24  10:0{z}:00\n"
     f"SubFramePath = D:\\frames\\ts_{z:03d}.tif\n\n" for z, a in enumerate((-30.0, -15.0, 0.0, 15.0)))
@@ -252,7 +236,7 @@ def corrupted(draw, data: bytes) -> bytes:
     return bytes(out)
 
 
-@pytest.mark.parametrize("reader", readers(known=True))
+@pytest.mark.parametrize("reader", READERS)
 def test_corrupted_bytes(reader, project, tmp_path):
     name, calls = READERS[reader]
 
@@ -269,7 +253,7 @@ def _boundaries(name: str, data: bytes) -> set[int]:
     cuts, near = {0, len(data) - 1} | set(range(0, min(len(data), 64))), (-1, 0, 1)
     if name.endswith(".cistem"):
         offset, blocked = 0, name.endswith("_extended.cistem")
-        while offset + 8 <= len(data):
+        while offset + 8 <= len(data) and data[offset:offset + 8] != cistem.PAIR_MAGIC:  # the pair trailer ends it
             head = offset + (8 if blocked else 0)
             n_cols, n_rows = struct.unpack_from("<ii", data, head)
             cols = head + 8
@@ -289,7 +273,7 @@ def _boundaries(name: str, data: bytes) -> set[int]:
     return {c + d for c in cuts for d in near if 0 <= c + d < len(data)}
 
 
-@pytest.mark.parametrize("reader", readers(known=False))
+@pytest.mark.parametrize("reader", READERS)
 def test_truncated_at_every_boundary(reader, project, tmp_path):
     name, calls = READERS[reader]
     data = project[name]
@@ -297,7 +281,7 @@ def test_truncated_at_every_boundary(reader, project, tmp_path):
         check(reader, put(tmp_path, project, name, data[:cut]), calls)
 
 
-@pytest.mark.parametrize("reader", readers(known=False))
+@pytest.mark.parametrize("reader", READERS)
 def test_huge_string_and_empty_file(reader, project, tmp_path):
     name, calls = READERS[reader]
     check(reader, put(tmp_path, project, name, b""), calls)
@@ -498,34 +482,56 @@ def test_corpus(case, tmp_path):
     path = tmp_path / f"input{case.suffix}"
     path.write_bytes(case.read_bytes())
     for call in CORPUS_READERS[reader]:
-        tracemalloc.start()
-        try:
-            with pytest.raises(CsptInputError) as err, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                call(path)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-        assert err.value.file == str(path), err.value
-        assert peak < 20e6, f"reading {case.name} allocated {peak / 1e6:.0f} MB"
+        assert_refused_cheaply(call, path, case.name)
 
 
-# ------------------------------------------------------------------------------------------------ reported bugs
+def assert_refused_cheaply(call: Callable[[Path], object], path: Path, what: str) -> None:
+    """``call(path)`` raises CsptInputError naming ``path`` and allocates at most 20 MB on the way."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(CsptInputError) as err, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            call(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.value.file == str(path), err.value
+    assert peak < 20e6, f"reading {what} allocated {peak / 1e6:.0f} MB"
+
+
+# ------------------------------------------------------------------------------------------------ fixed bugs
 SERIES_HEADER = SERIES_STAR[:SERIES_STAR.index("p0 ")]
 
 
-@pytest.mark.xfail(strict=True, reason="reported bugs in io/star.py and io/cryodrgn.py; remove each case when fixed")
-@pytest.mark.parametrize("name, data, call", [
-    ("series.star", SERIES_HEADER, lambda p: star.read_particle_series_star(p, (32, 40))),  # no rows: argmin
-    ("series.star", SERIES_STAR.replace("_rlnAngleRot #6", "_rlnCtfScalefactor #6"),  # a column twice: TypeError
-     lambda p: star.read_particle_series_star(p, (32, 40))),
-    ("poses.pkl", pickle.dumps((np.full((1, 3, 3), "a"), np.zeros((1, 2)))), cryodrgn.read_poses),
-    ("ctf.pkl", pickle.dumps([[1.0] * 9, [1.0]]), cryodrgn.read_ctf),  # ragged: ValueError
-], ids=["series_no_rows", "series_repeated_column", "poses_strings", "ctf_ragged"])
-def test_reported_reader_bugs(tmp_path, name, data, call):
-    path = tmp_path / name
-    path.write_bytes(data if isinstance(data, bytes) else data.encode())
-    check(name, path, (call,))
+def _fiducial_with_point_count(project: dict[str, bytes], count: int) -> bytes:
+    """The valid model with the first contour's point count (``psize``) replaced."""
+    data = bytearray(project["ts.fid"])
+    struct.pack_into(">i", data, data.index(b"CONT") + 4, count)
+    return bytes(data)
+
+
+#: inputs that once escaped the readers (ValueError/TypeError, or imodmodel allocating a 6 GB struct format)
+FIXED_BUGS = {
+    "series_no_rows": ("series.star", lambda _: SERIES_HEADER.encode(),
+                       lambda p: star.read_particle_series_star(p, (32, 40))),
+    "series_repeated_column": ("series.star",
+                               lambda _: SERIES_STAR.replace("_rlnAngleRot #6", "_rlnCtfScalefactor #6").encode(),
+                               lambda p: star.read_particle_series_star(p, (32, 40))),
+    "poses_strings": ("poses.pkl", lambda _: pickle.dumps((np.full((1, 3, 3), "a"), np.zeros((1, 2)))),
+                      cryodrgn.read_poses),
+    "ctf_ragged": ("ctf.pkl", lambda _: pickle.dumps([[1.0] * 9, [1.0]]), cryodrgn.read_ctf),
+    "fiducial_point_count_2e31": ("ts.fid", lambda project: _fiducial_with_point_count(project, 2**31 - 1),
+                                  _fiducials),
+    "fiducial_point_count_negative": ("ts.fid", lambda project: _fiducial_with_point_count(project, -5),
+                                      _fiducials),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FIXED_BUGS))
+def test_fixed_reader_bugs(project, tmp_path, case):
+    """Each input is refused with CsptInputError naming the file, allocating at most a few MB."""
+    name, make, call = FIXED_BUGS[case]
+    assert_refused_cheaply(call, put(tmp_path, project, name, make(project)), case)
 
 
 def test_truncated_fiducial_model_does_not_hang(project, tmp_path):

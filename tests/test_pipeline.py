@@ -1,4 +1,5 @@
-"""The CSPT pipeline and its pyp façade: per-particle split, Option A/B, dask vs serial, bad input, resume."""
+"""The CSPT pipeline and its pyp façade: per-particle split, Option A/B, dask vs serial, several tilt series, bad
+input, resume."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import pytest
 
 from napari_cspt2d import pyp
 from napari_cspt2d.errors import CsptInputError, CsptRunError
-from napari_cspt2d.io.mrc import read_image, write_map
+from napari_cspt2d.io.mrc import open_stack, read_image, write_map
 from napari_cspt2d.recon import fsc, refine
-from napari_cspt2d.recon.pipeline import tilt_series_names
-from napari_cspt2d.sample import write_sample
+from napari_cspt2d.recon.pipeline import reconstruction_options, tilt_series_names
+from napari_cspt2d.recon.reconstruct import HalfMapInsertion, ReconstructionSettings, half_split, reconstruct_tracks
+from napari_cspt2d.sample import make_sample, write_sample
 
 SETTINGS = {"refine_maxiter": 4, "refine_rhref": "12:10:9", "slurm_bundle_size": 4, "refine_shift_range_A": 0.0}
 
@@ -44,6 +46,17 @@ def truth_error_px(tracks, sample):
 
 def read_tracks(path, sample):
     return pyp.Parameters.from_file(path).to_trackset(sample.tracks.image_shape_yx, tilts=sample.tracks.tilts)
+
+
+def assert_same_map(a, b):
+    """Equal up to float rounding (the pipeline adds grids filled in parts, in another order)."""
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+
+
+def reconstruct_iteration(root, name, iteration):
+    """The single-process reconstruction of a tilt series' parameters after ``iteration``."""
+    params, tracks, _ = pyp.load_project(root, name, iteration)
+    return reconstruct_tracks(open_stack(root / f"{name}_stack.mrc")[0], tracks, **reconstruction_options(params))
 
 
 # ------------------------------------------------------------------------------------------------ split
@@ -121,6 +134,15 @@ def test_option_a_runs_from_the_project_folder(option_a, small_sample):
 
 
 @pytest.mark.slow
+def test_maps_built_in_parts_equal_the_single_process_reconstruction(option_a):
+    root, out = option_a
+    for it in (1, out["iterations"][-1]["iteration"]):
+        expected = reconstruct_iteration(root, "sample", it)
+        assert_same_map(read_image(root / "frealign" / "maps" / f"sample_r01_{it:02d}.mrc"), expected.map)
+    assert out["iterations"][-1]["projections"] == expected.stats["n_used"]
+
+
+@pytest.mark.slow
 def test_fsc_against_truth_improves_monotonically(option_a, small_sample):
     root, out = option_a
     iterations = [1] + [it["iteration"] for it in out["iterations"]]
@@ -166,6 +188,48 @@ def test_local_cluster_gives_the_same_parameters_as_one_process(tmp_path, templa
     np.testing.assert_allclose(b.shift_px, a.shift_px, atol=1e-3)
     np.testing.assert_allclose(b.score, a.score, atol=1e-5)
     np.testing.assert_allclose(b.particles.euler_deg, a.particles.euler_deg, atol=1e-3)
+    for it in (1, 2):  # inserted by the workers, finished in the main process
+        maps = [read_image(tmp_path / mode / "frealign" / "maps" / f"sample_r01_{it:02d}.mrc")
+                for mode in ("serial", "dask")]
+        assert_same_map(maps[1], maps[0])
+
+
+# ------------------------------------------------------------------------------------------------ several tilt series
+@pytest.fixture(scope="module")
+def second_sample():
+    """Another small tilt series of the same object: other particles, tilts, defocus and image size."""
+    return make_sample(n_particles=8, n_tilts=15, shape_yx=(320, 320), box=48, thickness_px=60.0, defocus_um=3.0,
+                       seed=1)
+
+
+@pytest.mark.slow
+def test_every_tilt_series_is_refined_and_all_go_into_one_map(tmp_path, small_sample, second_sample):
+    root = tmp_path / "pair"
+    write_sample(small_sample, root, name="tsA")
+    write_sample(second_sample, root, name="tsB")
+    params = pyp.load_parameters(root)
+    params.update(SETTINGS, refine_maxiter=2, data_set="")  # no data set: the project folder names the map
+    out = pyp.csp_split(params, iteration=2, project_dir=root, serial=True)
+
+    maps = root / "frealign" / "maps"
+    assert Path(out["map"]) == maps / "pair_r01_02.mrc" and (maps / "pair_r01_01.mrc").is_file()
+    assert [Path(p).name for p in out["parameters"]] == ["tsA_r01_02.cistem", "tsB_r01_02.cistem"]
+    for name, sample in (("tsA", small_sample), ("tsB", second_sample)):
+        refined = read_tracks(maps / f"{name}_r01_02.cistem", sample)
+        assert truth_error_px(refined, sample) < 0.5 * truth_error_px(sample.tracks, sample), name
+
+    # the map is both series inserted together, each split into halves by its own particles
+    together = HalfMapInsertion(ReconstructionSettings(**reconstruction_options(params)))
+    for name in ("tsA", "tsB"):
+        _, tracks, _ = pyp.load_project(root, name, 2)
+        together.insert(open_stack(root / f"{name}_stack.mrc")[0], tracks, half_split(tracks))
+    assert out["iterations"][0]["projections"] == together.stats["n_used"] > len(small_sample.tracks)
+    assert_same_map(read_image(out["map"]), together.finish().map)
+    together.close()
+    one = reconstruct_iteration(root, "tsA", 2).map
+    truth_fsc = [fsc.fsc_curve(m, small_sample.truth_map, small_sample.pixel_A).fsc[1:].mean()
+                 for m in (read_image(out["map"]), one)]
+    assert truth_fsc[0] > truth_fsc[1], truth_fsc
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -244,3 +308,5 @@ def test_failed_job_is_reported_with_its_log_and_the_run_resumes(project, monkey
     out = pyp.csp_split(params, project_dir=project, serial=True)
     assert out["iterations"][0]["skipped"] == 2 and out["iterations"][0]["bundles"] == 3
     assert Path(out["map"]).name == "sample_r01_02.mrc"
+    # the resumed bundles' projections are inserted by the main process
+    assert_same_map(read_image(out["map"]), reconstruct_iteration(project, "sample", 2).map)

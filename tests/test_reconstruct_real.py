@@ -126,3 +126,21 @@ def test_cryodrgn_ribosome_particles_reconstruct(ribosomes):
     gold = _real_reconstruction(ribosomes, rot, particle % 2, mask).fsc.resolution_A()
     gold_wrong = _real_reconstruction(ribosomes, np.swapaxes(rot, 1, 2), particle % 2, mask).fsc.resolution_A()
     assert gold < 130.0 and gold < 0.8 * gold_wrong
+
+
+def _rotate_180_about_z(vol):
+    """The map turned by 180° about z through voxel n // 2 (``[z, y, x]`` → ``[z, -y, -x]``)."""
+    return np.roll(vol[:, ::-1, ::-1], 1, axis=(1, 2))
+
+
+def test_symmetry_makes_the_map_the_symmetrised_object(small_sample):
+    """With particle_sym C2 every image also counts as its view turned by 180° about z, so the map of an asymmetric
+    object is the C2 average of it: symmetric itself, and closer to the average than to the object."""
+    truth = small_sample.truth_map
+    averaged = 0.5 * (truth + _rotate_180_about_z(truth))
+    c2 = _run(small_sample, symmetry="C2").map
+    corr = lambda a, b: np.corrcoef(a.ravel(), b.ravel())[0, 1]  # noqa: E731
+    assert corr(c2, _rotate_180_about_z(c2)) > 0.98
+    assert corr(c2, averaged) > 0.95 and corr(c2, averaged) > corr(c2, truth) + 0.05
+    with pytest.raises(CsptInputError, match="particle_sym"):
+        _run(small_sample, symmetry="I2")

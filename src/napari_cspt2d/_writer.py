@@ -79,10 +79,7 @@ def save_tracks(path: str | os.PathLike[str], tracks: TrackSet, *, pixel_A: floa
 
         scope = {**MICROSCOPE_DEFAULTS, **(microscope or {})}
         main, particles, tilts = cistem.tables_from_tracks(tracks, pixel_A=float(pixel_A), **scope)
-        extended = cistem.extended_path(path)
-        cistem.write_cistem(path, main)
-        cistem.write_extended(extended, particles, tilts)
-        return [path, extended]
+        return list(cistem.write_pair(path, main, particles, tilts))
     if suffix in (".json", ".pkl"):
         from .io.trackdata import write_track_data
 

@@ -107,6 +107,7 @@ def make_client(
     scheduler_address: str | None = None,
     tasks: int | None = None,
     project_dir: str | os.PathLike[str] | None = None,
+    dashboard: bool = True,
 ) -> Iterator[Client]:
     """A dask ``Client`` for ``params``' cluster backend; the cluster it started is closed on exit.
 
@@ -124,6 +125,9 @@ def make_client(
     project_dir:
         Project folder; SLURM job logs go to ``project_dir/log``. Default: the folder of the parameters'
         ``.pyp_config.toml``, else the current folder.
+    dashboard:
+        Serve the scheduler's dashboard (:func:`dashboard_link`) when this starts the scheduler; False keeps only
+        its HTTP health and metrics routes (on a free port too) and saves ~0.6 s of start-up (importing bokeh).
 
     Raises :class:`CsptInputError` naming the key for bad settings, and :class:`CsptRunError` (with the job's log
     path on SLURM) when a worker dies while running a task.
@@ -134,7 +138,7 @@ def make_client(
     if scheduler_address is not None:
         _check_address(scheduler_address, "scheduler_address")
     backend = "address" if scheduler_address is not None else params["cluster_backend"]
-    with _start(backend, params, workers, tasks, scheduler_address, project_dir) as (client, job_of):
+    with _start(backend, params, workers, tasks, scheduler_address, project_dir, dashboard) as (client, job_of):
         try:
             yield client
         except KilledWorker as exc:
@@ -169,10 +173,11 @@ JobLookup = Callable[[str], tuple[str, Path] | None]
 
 @contextmanager
 def _start(backend: str, params: PypParameters, workers: int, tasks: int | None, scheduler_address: str | None,
-           project_dir: str | os.PathLike[str] | None) -> Iterator[tuple[Client, JobLookup]]:
+           project_dir: str | os.PathLike[str] | None, dashboard: bool) -> Iterator[tuple[Client, JobLookup]]:
     if backend == "local":
         n = _worker_count(workers, len(os.sched_getaffinity(0)), tasks)
         with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=_DASHBOARD,
+                          scheduler_kwargs={"dashboard": dashboard},
                           silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
             yield client, _no_job
     elif backend == "address":
@@ -186,7 +191,7 @@ def _start(backend: str, params: PypParameters, workers: int, tasks: int | None,
         with client:
             yield client, _no_job
     elif backend == "slurm":
-        with _slurm_client(params, workers, tasks, _log_dir(params, project_dir)) as started:
+        with _slurm_client(params, workers, tasks, _log_dir(params, project_dir), dashboard) as started:
             yield started
     else:  # PypParameters only lets the three choices through; a plain dict could carry anything else
         raise CsptInputError(f"is {backend!r}", field="cluster_backend", expected="'local', 'address' or 'slurm'")
@@ -203,8 +208,8 @@ def _log_dir(params: PypParameters, project_dir: str | os.PathLike[str] | None) 
 
 
 @contextmanager
-def _slurm_client(params: PypParameters, workers: int, tasks: int | None,
-                  log_dir: Path) -> Iterator[tuple[Client, JobLookup]]:
+def _slurm_client(params: PypParameters, workers: int, tasks: int | None, log_dir: Path,
+                  dashboard: bool) -> Iterator[tuple[Client, JobLookup]]:
     from dask_jobqueue import SLURMCluster
 
     if shutil.which("sbatch") is None:
@@ -228,7 +233,7 @@ def _slurm_client(params: PypParameters, workers: int, tasks: int | None,
             log_directory=str(log_dir),
             job_name=name,
             python=sys.executable,
-            scheduler_options={"dashboard_address": _DASHBOARD},
+            scheduler_options={"dashboard_address": _DASHBOARD, "dashboard": dashboard},
             silence_logs=logging.ERROR,
         )
     with cluster:

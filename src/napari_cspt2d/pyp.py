@@ -113,14 +113,15 @@ class Parameters:
     def from_file(cls, path: str | os.PathLike[str], extended_path: str | os.PathLike[str] | None = None
                   ) -> Parameters:
         """Read ``path`` (``.cistem``) and, if present, its ``_extended.cistem`` (``extended_path``, default: beside
-        it)."""
+        it); a pair torn by an interrupted write is refused (:func:`napari_cspt2d.io.cistem.read_pair`)."""
         path = Path(path)
         ext = cistem.extended_path(path) if extended_path is None else Path(extended_path)
-        main = cistem.read_cistem(path)
-        extended = ExtendedParameters(*cistem.read_extended(ext)) if ext.is_file() else None
-        if extended_path is not None and extended is None:
-            raise CsptInputError("does not exist", file=ext, expected="the _extended.cistem file")
-        return cls(main, extended, path=path)
+        if not ext.is_file():
+            if extended_path is not None:
+                raise CsptInputError("does not exist", file=ext, expected="the _extended.cistem file")
+            return cls(cistem.read_cistem(path), None, path=path)
+        main, particles, tilts = cistem.read_pair(path, ext)
+        return cls(main, ExtendedParameters(particles, tilts), path=path)
 
     @classmethod
     def from_trackset(cls, tracks: TrackSet, parameters: Mapping[str, Any]) -> Parameters:
@@ -164,14 +165,12 @@ class Parameters:
                                          image_shape_yx=image_shape_yx, tilt_table=tilts, dose_per_tilt=dose_per_tilt)
 
     def write(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
-        """Write ``path`` (``.cistem``) and ``{stem}_extended.cistem`` atomically; returns both paths."""
-        ext = cistem.extended_path(path)
+        """Write ``path`` (``.cistem``) and ``{stem}_extended.cistem``, each atomically, as a pair
+        (:func:`napari_cspt2d.io.cistem.write_pair`); returns both paths."""
         if self.extended is None:
             raise CsptInputError("has no particles/tilts tables", file=path, field="extended",
                                  expected="Parameters with extended data")
-        cistem.write_cistem(path, self.main)
-        cistem.write_extended(ext, self.extended.particles, self.extended.tilts)
-        return Path(path), ext
+        return cistem.write_pair(path, self.main, self.extended.particles, self.extended.tilts)
 
 
 def create_cistem_from_2d_tracks(

@@ -56,7 +56,7 @@ from ..model.params import PypParameters
 from ..model.tracks import TrackSet
 from ..recon.reconstruct import ReconstructionResult, reconstruct_tracks
 from ..recon.fsc import fsc_curve
-from ..recon.pipeline import ProjectPaths, reconstruction_options, run_cspt, tilt_series_names
+from ..recon.pipeline import ProjectPaths, data_set_name, reconstruction_options, run_cspt, tilt_series_names
 from ..recon.trackfit import fit_tracks
 from ._guard import report_errors
 from .params_widget import Session, session
@@ -167,7 +167,7 @@ def run_job(s: Session, mode: RunMode, progress: ProgressFn, cancel: Callable[[]
             raise CsptInputError(f"holds {len(names)} tilt series", file=s.project_dir, field="tilt series",
                                  expected="one {name}_stack.mrc with its frealign/maps/{name}_r01.cistem "
                                  "(Parameters widget: Create project)")
-        paths = ProjectPaths(s.project_dir.resolve(), p["data_set"] or names[0])
+        paths = ProjectPaths(s.project_dir.resolve(), data_set_name(p["data_set"], s.project_dir, names))
         written += [save_params(p, paths.root / CONFIG_NAME)]
         written += [Path(f) for f in pyp.create_cistem_from_2d_tracks(names[0], s.tracks, p, paths.maps)]
     result = reconstruct_tracks(s.stack, s.tracks, **reconstruction_options(p), batch_size=BATCH_SIZE,

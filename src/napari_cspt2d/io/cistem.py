@@ -22,6 +22,12 @@ always writes exactly :data:`MAIN_LAYOUT`, in that order, with pyp's types.
 
 pyp reads the block columns by position (:data:`PARTICLE_LAYOUT`, :data:`TILT_LAYOUT`).
 
+The pair (:func:`write_pair`, :func:`read_pair`): each file is written atomically, the ``.cistem`` first; the
+``_extended.cistem`` then ends with a 40-byte trailer, :data:`PAIR_MAGIC` + the SHA-256 of the ``.cistem`` file
+written with it, so that a pair torn by a kill between the two renames (a new ``.cistem`` beside the old extended
+file) is refused instead of mixing two versions. pyp reads its two blocks and stops, so it never sees the trailer;
+files without one (pyp's, older ones) are read as before.
+
 Meaning of the columns written from a :class:`TrackSet` (see :func:`tables_from_tracks`)
 ------------------------------------------------------------------------------------------
 * ``X_SHIFT``/``Y_SHIFT`` (Å) = ``shift_px * PIXEL_SIZE``: the seed's track-data shift (position = image centre +
@@ -47,6 +53,7 @@ Meaning of the columns written from a :class:`TrackSet` (see :func:`tables_from_
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from collections.abc import Mapping, Sequence
@@ -65,7 +72,8 @@ from .atomic import atomic_open
 __all__ = [
     "INTEGER", "FLOAT", "LONG", "DOUBLE", "CHAR", "VARLEN", "UINT",
     "COLUMNS", "MAIN_LAYOUT", "PARTICLE_LAYOUT", "TILT_LAYOUT", "PARTICLES_BLOCK", "TILTS_BLOCK", "DATA_COLUMNS",
-    "CistemTable", "column_code", "column_name", "read_cistem", "write_cistem", "read_extended", "write_extended", "extended_path",
+    "PAIR_MAGIC", "CistemTable", "column_code", "column_name", "read_cistem", "write_cistem", "read_extended",
+    "write_extended", "read_pair", "write_pair", "extended_path",
     "tables_from_tracks", "tracks_from_tables", "check_tables", "projection_data",
 ]
 
@@ -117,6 +125,9 @@ PARTICLE_LAYOUT = ("PIND", "PSHIFT_X", "PSHIFT_Y", "PSHIFT_Z", "PPSI", "PTHETA",
 #: Columns of the extended file's tilts block (pyp's ``HEADERS_TILTS``).
 TILT_LAYOUT = ("TIND", "RIND", "TSHIFT_X", "TSHIFT_Y", "TILTANG", "TILTAXIS")
 PARTICLES_BLOCK, TILTS_BLOCK = COLUMNS["PIND"][0], COLUMNS["TIND"][0]
+#: Start of the trailer of an ``_extended.cistem`` written by :func:`write_pair` (then the ``.cistem``'s SHA-256).
+PAIR_MAGIC = b"CSPTMAIN"
+_PAIR_TRAILER_BYTES = len(PAIR_MAGIC) + hashlib.sha256().digest_size
 
 #: Columns of :func:`projection_data` (``Parameters.data``): ids, frame, shifts in tilt-stack pixels, score, occupancy.
 DATA_COLUMNS = ("pind", "tind", "frame", "shift_x_px", "shift_y_px", "score", "occupancy")
@@ -325,6 +336,10 @@ def _check_end(buf: bytes, offset: int, path: Path) -> None:
 def read_cistem(path: str | os.PathLike[str]) -> CistemTable:
     """Read a ``.cistem`` binary parameter file (any columns; known codes must have their standard types)."""
     path, buf = _read_bytes(path, "a .cistem binary parameter file")
+    return _parse_cistem(buf, path)
+
+
+def _parse_cistem(buf: bytes, path: Path) -> CistemTable:
     if len(buf) < 8:
         raise _fail(path, "header", f"is only {len(buf)} bytes long", "int32 n_columns, int32 n_rows")
     n_cols, n_rows = struct.unpack_from("<ii", buf, 0)
@@ -334,8 +349,18 @@ def read_cistem(path: str | os.PathLike[str]) -> CistemTable:
 
 
 def read_extended(path: str | os.PathLike[str]) -> tuple[CistemTable, CistemTable]:
-    """Read pyp's ``_extended.cistem``: ``(particles, tilts)`` tables."""
+    """Read pyp's ``_extended.cistem``: ``(particles, tilts)`` tables (a :func:`write_pair` trailer is checked for
+    its form only; :func:`read_pair` checks it against the ``.cistem`` file)."""
+    particles, tilts, _ = _read_extended(path)
+    return particles, tilts
+
+
+def _read_extended(path: str | os.PathLike[str]) -> tuple[CistemTable, CistemTable, bytes | None]:
+    """``(particles, tilts, SHA-256 of the .cistem file it was written with, or None without a trailer)``."""
     path, buf = _read_bytes(path, "a pyp _extended.cistem file")
+    main_sha256 = None
+    if len(buf) >= _PAIR_TRAILER_BYTES and buf[-_PAIR_TRAILER_BYTES:].startswith(PAIR_MAGIC):
+        main_sha256, buf = buf[-_PAIR_TRAILER_BYTES + len(PAIR_MAGIC):], buf[:-_PAIR_TRAILER_BYTES]
     blocks: dict[int, CistemTable] = {}
     names = {PARTICLES_BLOCK: "particles", TILTS_BLOCK: "tilts"}
     offset = 0
@@ -351,7 +376,23 @@ def read_extended(path: str | os.PathLike[str]) -> tuple[CistemTable, CistemTabl
     for code, name in names.items():
         if code not in blocks:
             raise _fail(path, name, "block is missing", "a particles block followed by a tilts block")
-    return blocks[PARTICLES_BLOCK], blocks[TILTS_BLOCK]
+    return blocks[PARTICLES_BLOCK], blocks[TILTS_BLOCK], main_sha256
+
+
+def read_pair(path: str | os.PathLike[str], extended: str | os.PathLike[str] | None = None
+              ) -> tuple[CistemTable, CistemTable, CistemTable]:
+    """Read a ``.cistem`` file and its ``_extended.cistem`` (``extended``, default beside it) as ``(main,
+    particles, tilts)``; refuses a pair whose extended file was written with another version of the ``.cistem``
+    file (its :func:`write_pair` trailer says so: a write of the pair was interrupted between the two files)."""
+    path, buf = _read_bytes(path, "a .cistem binary parameter file")
+    main = _parse_cistem(buf, path)
+    ext = extended_path(path) if extended is None else Path(extended)
+    particles, tilts, main_sha256 = _read_extended(ext)
+    if main_sha256 is not None and main_sha256 != hashlib.sha256(buf).digest():
+        raise _fail(ext, "pair", f"was written with another version of {path.name} (a write of the pair was "
+                    "interrupted between its two files)", "the two files as written together: write them again "
+                    "(rerunning the step that wrote them does)")
+    return main, particles, tilts
 
 
 # ------------------------------------------------------------------------------------------------ binary writing
@@ -375,24 +416,45 @@ def _pack_table(table: CistemTable) -> bytes:
     return bytes(out)
 
 
-def write_cistem(path: str | os.PathLike[str], table: CistemTable) -> Path:
-    """Write ``table`` as a ``.cistem`` binary file, atomically."""
-    body = _pack_table(table)
+def _cistem_bytes(table: CistemTable) -> bytes:
+    return struct.pack("<ii", len(table.codes), len(table)) + _pack_table(table)
+
+
+def _write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     with atomic_open(path, "wb") as fh:
-        fh.write(struct.pack("<ii", len(table.codes), len(table)))
-        fh.write(body)
+        fh.write(data)
     return Path(path)
 
 
-def write_extended(path: str | os.PathLike[str], particles: CistemTable, tilts: CistemTable) -> Path:
-    """Write pyp's ``_extended.cistem`` (particles block, then tilts block), atomically."""
+def write_cistem(path: str | os.PathLike[str], table: CistemTable) -> Path:
+    """Write ``table`` as a ``.cistem`` binary file, atomically."""
+    return _write_bytes(path, _cistem_bytes(table))
+
+
+def write_extended(path: str | os.PathLike[str], particles: CistemTable, tilts: CistemTable, *,
+                   main_sha256: bytes | None = None) -> Path:
+    """Write pyp's ``_extended.cistem`` (particles block, then tilts block), atomically; with ``main_sha256`` (the
+    digest of the ``.cistem`` file it goes with) the pair trailer follows (module docstring)."""
     blocks = [(PARTICLES_BLOCK, particles), (TILTS_BLOCK, tilts)]
     packed = [(struct.pack("<qii", code, len(t.codes), len(t)), _pack_table(t)) for code, t in blocks]
     with atomic_open(path, "wb") as fh:
         for head, body in packed:
             fh.write(head)
             fh.write(body)
+        if main_sha256 is not None:
+            fh.write(PAIR_MAGIC + main_sha256)
     return Path(path)
+
+
+def write_pair(path: str | os.PathLike[str], main: CistemTable, particles: CistemTable, tilts: CistemTable
+               ) -> tuple[Path, Path]:
+    """Write ``path`` (``.cistem``) and then its ``_extended.cistem``, each atomically, the extended file ending
+    with the digest of the ``.cistem`` file so that :func:`read_pair` refuses a pair torn by a kill between the
+    two writes. Returns both paths."""
+    data = _cistem_bytes(main)
+    _write_bytes(path, data)
+    ext = write_extended(extended_path(path), particles, tilts, main_sha256=hashlib.sha256(data).digest())
+    return Path(path), ext
 
 
 def extended_path(path: str | os.PathLike[str]) -> Path:

@@ -119,12 +119,24 @@ def write_ctf(path: str | os.PathLike[str], params: ArrayLike) -> None:
         pickle.dump(params, fh, protocol=4)
 
 
+def _numbers(value: object, path: str | os.PathLike[str], field: str, expected: str) -> NDArray[np.float64]:
+    """``value`` (an unpickled array or nested lists) as a float64 array; anything else (strings, objects, ragged
+    lists) is refused naming ``path`` and ``field``."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as exc:  # ragged nested lists
+        raise CsptInputError(f"is not an array ({exc})", file=path, field=field, expected=expected) from None
+    if arr.dtype.kind not in "iuf":
+        raise CsptInputError(f"holds {arr.dtype} values", file=path, field=field, expected=expected)
+    return arr.astype(np.float64, copy=False)
+
+
 def read_poses(path: str | os.PathLike[str]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Read a cryoDRGN pose pickle ``(rot, trans)``; denormal translations (seen in real files) become 0."""
     data = safe_load(path)
     if not (isinstance(data, tuple) and len(data) == 2):
         raise CsptInputError(f"holds a {type(data).__name__}", file=path, field="poses", expected="a (rot, trans) tuple")
-    rot, trans = (np.asarray(v, dtype=np.float64) for v in data)
+    rot, trans = (_numbers(v, path, "poses", "(N, 3, 3) and (N, 2) number arrays") for v in data)
     if rot.ndim != 3 or rot.shape[1:] != (3, 3) or trans.shape != (len(rot), 2):
         raise CsptInputError(f"has shapes {rot.shape}, {trans.shape}", file=path, field="poses",
                              expected="(N, 3, 3) and (N, 2)")
@@ -134,7 +146,7 @@ def read_poses(path: str | os.PathLike[str]) -> tuple[NDArray[np.float64], NDArr
 
 def read_ctf(path: str | os.PathLike[str]) -> NDArray[np.float32]:
     """Read a cryoDRGN CTF pickle (float32 ``(N, 9)``)."""
-    data = np.asarray(safe_load(path))
-    if data.ndim != 2 or data.shape[1] != 9 or not np.issubdtype(data.dtype, np.number):
+    data = _numbers(safe_load(path), path, "ctf", "a numeric (N, 9) array")
+    if data.ndim != 2 or data.shape[1] != 9:
         raise CsptInputError(f"has shape {data.shape}", file=path, field="ctf", expected="a numeric (N, 9) array")
     return data.astype(np.float32, copy=False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,6 +248,51 @@ def tracks_from_resid(
 
 
 # ---------------------------------------------------------------------------------------------- binary models
+def _spec_bytes(spec: dict[str, str]) -> int:
+    return struct.calcsize(">" + "".join(spec.values()))
+
+
+def _check_model_chunks(path: Path, data: bytes) -> None:
+    """Walk the chunks of an IMOD binary model exactly as imodmodel will read them and refuse any chunk that runs
+    past the end of the file, before imodmodel sees it: it builds a ``'fff' * point count`` struct format before
+    reading a contour (a corrupt count of 2³¹ allocates gigabytes) and loops for ever once it reads past the end.
+    The walk must end at the IEOF marker that ends the file."""
+    from imodmodel.binary_specification import ModFileSpecification as spec
+
+    fixed = {b"OBJT": _spec_bytes(spec.OBJECT_HEADER), b"IMAT": 4 + _spec_bytes(spec.IMAT),
+             b"SLAN": 4 + _spec_bytes(spec.SLAN), b"MINX": 4 + _spec_bytes(spec.MINX)}
+    pos, points = _spec_bytes(spec.ID) + _spec_bytes(spec.MODEL_HEADER), None
+    while True:
+        tag, start = data[pos:pos + 4], pos
+        pos += 4
+        if tag == b"IEOF":
+            if pos == len(data):
+                return
+            raise CsptInputError(f"has {len(data) - pos} bytes after its IEOF end marker at byte {start}",
+                                 file=path, field="model", expected="IEOF at the end of the file")
+        if tag in (b"CONT", b"MESH") and pos + 8 <= len(data):
+            counts = struct.unpack_from(">ii", data, pos)  # points (contour); vertices and indices (mesh)
+            if min(counts) < 0:
+                raise CsptInputError(f"declares {min(counts)} items in the {tag.decode()} chunk at byte {start}",
+                                     file=path, field="model", expected="counts >= 0")
+            if tag == b"CONT":
+                points = counts[0]
+                size = _spec_bytes(spec.CONTOUR_HEADER) + 12 * points
+            else:
+                size = _spec_bytes(spec.MESH_HEADER) + 12 * counts[0] + 4 * counts[1]
+        elif tag == b"SIZE" and points is not None:  # imodmodel reads one size per point of the last contour
+            size = 4 + 4 * points
+        elif tag in fixed:
+            size = fixed[tag]
+        else:  # MOST, OBST, COST, MEST and chunks imodmodel skips: a byte count, then that many bytes
+            size = 4 + int.from_bytes(data[pos:pos + 4], "big") if pos + 4 <= len(data) else 4
+        if len(tag) < 4 or pos + size > len(data):
+            raise CsptInputError(f"declares a {size}-byte {tag.decode('latin-1')!r} chunk at byte {start}, past the "
+                                 f"end of the file ({len(data)} bytes)", file=path, field="model",
+                                 expected="chunk sizes and point counts that fit in the file")
+        pos += size
+
+
 def read_fiducial_model(
     path: str | os.PathLike[str],
     tilts: TiltTable | ArrayLike | str | os.PathLike[str] | None = None,
@@ -261,13 +307,11 @@ def read_fiducial_model(
     from imodmodel import ImodModel
 
     path = _existing(path)
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-        fh.seek(max(path.stat().st_size - 4, 0))
-        tail = fh.read(4)
-    if head != b"IMOD" or tail != b"IEOF":  # imodmodel loops for ever on a model without its end marker
+    data = path.read_bytes()
+    if data[:4] != b"IMOD" or data[-4:] != b"IEOF":  # imodmodel loops for ever on a model without its end marker
         raise CsptInputError("is not a complete IMOD model file (it must start with IMOD and end with IEOF)",
                              file=path, field="model", expected="an IMOD binary model written to the end")
+    _check_model_chunks(path, data)
     try:
         model = ImodModel.from_file(path)
     except Exception as exc:  # imodmodel raises struct/pydantic/Unicode errors on damaged files

@@ -100,6 +100,10 @@ def _block(path: Path, blocks: dict[str, pd.DataFrame], name: str | None, requir
         df = next(iter(blocks.values()))
     else:
         raise CsptInputError(f"has no data_{name} block (found {sorted(blocks)})", file=path, field=f"data_{name}")
+    repeated = df.columns[df.columns.duplicated()]
+    if len(repeated):
+        raise CsptInputError("appears twice", file=path, field=str(repeated[0]),
+                             expected="each column once per data block")
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise CsptInputError("is missing", file=path, field=missing[0], expected=f"columns {', '.join(required)}")
@@ -508,6 +512,9 @@ def read_particle_series_star(
     blocks = read_star_blocks(path)
     required = ("rlnGroupName", "rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY")
     df = _block(path, blocks, "particles" if "particles" in blocks else None, required)
+    if df.empty:
+        raise CsptInputError("has no rows", file=path, field="data_particles",
+                             expected="one row per particle per tilt image")
     groups = df["rlnGroupName"].astype(str).to_numpy()
     mics = df["rlnMicrographName"].astype(str).to_numpy()
     group_names = list(dict.fromkeys(groups))

@@ -3,6 +3,14 @@
 :func:`run_cspt` is what ``pyp.csp_split`` (the seed's Option A) runs. It works in a project folder laid out as
 :func:`napari_cspt2d.pyp.create_project` writes it (the current folder by default, like the seed's scripts).
 
+Tilt series
+    A project holds one or more tilt series (:func:`tilt_series_names`), each with its own stack, tilt table,
+    defocus and parameter files; particle ids are per series. All series are refined against, and reconstructed
+    into, one map per iteration, named after the project's ``data_set`` (:meth:`ProjectPaths.map`; pyp's name for
+    the merged map). An empty ``data_set`` means the tilt series' name for a one-series project and, as pyp does,
+    the project folder's name for several (:func:`data_set_name`). Each series is split into gold-standard halves on
+    its own (:func:`reconstruct.half_split` of its particles), so the half maps stay independent.
+
 Iterations
     pyp's numbering: iteration 1 is the input (``frealign/maps/{name}_r01.cistem`` of every tilt series; its map
     ``{data_set}_r01_01.mrc`` is reconstructed first when missing, or rebuilt when the input parameters changed
@@ -16,10 +24,16 @@ Iterations
     2. bundle ``slurm_bundle_size`` particles per job and run the jobs on dask (:func:`run_bundle`): each reads its
        particles, refines them against the map (:func:`refine.refine_tracks` with
        :meth:`RefineOptions.from_params` of iteration ``i``) and writes its result atomically to
-       ``frealign/scratch/{name}_r01_{i:02d}_bundle{k:04d}.npz``, its log to ``log/`` (same stem, ``.log``);
+       ``frealign/scratch/{name}_r01_{i:02d}_bundle{k:04d}.npz``, its log to ``log/`` (same stem, ``.log``), then
+       inserts the refined projections into the half-map grids its process keeps for the iteration's map
+       (:class:`reconstruct.HalfMapInsertion`, one per process, not per job);
     3. merge the bundles into ``frealign/maps/{name}_r01_{i:02d}.cistem`` (+ ``_extended.cistem``) per tilt series;
-    4. reconstruct the data set (:func:`reconstruct.reconstruct_tracks`): ``frealign/maps/{data_set}_r01_{i:02d}.mrc``
-       with ``_half1.mrc``/``_half2.mrc``, ``_fsc.csv`` and ``_fsc.png`` beside it;
+    4. reconstruct the data set: collect every process's grids (:func:`take_inserted_grids`), add them, insert here
+       what no process holds (bundles resumed from an earlier run, or lost with their worker) and finish the map
+       (Wiener filter, FSC): ``frealign/maps/{data_set}_r01_{i:02d}.mrc`` with ``_half1.mrc``/``_half2.mrc``,
+       ``_fsc.csv`` and ``_fsc.png`` beside it. The map equals :func:`reconstruct.reconstruct_tracks` of all the
+       merged projections up to float rounding. The initial map is built the same way by insertion-only jobs
+       (:func:`run_insert`);
     5. stop early when the parameters stopped changing: RMS shift change < :data:`CONVERGED_SHIFT_PX` and median
        orientation change < :data:`CONVERGED_ANGLE_DEG` against iteration ``i − 1``.
 
@@ -30,6 +44,16 @@ Resuming
     redoes what is missing. Merge and reconstruction are redone (they are deterministic and cheap next to
     refinement).
 
+    Interrupted runs (a kill, a power cut): every file is written atomically, and while an iteration's files are
+    being written a marker says so (``frealign/scratch/{data_set}_r01_{i:02d}.writing``; for the initial map, its
+    ``{data_set}_r01_01.inputs`` record reads "pending"). A run asked to start at iteration ``i`` starts earlier
+    when iteration ``i − 1`` was left unfinished: its marker is there, a parameter file is torn from its
+    ``_extended.cistem`` (:func:`napari_cspt2d.io.cistem.read_pair`) or a map is missing. Iteration 1's map is
+    rebuilt when its record is pending. Each run first removes the temporary files that killed writes left
+    (:func:`napari_cspt2d.io.atomic.remove_stale_temp_files`).
+
+Serial runs call the same job functions in this process, one after the other.
+
 All checks of the project (parameters, files, shapes, tilt selection, map sizes) run before any work starts.
 """
 
@@ -39,9 +63,11 @@ import contextlib
 import functools
 import hashlib
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,22 +75,28 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ..errors import CsptCancelled, CsptInputError, CsptRunError
-from ..io.atomic import atomic_open
+from ..errors import CsptInputError, CsptRunError
+from ..io.atomic import atomic_open, remove_stale_temp_files
 from ..io.mrc import open_stack, read_image
 from ..model.params import PypParameters, check_cspt_mode, check_name
 from ..model.tracks import ParticleTable, TiltTable, TrackSet
 from . import refine
+from .reconstruct import HalfMapInsertion, InsertedGrids, ReconstructionResult, ReconstructionSettings, half_split
 
 __all__ = [
     "CONVERGED_SHIFT_PX",
     "CONVERGED_ANGLE_DEG",
     "ProjectPaths",
     "BundleJob",
+    "InsertJob",
+    "MapShare",
     "CsptRun",
     "tilt_series_names",
+    "data_set_name",
     "split_regions",
     "run_bundle",
+    "run_insert",
+    "take_inserted_grids",
     "run_cspt",
     "plan_cspt",
     "reconstruction_options",
@@ -104,6 +136,7 @@ class ProjectPaths:
         return self.maps / f"{name}_r01{suffix}.cistem"
 
     def map(self, iteration: int) -> Path:
+        """The map of ``iteration``, of all tilt series together: ``{data_set}_r01_{iteration:02d}.mrc``."""
         return self.maps / f"{self.data_set}_r01_{iteration:02d}.mrc"
 
     def stack(self, name: str) -> Path:
@@ -132,6 +165,12 @@ def tilt_series_names(root: str | os.PathLike[str]) -> list[str]:
         if (Path(root) / f"{name}_stack.mrc").exists():
             names.append(name)
     return names
+
+
+def data_set_name(data_set: str, root: str | os.PathLike[str], names: Sequence[str]) -> str:
+    """The name of a project's maps: ``data_set``, or when it is empty the tilt series' name (one series) or the
+    project folder's name (several, as pyp names a data set), checked as a file-name part."""
+    return check_name(data_set or (names[0] if len(names) == 1 else Path(root).resolve().name), "data_set")
 
 
 # ==================================================================================================== inputs
@@ -183,12 +222,13 @@ def _write_tracks(path: Path, tracks: TrackSet, params: PypParameters) -> Path:
 
 def reconstruction_options(params: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments of :func:`reconstruct.reconstruct_tracks` for a project's parameters (stack pixel, box in
-    tilt-stack px, binning, particle radius, optics, tilt range, dose weighting)."""
+    tilt-stack px, binning, particle radius, optics, tilt range, dose weighting, symmetry)."""
     p = _as_params(params)
     return dict(pixel_A=p.stack_pixel_A, extract_box=p.box_unbinned_px, extract_bin=p["extract_bin"],
                 particle_rad_A=p["particle_rad"], voltage_kV=p["scope_voltage"], cs_mm=p["scope_cs"],
                 amp_contrast=p["scope_wgh"], min_tilt_deg=p["reconstruct_mintilt"],
-                max_tilt_deg=p["reconstruct_maxtilt"], dose_weighting=p["reconstruct_dose_weighting_enable"])
+                max_tilt_deg=p["reconstruct_maxtilt"], dose_weighting=p["reconstruct_dose_weighting_enable"],
+                symmetry=p["particle_sym"])
 
 
 def _check_project(paths: ProjectPaths, params: PypParameters, first: int, last: int, names: Sequence[str],
@@ -228,14 +268,19 @@ def _check_project(paths: ProjectPaths, params: PypParameters, first: int, last:
 
 
 # ==================================================================================================== split
-def _particle_rows(tracks: TrackSet, wanted: Sequence[int] | NDArray[np.int64]) -> NDArray[np.int64]:
-    """Rows of the particles ``wanted`` in a (particle, tilt)-sorted TrackSet (ids without projections give none)."""
+def _particle_rows(tracks: TrackSet) -> Callable[[Sequence[int] | NDArray[np.int64]], NDArray[np.int64]]:
+    """``rows(wanted)``: the rows of the particles ``wanted`` in a (particle, tilt)-sorted TrackSet (ids without
+    projections give none). The index is built once here, so a call costs what it returns, not the whole set."""
     ids, first = np.unique(tracks.particle, return_index=True)
     bounds = np.append(first, len(tracks))
-    wanted = np.asarray(wanted, dtype=np.int64).reshape(-1)
-    k = np.searchsorted(ids, wanted)
-    k = k[(k < ids.size) & (ids[np.minimum(k, max(ids.size - 1, 0))] == wanted)] if ids.size else k[:0]
-    return np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in k]) if k.size else np.zeros(0, np.int64)
+
+    def rows(wanted: Sequence[int] | NDArray[np.int64]) -> NDArray[np.int64]:
+        wanted = np.asarray(wanted, dtype=np.int64).reshape(-1)
+        k = np.searchsorted(ids, wanted)
+        k = k[(k < ids.size) & (ids[np.minimum(k, max(ids.size - 1, 0))] == wanted)] if ids.size else k[:0]
+        return np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in k]) if k.size else np.zeros(0, np.int64)
+
+    return rows
 
 
 def split_regions(tracks: TrackSet, regions: Sequence[Sequence[int]], parameter_file: str | os.PathLike[str],
@@ -246,9 +291,10 @@ def split_regions(tracks: TrackSet, regions: Sequence[Sequence[int]], parameter_
     ids, tilt ids)`` per non-empty region, numbered in order."""
     params = _as_params(params)
     tracks = tracks.sorted()
+    rows_of = _particle_rows(tracks)
     out = []
     for region in regions:
-        rows = _particle_rows(tracks, region)
+        rows = rows_of(region)
         if rows.size == 0:
             continue
         sub = tracks.select(rows)
@@ -259,17 +305,46 @@ def split_regions(tracks: TrackSet, regions: Sequence[Sequence[int]], parameter_
 
 # ==================================================================================================== bundle jobs
 @dataclass(frozen=True, eq=False)
+class MapShare:
+    """How a job adds its projections to an iteration's map: into the grids its process keeps under ``key`` (one
+    key per map and run, see :func:`take_inserted_grids`), made with ``settings``, each particle into its half
+    (``half_of`` per particle id ``half_ids``: :func:`reconstruct.half_split` of the whole tilt series, so the
+    halves do not depend on the bundling)."""
+
+    key: str
+    settings: ReconstructionSettings
+    half_ids: NDArray[np.int64]
+    half_of: NDArray[np.int64]
+
+    def halves(self, tracks: TrackSet) -> NDArray[np.int64]:
+        """Half (0/1) of every projection of ``tracks`` (particles of this share's tilt series)."""
+        return self.half_of[np.searchsorted(self.half_ids, tracks.particle)]
+
+    def subset(self, ids: NDArray[np.int64]) -> MapShare:
+        """This share for the particles ``ids`` only: what one job carries (the whole table in every job would
+        make the jobs grow with the square of the number of particles)."""
+        keep = np.isin(self.half_ids, ids)
+        return MapShare(self.key, self.settings, self.half_ids[keep], self.half_of[keep])
+
+
+def _map_share(key: str, settings: ReconstructionSettings, tracks: TrackSet) -> MapShare:
+    ids, first_rows = np.unique(tracks.particle, return_index=True)
+    return MapShare(key, settings, ids, half_split(tracks)[first_rows])
+
+
+@dataclass(frozen=True, eq=False)
 class BundleJob:
-    """Everything one bundle job needs (picklable, no open files): the ``regions`` parameter files of its particles,
-    the tilt series' ``stack``, ``tilts`` and ``image_shape_yx``, the reference map(s) (and a digest of their
-    content), the particles' picks
-    (``origin_keys`` = particle id × 2³² + tilt id, ``origin_px`` positions) and, for gold standard, the half of
-    each particle (``half_ids``/``half_of``). ``fingerprint`` identifies the inputs; ``result``/``log`` are where
-    the job writes."""
+    """Everything one bundle job needs (picklable, no open files): the ``regions`` parameter files of its particles
+    (``particle_ids``), the tilt series' ``stack``, ``tilts`` and ``image_shape_yx``, the reference map(s) (and a
+    digest of their content), the particles' picks (``origin_keys`` = particle id × 2³² + tilt id, ``origin_px``
+    positions), whether to refine each particle against its half map (``gold_standard``) and the ``share`` of the
+    iteration's map it inserts its refined projections into. ``fingerprint`` identifies the inputs of the
+    refinement; ``result``/``log`` are where the job writes."""
 
     name: str
     iteration: int
     index: int
+    particle_ids: NDArray[np.int64]
     regions: tuple[str, ...]
     stack: str
     image_shape_yx: tuple[int, int]
@@ -280,8 +355,8 @@ class BundleJob:
     imaging: refine.Imaging
     origin_keys: NDArray[np.int64]
     origin_px: NDArray[np.float64]
-    half_ids: NDArray[np.int64] | None
-    half_of: NDArray[np.int64] | None
+    gold_standard: bool
+    share: MapShare
     fingerprint: str
     result: str
     log: str
@@ -289,6 +364,26 @@ class BundleJob:
     @property
     def label(self) -> str:
         return f"{self.name} iteration {self.iteration} bundle {self.index}"
+
+
+@dataclass(frozen=True, eq=False)
+class InsertJob:
+    """A job that only inserts ``tracks`` (a bundle of particles of tilt series ``name``, boxed from ``stack``)
+    into its ``share`` of a map: the initial map's jobs."""
+
+    name: str
+    index: int
+    stack: str
+    tracks: TrackSet
+    share: MapShare
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} map bundle {self.index}"
+
+    @property
+    def particle_ids(self) -> NDArray[np.int64]:
+        return np.unique(self.tracks.particle)
 
 
 def _pair_key(particle: NDArray, tilt: NDArray) -> NDArray[np.int64]:
@@ -364,9 +459,53 @@ def _one_thread_on_dask_worker() -> None:
     backproject.WORKERS = extract.WORKERS = 1
 
 
+#: The half-map grids this process is filling, per :attr:`MapShare.key`: the insertion and the labels of the jobs
+#: in it. Worker threads of one process share an entry, so insertions into it take turns (``_INSERTING``).
+_INSERTIONS: dict[str, tuple[HalfMapInsertion, list[str]]] = {}
+_INSERTING = threading.Lock()
+#: Keys whose grids were taken: a job still running when its run stopped must not start new grids nobody takes.
+_TAKEN: set[str] = set()
+
+
+def _insert(share: MapShare, stack: Any, tracks: TrackSet, label: str) -> None:
+    """Insert ``tracks`` (boxed from ``stack``, the tilt series' ``(n_tilts, ny, nx)``) into this process's grids
+    of ``share`` and note ``label``."""
+    with _INSERTING:
+        if share.key in _TAKEN:
+            return
+        if share.key not in _INSERTIONS:
+            _INSERTIONS[share.key] = (HalfMapInsertion(share.settings), [])
+        insertion, labels = _INSERTIONS[share.key]
+        insertion.insert(stack, tracks, share.halves(tracks))
+        labels.append(label)
+
+
+def take_inserted_grids(key: str) -> tuple[InsertedGrids, list[str]] | None:
+    """Remove this process's grids of map ``key`` and return them with the labels of the jobs inserted into them
+    (None when it has none). The main process calls it in every worker (``Client.run``) and in itself."""
+    with _INSERTING:
+        _TAKEN.add(key)
+        entry = _INSERTIONS.pop(key, None)
+    if entry is None:
+        return None
+    insertion, labels = entry
+    insertion.close()
+    return insertion.grids(), labels
+
+
+def run_insert(job: InsertJob) -> str:
+    """Insert the projections of an :class:`InsertJob` into its share of the map (runs on a dask worker); returns
+    the job's label. Raises what the insertion raises."""
+    _one_thread_on_dask_worker()
+    _insert(job.share, open_stack(job.stack)[0], job.tracks, job.label)
+    return job.label
+
+
 def run_bundle(job: BundleJob) -> dict[str, Any]:
-    """Refine the particles of one bundle (runs on a dask worker). Returns ``{"label", "ok", "skipped", "seconds",
-    "error", "log"}``; never raises for a failure of the work itself (the error and traceback go to the log)."""
+    """Refine the particles of one bundle and insert them into the job's share of the map (runs on a dask worker).
+    Returns ``{"label", "ok", "skipped", "seconds", "error", "log"}``; never raises for a failure of the work
+    itself (the error and traceback go to the log). A bundle whose result exists is skipped (its projections are
+    inserted by the main process)."""
     started = time.perf_counter()
     result, log_path = Path(job.result), Path(job.log)
     summary = {"label": job.label, "ok": True, "skipped": False, "seconds": 0.0, "error": "", "log": str(log_path)}
@@ -385,9 +524,7 @@ def run_bundle(job: BundleJob) -> dict[str, Any]:
                                                           != _pair_key(tracks.particle, tracks.tilt)):
             raise CsptInputError("has projections that are not in the input parameters", file=job.regions[0],
                                  field="PIND/IMIND", expected="the projections of the input tracks")
-        half = None
-        if job.half_ids is not None:
-            half = job.half_of[np.searchsorted(job.half_ids, tracks.particle)]
+        half = job.share.halves(tracks) if job.gold_standard else None
         out = refine.refine_tracks(stack, tracks, refs if len(refs) > 1 else refs[0], job.options, job.imaging,
                                    half=half, origin_px=job.origin_px[rows], progress=log.progress)
         t = out.tracks
@@ -395,9 +532,11 @@ def run_bundle(job: BundleJob) -> dict[str, Any]:
             np.savez(fh, particle=t.particle, tilt=t.tilt, shift_px=t.shift_px, score=t.score,
                      occupancy=t.occupancy, particle_id=t.particles.id, euler_deg=t.particles.euler_deg,
                      particle_score=out.particle_score, fingerprint=np.array(job.fingerprint))
+        refined = time.perf_counter()
+        _insert(job.share, stack, t, job.label)
         summary["seconds"] = time.perf_counter() - started
-        log(f"done in {summary['seconds']:.1f} s; median score {np.median(t.score):.3f}, "
-            f"{int((t.occupancy == 0).sum())} projection(s) below the cutoff")
+        log(f"done in {summary['seconds']:.1f} s (inserted into the map in {time.perf_counter() - refined:.1f} s); "
+            f"median score {np.median(t.score):.3f}, {int((t.occupancy == 0).sum())} projection(s) below the cutoff")
     except Exception as exc:  # reported to the caller with the log path; the run can be resumed
         log(f"FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         summary.update(ok=False, error=f"{type(exc).__name__}: {exc}")
@@ -474,45 +613,119 @@ def _merge(previous: TrackSet, results: Sequence[Path]) -> TrackSet:
 
 
 class _Executor:
-    """Runs bundle jobs in this process (``client`` None) or on a dask client; reports progress per job."""
+    """Runs jobs in this process (``client`` None) or on a dask client; reports progress per job."""
 
     def __init__(self, client: Any, stage: refine._Stage) -> None:
         self.client, self.stage = client, stage
 
-    def run(self, jobs: Sequence[BundleJob], label: str) -> list[dict[str, Any]]:
+    def run(self, function: Callable[[Any], Any], jobs: Sequence[BundleJob | InsertJob], label: str) -> list[Any]:
+        """``function(job)`` of every job, in the jobs' order."""
         self.stage(label, 0, len(jobs))
         if self.client is None:
             out = []
             for i, job in enumerate(jobs):
-                out.append(run_bundle(job))
+                out.append(function(job))
                 self.stage(label, i + 1, len(jobs))
             return out
         from distributed import as_completed
 
         token = os.urandom(4).hex()
-        futures = self.client.map(run_bundle, jobs, pure=False,
-                                  key=[f"cspt-{j.name}-{j.iteration:02d}-{j.index:04d}-{token}" for j in jobs])
+        futures = self.client.map(function, jobs, pure=False,
+                                  key=[f"cspt-{j.label.replace(' ', '-')}-{token}" for j in jobs])
         index = {f.key: i for i, f in enumerate(futures)}
-        out: list[dict[str, Any]] = [{} for _ in jobs]
+        out: list[Any] = [None] * len(jobs)
         try:
             for done, future in enumerate(as_completed(futures), start=1):
                 out[index[future.key]] = future.result()
                 self.stage(label, done, len(jobs))
-        except CsptCancelled:
+        except BaseException:
             self.client.cancel(futures)
             raise
         return out
 
+    def take_grids(self, key: str) -> list[tuple[InsertedGrids, list[str]]]:
+        """Every process's grids of map ``key`` (:func:`take_inserted_grids`); the processes forget them."""
+        found = [take_inserted_grids(key)]
+        if self.client is not None:
+            found += self.client.run(take_inserted_grids, key).values()
+        return [f for f in found if f is not None]
 
-def _reconstruct(paths: ProjectPaths, series: _Series, tracks: TrackSet, params: PypParameters, iteration: int,
-                 stage: refine._Stage) -> Any:
-    from .reconstruct import reconstruct_tracks
+    def run_into_map(self, function: Callable[[Any], Any], jobs: Sequence[BundleJob | InsertJob], label: str,
+                     key: str) -> tuple[list[Any], list[tuple[InsertedGrids, list[str]]]]:
+        """:meth:`run` jobs that insert into map ``key``, then take the grids; on an error the grids are dropped."""
+        try:
+            out = self.run(function, jobs, label)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.take_grids(key)
+            raise
+        return out, self.take_grids(key)
 
-    data, _ = open_stack(series.stack)
-    result = reconstruct_tracks(data, tracks, **reconstruction_options(params),
-                                progress=lambda s, d, t: stage(f"iteration {iteration}: {s}", d, t))
-    result.write(paths.map(iteration))
+
+class _Background:
+    """Work for the main process while it waits for the workers: the FSC plot of each map (nothing in the run reads
+    it; matplotlib takes ~0.3 s a plot, ~1 s to import). Leaving the ``with`` block waits for it; its first error
+    is raised then, unless the block itself raised."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cspt-plots")
+        self.pending: list[Future[Any]] = []
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> None:
+        self.pending.append(self.pool.submit(function, *args))
+
+    def __enter__(self) -> _Background:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.pool.shutdown(wait=True)
+        if exc_type is None:
+            for future in self.pending:
+                future.result()
+
+
+def _finish_map(paths: ProjectPaths, iteration: int, settings: ReconstructionSettings,
+                jobs: Sequence[BundleJob | InsertJob], grids: Sequence[tuple[InsertedGrids, list[str]]],
+                tracks: Mapping[str, TrackSet], stage: refine._Stage, background: _Background
+                ) -> ReconstructionResult:
+    """The map of ``iteration`` (written to :meth:`ProjectPaths.map` with its half maps and FSC table; the FSC plot
+    in the ``background``) from the processes' ``grids`` of the jobs' projections, plus the jobs that no grids hold
+    (resumed bundles, or grids lost with their worker; a grid that holds a job twice or a job already taken is left
+    out), inserted here from ``tracks`` (per tilt series)."""
+    progress = lambda s, d, t: stage(f"iteration {iteration}: {s}", d, t)  # noqa: E731
+    insertion = HalfMapInsertion(settings)
+    try:
+        taken: set[str] = set()
+        for part, labels in grids:
+            if len(set(labels)) == len(labels) and taken.isdisjoint(labels):
+                insertion.add(part)
+                taken.update(labels)
+        for job in (j for j in jobs if j.label not in taken):
+            series = tracks[job.name]
+            sub = series.select(np.isin(series.particle, job.particle_ids))
+            insertion.insert(open_stack(job.stack)[0], sub, job.share.halves(sub), progress=progress)
+        result = insertion.finish(progress=progress)
+    finally:
+        insertion.close()
+    result.write(paths.map(iteration), plot=False)
+    background.submit(result.write_plot, paths.map(iteration))
     return result
+
+
+def _initial_map(paths: ProjectPaths, series: Sequence[_Series], tracks: Mapping[str, TrackSet],
+                 params: PypParameters, settings: ReconstructionSettings, executor: _Executor,
+                 stage: refine._Stage, background: _Background) -> ReconstructionResult:
+    """Iteration 1's map from the input ``tracks`` of every tilt series, by insertion-only jobs of
+    ``slurm_bundle_size`` particles."""
+    key = f"{paths.data_set}-01-{os.urandom(4).hex()}"
+    jobs = []
+    for s in series:
+        t = tracks[s.name]
+        share = _map_share(key, settings, t)
+        for k, ids in enumerate(_bundles(np.unique(t.particle), params)):
+            jobs.append(InsertJob(s.name, k, str(s.stack), t.select(np.isin(t.particle, ids)), share.subset(ids)))
+    _, grids = executor.run_into_map(run_insert, jobs, "iteration 1: reconstruct", key)
+    return _finish_map(paths, 1, settings, jobs, grids, tracks, stage, background)
 
 
 def _prepare(parameters: Mapping[str, Any], project_dir: str | os.PathLike[str] | None,
@@ -522,16 +735,12 @@ def _prepare(parameters: Mapping[str, Any], project_dir: str | os.PathLike[str] 
     params = _as_params(parameters)
     root = (Path.cwd() if project_dir is None else Path(project_dir)).resolve()
     names = tilt_series_names(root)
-    data_set = params["data_set"] or (names[0] if len(names) == 1 else "")
-    check_name(data_set, "data_set")
-    paths = ProjectPaths(root, data_set)
+    paths = ProjectPaths(root, data_set_name(params["data_set"], root, names))
     first = params["refine_iter"] if first_iteration is None else int(first_iteration)
     last = params["refine_maxiter"] if last_iteration is None else int(last_iteration)
+    while first > 2 and _unfinished(paths, names, first - 1):  # an interrupted run left it half-written: redo it
+        first -= 1
     series = _check_project(paths, params, first, last, names, tilt_unit)
-    if len(series) > 1:
-        raise CsptInputError(f"has {len(series)} tilt series ({', '.join(names)})", file=paths.maps,
-                             field="tilt series", expected="one tilt series per project for now (reconstruction of "
-                             "several stacks into one map is not supported yet)")
     return params, paths, first, last, names, series
 
 
@@ -599,10 +808,12 @@ def run_cspt(
 
     Raises :class:`CsptInputError` (before any work) for bad inputs and :class:`CsptRunError` naming the failed
     bundles and the log of the first one when jobs fail; rerunning resumes (module docstring)."""
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     params, paths, first, last, names, series = _prepare(parameters, project_dir, first_iteration, last_iteration,
                                                           tilt_unit)
     root, data_set = paths.root, paths.data_set
+    stale = remove_stale_temp_files(root, started=started)
+    settings = ReconstructionSettings(**reconstruction_options(params))
     stage = refine._Stage(progress, cancel)
     runlog = _RunLog(paths.run_log)
     timings: dict[str, float] = {}
@@ -611,43 +822,80 @@ def run_cspt(
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
 
     timed("check", t0)
-    runlog(f"CSPT of {data_set} in {root}: iterations {first}..{last}, tilt series {', '.join(names)}")
+    runlog(f"CSPT of {data_set} in {root}: iterations {first}..{last}, tilt series {', '.join(names)}"
+           + (f"; removed {len(stale)} temporary file(s) of interrupted writes" if stale else ""))
     picks = {s.name: s.tracks for s in series}
     current = {s.name: (s.tracks if first == 2 else _read_tracks(paths.parameters(s.name, first - 1),
                                                                   s.tracks.image_shape_yx, s.tracks.tilts))
                for s in series}
-    if _initial_map_needed(paths, series, first):
-        t0 = time.perf_counter()
-        rec = _reconstruct(paths, series[0], current[series[0].name], params, 1, stage)
-        with atomic_open(_initial_map_source(paths), "w", encoding="utf-8") as fh:
-            fh.write(_digest(*(paths.parameters(s.name, 1) for s in series)))
-        timed("reconstruct", t0)
-        runlog(f"iteration 1: map {paths.map(1)} at {rec.resolution_A:.1f} Å (FSC 0.143)")
-
     run = CsptRun(root, paths.map(first - 1), [paths.parameters(s.name, first - 1) for s in series], paths.run_log,
                   timings=timings)
     imaging = refine.Imaging.from_params(params)
     n_jobs = sum(len(_bundles(np.unique(t.particle), params)) for t in current.values())
     t0 = time.perf_counter()
-    with _client(client, serial, params, workers, n_jobs, root) as dask_client:
-        timed("cluster start", t0)
-        executor = _Executor(dask_client, stage)
-        for it in range(first, last + 1):
-            options = refine.RefineOptions.from_params(params, it, tilt_unit=tilt_unit)
-            summary = _iteration(it, paths, series, picks, current, params, options, imaging, executor,
-                                 gold_standard, stage, timed, runlog)
-            run.iterations.append(summary)
-            run.map, run.parameters = paths.map(it), [paths.parameters(s.name, it) for s in series]
-            if summary["shift_change_px"] < CONVERGED_SHIFT_PX and summary["angle_change_deg"] < CONVERGED_ANGLE_DEG:
-                run.converged = run.converged or it
-                runlog(f"iteration {it}: parameters stopped changing")
-                if stop_when_converged:
-                    break
+    with _Background() as background:
+        with _client(client, serial, params, workers, n_jobs, root) as dask_client:
+            timed("cluster start", t0)
+            executor = _Executor(dask_client, stage)
+            if _initial_map_needed(paths, series, first):
+                t0 = time.perf_counter()
+                _write_record(_initial_map_source(paths), PENDING)
+                rec = _initial_map(paths, series, current, params, settings, executor, stage, background)
+                _write_record(_initial_map_source(paths), _digest(*(paths.parameters(s.name, 1) for s in series)))
+                timed("reconstruct", t0)
+                runlog(f"iteration 1: map {paths.map(1)} at {rec.resolution_A:.1f} Å (FSC 0.143) from "
+                       f"{rec.stats['n_used']} projections")
+            for it in range(first, last + 1):
+                options = refine.RefineOptions.from_params(params, it, tilt_unit=tilt_unit)
+                summary = _iteration(it, paths, series, picks, current, params, options, imaging, settings,
+                                     executor, gold_standard, stage, timed, runlog, background)
+                run.iterations.append(summary)
+                run.map, run.parameters = paths.map(it), [paths.parameters(s.name, it) for s in series]
+                if (summary["shift_change_px"] < CONVERGED_SHIFT_PX
+                        and summary["angle_change_deg"] < CONVERGED_ANGLE_DEG):
+                    run.converged = run.converged or it
+                    runlog(f"iteration {it}: parameters stopped changing")
+                    if stop_when_converged:
+                        break
+            t0 = time.perf_counter()
+    timed("close", t0)  # the cluster stopped, the last FSC plot written
     return run
+
+
+#: Content of a record or marker (module docstring, "Resuming") while the files it vouches for are being written.
+PENDING = "pending"
+
+
+def _write_record(path: Path, text: str) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
 
 
 def _initial_map_source(paths: ProjectPaths) -> Path:
     return paths.scratch / f"{paths.data_set}_r01_01.inputs"
+
+
+def _writing_marker(paths: ProjectPaths, iteration: int) -> Path:
+    return paths.scratch / f"{paths.data_set}_r01_{iteration:02d}.writing"
+
+
+def _unfinished(paths: ProjectPaths, names: Sequence[str], iteration: int) -> bool:
+    """True when a run was interrupted while writing ``iteration``'s files (module docstring, "Resuming"); an
+    iteration that never ran is not unfinished."""
+    from ..io.cistem import read_pair
+
+    pairs = [paths.parameters(n, iteration) for n in names]
+    if _writing_marker(paths, iteration).is_file():
+        return True
+    if not any(p.is_file() for p in pairs):
+        return False
+    try:
+        for pair in pairs:
+            read_pair(pair)
+    except CsptInputError:
+        return True
+    stem = paths.map(iteration).with_suffix("")
+    return not all(m.is_file() for m in (paths.map(iteration), *(Path(f"{stem}_half{h}.mrc") for h in (1, 2))))
 
 
 def _initial_map_needed(paths: ProjectPaths, series: Sequence[_Series], first: int) -> bool:
@@ -686,23 +934,24 @@ def _client(client: Any, serial: bool, params: PypParameters, workers: int | Non
     from ..cluster import make_client
 
     with dask.config.set(QUIET_WORKERS), make_client(params, workers=workers, tasks=max(1, n_jobs),
-                                                      project_dir=root) as started:
+                                                      project_dir=root, dashboard=False) as started:
         yield started
 
 
 def _iteration(it: int, paths: ProjectPaths, series: Sequence[_Series], picks: Mapping[str, TrackSet],
                current: dict[str, TrackSet], params: PypParameters, options: refine.RefineOptions,
-               imaging: refine.Imaging, executor: _Executor, gold_standard: bool, stage: refine._Stage,
-               timed: Callable[[str, float], None], runlog: _RunLog) -> dict[str, Any]:
+               imaging: refine.Imaging, settings: ReconstructionSettings, executor: _Executor, gold_standard: bool,
+               stage: refine._Stage, timed: Callable[[str, float], None], runlog: _RunLog,
+               background: _Background) -> dict[str, Any]:
     """One iteration (module docstring, steps 1-5); updates ``current`` and returns the iteration's summary."""
     from ..pyp import Parameters, prepare_particle_cspt
-    from .reconstruct import half_split
 
     t0 = time.perf_counter()
     reference = paths.map(it - 1)
     references = (reference,) if not gold_standard else tuple(
         reference.with_name(f"{reference.stem}_half{h}.mrc") for h in (1, 2))
     ref_digest = _digest(*references)
+    key = f"{paths.data_set}-{it:02d}-{os.urandom(4).hex()}"
     jobs: list[BundleJob] = []
     for s in series:
         tracks = current[s.name]
@@ -712,27 +961,28 @@ def _iteration(it: int, paths: ProjectPaths, series: Sequence[_Series], picks: M
         region_of = {int(ids[0]): path for path, ids, _ in regions}
         pick_keys = _pair_key(picks[s.name].particle, picks[s.name].tilt)
         pick_pos = picks[s.name].positions_px()
-        half_ids, first_rows = np.unique(tracks.particle, return_index=True)
-        half_of = half_split(tracks)[first_rows] if gold_standard else None
+        share = _map_share(key, settings, tracks)
         stat = os.stat(s.stack)
         stack_id = (str(s.stack), stat.st_size, stat.st_mtime_ns)
+        pick_rows = _particle_rows(picks[s.name])
         for k, ids in enumerate(_bundles(np.unique(tracks.particle), params)):
             files = tuple(str(region_of[int(i)]) for i in ids)
-            rows = _particle_rows(picks[s.name], ids)
+            rows = pick_rows(ids)
             result, log = paths.bundle(s.name, it, k)
-            half_args = (half_ids, half_of) if gold_standard else (None, None)
+            own = share.subset(ids)
+            half_args = (own.half_ids, own.half_of) if gold_standard else (None, None)
             fields = (options, imaging, [str(r) for r in references], pick_keys[rows], pick_pos[rows], *half_args,
                       *stack_id, *(getattr(s.tracks.tilts, a) for a in ("angle_deg", "defocus_um", "axis_deg",
                                                                          "dose", "order")))
-            jobs.append(BundleJob(s.name, it, k, files, str(s.stack), s.tracks.image_shape_yx, s.tracks.tilts,
+            jobs.append(BundleJob(s.name, it, k, ids, files, str(s.stack), s.tracks.image_shape_yx, s.tracks.tilts,
                                   tuple(str(r) for r in references), ref_digest, options, imaging, pick_keys[rows],
-                                  pick_pos[rows], *half_args,
+                                  pick_pos[rows], gold_standard, own,
                                   fingerprint=_fingerprint(fields, [Path(f) for f in files], ref_digest),
                                   result=str(result), log=str(log)))
     timed("prepare", t0)
 
     t0 = time.perf_counter()
-    outcomes = executor.run(jobs, f"iteration {it}: refine")
+    outcomes, grids = executor.run_into_map(run_bundle, jobs, f"iteration {it}: refine", key)
     timed("refine", t0)
     failed = [o for o in outcomes if not o["ok"]]
     for o in outcomes:
@@ -744,6 +994,7 @@ def _iteration(it: int, paths: ProjectPaths, series: Sequence[_Series], picks: M
                            "run again to resume", log_path=failed[0]["log"])
 
     t0 = time.perf_counter()
+    _write_record(_writing_marker(paths, it), PENDING)
     shift_change, angle_change = 0.0, 0.0
     for s in series:
         merged = _merge(current[s.name], [Path(j.result) for j in jobs if j.name == s.name])
@@ -754,13 +1005,15 @@ def _iteration(it: int, paths: ProjectPaths, series: Sequence[_Series], picks: M
     timed("merge", t0)
 
     t0 = time.perf_counter()
-    rec = _reconstruct(paths, series[0], current[series[0].name], params, it, stage)
+    rec = _finish_map(paths, it, settings, jobs, grids, current, stage, background)
+    _writing_marker(paths, it).unlink()
     timed("reconstruct", t0)
     summary = {"iteration": it, "resolution_A": rec.resolution_A, "resolution_05_A": rec.resolution_05_A,
                "refine_resolution_A": options.resolution_A, "shift_change_px": shift_change,
                "angle_change_deg": angle_change, "bundles": len(jobs),
-               "skipped": sum(o["skipped"] for o in outcomes)}
+               "skipped": sum(o["skipped"] for o in outcomes), "projections": int(rec.stats["n_used"])}
     runlog(f"iteration {it}: map {paths.map(it)} at {rec.resolution_A:.1f} Å (FSC 0.143), "
-           f"{rec.resolution_05_A:.1f} Å (0.5); shifts moved {shift_change:.3f} px RMS, orientations "
-           f"{angle_change:.3f}° median; {summary['skipped']}/{len(jobs)} bundles resumed")
+           f"{rec.resolution_05_A:.1f} Å (0.5) from {summary['projections']} projections of {len(series)} tilt "
+           f"series; shifts moved {shift_change:.3f} px RMS, orientations {angle_change:.3f}° median; "
+           f"{summary['skipped']}/{len(jobs)} bundles resumed")
     return summary
