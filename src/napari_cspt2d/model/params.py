@@ -143,8 +143,9 @@ _SPECS = [
               "axis along x) or O (4-fold axes along x, y, z), as in RELION and cisTEM.",
               pattern=r"(?i:[CD][1-9][0-9]{0,2}|O)"),
     ParamSpec("reconstruct_cutoff", str, "1", "reconstruction", "Fraction of particles",
-              "Particles used for reconstruction, per iteration: 0 = automatic, < 1 = fraction, 1 = all, > 1 = "
-              "number of particles.", minimum=0, per_iteration=True),
+              "pyp's particles per reconstruction, per iteration (0 = automatic, < 1 = fraction, 1 = all, > 1 = "
+              "number), kept for pyp: napari-cspt2d reconstructs every projection that passes "
+              "csp_RefineProjectionCutoff.", minimum=0, per_iteration=True),
     ParamSpec("reconstruct_mintilt", float, -90.0, "reconstruction", "Min tilt angle",
               "Projections at tilt angles below this are not reconstructed.", unit="°", minimum=-90, maximum=90),
     ParamSpec("reconstruct_maxtilt", float, 90.0, "reconstruction", "Max tilt angle",
