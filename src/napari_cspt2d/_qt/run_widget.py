@@ -50,6 +50,7 @@ from qtpy.QtWidgets import (
 from .. import pyp
 from ..cluster import make_client
 from ..errors import CsptCancelled, CsptError, CsptInputError, CsptRunError
+from ..io.atomic import remove_stale_temp_files
 from ..io.mrc import read_image
 from ..io.toml import CONFIG_NAME, save_params
 from ..model.params import PypParameters
@@ -168,6 +169,7 @@ def run_job(s: Session, mode: RunMode, progress: ProgressFn, cancel: Callable[[]
                                  expected="one {name}_stack.mrc with its frealign/maps/{name}_r01.cistem "
                                  "(Parameters widget: Create project)")
         paths = ProjectPaths(s.project_dir.resolve(), data_set_name(p["data_set"], s.project_dir, names))
+        remove_stale_temp_files(paths.root)  # what interrupted writes left (the refinement's run_cspt does the same)
         written += [save_params(p, paths.root / CONFIG_NAME)]
         written += [Path(f) for f in pyp.create_cistem_from_2d_tracks(names[0], s.tracks, p, paths.maps)]
     result = reconstruct_tracks(s.stack, s.tracks, **reconstruction_options(p), batch_size=BATCH_SIZE,
