@@ -66,6 +66,7 @@ import os
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -630,8 +631,10 @@ class _Executor:
         from distributed import as_completed
 
         token = os.urandom(4).hex()
-        futures = self.client.map(function, jobs, pure=False,
-                                  key=[f"cspt-{j.label.replace(' ', '-')}-{token}" for j in jobs])
+        with warnings.catch_warnings():  # the jobs carry their particles' tracks by design (~0.1 MB per job)
+            warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+            futures = self.client.map(function, jobs, pure=False,
+                                      key=[f"cspt-{j.label.replace(' ', '-')}-{token}" for j in jobs])
         index = {f.key: i for i, f in enumerate(futures)}
         out: list[Any] = [None] * len(jobs)
         try:
