@@ -126,7 +126,8 @@ def test_positions_with_tilt_axis_agree_with_imod_raw_frame():
     assert np.sqrt(((wrong_way - predicted_imod) ** 2).mean()) > 10.0
 
 
-@pytest.mark.parametrize("name, order", [("C1", 1), ("c4", 4), ("D7", 14), ("O", 24)])
+@pytest.mark.parametrize("name, order", [("C1", 1), ("c4", 4), ("D7", 14), ("T", 12), ("O", 24), ("I", 60),
+                                         ("I1", 60), ("I3", 60), ("I4", 60)])
 def test_symmetry_groups_are_closed_rotation_groups(name, order):
     ops = symmetry_matrices(name)
     assert ops.shape == (order, 3, 3) and np.allclose(ops[0], np.eye(3))
@@ -145,9 +146,24 @@ def test_symmetry_axes_follow_relion():
     octa = symmetry_matrices("O")
     for axis in np.eye(3):  # 4-fold axes along x, y and z
         assert sum(np.allclose(s @ axis, axis) for s in octa) == 4
+    fold = lambda ops, axis: sum(np.allclose(s @ axis, axis, atol=1e-6) for s in ops)  # noqa: E731
+    for name, axes in RELION_SYMMETRY_AXES.items():
+        ops = symmetry_matrices(name)
+        assert [fold(ops, np.array(a) / np.linalg.norm(a)) for _, a in axes] == [n for n, _ in axes], name
+    assert np.allclose(symmetry_matrices("I"), symmetry_matrices("I2"))
 
 
-@pytest.mark.parametrize("bad", ["T", "I2", "C0", "X3", ""])
+#: (fold, axis) of the generators RELION lists for its polyhedral groups (src/symmetries.cpp), to 6 digits.
+RELION_SYMMETRY_AXES = {
+    "T": [(3, (0, 0, 1)), (2, (0, 0.816497, 0.577350))],
+    "I1": [(2, (1, 0, 0)), (5, (0.850651, 0, -0.525731)), (3, (0.934172, 0.356822, 0))],
+    "I2": [(2, (0, 0, 1)), (5, (0.525731, 0, 0.850651)), (3, (0, 0.356822, 0.934172))],
+    "I3": [(2, (-0.525731, 0, 0.850651)), (5, (0, 0, 1)), (3, (-0.491123, 0.356822, 0.794654))],
+    "I4": [(2, (0.525731, 0, 0.850651)), (5, (0.894427, 0, 0.447214)), (3, (0.491123, 0.356822, 0.794654))],
+}
+
+
+@pytest.mark.parametrize("bad", ["I5", "C0", "X3", "D", ""])
 def test_unsupported_symmetry_is_refused(bad):
     with pytest.raises(CsptInputError, match="particle_sym"):
         symmetry_matrices(bad)

@@ -143,4 +143,4 @@ def test_symmetry_makes_the_map_the_symmetrised_object(small_sample):
     assert corr(c2, _rotate_180_about_z(c2)) > 0.98
     assert corr(c2, averaged) > 0.95 and corr(c2, averaged) > corr(c2, truth) + 0.05
     with pytest.raises(CsptInputError, match="particle_sym"):
-        _run(small_sample, symmetry="I2")
+        _run(small_sample, symmetry="I5")

@@ -139,9 +139,9 @@ _SPECS = [
               "negative)."),
     # ---------------------------------------------------------------- reconstruction
     ParamSpec("particle_sym", str, "C1", "reconstruction", "Symmetry",
-              "Point-group symmetry applied during reconstruction: Cn (n-fold axis along z), Dn (plus a 2-fold "
-              "axis along x) or O (4-fold axes along x, y, z), as in RELION and cisTEM.",
-              pattern=r"(?i:[CD][1-9][0-9]{0,2}|O)"),
+              "Point-group symmetry applied during reconstruction, with RELION's axes: Cn (n-fold axis along z), "
+              "Dn (plus a 2-fold axis along x), T, O (4-fold axes along x, y, z), I (= I2) or I1..I4.",
+              pattern=r"(?i:[CD][1-9][0-9]{0,2}|T|O|I[1-4]?)"),
     ParamSpec("reconstruct_cutoff", str, "1", "reconstruction", "Fraction of particles",
               "pyp's particles per reconstruction, per iteration (0 = automatic, < 1 = fraction, 1 = all, > 1 = "
               "number), kept for pyp: napari-cspt2d reconstructs every projection that passes "

@@ -46,8 +46,11 @@ Shifts
     position (centre + projection of its 3D point) with its true centre at ``+shift_px`` from the box centre has
     cisTEM shift ``+shift_px * pixel_A``. Reconstruction moves the image by ``-shift`` before insertion.
 
-Symmetry (``particle_sym``, RELION's and cisTEM's settings)
-    ``Cn``: n-fold axis along z. ``Dn``: ``Cn`` plus a 2-fold axis along x. ``O``: 4-fold axes along x, y and z. A
+Symmetry (``particle_sym``, RELION's settings)
+    ``Cn``: n-fold axis along z. ``Dn``: ``Cn`` plus a 2-fold axis along x. ``T``: a 3-fold axis along z and a
+    2-fold axis in the yz plane. ``O``: 4-fold axes along x, y and z. ``I`` (= ``I2``): 2-fold axes along x, y and
+    z, a 5-fold axis in the xz plane; ``I1``: the same 2-fold axes, the 5-fold axis turned 90° about y; ``I3`` and
+    ``I4``: a 5-fold axis along z, with the 2-fold axes placed as RELION places them. A
     symmetric map satisfies ``map(S @ r) = map(r)`` for every operator ``S`` of :func:`symmetry_matrices`, so an image
     seen through ``A`` is also a view through every ``A @ S``; reconstruction inserts it once per operator.
 
@@ -198,16 +201,32 @@ def _axis_rotation(axis: ArrayLike, fold: int) -> NDArray[np.float64]:
     return np.cos(a) * np.eye(3) + np.sin(a) * cross + (1.0 - np.cos(a)) * np.outer(u, u)
 
 
+_PHI = (1.0 + 5.0**0.5) / 2.0
+#: Generators (fold, axis) of the polyhedral groups in RELION's settings, exact (``I1``, ``I3``, ``I4`` are ``I2``
+#: turned about y by the angle in :data:`_ICOSAHEDRAL_TURN_DEG`).
+_POLYHEDRAL_GENERATORS: dict[str, list[tuple[int, tuple[float, float, float]]]] = {
+    "T": [(3, (0.0, 0.0, 1.0)), (2, (0.0, 2.0**0.5, 1.0))],
+    "O": [(4, (0.0, 0.0, 1.0)), (3, (1.0, 1.0, 1.0))],
+    "I2": [(2, (0.0, 0.0, 1.0)), (5, (1.0, 0.0, _PHI)), (3, (0.0, 1.0, _PHI**2))],
+}
+_ICOSAHEDRAL_TURN_DEG = {"I1": 90.0, "I3": -np.degrees(np.arctan(1.0 / _PHI)), "I4": np.degrees(np.arctan(1.0 / _PHI))}
+
+
 def symmetry_matrices(symmetry: str) -> NDArray[np.float64]:
-    """Rotation matrices ``(n, 3, 3)`` of a point group (identity first): ``C1``, ``Cn``, ``Dn`` or ``O`` (case-
-    insensitive; axes as in the module docstring). Other groups raise :class:`CsptInputError`."""
+    """Rotation matrices ``(n, 3, 3)`` of a point group (identity first): ``C1``, ``Cn``, ``Dn``, ``T``, ``O``, ``I``
+    (= ``I2``), ``I1``..``I4`` (case-insensitive; axes as in the module docstring). Others raise
+    :class:`CsptInputError`."""
     text = str(symmetry).strip().upper()
-    match = re.fullmatch(r"([CD])([1-9][0-9]{0,2})|O", text)
+    text = "I2" if text == "I" else text
+    match = re.fullmatch(r"([CD])([1-9][0-9]{0,2})", text)
+    if text in _ICOSAHEDRAL_TURN_DEG:
+        turn = rotation_y(_ICOSAHEDRAL_TURN_DEG[text])
+        return turn @ symmetry_matrices("I2") @ turn.T
+    if match is None and text not in _POLYHEDRAL_GENERATORS:
+        raise CsptInputError(f"is {symmetry!r}", field="particle_sym",
+                             expected="C1, Cn, Dn, T, O, I or I1..I4 (RELION's settings)")
     if match is None:
-        raise CsptInputError(f"is {symmetry!r}", field="particle_sym", expected="C1, Cn, Dn or O (T and I are not "
-                                                                                 "supported)")
-    if text == "O":
-        generators = [_axis_rotation((0, 0, 1), 4), _axis_rotation((1, 1, 1), 3)]
+        generators = [_axis_rotation(axis, fold) for fold, axis in _POLYHEDRAL_GENERATORS[text]]
     else:
         generators = [_axis_rotation((0, 0, 1), int(match.group(2)))]
         if match.group(1) == "D":
