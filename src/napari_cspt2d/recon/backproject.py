@@ -497,8 +497,12 @@ class Backprojector:
         ``half`` (B,) in {0, 1} picks each image's half map (default 0); ``shifts_px`` (B, 2) the particle centre's
         offset from the box centre (x, y, box pixels; the image is moved by minus this); ``model`` the images' CTF
         and weights (:func:`ctf.image_model` for ``box`` px of ``pixel_A``), default 1."""
-        self.insert_fourier(fourier_images(images, self.pad if self.pad_images else 1), matrices, half=half,
-                            shifts_px=shifts_px, model=model)
+        self.insert_fourier(self.transform(images), matrices, half=half, shifts_px=shifts_px, model=model)
+
+    def transform(self, images: ArrayLike) -> NDArray[np.complex64]:
+        """:func:`fourier_images` of real images ``(B, box, box)`` as :meth:`insert_fourier` takes them (zero-padded
+        to the grid when ``pad_images``), to insert the same images through several orientations."""
+        return fourier_images(images, self.pad if self.pad_images else 1)
 
     def insert_fourier(
         self,

@@ -243,8 +243,9 @@ class HalfMapInsertion:
                     exposure_e_A2=None if exposure is None else exposure[r], scale=None if scale is None else scale[r],
                     mode="flip" if s.ctf_mode == "flip" else "multiply",
                 )
+            fimages = self.backprojector.transform(batch.images)
             for op in self.symmetry_ops:  # a symmetric map shows the same image through A and A @ S
-                self.backprojector.insert(batch.images, matrices[r] @ op, half=halves[r], model=model)
+                self.backprojector.insert_fourier(fimages, matrices[r] @ op, half=halves[r], model=model)
             done += len(batch)
             n_edge += int(batch.at_edge.sum())
             if progress is not None:
@@ -330,8 +331,9 @@ def reconstruct_tracks(
     extract_bin``. Tilts outside ``[min_tilt_deg, max_tilt_deg]`` and projections with ``score < score_cutoff`` or
     zero occupancy are left out. ``pad``/``pad_images``: see :class:`Backprojector`. ``ctf_mode`` "multiply"
     (Wiener-style), "flip" (phase flip) or "none"; ``dose_weighting`` uses the tilts' ``dose``/``order``;
-    ``cos_weighting`` weights images by cos(tilt). ``symmetry`` (``particle_sym``: C1, Cn, Dn, O) inserts every image
-    once per operator of the point group (:func:`geometry.symmetry_matrices`). ``split``/``seed``: :func:`half_split`.
+    ``cos_weighting`` weights images by cos(tilt). ``symmetry`` (``particle_sym``: C1, Cn, Dn, T, O, I) inserts
+    every image once per operator of the point group (:func:`geometry.symmetry_matrices`). ``split``/``seed``:
+    :func:`half_split`.
     ``mask`` (n³, 0..1) is used for the FSC and applied to the final map, ``bfactor_A2`` (negative sharpens) to the
     final map.
     ``progress(stage, done, total)`` is called between batches ("backproject") and reconstruction steps
