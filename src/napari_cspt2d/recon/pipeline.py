@@ -322,10 +322,10 @@ class MapShare:
         return self.half_of[np.searchsorted(self.half_ids, tracks.particle)]
 
     def subset(self, ids: NDArray[np.int64]) -> MapShare:
-        """This share for the particles ``ids`` only: what one job carries (the whole table in every job would
-        make the jobs grow with the square of the number of particles)."""
-        keep = np.isin(self.half_ids, ids)
-        return MapShare(self.key, self.settings, self.half_ids[keep], self.half_of[keep])
+        """This share for the particles ``ids`` (sorted, all in this share) only: what one job carries (the whole
+        table in every job would make the jobs grow with the square of the number of particles)."""
+        rows = np.searchsorted(self.half_ids, ids)
+        return MapShare(self.key, self.settings, self.half_ids[rows], self.half_of[rows])
 
 
 def _map_share(key: str, settings: ReconstructionSettings, tracks: TrackSet) -> MapShare:
@@ -723,10 +723,11 @@ def _initial_map(paths: ProjectPaths, series: Sequence[_Series], tracks: Mapping
     key = f"{paths.data_set}-01-{os.urandom(4).hex()}"
     jobs = []
     for s in series:
-        t = tracks[s.name]
+        t = tracks[s.name].sorted()
         share = _map_share(key, settings, t)
+        rows_of = _particle_rows(t)
         for k, ids in enumerate(_bundles(np.unique(t.particle), params)):
-            jobs.append(InsertJob(s.name, k, str(s.stack), t.select(np.isin(t.particle, ids)), share.subset(ids)))
+            jobs.append(InsertJob(s.name, k, str(s.stack), t.select(rows_of(ids)), share.subset(ids)))
     _, grids = executor.run_into_map(run_insert, jobs, "iteration 1: reconstruct", key)
     return _finish_map(paths, 1, settings, jobs, grids, tracks, stage, background)
 
