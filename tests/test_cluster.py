@@ -55,6 +55,34 @@ def test_local_client_runs_tasks_in_single_threaded_worker_processes():
     assert client.status == "closed"
 
 
+def _preloaded() -> tuple[bool, int]:
+    import sys
+
+    from napari_cspt2d.recon import backproject
+
+    return "napari_cspt2d.recon.worker_preload" in sys.modules, len(backproject._divide.signatures)
+
+
+def test_local_workers_start_with_the_pipeline_loaded():
+    """Workers are forked from a server that imported the pipeline and loaded its kernels (WORKER_PRELOAD)."""
+    with make_client({"cluster_backend": "local", "workers": 2}) as client:
+        found = client.run(_preloaded)
+    assert len(found) == 2 and all(imported and kernels >= 1 for imported, kernels in found.values()), found
+
+
+def test_worker_preload_leaves_one_thread_and_loaded_kernels():
+    """A process that forks workers must hold no threads after the warm-up."""
+    import subprocess
+    import sys
+
+    code = ("import threading; from napari_cspt2d.recon import backproject, refine, worker_preload; "
+            "print(threading.active_count(), len(backproject._divide.signatures), backproject.WORKERS)")
+    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True)
+    threads, kernels, workers = map(int, out.stdout.split())
+    assert threads == 1 and kernels >= 1 and workers == 1, out
+
+
 def test_workers_default_to_cores_and_never_exceed_tasks():
     cores = len(os.sched_getaffinity(0))
     with make_client({"cluster_backend": "local"}) as client:

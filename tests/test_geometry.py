@@ -167,3 +167,14 @@ RELION_SYMMETRY_AXES = {
 def test_unsupported_symmetry_is_refused(bad):
     with pytest.raises(CsptInputError, match="particle_sym"):
         symmetry_matrices(bad)
+
+
+def test_rotvec_matrices_match_scipy_rotation():
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(3)
+    vectors = np.concatenate([rng.normal(size=(20, 3)) * rng.uniform(0, np.pi, (20, 1)), np.zeros((1, 3)),
+                              [[1e-12, 0, 0], [0, 0, np.pi]]])
+    np.testing.assert_allclose(geometry.rotvec_matrices(vectors), Rotation.from_rotvec(vectors).as_matrix(),
+                               atol=1e-12)
+    assert geometry.rotvec_matrices(vectors[0]).shape == (3, 3)

@@ -13,7 +13,7 @@ import pytest
 from napari_cspt2d import pyp
 from napari_cspt2d.errors import CsptInputError, CsptRunError
 from napari_cspt2d.io.mrc import open_stack, read_image, write_map
-from napari_cspt2d.recon import fsc, refine
+from napari_cspt2d.recon import fsc, pipeline, refine
 from napari_cspt2d.recon.pipeline import reconstruction_options, tilt_series_names
 from napari_cspt2d.recon.reconstruct import HalfMapInsertion, ReconstructionSettings, half_split, reconstruct_tracks
 from napari_cspt2d.sample import make_sample, write_sample
@@ -122,7 +122,11 @@ def test_option_a_runs_from_the_project_folder(option_a, small_sample):
     for name in ("sample_r01_01.mrc", "sample_r01_02.mrc", "sample_r01_02_half1.mrc", "sample_r01_02_fsc.csv",
                  "sample_r01_02.cistem", "sample_r01_02_extended.cistem"):
         assert (maps / name).is_file(), name
-    assert list((root / "frealign" / "scratch").glob("sample_r01_region*.cistem"))
+    regions = sorted((root / "frealign" / "scratch").glob("sample_r01_region*[0-9].cistem"))  # written by the jobs
+    ids = np.sort(small_sample.tracks.particles.id)
+    assert [p.name for p in regions] == [f"sample_r01_region{k:04d}.cistem" for k in range(ids.size)]
+    for k in (0, ids.size // 2, ids.size - 1):  # numbered as prepare_particle_cspt numbers the whole split
+        assert set(pyp.Parameters.from_file(regions[k]).data[:, 0]) == {ids[k]}
     assert (root / "log" / "sample_csp.log").is_file() and list((root / "log").glob("sample_r01_02_bundle*.log"))
     par = pyp.Parameters.from_file(maps / "sample_r01_02.cistem")  # the seed's validation
     assert set(par.data[:, 0]) == set(small_sample.tracks.particles.id)
@@ -192,6 +196,28 @@ def test_local_cluster_gives_the_same_parameters_as_one_process(tmp_path, templa
         maps = [read_image(tmp_path / mode / "frealign" / "maps" / f"sample_r01_{it:02d}.mrc")
                 for mode in ("serial", "dask")]
         assert_same_map(maps[1], maps[0])
+
+
+def test_the_cluster_closes_while_the_last_map_is_finished(tmp_path, template, monkeypatch):
+    events = []
+    finish, release = pipeline._finish_map, pipeline._EarlyClose.start
+
+    def finishing(paths, iteration, *args):
+        events.append(("finish", iteration))
+        return finish(paths, iteration, *args)
+
+    def releasing(self):
+        events.append(("release", self.client.status))
+        release(self)
+
+    monkeypatch.setattr(pipeline, "_finish_map", finishing)
+    monkeypatch.setattr(pipeline._EarlyClose, "start", releasing)
+    shutil.copytree(template, tmp_path / "p")
+    params = pyp.load_parameters(tmp_path / "p")
+    params["refine_maxiter"] = 3
+    run = pipeline.run_cspt(params, project_dir=tmp_path / "p", workers=2, stop_when_converged=False)
+    assert events == [("finish", 1), ("finish", 2), ("release", "running"), ("finish", 3)]
+    assert run.map.name == "sample_r01_03.mrc" and run.map.is_file()
 
 
 # ------------------------------------------------------------------------------------------------ several tilt series

@@ -45,6 +45,7 @@ import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.fft
@@ -475,13 +476,15 @@ class Backprojector:
         self.flush()
         return self._weight
 
+    def _each(self, function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``[function(item) for item in items]``, on the worker threads when there are any."""
+        if self._pool is None:
+            return [function(item) for item in items]
+        return list(self._pool.map(function, items))
+
     def flush(self) -> None:
         """Spread all pending insertions into the grids (reading :attr:`data` or :attr:`weight` does it too)."""
-        if self._pool is None:
-            for inserter in self._inserters:
-                inserter.flush()
-        else:
-            list(self._pool.map(_Inserter.flush, self._inserters))
+        self._each(_Inserter.flush, self._inserters)
 
     def insert(
         self,
@@ -544,11 +547,7 @@ class Backprojector:
             self._inserters[h](take(fimg), take(axes), take(px), take(py), ctf, env, env_step_inv, flip, f_step)
             self.count[h] += sel.size
 
-        if self._pool is None:
-            for h in range(self.n_halves):
-                run(h)
-        else:
-            list(self._pool.map(run, range(self.n_halves)))
+        self._each(run, range(self.n_halves))
 
     def add_grids(self, data: Sequence[NDArray[np.complex64]], weight: Sequence[NDArray[np.float32]],
                   count: ArrayLike) -> None:
@@ -574,9 +573,9 @@ class Backprojector:
     # ------------------------------------------------------------------------------------------------ reconstruction
     def _map(self, halves: tuple[int, ...], reg: NDArray[np.float64]) -> NDArray[np.float32]:
         """``Σ data / (Σ weight + reg[shell])`` over ``halves`` with Hermitian ``kx = 0`` planes, to a
-        gridding-corrected map."""
-        datas = tuple(self.data[h] for h in halves)
-        weights = tuple(self.weight[h] for h in halves)
+        gridding-corrected map. Pending insertions must have been spread (it runs on the worker threads)."""
+        datas = tuple(self._data[h] for h in halves)
+        weights = tuple(self._weight[h] for h in halves)
         out = np.empty_like(datas[0])
         _divide(datas, weights, reg, float(self.pad), out)
         plane = np.empty((self.grid, self.grid, 1), np.complex64)
@@ -609,24 +608,19 @@ class Backprojector:
         mean_w = float(np.mean([w[w > 0].mean() for w in self.weight]))
         eps = 1e-3 * mean_w
         tiny = np.full(n_shells, eps)
-        first = [self._map((h,), tiny) for h in range(2)]
+        first = self._each(lambda h: self._map((h,), tiny), range(2))
         step(1)
         curve0 = fsc_mod.fsc_curve(first[0], first[1], self.pixel_A, mask=fsc_mask)
         del first
         snr = tau2_fudge * _half_map_snr(curve0)
-        sig = np.zeros(n_shells)
-        noi = np.zeros(n_shells)
-        for w in self.weight:
-            s1, s2 = _shell_sums(w, eps, float(self.pad), n_shells)
-            sig += s1
-            noi += s2
+        sums = self._each(lambda w: _shell_sums(w, eps, float(self.pad), n_shells), self.weight)
+        sig, noi = sum(s[0] for s in sums), sum(s[1] for s in sums)
         with np.errstate(divide="ignore", invalid="ignore"):
             reg = np.where(noi > 0, sig / (snr * noi), eps)
         reg = np.maximum(np.nan_to_num(reg, nan=eps, posinf=1e30), 1e-6 * mean_w)
         step(2)
-        half1, half2 = (self._map((h,), reg) for h in range(2))
+        half1, half2, full = self._each(lambda halves: self._map(halves, reg), [(0,), (1,), (0, 1)])
         step(3)
-        full = self._map((0, 1), reg)
         curve = fsc_mod.fsc_curve(half1, half2, self.pixel_A, mask=fsc_mask)
         step(4)
         return HalfMapReconstruction(full, half1, half2, curve, reg)

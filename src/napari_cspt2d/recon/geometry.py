@@ -80,6 +80,7 @@ __all__ = [
     "positions_from_shifts",
     "shifts_from_positions",
     "symmetry_matrices",
+    "rotvec_matrices",
 ]
 
 
@@ -193,12 +194,23 @@ def shifts_from_positions(
     return np.asarray(position_xy_px) - image_center_px(shape_yx) - project_points(xyz_px, angle_deg, axis_deg)[:, :2]
 
 
+def rotvec_matrices(rotvec_rad: ArrayLike) -> NDArray[np.float64]:
+    """Rotations by ``|v|`` radians about the unit vectors ``v / |v|`` (Rodrigues; a zero vector gives the identity):
+    rotation vectors ``(..., 3)`` -> matrices ``(..., 3, 3)``."""
+    v = np.asarray(rotvec_rad, dtype=np.float64)
+    angle = np.linalg.norm(v, axis=-1)[..., None, None]
+    u = v / np.where(angle[..., 0] > 0, angle[..., 0], 1.0)
+    zero = np.zeros(u.shape[:-1])
+    cross = np.stack([np.stack([zero, -u[..., 2], u[..., 1]], -1), np.stack([u[..., 2], zero, -u[..., 0]], -1),
+                      np.stack([-u[..., 1], u[..., 0], zero], -1)], -2)
+    outer = u[..., :, None] * u[..., None, :]
+    return np.cos(angle) * np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * outer
+
+
 def _axis_rotation(axis: ArrayLike, fold: int) -> NDArray[np.float64]:
-    """Rotation by ``360° / fold`` about the unit vector along ``axis`` (Rodrigues)."""
+    """Rotation by ``360° / fold`` about ``axis``."""
     u = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
-    a = 2.0 * np.pi / fold
-    cross = np.array([[0.0, -u[2], u[1]], [u[2], 0.0, -u[0]], [-u[1], u[0], 0.0]])
-    return np.cos(a) * np.eye(3) + np.sin(a) * cross + (1.0 - np.cos(a)) * np.outer(u, u)
+    return rotvec_matrices(u * (2.0 * np.pi / fold))
 
 
 _PHI = (1.0 + 5.0**0.5) / 2.0

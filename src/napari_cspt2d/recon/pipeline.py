@@ -18,11 +18,13 @@ Iterations
     ``refine_iter`` ..
     ``refine_maxiter`` refine against the previous iteration's map. Iteration ``i``:
 
-    1. split every tilt series' parameters of iteration ``i − 1`` per particle with the seed's
-       ``pyp.prepare_particle_cspt`` (``csp_no_3d_points``: one region per particle) into
-       ``frealign/scratch/{stem}_region{k:04d}.cistem`` (:func:`split_regions`);
-    2. bundle ``slurm_bundle_size`` particles per job and run the jobs on dask (:func:`run_bundle`): each reads its
-       particles, refines them against the map (:func:`refine.refine_tracks` with
+    1. bundle the particles of every tilt series' parameters of iteration ``i − 1``, ``slurm_bundle_size``
+       particles per job;
+    2. run the jobs on dask (:func:`run_bundle`): each writes its particles' split files as the seed's
+       ``pyp.prepare_particle_cspt`` does (``csp_no_3d_points``: one region per particle,
+       ``frealign/scratch/{stem}_region{k:04d}.cistem``, :func:`split_regions`; numbered as in the whole split, and
+       written by the jobs so that a large project is not split file by file in this process), refines its
+       particles against the map (:func:`refine.refine_tracks` with
        :meth:`RefineOptions.from_params` of iteration ``i``) and writes its result atomically to
        ``frealign/scratch/{name}_r01_{i:02d}_bundle{k:04d}.npz``, its log to ``log/`` (same stem, ``.log``), then
        inserts the refined projections into the half-map grids its process keeps for the iteration's map
@@ -63,6 +65,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import sys
 import threading
 import time
 import traceback
@@ -285,11 +288,12 @@ def _particle_rows(tracks: TrackSet) -> Callable[[Sequence[int] | NDArray[np.int
 
 
 def split_regions(tracks: TrackSet, regions: Sequence[Sequence[int]], parameter_file: str | os.PathLike[str],
-                  params: Mapping[str, Any], out_dir: str | os.PathLike[str]
+                  params: Mapping[str, Any], out_dir: str | os.PathLike[str], first_index: int = 0
                   ) -> list[tuple[Path, NDArray[np.int64], NDArray[np.int64]]]:
     """Write one parameter file per region (a list of particle ids), ``{out_dir}/{stem}_region{k:04d}.cistem``
     (+ ``_extended``) with ``stem`` = ``parameter_file``'s; returns pyp's ``split_parx_list``: ``(path, particle
-    ids, tilt ids)`` per non-empty region, numbered in order."""
+    ids, tilt ids)`` per non-empty region, numbered in order from ``first_index`` (a bundle job writes the regions
+    of its own particles, numbered as in the whole split)."""
     params = _as_params(params)
     tracks = tracks.sorted()
     rows_of = _particle_rows(tracks)
@@ -299,7 +303,8 @@ def split_regions(tracks: TrackSet, regions: Sequence[Sequence[int]], parameter_
         if rows.size == 0:
             continue
         sub = tracks.select(rows)
-        path = _write_tracks(Path(out_dir) / f"{Path(parameter_file).stem}_region{len(out):04d}.cistem", sub, params)
+        k = first_index + len(out)
+        path = _write_tracks(Path(out_dir) / f"{Path(parameter_file).stem}_region{k:04d}.cistem", sub, params)
         out.append((path, sub.particles.id.copy(), np.unique(sub.tilt)))
     return out
 
@@ -335,21 +340,23 @@ def _map_share(key: str, settings: ReconstructionSettings, tracks: TrackSet) -> 
 
 @dataclass(frozen=True, eq=False)
 class BundleJob:
-    """Everything one bundle job needs (picklable, no open files): the ``regions`` parameter files of its particles
-    (``particle_ids``), the tilt series' ``stack``, ``tilts`` and ``image_shape_yx``, the reference map(s) (and a
-    digest of their content), the particles' picks (``origin_keys`` = particle id × 2³² + tilt id, ``origin_px``
-    positions), whether to refine each particle against its half map (``gold_standard``) and the ``share`` of the
-    iteration's map it inserts its refined projections into. ``fingerprint`` identifies the inputs of the
-    refinement; ``result``/``log`` are where the job writes."""
+    """Everything one bundle job needs (picklable, no open files): the ``tracks`` of its particles as the
+    iteration's input parameter file ``source`` holds them, where and how to write their per-particle split files
+    (``split_dir``, ``params``; regions numbered from ``first_region``), the tilt series' ``stack``, the reference
+    map(s) (and a digest of their content), the particles' picks (``origin_keys`` = particle id × 2³² + tilt id,
+    ``origin_px`` positions), whether to refine each particle against its half map (``gold_standard``) and the
+    ``share`` of the iteration's map it inserts its refined projections into. ``fingerprint`` identifies the inputs
+    of the refinement; ``result``/``log`` are where the job writes."""
 
     name: str
     iteration: int
     index: int
-    particle_ids: NDArray[np.int64]
-    regions: tuple[str, ...]
+    tracks: TrackSet
+    source: str
+    first_region: int
+    split_dir: str
+    params: PypParameters
     stack: str
-    image_shape_yx: tuple[int, int]
-    tilts: TiltTable
     references: tuple[str, ...]
     reference_digest: str
     options: refine.RefineOptions
@@ -365,6 +372,10 @@ class BundleJob:
     @property
     def label(self) -> str:
         return f"{self.name} iteration {self.iteration} bundle {self.index}"
+
+    @property
+    def particle_ids(self) -> NDArray[np.int64]:
+        return self.tracks.particles.id
 
 
 @dataclass(frozen=True, eq=False)
@@ -389,19 +400,6 @@ class InsertJob:
 
 def _pair_key(particle: NDArray, tilt: NDArray) -> NDArray[np.int64]:
     return particle.astype(np.int64) * (1 << 32) + tilt.astype(np.int64)
-
-
-def _combine(parts: Sequence[TrackSet]) -> TrackSet:
-    """One TrackSet from TrackSets of the same tilt series with disjoint particles."""
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    cat = lambda attr: np.concatenate([getattr(p, attr) for p in parts])  # noqa: E731
-    pcat = lambda attr: np.concatenate([getattr(p.particles, attr) for p in parts])  # noqa: E731
-    order = np.argsort(pcat("id"), kind="stable")
-    particles = ParticleTable(pcat("id")[order], pcat("xyz_px")[order], pcat("euler_deg")[order])
-    return TrackSet(cat("particle"), cat("tilt"), cat("shift_px"), cat("score"), cat("occupancy"), particles,
-                    first.tilts, first.image_shape_yx).sorted()
 
 
 class _JobLog:
@@ -446,18 +444,24 @@ def _projectors(paths: tuple[str, ...], digest: str) -> list[Any]:
     return [Projector(read_image(p)) for p in paths]
 
 
+def use_one_thread() -> None:
+    """Make extraction, insertion and projection in this process single-threaded (what a worker process wants: the
+    workers are the parallelism, so their own FFT/projection threads would only oversubscribe the cores)."""
+    from . import backproject, extract
+
+    backproject.WORKERS = extract.WORKERS = 1
+
+
 def _one_thread_on_dask_worker() -> None:
-    """On a dask worker, make extraction and projection single-threaded: the workers are the parallelism (each is
-    one process with one thread), so their own FFT/projection threads would only oversubscribe the cores."""
+    """:func:`use_one_thread` on a dask worker (each is one process with one thread); a serial run keeps the
+    default threads."""
     from distributed import get_worker
 
     try:
         get_worker()
-    except ValueError:  # not on a worker (serial run): keep their default threads
+    except ValueError:  # not on a worker
         return
-    from . import backproject, extract
-
-    backproject.WORKERS = extract.WORKERS = 1
+    use_one_thread()
 
 
 #: The half-map grids this process is filling, per :attr:`MapShare.key`: the insertion and the labels of the jobs
@@ -516,15 +520,17 @@ def run_bundle(job: BundleJob) -> dict[str, Any]:
     _one_thread_on_dask_worker()
     log = _JobLog(log_path)
     try:
-        log(f"{job.label}: {len(job.regions)} particle(s), reference {', '.join(job.references)}")
-        tracks = _combine([_read_tracks(Path(r), job.image_shape_yx, job.tilts) for r in job.regions])
-        stack, _ = open_stack(job.stack)
-        refs = _projectors(job.references, job.reference_digest)
+        tracks = job.tracks
+        log(f"{job.label}: {tracks.n_particles} particle(s) of {job.source}, reference {', '.join(job.references)}")
         rows = np.searchsorted(job.origin_keys, _pair_key(tracks.particle, tracks.tilt))
         if np.any(rows >= job.origin_keys.size) or np.any(job.origin_keys[np.minimum(rows, job.origin_keys.size - 1)]
                                                           != _pair_key(tracks.particle, tracks.tilt)):
-            raise CsptInputError("has projections that are not in the input parameters", file=job.regions[0],
+            raise CsptInputError("has projections that are not in the input parameters", file=job.source,
                                  field="PIND/IMIND", expected="the projections of the input tracks")
+        split_regions(tracks, [[i] for i in tracks.particles.id], job.source, job.params,
+                      job.split_dir, first_index=job.first_region)
+        stack, _ = open_stack(job.stack)
+        refs = _projectors(job.references, job.reference_digest)
         half = job.share.halves(tracks) if job.gold_standard else None
         out = refine.refine_tracks(stack, tracks, refs if len(refs) > 1 else refs[0], job.options, job.imaging,
                                    half=half, origin_px=job.origin_px[rows], progress=log.progress)
@@ -551,7 +557,8 @@ class CsptRun:
     """Outcome of :func:`run_cspt`: the last ``map`` (half maps and FSC files beside it), the last ``parameters``
     file of every tilt series, the run ``log``, one summary dict per iteration (``iteration``, ``resolution_A`` at
     FSC 0.143, ``resolution_05_A``, ``shift_change_px``, ``angle_change_deg``, ``bundles``, ``skipped``,
-    ``seconds``), the iteration at which the parameters ``converged`` (or None) and ``timings`` (s) per stage."""
+    ``job_seconds`` = the bundle jobs' own run times, summed), the iteration at which the parameters ``converged``
+    (or None) and ``timings`` (s) per stage."""
 
     project: Path
     map: Path
@@ -588,14 +595,18 @@ def _digest(*paths: Path) -> str:
     return h.hexdigest()
 
 
-def _fingerprint(job_fields: Sequence[Any], regions: Sequence[Path], reference_digest: str) -> str:
-    from ..io.cistem import extended_path
+def _track_arrays(tracks: TrackSet) -> tuple[NDArray, ...]:
+    """Every array of ``tracks``: picks, shifts, scores, occupancies, particles and the tilt table."""
+    t, p, tilts = tracks, tracks.particles, tracks.tilts
+    return (t.particle, t.tilt, t.shift_px, t.score, t.occupancy, p.id, p.xyz_px, p.euler_deg,
+            *(getattr(tilts, a) for a in ("id", "angle_deg", "defocus_um", "axis_deg", "dose", "order")),
+            np.asarray(t.image_shape_yx))
 
+
+def _fingerprint(job_fields: Sequence[Any], reference_digest: str) -> str:
     h = hashlib.sha256(reference_digest.encode())
     for value in job_fields:
         h.update(value.tobytes() if isinstance(value, np.ndarray) else repr(value).encode())
-    for r in regions:
-        h.update(_digest(r, extended_path(r)).encode())
     return h.hexdigest()
 
 
@@ -614,10 +625,11 @@ def _merge(previous: TrackSet, results: Sequence[Path]) -> TrackSet:
 
 
 class _Executor:
-    """Runs jobs in this process (``client`` None) or on a dask client; reports progress per job."""
+    """Runs jobs in this process (``client`` None) or on a dask client; reports progress per job. ``release()``
+    says no more jobs will come: a cluster started for the run closes then, while the last map is finished."""
 
-    def __init__(self, client: Any, stage: refine._Stage) -> None:
-        self.client, self.stage = client, stage
+    def __init__(self, client: Any, stage: refine._Stage, release: Callable[[], None]) -> None:
+        self.client, self.stage, self.release = client, stage, release
 
     def run(self, function: Callable[[Any], Any], jobs: Sequence[BundleJob | InsertJob], label: str) -> list[Any]:
         """``function(job)`` of every job, in the jobs' order."""
@@ -838,9 +850,9 @@ def run_cspt(
     n_jobs = sum(len(_bundles(np.unique(t.particle), params)) for t in current.values())
     t0 = time.perf_counter()
     with _Background() as background:
-        with _client(client, serial, params, workers, n_jobs, root) as dask_client:
+        with _client(client, serial, params, workers, n_jobs, root) as (dask_client, release):
             timed("cluster start", t0)
-            executor = _Executor(dask_client, stage)
+            executor = _Executor(dask_client, stage, release)
             if _initial_map_needed(paths, series, first):
                 t0 = time.perf_counter()
                 _write_record(_initial_map_source(paths), PENDING)
@@ -852,11 +864,11 @@ def run_cspt(
             for it in range(first, last + 1):
                 options = refine.RefineOptions.from_params(params, it, tilt_unit=tilt_unit)
                 summary = _iteration(it, paths, series, picks, current, params, options, imaging, settings,
-                                     executor, gold_standard, stage, timed, runlog, background)
+                                     executor, gold_standard, stage, timed, runlog, background,
+                                     last=it == last, stop_when_converged=stop_when_converged)
                 run.iterations.append(summary)
                 run.map, run.parameters = paths.map(it), [paths.parameters(s.name, it) for s in series]
-                if (summary["shift_change_px"] < CONVERGED_SHIFT_PX
-                        and summary["angle_change_deg"] < CONVERGED_ANGLE_DEG):
+                if _converged(summary["shift_change_px"], summary["angle_change_deg"]):
                     run.converged = run.converged or it
                     runlog(f"iteration {it}: parameters stopped changing")
                     if stop_when_converged:
@@ -864,6 +876,11 @@ def run_cspt(
             t0 = time.perf_counter()
     timed("close", t0)  # the cluster stopped, the last FSC plot written
     return run
+
+
+def _converged(shift_change_px: float, angle_change_deg: float) -> bool:
+    """The parameters stopped changing (module docstring, step 5)."""
+    return shift_change_px < CONVERGED_SHIFT_PX and angle_change_deg < CONVERGED_ANGLE_DEG
 
 
 #: Content of a record or marker (module docstring, "Resuming") while the files it vouches for are being written.
@@ -926,30 +943,74 @@ QUIET_WORKERS = {"distributed.worker.profile.enabled": False, "distributed.admin
                  "distributed.worker.memory.monitor-interval": "1s"}
 
 
+class _EarlyClose:
+    """Closes a dask ``client`` and the cluster it runs on (both started for the run by ``context``): in a thread
+    from :meth:`start` on, so the cluster stops while the main process finishes the last map; :meth:`finish` waits
+    for that thread and then leaves ``context`` in this thread (its closes are then no-ops; the client's context
+    variable can only be reset in the thread that set it)."""
+
+    def __init__(self, context: contextlib.AbstractContextManager[Any], client: Any) -> None:
+        self.context, self.client = context, client
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def _close(self) -> None:
+        try:
+            self.client.close()
+            if self.client.cluster is not None:
+                self.client.cluster.close()
+        except BaseException as exc:  # raised in the main thread by finish()
+            self.error = exc
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._close, name="cspt-close-cluster", daemon=True)
+            self.thread.start()
+
+    def finish(self, exc_info: tuple[Any, Any, Any] = (None, None, None)) -> bool:
+        """Wait for an early close and leave the context (with the exception of ``exc_info``, if any); True when the
+        context handled that exception. Raises what closing raised when nothing else is being raised."""
+        if self.thread is not None:
+            self.thread.join()
+        handled = bool(self.context.__exit__(*exc_info))
+        if self.error is not None and exc_info[1] is None:
+            raise self.error
+        return handled
+
+
 @contextlib.contextmanager
 def _client(client: Any, serial: bool, params: PypParameters, workers: int | None, n_jobs: int,
-            root: Path) -> Iterator[Any]:
-    """The dask client to use (None: run in this process); a cluster started here is closed on exit."""
+            root: Path) -> Iterator[tuple[Any, Callable[[], None]]]:
+    """``(client, release)``: the dask client to use (None: run in this process) and the function that closes a
+    cluster started here early (:class:`_EarlyClose`); it is closed on exit at the latest."""
     if serial or client is not None:
-        yield None if serial else client
+        yield None if serial else client, lambda: None
         return
     import dask
 
     from ..cluster import make_client
 
-    with dask.config.set(QUIET_WORKERS), make_client(params, workers=workers, tasks=max(1, n_jobs),
-                                                      project_dir=root, dashboard=False) as started:
-        yield started
+    with dask.config.set(QUIET_WORKERS):
+        context = make_client(params, workers=workers, tasks=max(1, n_jobs), project_dir=root, dashboard=False)
+        started = context.__enter__()
+        closer = _EarlyClose(context, started)
+        try:
+            yield started, closer.start
+        except BaseException:
+            if not closer.finish(sys.exc_info()):
+                raise
+        else:
+            closer.finish()
 
 
 def _iteration(it: int, paths: ProjectPaths, series: Sequence[_Series], picks: Mapping[str, TrackSet],
                current: dict[str, TrackSet], params: PypParameters, options: refine.RefineOptions,
                imaging: refine.Imaging, settings: ReconstructionSettings, executor: _Executor, gold_standard: bool,
                stage: refine._Stage, timed: Callable[[str, float], None], runlog: _RunLog,
-               background: _Background) -> dict[str, Any]:
-    """One iteration (module docstring, steps 1-5); updates ``current`` and returns the iteration's summary."""
-    from ..pyp import Parameters, prepare_particle_cspt
-
+               background: _Background, *, last: bool, stop_when_converged: bool) -> dict[str, Any]:
+    """One iteration (module docstring, steps 1-5); updates ``current`` and returns the iteration's summary. When it
+    is the run's last (``last``, or converged and ``stop_when_converged``) the executor is released after the
+    merge."""
     t0 = time.perf_counter()
     reference = paths.map(it - 1)
     references = (reference,) if not gold_standard else tuple(
@@ -959,30 +1020,25 @@ def _iteration(it: int, paths: ProjectPaths, series: Sequence[_Series], picks: M
     jobs: list[BundleJob] = []
     for s in series:
         tracks = current[s.name]
-        parameter_file = paths.parameters(s.name, it - 1)
-        regions = prepare_particle_cspt(s.name, parameter_file, Parameters.from_file(parameter_file), params,
-                                        use_frames=True, project_dir=paths.root)
-        region_of = {int(ids[0]): path for path, ids, _ in regions}
         pick_keys = _pair_key(picks[s.name].particle, picks[s.name].tilt)
         pick_pos = picks[s.name].positions_px()
         share = _map_share(key, settings, tracks)
         stat = os.stat(s.stack)
         stack_id = (str(s.stack), stat.st_size, stat.st_mtime_ns)
-        pick_rows = _particle_rows(picks[s.name])
+        pick_rows, rows_of = _particle_rows(picks[s.name]), _particle_rows(tracks)
+        first_region = 0
         for k, ids in enumerate(_bundles(np.unique(tracks.particle), params)):
-            files = tuple(str(region_of[int(i)]) for i in ids)
-            rows = pick_rows(ids)
+            own_tracks, rows = tracks.select(rows_of(ids)), pick_rows(ids)
             result, log = paths.bundle(s.name, it, k)
             own = share.subset(ids)
             half_args = (own.half_ids, own.half_of) if gold_standard else (None, None)
             fields = (options, imaging, [str(r) for r in references], pick_keys[rows], pick_pos[rows], *half_args,
-                      *stack_id, *(getattr(s.tracks.tilts, a) for a in ("angle_deg", "defocus_um", "axis_deg",
-                                                                         "dose", "order")))
-            jobs.append(BundleJob(s.name, it, k, ids, files, str(s.stack), s.tracks.image_shape_yx, s.tracks.tilts,
-                                  tuple(str(r) for r in references), ref_digest, options, imaging, pick_keys[rows],
-                                  pick_pos[rows], gold_standard, own,
-                                  fingerprint=_fingerprint(fields, [Path(f) for f in files], ref_digest),
-                                  result=str(result), log=str(log)))
+                      *stack_id, *_track_arrays(own_tracks))
+            jobs.append(BundleJob(s.name, it, k, own_tracks, str(paths.parameters(s.name, it - 1)), first_region,
+                                  str(paths.scratch), params, str(s.stack), tuple(str(r) for r in references),
+                                  ref_digest, options, imaging, pick_keys[rows], pick_pos[rows], gold_standard, own,
+                                  fingerprint=_fingerprint(fields, ref_digest), result=str(result), log=str(log)))
+            first_region += len(ids)
     timed("prepare", t0)
 
     t0 = time.perf_counter()
@@ -1004,8 +1060,10 @@ def _iteration(it: int, paths: ProjectPaths, series: Sequence[_Series], picks: M
         merged = _merge(current[s.name], [Path(j.result) for j in jobs if j.name == s.name])
         change = refine.parameter_change(current[s.name], merged)
         shift_change, angle_change = max(shift_change, change[0]), max(angle_change, change[1])
-        _write_tracks(paths.parameters(s.name, it), merged, params)
-        current[s.name] = merged
+        written = _write_tracks(paths.parameters(s.name, it), merged, params)
+        current[s.name] = _read_tracks(written, merged.image_shape_yx, merged.tilts)  # as a resumed run reads it
+    if last or (stop_when_converged and _converged(shift_change, angle_change)):
+        executor.release()
     timed("merge", t0)
 
     t0 = time.perf_counter()
@@ -1015,7 +1073,8 @@ def _iteration(it: int, paths: ProjectPaths, series: Sequence[_Series], picks: M
     summary = {"iteration": it, "resolution_A": rec.resolution_A, "resolution_05_A": rec.resolution_05_A,
                "refine_resolution_A": options.resolution_A, "shift_change_px": shift_change,
                "angle_change_deg": angle_change, "bundles": len(jobs),
-               "skipped": sum(o["skipped"] for o in outcomes), "projections": int(rec.stats["n_used"])}
+               "skipped": sum(o["skipped"] for o in outcomes), "job_seconds": sum(o["seconds"] for o in outcomes),
+               "projections": int(rec.stats["n_used"])}
     runlog(f"iteration {it}: map {paths.map(it)} at {rec.resolution_A:.1f} Å (FSC 0.143), "
            f"{rec.resolution_05_A:.1f} Å (0.5) from {summary['projections']} projections of {len(series)} tilt "
            f"series; shifts moved {shift_change:.3f} px RMS, orientations {angle_change:.3f}° median; "

@@ -78,7 +78,6 @@ import numpy as np
 import scipy.fft
 from numba import njit
 from numpy.typing import ArrayLike, NDArray
-from scipy.spatial.transform import Rotation
 
 from ..errors import CsptCancelled, CsptInputError
 from ..model.tiltseries import TiltSeries
@@ -560,7 +559,7 @@ def _local_search(score: _ParticleScorer, start: NDArray[np.float64], first_step
         radius = _band_radius(step, r_lo, r_hi)
         best = float(score(current[None], radius)[0])
         for _ in range(2):
-            moves = Rotation.from_rotvec(axes * math.radians(step)).as_matrix() @ current
+            moves = geometry.rotvec_matrices(axes * math.radians(step)) @ current
             s = score(moves, radius)
             plus, minus = s[:3], s[3:]
             curv = plus + minus - 2.0 * best
@@ -569,7 +568,7 @@ def _local_search(score: _ParticleScorer, start: NDArray[np.float64], first_step
             off = np.clip(np.nan_to_num(off), -1.0, 1.0)
             if s.max() < best and np.abs(off).max() < 0.25:
                 break  # the centre is best and the predicted optimum is within a quarter step of it
-            trial = Rotation.from_rotvec(off * math.radians(step)).as_matrix() @ current
+            trial = geometry.rotvec_matrices(off * math.radians(step)) @ current
             options = np.concatenate([current[None], moves, trial[None]])
             values = np.concatenate([[best], s, score(trial[None], radius)])
             values[rotation_angle_deg(options, start[None]) > max_range] = -np.inf
