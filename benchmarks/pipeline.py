@@ -9,8 +9,9 @@ iterations (2..4, no early stop) after the initial reconstruction, in a fresh pr
 * with 1 worker: the whole run with 2 workers must be >= 1.7× faster (the workers refine the bundles and insert
   their projections into the maps; the main process adds the workers' grids and finishes each map).
 
-This is done ``--repeats`` times (3), the order of the worker counts reversed every other round, and the medians are
-reported: on a shared 2-core machine one round's ratio can be off by 20 %.
+This is done in ``--repeats`` rounds (3) of 4 runs, 2 1 1 2 workers (so that a drift of the machine's speed within a
+round cancels); a round's ratios compare its mean times, and the medians over rounds are reported: on this shared
+2-core virtual machine the same run's time varies by 10-20 % from one minute to the next.
 
 Reported per run: seconds per stage (input checks, cluster start, job preparation, refine + insertion (the jobs
 also write their split files), merge, reconstruct = adding the grids and finishing the maps, plus the initial map's
@@ -147,7 +148,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 1])
     parser.add_argument("--repeats", type=int, default=3,
-                        help="rounds of one run per worker count (order reversed every other round); medians reported")
+                        help="rounds of runs in the order workers + reversed workers; medians reported")
     parser.add_argument("--bundle-size", type=int, default=5, help="particles per dask task (slurm_bundle_size)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "pipeline.json")
     args = parser.parse_args()
@@ -165,22 +166,23 @@ def main() -> None:
         error0 = np.linalg.norm(sample.tracks.positions_px() - sample.truth_tracks.positions_px(), axis=1)
         warm_up_main_process(work / "template", work, sample)
         cold_start_s = first_cluster_start()
+        order = args.workers + args.workers[::-1]  # A B B A: a drift of the machine within a round cancels
         for repeat in range(args.repeats):
             probe = cpu_scaling_probe()
-            order = args.workers if repeat % 2 == 0 else args.workers[::-1]
             this = []
             for w in order:
                 run = run_once(work / "template", work, w, args.iterations, args.bundle_size, sample)
                 shutil.rmtree(work / f"workers{w}")
                 this.append({**run, "repeat": repeat})
             runs += this
-            by_workers = {r["workers"]: r for r in this}
-            if 1 in by_workers and 2 in by_workers:
-                one, two = by_workers[1], by_workers[2]
+            if {1, 2} <= set(order):
+                mean = {(w, key): float(np.mean([r["stages_s"]["refine"] if key == "refine" else r[key]
+                                                 for r in this if r["workers"] == w]))
+                        for w in (1, 2) for key in ("refine", "total_s", "job_seconds")}
                 rounds.append({"repeat": repeat, "order": order, "cpu_scaling_probe": probe,
-                               "refine_stage": one["stages_s"]["refine"] / two["stages_s"]["refine"],
-                               "whole_run": one["total_s"] / two["total_s"],
-                               "job_slowdown": two["job_seconds"] / one["job_seconds"]})
+                               "refine_stage": mean[1, "refine"] / mean[2, "refine"],
+                               "whole_run": mean[1, "total_s"] / mean[2, "total_s"],
+                               "job_slowdown": mean[2, "job_seconds"] / mean[1, "job_seconds"]})
 
     counts = list(dict.fromkeys(args.workers))
     median_of = {w: {"stages_s": {k: _median([r["stages_s"][k] for r in runs if r["workers"] == w]) for k in STAGES},
@@ -207,9 +209,9 @@ def main() -> None:
         print(f"{label:<18}" + "".join(f"{median_of[w][key]:>14.2f}" for w in counts))
     print(f"RMS position error of the picks: {np.sqrt(np.mean(error0**2)):.2f} px")
     for r in rounds:
-        print(f"round {r['repeat'] + 1} (workers {r['order']}): CPU probe ×{r['cpu_scaling_probe']:.2f}; the same "
-              f"jobs take ×{r['job_slowdown']:.2f} longer when 2 run at once; 2 workers vs 1: refine stage "
-              f"×{r['refine_stage']:.2f}, whole run ×{r['whole_run']:.2f}")
+        print(f"round {r['repeat'] + 1} (workers {' '.join(map(str, r['order']))}): CPU probe "
+              f"×{r['cpu_scaling_probe']:.2f}; the same jobs take ×{r['job_slowdown']:.2f} longer when 2 run at once; "
+              f"2 workers vs 1: refine stage ×{r['refine_stage']:.2f}, whole run ×{r['whole_run']:.2f}")
     if speedup:
         print(f"median 2 workers vs 1: refine stage ×{speedup['refine_stage']:.2f}, whole run "
               f"×{speedup['whole_run']:.2f}; jobs ×{speedup['job_slowdown']:.2f} slower side by side, so no schedule "

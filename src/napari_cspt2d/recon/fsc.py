@@ -123,6 +123,6 @@ def plot_fsc(path: str | os.PathLike[str], curve: FscCurve, *, title: str = "Gol
     ax.set_xlim(0, curve.frequency_A_inv[-1])
     ax.set_title(title)
     ax.legend(loc="upper right")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.13, top=0.91)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
