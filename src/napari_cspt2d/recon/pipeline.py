@@ -338,8 +338,19 @@ def _map_share(key: str, settings: ReconstructionSettings, tracks: TrackSet) -> 
     return MapShare(key, settings, ids, half_split(tracks)[first_rows])
 
 
+class _TracksJob:
+    """What the jobs share: the ``tracks`` of their particles."""
+
+    tracks: TrackSet
+
+    @property
+    def particle_ids(self) -> NDArray[np.int64]:
+        """The job's particle ids, sorted."""
+        return np.unique(self.tracks.particle)
+
+
 @dataclass(frozen=True, eq=False)
-class BundleJob:
+class BundleJob(_TracksJob):
     """Everything one bundle job needs (picklable, no open files): the ``tracks`` of its particles as the
     iteration's input parameter file ``source`` holds them, where and how to write their per-particle split files
     (``split_dir``, ``params``; regions numbered from ``first_region``), the tilt series' ``stack``, the reference
@@ -373,13 +384,9 @@ class BundleJob:
     def label(self) -> str:
         return f"{self.name} iteration {self.iteration} bundle {self.index}"
 
-    @property
-    def particle_ids(self) -> NDArray[np.int64]:
-        return self.tracks.particles.id
-
 
 @dataclass(frozen=True, eq=False)
-class InsertJob:
+class InsertJob(_TracksJob):
     """A job that only inserts ``tracks`` (a bundle of particles of tilt series ``name``, boxed from ``stack``)
     into its ``share`` of a map: the initial map's jobs."""
 
@@ -392,10 +399,6 @@ class InsertJob:
     @property
     def label(self) -> str:
         return f"{self.name} map bundle {self.index}"
-
-    @property
-    def particle_ids(self) -> NDArray[np.int64]:
-        return np.unique(self.tracks.particle)
 
 
 def _pair_key(particle: NDArray, tilt: NDArray) -> NDArray[np.int64]:
