@@ -553,14 +553,15 @@ class Backprojector:
                   count: ArrayLike) -> None:
         """Add the grids of another accumulation of the same map (e.g. the images another process inserted):
         ``data``/``weight`` one array per half shaped like :attr:`data`/:attr:`weight`, ``count`` images per half."""
-        shape = self.data[0].shape
+        own_data, own_weight = self.data, self.weight  # pending insertions spread once
+        shape = own_data[0].shape
         if len(data) != self.n_halves or len(weight) != self.n_halves or any(
                 np.shape(a) != shape for a in (*data, *weight)):
             raise CsptInputError(f"have {len(data)} data and {len(weight)} weight grids", field="grids",
                                  expected=f"{self.n_halves} of each, shaped {shape}")
         for h in range(self.n_halves):
-            self.data[h] += data[h]
-            self.weight[h] += weight[h]
+            own_data[h] += data[h]
+            own_weight[h] += weight[h]
         self.count += np.asarray(count, dtype=np.int64).reshape(self.n_halves)
 
     def close(self) -> None:

@@ -212,7 +212,7 @@ def _load_series(paths: ProjectPaths, name: str) -> _Series:
 
 
 def _read_tracks(path: Path, image_shape_yx: tuple[int, int], tilts: TiltTable) -> TrackSet:
-    """A parameter file of a tilt series (an iteration's or a region's) as a TrackSet with the series' tilt table."""
+    """An iteration's parameter file of a tilt series as a TrackSet with the series' tilt table."""
     from ..pyp import Parameters
 
     return Parameters.from_file(path).to_trackset(image_shape_yx, tilts=tilts)
@@ -682,7 +682,7 @@ class _Executor:
 
 class _Background:
     """Work for the main process while it waits for the workers: the FSC plot of each map (nothing in the run reads
-    it; matplotlib takes ~0.3 s a plot, ~1 s to import). Leaving the ``with`` block waits for it; its first error
+    it; matplotlib takes ~0.1 s a plot, ~1 s to import). Leaving the ``with`` block waits for it; its first error
     is raised then, unless the block itself raised."""
 
     def __init__(self) -> None:
@@ -1014,6 +1014,8 @@ def _iteration(it: int, paths: ProjectPaths, series: Sequence[_Series], picks: M
     """One iteration (module docstring, steps 1-5); updates ``current`` and returns the iteration's summary. When it
     is the run's last (``last``, or converged and ``stop_when_converged``) the executor is released after the
     merge."""
+    from ..pyp import Parameters
+
     t0 = time.perf_counter()
     reference = paths.map(it - 1)
     references = (reference,) if not gold_standard else tuple(
@@ -1063,8 +1065,10 @@ def _iteration(it: int, paths: ProjectPaths, series: Sequence[_Series], picks: M
         merged = _merge(current[s.name], [Path(j.result) for j in jobs if j.name == s.name])
         change = refine.parameter_change(current[s.name], merged)
         shift_change, angle_change = max(shift_change, change[0]), max(angle_change, change[1])
-        written = _write_tracks(paths.parameters(s.name, it), merged, params)
-        current[s.name] = _read_tracks(written, merged.image_shape_yx, merged.tilts)  # as a resumed run reads it
+        written = Parameters.from_trackset(merged, params)
+        written.write(paths.parameters(s.name, it))
+        # the values as the file holds them (float32 columns), which is what a resumed run reads
+        current[s.name] = written.to_trackset(merged.image_shape_yx, tilts=merged.tilts)
     if last or (stop_when_converged and _converged(shift_change, angle_change)):
         executor.release()
     timed("merge", t0)
