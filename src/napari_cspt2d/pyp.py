@@ -181,9 +181,10 @@ def create_cistem_from_2d_tracks(
 ) -> tuple[str, str]:
     """Write ``{output_dir}/{name}_r01.cistem`` and ``{name}_r01_extended.cistem`` for the seed's ``track_data``
     dict (or a :class:`TrackSet`); ``parameters`` is a dict (other pyp keys allowed) or :class:`PypParameters`.
-    Returns both paths as strings, like the seed."""
+    ``output_dir`` is created when missing. Returns both paths as strings, like the seed."""
     check_name(name, "name")
     tracks = _as_tracks(track_data)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
     target = Path(output_dir) / f"{name}_r01.cistem"
     main, ext = Parameters.from_trackset(tracks, parameters).write(target)
     return str(main), str(ext)

@@ -1,14 +1,17 @@
-"""What local dask workers load before they are forked: importing this module runs :func:`warm_up`.
+"""What local dask workers load before they are forked: importing this module runs :func:`skip_user_main` and
+:func:`warm_up`.
 
 The fork server that local worker processes start from (:func:`napari_cspt2d.cluster.WORKER_PRELOAD`) imports it
 once. Every worker forked from it then starts with the pipeline imported and its numba kernels loaded, instead of
-each worker paying that (about 1 s on 2 cores) in its first job. Nothing else imports it. A warm-up that fails only
+each worker paying that (about 1 s on 2 cores) in its first job, and never runs the user's main module (the script,
+``python -c`` text or notebook that called ``csp_split``). Nothing else imports it. A warm-up that fails only
 warns: the server must still start, and the workers then load the kernels in their first job.
 """
 
 from __future__ import annotations
 
 import warnings
+from multiprocessing import spawn
 
 import numpy as np
 
@@ -18,7 +21,28 @@ from .backproject import Projector
 from .pipeline import use_one_thread
 from .reconstruct import HalfMapInsertion, ReconstructionSettings
 
-__all__ = ["warm_up"]
+__all__ = ["skip_user_main", "warm_up"]
+
+#: What multiprocessing sends a new process so that it can import the parent's main module before the task.
+_MAIN_KEYS = ("init_main_from_name", "init_main_from_path")
+
+
+def skip_user_main() -> None:
+    """Make the processes this fork server forks skip multiprocessing's import of the parent's ``__main__``.
+
+    multiprocessing normally runs the parent's main script again (as ``__mp_main__``) in every worker, so that
+    functions defined there can be unpickled. Worker tasks here are all functions of this package, and a script
+    that calls ``csp_split`` at its top level, with no ``if __name__ == "__main__":`` guard, would start a
+    second cluster inside every worker ("An attempt has been made to start a new process before the current process
+    has finished its bootstrapping phase"). Only the fork server runs this, so the user's own process and any
+    other multiprocessing use in it are unchanged; every other part of the preparation (``sys.path``, working
+    folder, authentication key) still applies."""
+    prepare = spawn.prepare
+
+    def prepare_without_main(data: dict) -> None:
+        prepare({key: value for key, value in data.items() if key not in _MAIN_KEYS})
+
+    spawn.prepare = prepare_without_main
 
 
 def warm_up() -> None:
@@ -45,6 +69,7 @@ def warm_up() -> None:
     refine.refine_tracks(stack, tracks, Projector(volume), refine.RefineOptions(resolution_A=10.0), imaging)
 
 
+skip_user_main()
 try:
     warm_up()
 except Exception as exc:  # noqa: BLE001 - an optimisation: never keep the workers from starting
