@@ -28,6 +28,7 @@ test: system-deps slurm $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	$(PY) benchmarks/backproject.py
+	$(PY) benchmarks/fidelity.py --refine --geometry-errors
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -45,6 +45,8 @@ DEFAULT_IMAGES = {64: 3000, 128: 1500, 256: 300}
 PIXEL_A = 2.0
 SNR = 0.05
 BATCH = 256
+#: cryoDRGN in its own venv (``pip install torch==2.13.0 cryodrgn``; see the README's benchmark section)
+CRYODRGN = Path("/work/venvs/bench/bin/cryodrgn")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -131,8 +133,10 @@ def run_ours(folder: Path, pad: int, n_images: int, pad_images: bool = True) -> 
     }
 
 
-def run_cryodrgn(folder: Path, exe: Path) -> dict:
-    """Run cryoDRGN's backproject_voxel in a child process; returns its rate, peak RSS and FSC vs truth."""
+def cryodrgn_backproject(folder: Path, exe: Path) -> tuple[np.ndarray, dict]:
+    """Run cryoDRGN's ``backproject_voxel`` (from its own venv, ``exe``) on ``folder``'s ``images.mrcs`` (protein
+    dark), ``poses.pkl`` and ``ctf.pkl`` in a child process; returns its map (its default output, ``backproject.mrc``)
+    and its timings (rate from its own log line, wall seconds, peak RSS of the children)."""
     import mrcfile
 
     out = folder / "cryodrgn_out"
@@ -148,11 +152,22 @@ def run_cryodrgn(folder: Path, exe: Path) -> dict:
     n, seconds = int(match.group(1).replace(",", "")), float(match.group(2))
     with mrcfile.open(out / "backproject.mrc", permissive=True) as m:
         vol = np.array(m.data, dtype=np.float32)
-    return {
-        "images": n, "images_per_s": n / seconds, "seconds_insert": seconds, "seconds_total": wall,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-        **_vs_truth(vol, np.load(folder / "truth.npy")),
-    }
+    return vol, {"images": n, "images_per_s": n / seconds, "seconds_insert": seconds, "seconds_total": wall,
+                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def run_cryodrgn(folder: Path, exe: Path) -> dict:
+    """:func:`cryodrgn_backproject` and the FSC of its map vs the truth."""
+    vol, stats = cryodrgn_backproject(folder, exe)
+    return {**stats, **_vs_truth(vol, np.load(folder / "truth.npy"))}
+
+
+def truth_mask(truth: np.ndarray) -> np.ndarray:
+    """Soft mask around the object: truth above 1% of its peak, dilated 3 px, 3 px cosine edge (RELION-style)."""
+    from scipy.ndimage import distance_transform_edt
+
+    outside = distance_transform_edt(truth < 0.01 * truth.max())
+    return np.where(outside <= 3, 1.0, 0.5 + 0.5 * np.cos(np.pi * np.clip(outside - 3, 0, 3) / 3))
 
 
 def _vs_truth(vol: np.ndarray, truth: np.ndarray) -> dict:
@@ -160,12 +175,9 @@ def _vs_truth(vol: np.ndarray, truth: np.ndarray) -> dict:
     a soft mask around the object (truth above 1% of its peak, dilated 3 px, 3 px cosine edge), as in RELION's
     post-processing. The mask takes solvent noise out of the comparison, so an implicit taper of the whole box (a
     map without gridding correction, like cryoDRGN's) does not count as resolution."""
-    from scipy.ndimage import distance_transform_edt
-
     from napari_cspt2d.recon.fsc import fsc_curve
 
-    outside = distance_transform_edt(truth < 0.01 * truth.max())
-    mask = np.where(outside <= 3, 1.0, 0.5 + 0.5 * np.cos(np.pi * np.clip(outside - 3, 0, 3) / 3))
+    mask = truth_mask(truth)
     plain, masked = fsc_curve(vol, truth, PIXEL_A), fsc_curve(vol, truth, PIXEL_A, mask=mask)
     return {"fsc_truth_0143_A": plain.resolution_A(0.143), "fsc_truth_05_A": plain.resolution_A(0.5),
             "masked_fsc_truth_0143_A": masked.resolution_A(0.143), "masked_fsc_truth_05_A": masked.resolution_A(0.5)}
@@ -184,7 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--boxes", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--images", nargs="*", default=[], help="box:count overrides, e.g. 128:1000")
-    parser.add_argument("--cryodrgn", type=Path, default=Path("/work/venvs/cryodrgn/bin/cryodrgn"))
+    parser.add_argument("--cryodrgn", type=Path, default=CRYODRGN)
     parser.add_argument("--no-cryodrgn", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "backproject.json")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
