@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_cspt2d.model.tracks import ParticleTable, TrackSet
-from napari_cspt2d.recon import geometry
+from napari_cspt2d import geometry
 from napari_cspt2d.recon.pipeline import reconstruction_options
 from napari_cspt2d.recon.reconstruct import reconstruct_tracks
 from napari_cspt2d.recon.refine import Imaging, RefineOptions, refine_tracks, rotation_angle_deg

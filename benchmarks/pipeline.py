@@ -95,7 +95,7 @@ def first_cluster_start(workers: int = 2) -> float:
     import dask
 
     from napari_cspt2d.cluster import make_client
-    from napari_cspt2d.recon.pipeline import QUIET_WORKERS
+    from napari_cspt2d.recon.executor import QUIET_WORKERS
 
     started = time.perf_counter()
     with dask.config.set(QUIET_WORKERS), make_client({"cluster_backend": "local", "workers": workers},

@@ -12,7 +12,7 @@ from napari_cspt2d import CsptInputError, TiltTable, TrackSet
 from napari_cspt2d.errors import CsptInputWarning
 from napari_cspt2d.io import cistem
 from napari_cspt2d.model.tracks import ParticleTable
-from napari_cspt2d.recon import geometry
+from napari_cspt2d import geometry
 
 PIXEL = 2.0  # a power of two: shift_px * PIXEL is exact in float32, so round trips can be compared exactly
 MICROSCOPE = dict(voltage_kV=300.0, cs_mm=2.7, amp_contrast=0.07)

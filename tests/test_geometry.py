@@ -1,4 +1,4 @@
-"""Pins the conventions of recon/geometry.py: Euler angles, handedness, shifts, and agreement with IMOD's solution."""
+"""Pins the conventions of geometry.py: Euler angles, handedness, shifts, and agreement with IMOD's solution."""
 
 from pathlib import Path
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from napari_cspt2d.errors import CsptInputError
-from napari_cspt2d.recon import geometry
-from napari_cspt2d.recon.geometry import symmetry_matrices
+from napari_cspt2d import geometry
+from napari_cspt2d.geometry import symmetry_matrices
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
 BBA = DATA / "imod_bba"

@@ -10,7 +10,7 @@ import pytest
 from napari_cspt2d.errors import CsptInputError, CsptInputWarning
 from napari_cspt2d.io import imod
 from napari_cspt2d.model.tracks import TiltTable, TrackSet
-from napari_cspt2d.recon import geometry
+from napari_cspt2d import geometry
 
 
 def test_tlt_round_trip_is_exact(shared_data, tmp_path):

@@ -13,8 +13,9 @@ import pytest
 from napari_cspt2d import pyp
 from napari_cspt2d.errors import CsptInputError, CsptRunError
 from napari_cspt2d.io.mrc import open_stack, read_image, write_map
-from napari_cspt2d.recon import fsc, pipeline, refine
-from napari_cspt2d.recon.pipeline import reconstruction_options, tilt_series_names
+from napari_cspt2d.recon import executor, fsc, pipeline, refine
+from napari_cspt2d.recon.pipeline import reconstruction_options
+from napari_cspt2d.recon.project import tilt_series_names
 from napari_cspt2d.recon.reconstruct import HalfMapInsertion, ReconstructionSettings, half_split, reconstruct_tracks
 from napari_cspt2d.sample import make_sample, write_sample
 
@@ -200,7 +201,7 @@ def test_local_cluster_gives_the_same_parameters_as_one_process(tmp_path, templa
 
 def test_the_cluster_closes_while_the_last_map_is_finished(tmp_path, template, monkeypatch):
     events = []
-    finish, release = pipeline._finish_map, pipeline._EarlyClose.start
+    finish, release = pipeline._finish_map, executor.EarlyClose.start
 
     def finishing(paths, iteration, *args):
         events.append(("finish", iteration))
@@ -211,7 +212,7 @@ def test_the_cluster_closes_while_the_last_map_is_finished(tmp_path, template, m
         release(self)
 
     monkeypatch.setattr(pipeline, "_finish_map", finishing)
-    monkeypatch.setattr(pipeline._EarlyClose, "start", releasing)
+    monkeypatch.setattr(executor.EarlyClose, "start", releasing)
     shutil.copytree(template, tmp_path / "p")
     params = pyp.load_parameters(tmp_path / "p")
     params["refine_maxiter"] = 3

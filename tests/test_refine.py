@@ -9,7 +9,7 @@ from scipy.spatial.transform import Rotation
 
 from napari_cspt2d.errors import CsptInputError
 from napari_cspt2d.model.tracks import ParticleTable, TiltTable
-from napari_cspt2d.recon import geometry
+from napari_cspt2d import geometry
 from napari_cspt2d.recon.pipeline import reconstruction_options
 from napari_cspt2d.recon.reconstruct import reconstruct_tracks
 from napari_cspt2d.recon.refine import (

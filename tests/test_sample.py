@@ -1,6 +1,6 @@
 import numpy as np
 
-from napari_cspt2d.recon import geometry
+from napari_cspt2d import geometry
 from napari_cspt2d.sample import blob_model, render_map, render_projections
 
 

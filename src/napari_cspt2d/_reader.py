@@ -91,7 +91,7 @@ def points_data(tracks: TrackSet, rows: NDArray[np.int64] | None = None) -> NDAr
         xy = tracks.positions_px()
         tilt = tracks.tilt
     else:
-        from .recon import geometry
+        from . import geometry
 
         trow = np.searchsorted(tracks.tilts.id, tracks.tilt[rows])
         prow = np.searchsorted(tracks.particles.id, tracks.particle[rows])

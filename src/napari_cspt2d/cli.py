@@ -147,7 +147,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     if args.headless or not demo.display_available():
         return demo.run_headless(args.out)
-    return demo.run_gui()
+    from ._qt.demo import run_gui
+
+    return run_gui()
 
 
 register("demo", "open napari with the plugin and the sample (or, without a display, run the headless demo)",

@@ -1,4 +1,5 @@
-"""``make demo``: napari with the plugin docked and the sample loaded, or the headless pipeline when there is no display."""
+"""``make demo`` without a display: the headless pipeline on the sample (with one, napari opens:
+:func:`napari_cspt2d._qt.demo.run_gui`)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,6 @@ from pathlib import Path
 def display_available() -> bool:
     """True when an X11 or Wayland display is set (napari needs one, with OpenGL)."""
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-
-
-def run_gui() -> int:
-    """Open napari with the sample tilt series, its tracks and the plugin's dock widgets."""
-    import napari
-
-    viewer = napari.Viewer(title="napari-cspt2d demo")
-    viewer.open_sample("napari-cspt2d", "synthetic")
-    for widget in ("Tracks curation", "Parameters", "Run"):
-        viewer.window.add_plugin_dock_widget("napari-cspt2d", widget)
-    napari.run()
-    return 0
 
 
 def run_headless(out: Path) -> int:

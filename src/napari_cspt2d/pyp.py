@@ -1,8 +1,9 @@
 """Seed-compatible façade: what nextPYP's 2D tilt-series CSPT workflow calls, on top of the napari-cspt2d core.
 
-Sections: parameters (``.pyp_config.toml``), parameter files (``.cistem`` pairs: :class:`Parameters`,
-:func:`create_cistem_from_2d_tracks`), projects (:func:`create_project`, :func:`load_project`); the refinement and
-reconstruction entry points follow in their own sections.
+Sections: parameters (``.pyp_config.toml``), parameter files (``.cistem`` pairs: :class:`Parameters` from
+:mod:`napari_cspt2d.io.pyp_parameters`, :func:`create_cistem_from_2d_tracks`), projects (:func:`create_project`;
+:func:`load_project` from :mod:`napari_cspt2d.recon.project`); the refinement and reconstruction entry points follow
+in their own sections. It sits on top of the core: nothing in model/, io/ or recon/ imports it.
 
 Project layout (relative to the project folder, as pyp expects it)::
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,13 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from .errors import CsptInputError, CsptRunError, warn_input
-from .io import cistem, mrc
-from .io.metadata import metadata_shape, read_metadata, read_metadata_tilts, write_metadata
+from .io import mrc
+from .io.metadata import read_metadata, write_metadata
+from .io.pyp_parameters import ExtendedParameters, Parameters
 from .io.toml import CONFIG_NAME, load_params, save_params
-from .model.params import PypParameters, check_cspt_mode, check_name
+from .model.params import PypParameters, as_parameters, check_cspt_mode, check_name
 from .model.tracks import TiltTable, TrackSet
+from .recon.project import ProjectPaths, load_project, split_regions, tracks_with_metadata
 
 __all__ = [
     "load_parameters", "save_parameters",
@@ -39,17 +41,6 @@ __all__ = [
     "create_project", "load_project",
     "sort_particles_regions", "prepare_particle_cspt", "csp_split", "run_reconstruction",
 ]
-
-
-def _as_params(parameters: Mapping[str, Any], *, strict: bool) -> PypParameters:
-    """``parameters`` as :class:`PypParameters` (a plain mapping is validated; other pyp keys are kept unless
-    ``strict``)."""
-    if isinstance(parameters, PypParameters):
-        return parameters.validate()
-    if not isinstance(parameters, Mapping):
-        raise CsptInputError(f"is a {type(parameters).__name__}", field="parameters",
-                             expected="a dict or PypParameters")
-    return PypParameters(parameters, strict=strict)
 
 
 def _as_tracks(track_data: TrackSet | Mapping[str, Any]) -> TrackSet:
@@ -64,115 +55,10 @@ def load_parameters(path: str | os.PathLike[str] = ".") -> PypParameters:
 
 def save_parameters(parameters: Mapping[str, Any], path: str | os.PathLike[str] = ".") -> Path:
     """Write ``parameters`` as ``.pyp_config.toml`` in a project folder (or to the given file), atomically."""
-    return save_params(_as_params(parameters, strict=False), path)
+    return save_params(as_parameters(parameters, strict=False), path)
 
 
 # ==================================================================================================== .cistem files
-@dataclass(frozen=True, eq=False)
-class ExtendedParameters:
-    """The ``_extended.cistem`` tables: ``particles`` (PIND, 3D shifts Å, PPSI/PTHETA/PPHI °, 3D position px,
-    PSCORE, POCC) and ``tilts`` (TIND, RIND, TSHIFT_X/Y, TILTANG °, TILTAXIS °)."""
-
-    particles: cistem.CistemTable
-    tilts: cistem.CistemTable
-
-
-class Parameters:
-    """A pyp ``.cistem`` parameter file with its ``_extended.cistem`` (pyp's ``Parameters`` look-alike).
-
-    ``data`` is an ``(N, 7)`` float64 array, one row per projection, columns :data:`cistem.DATA_COLUMNS`:
-
-    ====  ==========  =====================================================================================
-    col   name        meaning
-    ====  ==========  =====================================================================================
-    0     pind        particle id (``PIND``)
-    1     tind        tilt id = 0-based section of ``{name}_stack.mrc`` (``IMIND``; the seed's ``tind``)
-    2     frame       frame index (``FIND``, 0 for tilt images)
-    3, 4  shift x, y  track shift in tilt-stack pixels = ``X/Y_SHIFT`` (Å, as cisTEM stores them) / ``PIXEL_SIZE``
-    5     score       ``SCORE``
-    6     occupancy   ``OCCUPANCY``
-    ====  ==========  =====================================================================================
-
-    so the seed's checks (``par.data[:, 0]`` particles, ``[:, 1]`` tilts, ``[:, 3]``/``[:, 4]`` shifts in pixels)
-    hold. It is read-only; every file column is available unconverted through :meth:`column` (e.g.
-    ``column("TIND")`` is pyp's acquisition-order tilt index, ``column("X_SHIFT")`` is in Å)."""
-
-    def __init__(self, main: cistem.CistemTable, extended: ExtendedParameters | None = None, *,
-                 path: str | os.PathLike[str] | None = None) -> None:
-        self.path = None if path is None else Path(path)
-        cistem.check_tables(main, None if extended is None else extended.particles,
-                            None if extended is None else extended.tilts, self.path)
-        self.main = main
-        self.extended = extended
-        data = cistem.projection_data(main)
-        data.flags.writeable = False
-        self._data = data
-
-    # ---------------------------------------------------------------- construction
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str], extended_path: str | os.PathLike[str] | None = None
-                  ) -> Parameters:
-        """Read ``path`` (``.cistem``) and, if present, its ``_extended.cistem`` (``extended_path``, default: beside
-        it); a pair torn by an interrupted write is refused (:func:`napari_cspt2d.io.cistem.read_pair`)."""
-        path = Path(path)
-        ext = cistem.extended_path(path) if extended_path is None else Path(extended_path)
-        if not ext.is_file():
-            if extended_path is not None:
-                raise CsptInputError("does not exist", file=ext, expected="the _extended.cistem file")
-            return cls(cistem.read_cistem(path), None, path=path)
-        main, particles, tilts = cistem.read_pair(path, ext)
-        return cls(main, ExtendedParameters(particles, tilts), path=path)
-
-    @classmethod
-    def from_trackset(cls, tracks: TrackSet, parameters: Mapping[str, Any]) -> Parameters:
-        """Parameter tables for ``tracks`` (pixel size, voltage, Cs and amplitude contrast from ``parameters``;
-        column meanings in :mod:`napari_cspt2d.io.cistem`)."""
-        params = _as_params(parameters, strict=False)
-        main, particles, tilts = cistem.tables_from_tracks(
-            tracks, pixel_A=params.stack_pixel_A, voltage_kV=params["scope_voltage"], cs_mm=params["scope_cs"],
-            amp_contrast=params["scope_wgh"])
-        return cls(main, ExtendedParameters(particles, tilts))
-
-    # ---------------------------------------------------------------- access
-    @property
-    def data(self) -> NDArray[np.float64]:
-        return self._data
-
-    def __len__(self) -> int:
-        return len(self.main)
-
-    def column(self, name: str | int) -> NDArray[np.float64]:
-        """A column of the ``.cistem`` file by name (``"X_SHIFT"``) or code, as float64, in file units."""
-        return self.main[name].astype(np.float64)
-
-    def get_num_tilts(self) -> int:
-        """Number of tilts (distinct ``TIND`` of the tilts block, or of the projections without extended file)."""
-        tind = self.extended.tilts["TIND"] if self.extended is not None else self.main["TIND"]
-        return int(np.unique(tind).size)
-
-    def get_num_frames(self) -> int:
-        """Number of frames per projection: ``max(FIND) + 1`` (0 for an empty file)."""
-        return int(self.main["FIND"].max()) + 1 if len(self) and "FIND" in self.main else (1 if len(self) else 0)
-
-    def to_trackset(self, image_shape_yx: tuple[int, int] | None = None, *, tilts: TiltTable | None = None,
-                    dose_per_tilt: float = 0.0) -> TrackSet:
-        """The projections as a :class:`TrackSet` (needs the extended file); see
-        :func:`napari_cspt2d.io.cistem.tracks_from_tables` for how tilts are rebuilt when ``tilts`` is not given."""
-        if self.extended is None:
-            raise CsptInputError("has no _extended.cistem beside it", file=self.path, field="extended",
-                                 expected="the particles and tilts of the tracks")
-        return cistem.tracks_from_tables(self.main, self.extended.particles, self.extended.tilts, path=self.path,
-                                         image_shape_yx=image_shape_yx, tilt_table=tilts, dose_per_tilt=dose_per_tilt)
-
-    def write(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
-        """Write ``path`` (``.cistem``) and ``{stem}_extended.cistem``, each atomically, as a pair
-        (:func:`napari_cspt2d.io.cistem.write_pair`); returns both paths."""
-        if self.extended is None:
-            raise CsptInputError("has no particles/tilts tables", file=path, field="extended",
-                                 expected="Parameters with extended data")
-        return cistem.write_pair(path, self.main, self.extended.particles, self.extended.tilts)
-
-
 def create_cistem_from_2d_tracks(
     name: str,
     track_data: TrackSet | Mapping[str, Any],
@@ -263,7 +149,7 @@ def create_project(
     records every section's tilt in ``{name}.pkl``, including tilts without picks. Returns the paths written
     (keys ``project``, ``config``, ``metadata``, ``stack``, ``cistem``, ``extended``)."""
     check_name(name, "name")
-    params = _as_params(parameters, strict=True).copy()
+    params = as_parameters(parameters, strict=True).copy()
     if not params["data_set"]:
         params["data_set"] = name
     check_name(params["data_set"], "data_set")
@@ -287,31 +173,6 @@ def create_project(
     main, ext = create_cistem_from_2d_tracks(name, tracks, params, root / "frealign" / "maps")
     return {"project": root, "config": config, "metadata": metadata, "stack": stack_path, "cistem": Path(main),
             "extended": Path(ext)}
-
-
-def load_project(
-    project_dir: str | os.PathLike[str], name: str, iteration: int = 1
-) -> tuple[PypParameters, TrackSet, dict[str, Any]]:
-    """Read a project written by :func:`create_project` (or by pyp with the seed's plain metadata): parameters,
-    tracks (image shape and tilt table from ``{name}.pkl``, dose per tilt = ``scope_dose_rate`` when the metadata
-    has no tilt table) and the metadata dict. ``iteration`` 1 reads the input ``{name}_r01.cistem``, a later one
-    that iteration's ``{name}_r01_{iteration:02d}.cistem``."""
-    check_name(name, "name")
-    root = Path(project_dir)
-    params = load_params(root / CONFIG_NAME, strict=False)
-    meta_path = root / f"{name}.pkl"
-    metadata = read_metadata(meta_path)
-    suffix = "" if iteration == 1 else f"_{int(iteration):02d}"
-    par = Parameters.from_file(root / "frealign" / "maps" / f"{name}_r01{suffix}.cistem")
-    return params, _tracks_with_metadata(par, meta_path, metadata, params), metadata
-
-
-def _tracks_with_metadata(par: Parameters, meta_path: Path, metadata: Mapping[str, Any],
-                          params: Mapping[str, Any]) -> TrackSet:
-    """``par`` as a TrackSet with the image shape and (when stored) tilt table of ``{name}.pkl``."""
-    ny, nx, _ = metadata_shape(metadata)
-    tilts = read_metadata_tilts(meta_path) if "tlt" in metadata else None
-    return par.to_trackset((ny, nx), tilts=tilts, dose_per_tilt=params["scope_dose_rate"])
 
 
 # ==================================================================================================== pipeline
@@ -375,17 +236,15 @@ def prepare_particle_cspt(
     Paths are relative to ``project_dir`` (default: the current folder, as in the seed's scripts). Raises
     "Metadata is required" when ``{name}.pkl`` is missing or incomplete and "No output parameter file is generated"
     when the parameters are not in 2D tilt-series CSPT mode (``csp_no_3d_points``, "tomo", ``csp_frame_refinement``)."""
-    from .recon.pipeline import split_regions
-
     check_name(name, "name")
     root = _project_root(project_dir)
-    params = _as_params(parameters, strict=False)
+    params = as_parameters(parameters, strict=False)
     metadata = read_metadata(root / f"{name}.pkl")
     check_cspt_mode(params)
     if not isinstance(alignment_parameters, Parameters):
         raise CsptInputError(f"is a {type(alignment_parameters).__name__}", field="alignment_parameters",
                              expected="Parameters.from_file(parameter_file)")
-    tracks = _tracks_with_metadata(alignment_parameters, root / f"{name}.pkl", metadata, params)
+    tracks = tracks_with_metadata(alignment_parameters, root / f"{name}.pkl", metadata, params)
     regions = sort_particles_regions(np.unique(tracks.particle), per_particle=True)
     split = split_regions(tracks, regions, parameter_file, params, root / "frealign" / "scratch")
     return [(str(path), ids, tilt_ids) for path, ids, tilt_ids in split]
@@ -445,21 +304,21 @@ def run_reconstruction(
     parameter file is generated: <reason>" (wrong mode, or nothing to reconstruct)."""
     from .io.atomic import atomic_open
     from .recon.extract import write_particle_stack
-    from .recon.pipeline import ProjectPaths, reconstruction_options
+    from .recon.pipeline import reconstruction_options
     from .recon.reconstruct import reconstruct_tracks
 
     check_name(name, "name")
     if int(ref) != 1:
         raise CsptInputError(f"is {ref}", field="ref", expected="1 (2D tilt-series CSPT has one class)")
     root = _project_root(project_dir)
-    params = _as_params(mp, strict=False)
+    params = as_parameters(mp, strict=False)
     meta_path = root / f"{name}.pkl"
     metadata = read_metadata(meta_path)
     check_cspt_mode(params)
     paths = ProjectPaths(root, name)
     candidates = [paths.parameters(name, it) for it in range(int(iteration), 0, -1)]
     source = next((p for p in candidates if p.is_file()), candidates[-1])
-    tracks = _tracks_with_metadata(Parameters.from_file(source), meta_path, metadata, params)
+    tracks = tracks_with_metadata(Parameters.from_file(source), meta_path, metadata, params)
     stack, _ = mrc.open_stack(paths.stack(name))
     stem = f"{name}_r01_{int(iteration):02d}"
     log_path = paths.logs / f"{stem}_reconstruct.log"

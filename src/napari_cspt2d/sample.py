@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from scipy.spatial.transform import Rotation
 
 from .model.tracks import ParticleTable, TiltTable, TrackSet
-from .recon import geometry
+from . import geometry
 from .recon.ctf import ctf_2d
 
 __all__ = ["Sample", "make_sample", "write_sample", "blob_model", "render_map", "render_projections"]

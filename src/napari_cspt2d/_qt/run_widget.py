@@ -57,7 +57,8 @@ from ..model.params import PypParameters
 from ..model.tracks import TrackSet
 from ..recon.reconstruct import ReconstructionResult, reconstruct_tracks
 from ..recon.fsc import fsc_curve
-from ..recon.pipeline import ProjectPaths, data_set_name, reconstruction_options, run_cspt, tilt_series_names
+from ..recon.pipeline import reconstruction_options, run_cspt
+from ..recon.project import ProjectPaths, data_set_name, tilt_series_names
 from ..recon.trackfit import fit_tracks
 from ._guard import report_errors
 from .params_widget import Session, session

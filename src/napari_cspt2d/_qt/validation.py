@@ -40,7 +40,8 @@ from ..errors import CsptInputError
 from ..model.editing import Change, TrackDocument
 from ..model.params import PypParameters, refine_rhref_for
 from ..model.tracks import TrackSet
-from ..recon import ctf, geometry
+from .. import geometry
+from ..recon import ctf
 from ..recon.backproject import project_volume
 from ..recon.extract import extract_particles
 from ..recon.refine import Imaging

@@ -40,7 +40,7 @@ Meaning of the columns written from a :class:`TrackSet` (see :func:`tables_from_
 * ``PSI/THETA/PHI`` = orientation of the projection, ``R_z(axis) R_y(tilt) A_particle`` (pyp composes them the
   same way); the particle's own angles are ``PPSI/PTHETA/PPHI`` in the particles block.
 * ``DEFOCUS_1 = DEFOCUS_2`` (Å) = tilt defocus − height of the particle in that tilt (``z'`` of
-  :func:`~napari_cspt2d.recon.geometry.project_points` × pixel), like pyp's per-particle defocus offset.
+  :func:`~napari_cspt2d.geometry.project_points` × pixel), like pyp's per-particle defocus offset.
 * ``ORIGINAL_X/Y_POSITION`` = absolute position (x, y) in the tilt image, numpy pixel convention (0 when the image
   shape is unknown); informational, never read back (the shift is authoritative).
 * ``ORIGINAL_X/Y/Z_POSITION_3D`` = particle point relative to the tomogram centre (unbinned px). pyp stores
@@ -66,7 +66,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..errors import CsptInputError, warn_input
 from ..model.tracks import ParticleTable, TiltTable, TrackSet
-from ..recon import geometry
+from .. import geometry
 from .atomic import atomic_open
 
 __all__ = [

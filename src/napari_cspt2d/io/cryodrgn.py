@@ -3,7 +3,7 @@
 Layout (as ``cryodrgn parse_pose_star`` / ``parse_ctf_star`` write them; one entry per TrackSet row, in row order):
 
 * poses: a pickled tuple ``(rot, trans)``: ``rot`` float64 ``(N, 3, 3)`` RELION rotation matrices of each tilt image,
-  ``A_pt = R_z(axis) R_y(tilt) A_particle`` (:func:`napari_cspt2d.recon.geometry.projection_matrices`); ``trans``
+  ``A_pt = R_z(axis) R_y(tilt) A_particle`` (:func:`napari_cspt2d.geometry.projection_matrices`); ``trans``
   float64 ``(N, 2)`` = RELION ``rlnOrigin`` (px) / box, i.e. minus the particle centre's offset from the box centre,
   as a fraction of the box. Boxes are taken to be cut at the projection of the 3D point (pyp's convention), so the
   offset is the projection's shift, in extracted pixels.
@@ -25,7 +25,8 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..errors import CsptInputError
 from ..model.tracks import TrackSet
-from ..recon import ctf, geometry
+from .. import geometry
+from ..recon import ctf
 from .atomic import atomic_open
 from .safe_pickle import safe_load
 

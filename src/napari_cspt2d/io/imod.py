@@ -28,7 +28,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..errors import CsptInputError, warn_input
 from ..model.tracks import ParticleTable, TiltTable, TrackSet
-from ..recon import geometry
+from .. import geometry
 from .atomic import atomic_open, atomic_path
 
 __all__ = [

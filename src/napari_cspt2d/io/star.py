@@ -11,7 +11,7 @@ position is ``P p`` with::
 
 ``R_*`` are right-handed rotations (gravis ``t3Matrix::rotation(axis, degrees)``), ``S`` translations, ``pixel`` =
 ``rlnTomoTiltSeriesPixelSize``, ``(w, h, d)`` = ``rlnTomoSize{X,Y,Z}``, ``(nx, ny)`` the tilt images' size, pixel
-centres at integer positions (as numpy). Mapping onto :mod:`napari_cspt2d.recon.geometry`:
+centres at integer positions (as numpy). Mapping onto :mod:`napari_cspt2d.geometry`:
 
 * tilt angle = ``rlnTomoYTilt``, tilt axis = ``rlnTomoZRot`` (same right-handed ``R_y`` and ``R_z``);
 * 3D point ``X = R_x(XTilt) (c / pixel + f)`` with ``f = size/2 - int(size/2)`` (0.5 along odd tomogram sizes);
@@ -51,7 +51,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..errors import CsptInputError
 from ..model.tracks import ParticleTable, TiltTable, TrackSet
-from ..recon import geometry
+from .. import geometry
 from .atomic import atomic_path
 
 __all__ = [

@@ -5,7 +5,7 @@ history of states (undo/redo), per-projection residuals when a 3D fit provided t
 edit is one named action; napari layers are views that subscribe to :class:`Change` notifications.
 
 Positions are absolute image positions ``(x, y)`` in unbinned pixels of the tilt stack (numpy convention, pixel centres
-at integers); the document converts them to the stored shifts through :mod:`napari_cspt2d.recon.geometry`.
+at integers); the document converts them to the stored shifts through :mod:`napari_cspt2d.geometry`.
 
 Autosave snapshots are ``.npz`` files of the TrackSet columns (exact, fast, no pickle) written atomically; see
 :func:`autosave_path`, :func:`write_snapshot` and :func:`read_snapshot`.
@@ -28,7 +28,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..errors import CsptInputError
 from ..io.atomic import atomic_open
-from ..recon import geometry
+from .. import geometry
 from .tracks import ParticleTable, TiltTable, TrackSet
 
 __all__ = [

@@ -34,7 +34,7 @@ from .tracks import _shown
 
 __all__ = [
     "ParamSpec", "PARAMS", "GROUPS", "PypParameters", "check_cspt_mode", "param_for_iteration",
-    "refine_rhref_for", "check_name", "NAME_PATTERN",
+    "refine_rhref_for", "check_name", "NAME_PATTERN", "as_parameters",
 ]
 
 GROUPS = ("data", "extraction", "refinement", "reconstruction", "cluster")
@@ -402,6 +402,17 @@ class PypParameters(MutableMapping):
                        f"{self.particle_pixel_A:g} Å/px); it will be limited to Nyquist", file=self.source,
                        field="refine_rhref")
         return self
+
+
+def as_parameters(parameters: Mapping[str, Any], *, strict: bool) -> PypParameters:
+    """``parameters`` as :class:`PypParameters`: one is re-validated, a plain mapping is validated (other pyp keys are
+    kept unless ``strict``)."""
+    if isinstance(parameters, PypParameters):
+        return parameters.validate()
+    if not isinstance(parameters, Mapping):
+        raise CsptInputError(f"is a {type(parameters).__name__}", field="parameters",
+                             expected="a dict or PypParameters")
+    return PypParameters(parameters, strict=strict)
 
 
 def check_cspt_mode(params: Mapping[str, Any]) -> None:

@@ -12,7 +12,7 @@ tilts (T rows)
     ``id`` int64 (sorted, unique), ``angle_deg``, ``defocus_um``, ``axis_deg`` (tilt-axis angle, 0 = along image y),
     ``dose`` (e/Å² received by this tilt image), ``order`` (int64 acquisition order, 0 = first exposure).
 
-Meaning of a projection (pinned, see :mod:`napari_cspt2d.recon.geometry`): its position in the tilt image, in unbinned
+Meaning of a projection (pinned, see :mod:`napari_cspt2d.geometry`): its position in the tilt image, in unbinned
 pixels, is ``image centre + projection of the particle's 3D point at that tilt + shift_px``. With zero 3D coordinates
 ``shift_px`` is simply the position relative to the image centre. The shift is stored (not the position) so that a
 round trip through the seed's ``track_data`` dict is exact; :meth:`TrackSet.positions_px` computes positions.
@@ -30,7 +30,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ..errors import CsptInputError, warn_input
-from ..recon import geometry
+from .. import geometry
 
 __all__ = ["TrackSet", "ParticleTable", "TiltTable"]
 

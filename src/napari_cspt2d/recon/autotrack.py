@@ -26,7 +26,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..errors import CsptCancelled, CsptInputError
 from ..model.tracks import TrackSet
-from . import geometry
+from .. import geometry
 from .trackfit import TiltGeometry, TrackFit, solve_points
 
 __all__ = ["AutotrackOptions", "AutotrackResult", "autotrack_particle", "autotrack_all"]

@@ -1,6 +1,6 @@
 """Direct Fourier insertion (backprojection) into padded 3D grids, Wiener reconstruction, and the matching projector.
 
-Conventions (see :mod:`napari_cspt2d.recon.geometry`): a volume is ``vol[z, y, x]`` with its origin at voxel
+Conventions (see :mod:`napari_cspt2d.geometry`): a volume is ``vol[z, y, x]`` with its origin at voxel
 ``N // 2``; an image ``img[y, x]`` has its origin at pixel ``N // 2``. The orientation matrix ``A`` (B, 3, 3) maps map
 coordinates to view coordinates, so the 2D transform of a projection is the central slice ``F(Aᵀ (kx, ky, 0))``. A shift
 ``s`` (x, y) in box pixels means the particle's centre sits at ``N // 2 + s`` in the image; insertion moves the image

@@ -29,7 +29,8 @@ from numpy.typing import ArrayLike, NDArray
 from ..errors import CsptCancelled, CsptInputError
 from ..io.mrc import write_map
 from ..model.tracks import TrackSet
-from . import ctf, geometry
+from .. import geometry
+from . import ctf
 from .backproject import Backprojector, apply_bfactor
 from .extract import check_extraction, extract_particles, extracted_pixel_A
 from .fsc import FscCurve, plot_fsc, write_fsc_table

@@ -82,7 +82,8 @@ from numpy.typing import ArrayLike, NDArray
 from ..errors import CsptCancelled, CsptInputError
 from ..model.tiltseries import TiltSeries
 from ..model.tracks import TiltTable, TrackSet
-from . import ctf, geometry
+from .. import geometry
+from . import ctf
 from .backproject import Projector, sample_half_grid
 from .extract import extract_particles
 

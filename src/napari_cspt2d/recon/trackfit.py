@@ -1,6 +1,6 @@
 """3D positions from 2D tracks: per-particle least squares, optional global refinement of the tilt geometry.
 
-Model (all through :mod:`napari_cspt2d.recon.geometry`)
+Model (all through :mod:`napari_cspt2d.geometry`)
 -------------------------------------------------------
 The observed position ``o`` (unbinned px, numpy pixel centres) of particle ``p`` in tilt ``t`` is predicted as::
 
@@ -62,7 +62,8 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..errors import CsptInputError
 from ..model.tracks import TrackSet
-from . import ctf, geometry
+from .. import geometry
+from . import ctf
 
 __all__ = [
     "REFINABLE",

@@ -18,7 +18,7 @@ import numpy as np
 from ..model.tracks import ParticleTable, TiltTable, TrackSet
 from . import refine
 from .backproject import Projector
-from .pipeline import use_one_thread
+from .jobs import use_one_thread
 from .reconstruct import HalfMapInsertion, ReconstructionSettings
 
 __all__ = ["skip_user_main", "warm_up"]

@@ -66,7 +66,7 @@ import re
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ..errors import CsptInputError
+from .errors import CsptInputError
 
 __all__ = [
     "euler_to_matrix",
