@@ -207,7 +207,7 @@ def track_set(series: Series, positions_px: np.ndarray, *, with_xyz: bool, angle
     """napari-cspt2d's TrackSet of the series: projections at ``positions_px``, true orientations, the true 3D
     positions (``with_xyz``) or zeros (the 2D-tracks situation), tilt angles ``angle_deg`` (default the true ones)."""
     from napari_cspt2d.model.tracks import ParticleTable, TiltTable, TrackSet
-    from napari_cspt2d.recon import geometry
+    from napari_cspt2d import geometry
 
     n_p, n_t = len(series.xyz_px), len(series.angles_deg)
     phi, theta, psi = geometry.matrix_to_euler(series.particle_rot)
@@ -223,7 +223,7 @@ def track_set(series: Series, positions_px: np.ndarray, *, with_xyz: bool, angle
 def check_conventions(series: Series) -> None:
     """The project's geometry must see the simulation's truth: projection matrices and positions of the true
     TrackSet equal the simulation's (else the comparison below would measure a convention mismatch)."""
-    from napari_cspt2d.recon import geometry
+    from napari_cspt2d import geometry
 
     truth = track_set(series, series.positions_px, with_xyz=True)
     e = truth.particles.euler_deg[truth.particle_rows()]
@@ -294,7 +294,7 @@ def shift_error_px(tracks, series: Series) -> float:
 
 def angle_error_deg(tracks, series: Series) -> float:
     """Median rotation angle (°) between the particles' orientations and the truth."""
-    from napari_cspt2d.recon import geometry
+    from napari_cspt2d import geometry
     from napari_cspt2d.recon.refine import rotation_angle_deg
 
     e = tracks.particles.euler_deg

@@ -7,7 +7,8 @@ import pytest
 
 from napari_cspt2d.errors import CsptCancelled, CsptInputError
 from napari_cspt2d.model.tracks import TiltTable, TrackSet
-from napari_cspt2d.recon import autotrack, geometry, trackfit
+from napari_cspt2d import geometry
+from napari_cspt2d.recon import autotrack, trackfit
 
 SHAPE = (200, 220)
 AXIS = 6.0

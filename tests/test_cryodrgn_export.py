@@ -10,7 +10,8 @@ import pytest
 from napari_cspt2d.errors import CsptInputError
 from napari_cspt2d.io import cryodrgn, star
 from napari_cspt2d.model.tracks import ParticleTable, TiltTable, TrackSet
-from napari_cspt2d.recon import ctf, geometry
+from napari_cspt2d import geometry
+from napari_cspt2d.recon import ctf
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import pytest
 from napari_cspt2d.errors import CsptInputError
 from napari_cspt2d.io import imod
 from napari_cspt2d.model.tracks import TiltTable, TrackSet
-from napari_cspt2d.recon import ctf, geometry, trackfit
+from napari_cspt2d import geometry
+from napari_cspt2d.recon import ctf, trackfit
 
 SHAPE = (300, 420)
 
