@@ -130,6 +130,11 @@ SERIES_STAR = "data_particles\n\nloop_\n" + "".join(f"_{c} #{i + 1}\n" for i, c 
     for p in range(3) for t, a in enumerate((-30.0, -15.0, 0.0, 15.0)))
 
 
+def seed_metadata() -> dict:
+    """``ts.pkl`` in the seed's plain form (``tomo`` = image size and tilts), with the plain tilt lists."""
+    return {"tomo": {"x": [40], "y": [32], "z": [4]}, "frames": [], "tlt": [-30.0, -15.0, 0.0, 15.0]}
+
+
 def make_project(folder: Path) -> Path:
     """Valid files of every format (small), in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -367,8 +372,8 @@ PLAIN = st.recursive(
                             "particles", "tilts", "projections", "image_shape_yx", None)),
        value=PLAIN, protocol=st.integers(0, 5))
 def test_plain_pickles(project, tmp_path, key, value, protocol):
-    """Any plain data, anywhere in {name}.pkl or a track pickle, pickled with any protocol."""
-    meta = pickle.loads(project["ts.pkl"])
+    """Any plain data, anywhere in {name}.pkl (the seed's plain form) or a track pickle, pickled with any protocol."""
+    meta = seed_metadata()
     tracks = pickle.loads(project["tracks.pkl"])
     if key is None:
         meta = tracks = value

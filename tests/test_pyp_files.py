@@ -99,17 +99,16 @@ def test_unknown_tilt_in_files_names_the_file(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ metadata
 def test_metadata_round_trip(tmp_path):
+    """Written in pyp's layout (DataFrames; see tests/test_pyp_metadata.py for pyp's rules), read back whole."""
     tracks = dyadic_tracks(2, 5)
     path = write_metadata(tmp_path / "ts.pkl", 640, 512, 5, frames=["a.tif", "b.tif"], extra={"note": "x"},
                           tilts=tracks.tilts)
     data = read_metadata(path)
-    assert data["tomo"] == {"x": [640], "y": [512], "z": [5]} and data["frames"] == ["a.tif", "b.tif"]
+    assert data["image"].to_dict("records") == [{"x": 640, "y": 512, "z": 5}] and data["frames"] == ["a.tif", "b.tif"]
     assert metadata_shape(data) == (512, 640, 5) and data["note"] == "x"
     tilts = read_metadata_tilts(path)
     for attr in ("id", "angle_deg", "defocus_um", "axis_deg", "dose", "order"):
         np.testing.assert_array_equal(getattr(tilts, attr), getattr(tracks.tilts, attr))
-    with open(path, "rb") as fh:  # the seed reads it with plain pickle
-        assert pickle.load(fh)["tomo"]["z"] == [5]
 
 
 @pytest.mark.parametrize("content, missing", [

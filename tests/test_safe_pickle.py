@@ -21,7 +21,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from test_fuzz_readers import make_project, seed_tracks
+from test_fuzz_readers import make_project, seed_metadata, seed_tracks
 
 from napari_cspt2d import CsptInputError
 from napari_cspt2d.io.metadata import read_metadata, read_metadata_tilts
@@ -73,7 +73,7 @@ READERS = {
 def test_dangerous_globals_are_refused_and_never_run(tmp_path, reader, protocol):
     make_project(tmp_path)
     marker = tmp_path / "pwned"
-    meta = read_metadata(tmp_path / "ts.pkl")
+    meta = seed_metadata()
     for name, payload in payloads(marker, tmp_path).items():
         content = {**meta, **seed_tracks(), "frames": [{"note": payload}]}  # otherwise valid for every reader
         path = tmp_path / "ts.pkl"

@@ -389,7 +389,8 @@ def read_trackset(path: str | os.PathLike[str], image_shape_yx: tuple[int, int] 
 
         main = path.with_name(path.name.replace("_extended.cistem", ".cistem"))
         meta = _metadata_beside(main)
-        tilt_table = read_metadata_tilts(meta["__path__"]) if meta is not None and "tlt" in meta else None
+        has_tilts = meta is not None and ("tlt" in meta or "cspt2d_tilts" in meta)
+        tilt_table = read_metadata_tilts(meta["__path__"]) if has_tilts else None
         table, particles, tilts = cistem.read_pair(main)
         tracks = cistem.tracks_from_tables(table, particles, tilts, path=main,
                                            image_shape_yx=shape or find_image_shape(main), tilt_table=tilt_table)

@@ -28,7 +28,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from .errors import CsptInputError, CsptRunError, warn_input
 from .io import mrc
-from .io.metadata import read_metadata, write_metadata
+from .io.metadata import PYP_THICKNESS_PX, read_metadata, write_metadata
 from .io.pyp_parameters import ExtendedParameters, Parameters
 from .io.toml import CONFIG_NAME, load_params, save_params
 from .model.params import PypParameters, as_parameters, check_cspt_mode, check_name
@@ -169,7 +169,9 @@ def create_project(
                              field="track_data", expected="tracks picked on this stack")
     tracks = tracks.replace(image_shape_yx=(ny, nx))
     config = save_params(params, root / CONFIG_NAME)
-    metadata = write_metadata(root / f"{name}.pkl", nx, ny, len(tracks.tilts), frames, tilts=tracks.tilts)
+    metadata = write_metadata(root / f"{name}.pkl", nx, ny, n_sections, frames, tilts=tracks.tilts,
+                              thickness_px=int(params.get("tomo_rec_thickness", PYP_THICKNESS_PX)),
+                              rec_binning=float(params["tomo_rec_binning"]))
     main, ext = create_cistem_from_2d_tracks(name, tracks, params, root / "frealign" / "maps")
     return {"project": root, "config": config, "metadata": metadata, "stack": stack_path, "cistem": Path(main),
             "extended": Path(ext)}

@@ -1,11 +1,22 @@
-"""Restricted unpickling: plain containers, numbers, strings and numpy arrays only.
+"""Restricted unpickling: plain containers, numbers, strings and numpy arrays (and, where a format needs them, pandas
+DataFrames).
 
 ``pickle.load`` runs whatever a pickle asks for (``os.system`` included), so every pickle this project reads
 (``{name}.pkl`` metadata, the seed's track-data pickles, CTF pickles) goes through :func:`safe_load`. A pickle may
 refer only to the globals in :data:`ALLOWED_GLOBALS`: a few builtin containers and the numpy functions that pickled
 arrays, dtypes and scalars need (under both the numpy 1 ``numpy.core`` and numpy 2 ``numpy._core`` names). Anything
 else raises :class:`~napari_cspt2d.errors.CsptInputError` naming the file and the refused global, before that
-global is imported or called. pandas objects (pyp writes its own ``.pkl`` files with pandas) are refused too.
+global is imported or called.
+
+DataFrames (``dataframes=True``; pyp's ``{name}.pkl`` is a dict of them, :mod:`napari_cspt2d.io.metadata`): the
+globals of :data:`DATAFRAME_GLOBALS` are allowed too, which are exactly what pandas 2 and 3 pickle a DataFrame of
+numeric or object columns with (a DataFrame is made empty by ``NEWOBJ`` and filled by ``BUILD`` with a dict holding a
+``BlockManager`` of blocks made by ``_unpickle_block``, its axes by ``_new_Index``). Each is checked before it is
+called: ``NEWOBJ`` only of ``DataFrame`` and without arguments; ``BUILD`` of a DataFrame only with pandas' own state
+keys, a ``BlockManager`` and plain values; ``_new_Index`` only for ``Index``/``RangeIndex`` with their pickled
+keys and a numpy array or integers; ``_unpickle_block`` only on a numpy array with a slice or integer placement;
+``BlockManager`` only on those blocks and indexes; ``slice`` only of integers (so it cannot nest). Extension
+arrays (categoricals, Arrow strings), Series and other pandas classes are refused.
 
 Nothing a pickle declares may allocate more than the pickle's own size (a few bytes must not become gigabytes): the
 unpickler is the pure-Python one, whose memo is a dict (the C unpickler sizes its memo array from whatever index a
@@ -34,7 +45,7 @@ import numpy as np
 
 from ..errors import CsptInputError
 
-__all__ = ["ALLOWED_GLOBALS", "SafeUnpickler", "safe_load", "safe_loads"]
+__all__ = ["ALLOWED_GLOBALS", "DATAFRAME_GLOBALS", "SafeUnpickler", "safe_load", "safe_loads"]
 
 _BUILTINS = ("set", "frozenset", "complex", "bytes", "bytearray", "range")  # not slice: hashable, so nestable, in 3.12
 _NUMPY_MULTIARRAY = ("_reconstruct", "scalar")
@@ -47,6 +58,18 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     + [(f"numpy.{core}.numeric", name) for core in ("core", "_core") for name in _NUMPY_NUMERIC]
     + [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")]
 )
+#: What a DataFrame pickle may refer to besides :data:`ALLOWED_GLOBALS` (pandas 2 names, then pandas 3's).
+DATAFRAME_GLOBALS: frozenset[tuple[str, str]] = frozenset([
+    ("pandas.core.frame", "DataFrame"), ("pandas", "DataFrame"),
+    ("pandas.core.indexes.base", "Index"), ("pandas", "Index"),
+    ("pandas.core.indexes.range", "RangeIndex"), ("pandas", "RangeIndex"),
+    ("pandas.core.indexes.base", "_new_Index"),
+    ("pandas.core.internals.managers", "BlockManager"),
+    ("pandas._libs.internals", "_unpickle_block"),
+    ("builtins", "slice"),
+])
+_FRAME_STATE_KEYS = frozenset({"_mgr", "_typ", "_metadata", "attrs", "_attrs", "_flags"})
+_INDEX_KEYS = {"Index": frozenset({"data", "name", "dtype"}), "RangeIndex": frozenset({"start", "stop", "step", "name"})}
 
 
 def _numpy_core_module(sub: str) -> Any:
@@ -65,6 +88,8 @@ def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
 
 
 def _resolve(module: str, name: str) -> Any:
+    if module.startswith("pandas"):
+        return getattr(importlib.import_module(module), name)
     if module in ("builtins", "__builtin__"):
         return getattr(builtins, name)
     if module == "numpy":
@@ -88,20 +113,23 @@ class SafeUnpickler(pickle._Unpickler):
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file: io.BufferedIOBase, source: str | os.PathLike[str] | None = None,
-                 size: int | None = None) -> None:
+                 size: int | None = None, *, dataframes: bool = False) -> None:
         super().__init__(file)
         self.source = source
+        self.allowed = ALLOWED_GLOBALS | DATAFRAME_GLOBALS if dataframes else ALLOWED_GLOBALS
+        self._pandas = _pandas_callables() if dataframes else {}
         if size is None:  # a BytesIO or a real file
             size = len(file.getbuffer()) if hasattr(file, "getbuffer") else os.fstat(file.fileno()).st_size
         self.size = size
         self._tuple_depth: dict[int, int] = {}  # id of each tuple built -> its nesting depth
 
     def _refuse(self, what: str) -> CsptInputError:
+        frames = " (and pandas DataFrames of numbers or strings)" if self._pandas else ""
         return CsptInputError(what, file=self.source, field="pickle",
-                              expected="only plain dicts/lists/tuples/sets, numbers, strings and numpy arrays")
+                              expected=f"only plain dicts/lists/tuples/sets, numbers, strings and numpy arrays{frames}")
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in ALLOWED_GLOBALS:
+        if (module, name) not in self.allowed:
             raise self._refuse(f"refers to the global '{module}.{name}', which is refused")
         return _resolve(module, name)
 
@@ -131,10 +159,58 @@ class SafeUnpickler(pickle._Unpickler):
         consumer = any(func is kind for kind in (set, frozenset, bytes, bytearray))
         if consumer and args and not isinstance(args[0], _MATERIALIZED):
             raise self._refuse(f"calls {func.__name__}() on a {type(args[0]).__name__}")
+        if func is slice and not (isinstance(args, tuple) and 1 <= len(args) <= 3
+                                  and all(a is None or type(a) is int for a in args)):
+            raise self._refuse("calls slice() on something other than integers")
+        if any(func is f for f in self._pandas.values()):
+            self._check_pandas_call(func, args)
         pickle._Unpickler.load_reduce(self)
+
+    def _check_pandas_call(self, func: Any, args: Any) -> None:
+        """The pandas reconstructors, only with the arguments a DataFrame pickle gives them (module docstring)."""
+        pd = self._pandas
+        if not isinstance(args, tuple):
+            raise self._refuse("calls a pandas reconstructor without an argument tuple")
+        if func is pd["DataFrame"] or func is pd["Index"] or func is pd["RangeIndex"]:
+            raise self._refuse(f"calls pandas' {func.__name__} directly (pandas pickles it otherwise)")
+        if func is pd["_new_Index"]:
+            if len(args) != 2 or not isinstance(args[1], dict):
+                raise self._refuse("calls pandas' _new_Index with unexpected arguments")
+            cls, state = args
+            kind = next((k for k in _INDEX_KEYS if cls is pd[k]), None)
+            if kind is None or not set(state) <= _INDEX_KEYS[kind]:
+                raise self._refuse(f"calls pandas' _new_Index for {getattr(cls, '__name__', cls)!r} with keys "
+                                   f"{sorted(map(str, state))}")
+            if state.get("name") is not None and not isinstance(state["name"], (str, int)):
+                raise self._refuse("gives a pandas index a name that is not a string or integer")
+            if kind == "Index" and not (isinstance(state.get("data"), np.ndarray) and state["data"].ndim == 1
+                                        and isinstance(state.get("dtype", state["data"].dtype), np.dtype)):
+                raise self._refuse("gives a pandas Index data that is not a 1-D numpy array")
+            if kind == "RangeIndex" and not all(type(state.get(k, 0)) is int for k in ("start", "stop", "step")):
+                raise self._refuse("gives a pandas RangeIndex bounds that are not integers")
+        elif func is pd["_unpickle_block"]:
+            if (len(args) != 3 or not isinstance(args[0], np.ndarray) or args[0].ndim != 2 or type(args[2]) is not int
+                    or not (isinstance(args[1], slice) or (isinstance(args[1], np.ndarray)
+                                                           and args[1].dtype.kind in "iu"))):
+                raise self._refuse("calls pandas' _unpickle_block with unexpected arguments")
+        elif func is pd["BlockManager"]:
+            blocks, axes = args if len(args) == 2 else (None, None)
+            if not (isinstance(blocks, (tuple, list)) and all(isinstance(b, pd["Block"]) for b in blocks)
+                    and isinstance(axes, (tuple, list)) and all(isinstance(a, pd["Index"]) for a in axes)):
+                raise self._refuse("calls pandas' BlockManager with unexpected arguments")
+
+    def load_newobj(self) -> None:
+        args, cls = self.stack[-1], self.stack[-2]
+        if not (self._pandas and cls is self._pandas["DataFrame"] and args == ()):
+            self.load_refused()
+        pickle._Unpickler.load_newobj(self)
 
     def load_build(self) -> None:
         state, inst = self.stack[-1], self.stack[-2]
+        if self._pandas and type(inst) is self._pandas["DataFrame"]:
+            self._check_frame_state(state)
+            pickle._Unpickler.load_build(self)
+            return
         if not isinstance(inst, (np.ndarray, np.dtype)):
             raise self._refuse(f"sets the state of a {type(inst).__name__}")
         if isinstance(inst, np.ndarray) and isinstance(state, tuple) and len(state) in (4, 5):
@@ -158,34 +234,63 @@ class SafeUnpickler(pickle._Unpickler):
             raise self._refuse(f"nests tuples more than {MAX_TUPLE_DEPTH} deep")
         self._tuple_depth[id(built)] = depth
 
+    def _check_frame_state(self, state: Any) -> None:
+        """A DataFrame's pickled state: pandas' own keys only, a BlockManager, plain metadata."""
+        pd = self._pandas
+        if not (isinstance(state, dict) and set(state) <= _FRAME_STATE_KEYS and "_mgr" in state):
+            keys = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+            raise self._refuse(f"sets a DataFrame's state to {keys}")
+        flags = state.get("_flags", {})
+        attrs = [state.get(k, {}) for k in ("attrs", "_attrs")]
+        if (type(state["_mgr"]) is not pd["BlockManager"] or state.get("_typ", "dataframe") != "dataframe"
+                or not isinstance(state.get("_metadata", []), list) or any(not isinstance(a, dict) for a in attrs)
+                or not isinstance(flags, dict) or not set(flags) <= {"allows_duplicate_labels"}
+                or not all(type(v) is bool for v in flags.values())):
+            raise self._refuse("sets a DataFrame's state to values pandas does not pickle")
+
     def load_refused(self) -> None:
         raise self._refuse("instantiates classes (INST/OBJ/NEWOBJ opcodes), which plain data never needs")
 
     dispatch[pickle.REDUCE[0]] = load_reduce
     dispatch[pickle.BUILD[0]] = load_build
     dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
-    for _opcode in (pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX):
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    for _opcode in (pickle.INST, pickle.OBJ, pickle.NEWOBJ_EX):
         dispatch[_opcode[0]] = load_refused
     for _opcode in (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3):
         dispatch[_opcode[0]] = lambda self, _load=dispatch[_opcode[0]]: (_load(self), self._check_tuple())
     del _opcode
 
 
-def safe_loads(data: bytes, source: str | os.PathLike[str] | None = None) -> Any:
-    """Unpickle ``data`` with :class:`SafeUnpickler`; a corrupt pickle raises :class:`CsptInputError`."""
+def _pandas_callables() -> dict[str, Any]:
+    """The pandas objects a DataFrame pickle refers to (and the Block class its blocks are), by short name."""
+    import pandas as pd
+    from pandas._libs.internals import _unpickle_block
+    from pandas.core.indexes.base import _new_Index
+    from pandas.core.internals.blocks import Block
+    from pandas.core.internals.managers import BlockManager
+
+    return {"DataFrame": pd.DataFrame, "Index": pd.Index, "RangeIndex": pd.RangeIndex, "_new_Index": _new_Index,
+            "_unpickle_block": _unpickle_block, "BlockManager": BlockManager, "Block": Block}
+
+
+def safe_loads(data: bytes, source: str | os.PathLike[str] | None = None, *, dataframes: bool = False) -> Any:
+    """Unpickle ``data`` with :class:`SafeUnpickler` (``dataframes``: pandas DataFrames allowed too); a corrupt
+    pickle raises :class:`CsptInputError`."""
     try:
-        return SafeUnpickler(io.BytesIO(data), source, len(data)).load()
+        return SafeUnpickler(io.BytesIO(data), source, len(data), dataframes=dataframes).load()
     except CsptInputError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, UnicodeDecodeError, OverflowError, MemoryError, struct.error, RecursionError) as exc:
+            KeyError, UnicodeDecodeError, OverflowError, MemoryError, struct.error, RecursionError,
+            AssertionError, NotImplementedError) as exc:
         raise CsptInputError(f"is not a readable pickle ({type(exc).__name__}: {exc})", file=source,
                              field="pickle") from exc
 
 
-def safe_load(path: str | os.PathLike[str]) -> Any:
+def safe_load(path: str | os.PathLike[str], *, dataframes: bool = False) -> Any:
     """Read a pickle file with :func:`safe_loads`; a missing file raises :class:`CsptInputError`."""
     path = Path(path)
     if not path.is_file():
         raise CsptInputError("does not exist", file=path, expected="a pickle file")
-    return safe_loads(path.read_bytes(), path)
+    return safe_loads(path.read_bytes(), path, dataframes=dataframes)

@@ -141,8 +141,10 @@ def tracks_with_metadata(par: Parameters, meta_path: Path, metadata: Mapping[str
     """``par`` as a TrackSet with the image shape and (when stored) tilt table of ``{name}.pkl`` (``meta_path``,
     read as ``metadata``); dose per tilt ``scope_dose_rate`` when the metadata has no tilt table."""
     ny, nx, _ = metadata_shape(metadata)
-    tilts = read_metadata_tilts(meta_path) if "tlt" in metadata else None
-    return par.to_trackset((ny, nx), tilts=tilts, dose_per_tilt=params["scope_dose_rate"])
+    dose = params["scope_dose_rate"]
+    has_tilts = "tlt" in metadata or "cspt2d_tilts" in metadata
+    tilts = read_metadata_tilts(meta_path, dose_per_tilt=dose) if has_tilts else None
+    return par.to_trackset((ny, nx), tilts=tilts, dose_per_tilt=dose)
 
 
 # ==================================================================================================== series
