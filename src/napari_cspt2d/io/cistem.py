@@ -47,6 +47,9 @@ Meaning of the columns written from a :class:`TrackSet` (see :func:`tables_from_
   absolute coordinates there; with csp_no_3d_points they are 0 and unused.
 * ``IMAGE_IS_ACTIVE`` = 0 (pyp uses it as the film index; cisTEM keeps every line with a value >= 0),
   ``SIGMA`` = 1, ``LOGP`` = 0, everything else pyp writes is 0.
+* ``TSHIFT_X/Y`` (Å) = per-tilt image shift refined by ``csp_refine_micrographs``
+  (:mod:`napari_cspt2d.recon.constrained`), with ``X_SHIFT``'s sign and pixel; informational for the projections,
+  whose shifts already include it (read back with :func:`tilt_shifts_px`).
 * ``TILTAXIS`` = the model's ``axis_deg`` (counter-clockwise from the image y axis). pyp writes ``-axis`` of its
   IMOD-derived angle there; its public source does not pin the sign, so it is stored as the model holds it.
 """
@@ -74,7 +77,7 @@ __all__ = [
     "COLUMNS", "MAIN_LAYOUT", "PARTICLE_LAYOUT", "TILT_LAYOUT", "PARTICLES_BLOCK", "TILTS_BLOCK", "DATA_COLUMNS",
     "PAIR_MAGIC", "CistemTable", "column_code", "column_name", "read_cistem", "write_cistem", "read_extended",
     "write_extended", "read_pair", "write_pair", "extended_path",
-    "tables_from_tracks", "tracks_from_tables", "check_tables", "projection_data",
+    "tables_from_tracks", "tracks_from_tables", "tilt_shifts_px", "check_tables", "projection_data",
 ]
 
 # ------------------------------------------------------------------------------------------------ codes and layouts
@@ -467,14 +470,20 @@ def extended_path(path: str | os.PathLike[str]) -> Path:
 
 # ------------------------------------------------------------------------------------------------ TrackSet mapping
 def tables_from_tracks(
-    tracks: TrackSet, *, pixel_A: float, voltage_kV: float, cs_mm: float, amp_contrast: float
+    tracks: TrackSet, *, pixel_A: float, voltage_kV: float, cs_mm: float, amp_contrast: float,
+    tilt_shift_px: ArrayLike | None = None,
 ) -> tuple[CistemTable, CistemTable, CistemTable]:
     """The ``(main, particles, tilts)`` tables pyp expects for ``tracks`` (column meanings: module docstring).
 
-    ``pixel_A`` is the tilt-stack pixel (Å), ``voltage_kV``/``cs_mm``/``amp_contrast`` the microscope."""
+    ``pixel_A`` is the tilt-stack pixel (Å), ``voltage_kV``/``cs_mm``/``amp_contrast`` the microscope,
+    ``tilt_shift_px`` (T, 2) the refined per-tilt image shifts (``TSHIFT_X/Y``; default 0)."""
     if not (np.isfinite(pixel_A) and pixel_A > 0):
         raise CsptInputError(f"is {pixel_A}", field="pixel_A", expected="a pixel size > 0 Å")
     t = tracks.tilts
+    tshift = np.zeros((len(t), 2)) if tilt_shift_px is None else np.asarray(tilt_shift_px, dtype=np.float64)
+    if tshift.shape != (len(t), 2) or not np.all(np.isfinite(tshift)):
+        raise CsptInputError(f"has shape {tshift.shape}", field="tilt_shift_px",
+                             expected=f"finite (x, y) shifts of the {len(t)} tilts")
     if np.unique(t.order).size != t.order.size or (t.order.size and t.order.min() < 0):
         raise CsptInputError("has repeated or negative values", field="tilts.order",
                              expected="a distinct acquisition index >= 0 per tilt (written as TIND)")
@@ -504,8 +513,25 @@ def tables_from_tracks(
         "ORIGINAL_X_POSITION_3D": p.xyz_px[:, 0], "ORIGINAL_Y_POSITION_3D": p.xyz_px[:, 1],
         "ORIGINAL_Z_POSITION_3D": p.xyz_px[:, 2], "PSCORE": mean(tracks.score), "POCC": mean(tracks.occupancy),
     }, len(p))
-    tilts = _table_for_layout(TILT_LAYOUT, {"TIND": t.order, "TILTANG": t.angle_deg, "TILTAXIS": t.axis_deg}, len(t))
+    tilts = _table_for_layout(TILT_LAYOUT, {"TIND": t.order, "TILTANG": t.angle_deg, "TILTAXIS": t.axis_deg,
+                                            "TSHIFT_X": tshift[:, 0] * pixel_A, "TSHIFT_Y": tshift[:, 1] * pixel_A},
+                              len(t))
     return main, particles, tilts
+
+
+def tilt_shifts_px(tilts: CistemTable, order: ArrayLike, pixel_A: float) -> NDArray[np.float64]:
+    """Per-tilt image shifts (T, 2, tilt-stack px) of the tilts with acquisition indices ``order`` (T,), from the
+    tilts block's ``TSHIFT_X/Y`` (Å; the first region of each ``TIND``; 0 when the columns are absent)."""
+    order = np.asarray(order, dtype=np.int64).reshape(-1)
+    tind = tilts["TIND"].astype(np.int64) if "TIND" in tilts else np.zeros(0, np.int64)
+    rind = tilts["RIND"] if "RIND" in tilts else np.zeros(len(tilts), np.int64)
+    by = np.lexsort((rind, tind))
+    first = by[np.r_[True, tind[by][1:] != tind[by][:-1]]] if by.size else by
+    rows = np.searchsorted(tind[first], order)
+    if np.any(rows >= first.size) or np.any(tind[first][np.minimum(rows, first.size - 1)] != order):
+        raise CsptInputError("lacks some tilts", field="tilts.TIND", expected=f"every TIND of {order.tolist()[:8]}")
+    rows = first[rows]
+    return np.column_stack([tilts.get("TSHIFT_X", 0.0)[rows], tilts.get("TSHIFT_Y", 0.0)[rows]]) / pixel_A
 
 
 def _pair_keys(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -137,6 +137,48 @@ _SPECS = [
     ParamSpec("csp_UseImagesForRefinementMax", int, 20, "refinement", "Last exposure for refinement",
               "Last exposure used in refinement (acquisition index, -1 = up to the last one; degrees when Min is "
               "negative)."),
+    # constrained refinement (pyp's tab "csp"; meanings and rules in recon.constrained)
+    ParamSpec("csp_refine_micrographs", bool, False, "refinement", "Refine tilt geometry",
+              "Refine each tilt image's tilt angle, tilt-axis angle and shift, shared by all particles of the tilt "
+              "series (constrained mode; off = free per-projection shifts)."),
+    ParamSpec("csp_ToleranceMicrographTiltAngles", float, 1.5, "refinement", "Tilt-angle range",
+              "How far a tilt angle may move from its starting value (csp_refine_micrographs).", unit="°",
+              minimum=0, maximum=90),
+    ParamSpec("csp_ToleranceMicrographTiltAxisAngles", float, 1.0, "refinement", "Tilt-axis angle range",
+              "How far a tilt-axis angle may move from its starting value (csp_refine_micrographs).", unit="°",
+              minimum=0, maximum=180),
+    ParamSpec("csp_ToleranceMicrographShifts", float, 100.0, "refinement", "Tilt shift range",
+              "How far each tilt image may shift (each of x, y) from its starting position "
+              "(csp_refine_micrographs).", unit="Å", minimum=0),
+    ParamSpec("csp_refine_particles", bool, False, "refinement", "Refine particle alignments",
+              "Refine each particle's 3D position (fitted from its track) and orientation, seen through the tilt "
+              "geometry in every tilt (constrained mode)."),
+    ParamSpec("csp_ToleranceParticlesPhi", float, 30.0, "refinement", "Particle Phi range",
+              "Orientation change allowed in constrained refinement; the search bounds the rotation by the largest "
+              "of the Phi, Psi and Theta ranges.", unit="°", minimum=0, maximum=180),
+    ParamSpec("csp_ToleranceParticlesPsi", float, 30.0, "refinement", "Particle Psi range",
+              "See Particle Phi range.", unit="°", minimum=0, maximum=180),
+    ParamSpec("csp_ToleranceParticlesTheta", float, 30.0, "refinement", "Particle Theta range",
+              "See Particle Phi range.", unit="°", minimum=0, maximum=180),
+    ParamSpec("csp_ToleranceParticlesShifts", float, 20.0, "refinement", "Particle translation range",
+              "How far a particle's 3D position may move (each of x, y, z) from the one fitted from its track "
+              "(csp_refine_particles).", unit="Å", minimum=0),
+    ParamSpec("csp_transreg", bool, False, "refinement", "Regularize translations",
+              "Pull per-projection shifts towards the constrained prediction: residuals are averaged over nearby "
+              "particles (csp_spatial_sigma) and smoothed along the exposures (csp_time_sigma), as pyp does."),
+    ParamSpec("csp_spatial_sigma", float, 500.0, "refinement", "Spatial sigma",
+              "Distance scale of the neighbour weights exp(-d / sigma) of csp_transreg; 0 = no spatial averaging.",
+              unit="px", minimum=0),
+    ParamSpec("csp_time_sigma", int, 21, "refinement", "Time sigma",
+              "Window (number of exposures, in acquisition order) of csp_transreg's smoothing; 0 = none.",
+              minimum=0, maximum=1000),
+    ParamSpec("fitted_heights_ctf", bool, True, "refinement", "Heights from tracks for the CTF",
+              "When the tracks carry no 3D points, fit each particle's 3D point from its track and give every "
+              "projection the defocus of its height (tilt defocus minus height), where the fit is trustworthy "
+              "(height uncertainty below fitted_heights_max_error_A).", pyp=False),
+    ParamSpec("fitted_heights_max_error_A", float, 100.0, "refinement", "Height uncertainty limit",
+              "A fitted height is used for the CTF only when its 1-sigma uncertainty is at most this.", unit="Å",
+              minimum=0, min_exclusive=True, pyp=False),
     # ---------------------------------------------------------------- reconstruction
     ParamSpec("particle_sym", str, "C1", "reconstruction", "Symmetry",
               "Point-group symmetry applied during reconstruction, with RELION's axes: Cn (n-fold axis along z), "

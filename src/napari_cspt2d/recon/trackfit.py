@@ -24,6 +24,10 @@ reference tilt is also held at its starting value (the remaining translation amb
 three particles keep their starting parameters. A particle seen at fewer than two distinct tilt angles has no defined
 height; it gets ``Z = 0`` in the reference frame's plane (a small ridge) and ``determined = False``.
 
+Bounded refinement (``limits=``, :class:`GeometryLimits`): every refined per-tilt parameter stays within a tolerance
+of a centre geometry (tilt angle, tilt-axis angle, each shift component); the bounded problem is solved by the same
+trust-region solver.
+
 Robust weighting: iteratively reweighted least squares on the residual *lengths* ``|r|``. The scale is
 ``sigma = median|r| / sqrt(2 ln 2)`` (the per-component standard deviation for Gaussian noise) unless ``scale_px`` is
 given; Huber weights ``min(1, k/|r|)`` with ``k = 2 sigma``, Tukey biweights ``(1 - (|r|/c)^2)^2`` with
@@ -68,6 +72,7 @@ from . import ctf
 __all__ = [
     "REFINABLE",
     "TiltGeometry",
+    "GeometryLimits",
     "TrackFit",
     "solve_points",
     "estimate_axis_deg",
@@ -114,6 +119,24 @@ class TiltGeometry:
         """Per-observation 2x3 matrices ``m R_z(axis) R_y(angle)`` restricted to x, y: shape (N, 2, 3)."""
         t = tilt_rows
         return self.mag[t][:, None, None] * geometry.tilt_matrices(self.angle_deg[t], self.axis_deg[t])[:, :2, :]
+
+
+@dataclass(frozen=True, eq=False)
+class GeometryLimits:
+    """Bounds of a refinement: each refined tilt's angle, axis and shift components stay within ``angle_deg``,
+    ``axis_deg`` and ``shift_px`` of ``centre``'s (a :class:`TiltGeometry` of the same tilts); ``inf`` leaves a
+    parameter unbounded."""
+
+    centre: TiltGeometry
+    angle_deg: float = np.inf
+    axis_deg: float = np.inf
+    shift_px: float = np.inf
+
+    def __post_init__(self) -> None:
+        for name in ("angle_deg", "axis_deg", "shift_px"):
+            value = float(getattr(self, name))
+            if not value >= 0:
+                raise CsptInputError(f"is {value}", field=f"limits.{name}", expected=">= 0 (inf = unbounded)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -332,13 +355,39 @@ class _Problem:
             (np.concatenate(parts_v), (np.concatenate(parts_r), np.concatenate(parts_c))), shape=shape
         )
 
-    def solve(self, xyz0: NDArray, weight: NDArray, max_nfev: int) -> tuple[NDArray, TiltGeometry]:
+    def bounds(self, limits: GeometryLimits | None) -> tuple[NDArray, NDArray]:
+        """Lower and upper bounds of the parameter vector (increments from ``start``) under ``limits``."""
+        lay = self.layout()
+        size = max(s.stop for s in lay.values())
+        lo, hi = np.full(size, -np.inf), np.full(size, np.inf)
+        if limits is None:
+            return lo, hi
+        c, g = limits.centre, self.start
+
+        def put(key: str, rows: NDArray, centre: NDArray, start: NDArray, tol: float, scale: float) -> None:
+            if key in lay and np.isfinite(tol):
+                lo[lay[key]] = ((centre[rows] - tol - start[rows]) * scale).reshape(-1)
+                hi[lay[key]] = ((centre[rows] + tol - start[rows]) * scale).reshape(-1)
+
+        put("rotation", self.free_tilts, c.axis_deg, g.axis_deg, limits.axis_deg, np.pi / 180)
+        put("shift", self.non_ref, c.shift_px, g.shift_px, limits.shift_px, 1.0)
+        put("tilt", self.non_ref, c.angle_deg, g.angle_deg, limits.angle_deg, np.pi / 180)
+        if "axis" in lay and np.isfinite(limits.axis_deg):
+            gap = c.axis_deg[self.free_tilts] - g.axis_deg[self.free_tilts]
+            lo[lay["axis"]] = np.deg2rad(np.max(gap) - limits.axis_deg)
+            hi[lay["axis"]] = np.deg2rad(np.min(gap) + limits.axis_deg)
+        return lo, np.maximum(hi, lo + 1e-12)  # the solver needs lo < hi
+
+    def solve(self, xyz0: NDArray, weight: NDArray, max_nfev: int,
+              limits: GeometryLimits | None = None) -> tuple[NDArray, TiltGeometry]:
         lay = self.layout()
         x0 = np.zeros(max(s.stop for s in lay.values()))
         x0[lay["xyz"]] = xyz0.reshape(-1)
+        lo, hi = self.bounds(limits)
         result = scipy.optimize.least_squares(
-            self.residuals, x0, jac=self.jacobian, args=(np.sqrt(weight),), method="trf", x_scale="jac",
-            tr_solver="lsmr", max_nfev=max_nfev, xtol=1e-10, ftol=1e-10, gtol=1e-10,
+            self.residuals, np.clip(x0, lo, hi), jac=self.jacobian, args=(np.sqrt(weight),), method="trf",
+            x_scale="jac", tr_solver="lsmr", max_nfev=max_nfev, xtol=1e-10, ftol=1e-10, gtol=1e-10,
+            bounds=(lo, hi),
         )
         return self.unpack(result.x)
 
@@ -410,6 +459,8 @@ def fit_tracks(
     axis_search: bool = False,
     max_reweight: int = 8,
     max_nfev: int = 200,
+    start: TiltGeometry | None = None,
+    limits: GeometryLimits | None = None,
 ) -> TrackFit:
     """Fit every particle's 3D point (and, with ``refine``, the tilt geometry) to its 2D track.
 
@@ -417,7 +468,10 @@ def fit_tracks(
     ``robust`` the weighting (``"none"``, ``"huber"``, ``"tukey"``), ``scale_px`` a fixed robust scale (px; default:
     estimated from the residuals), ``use`` a boolean mask or row indices of the projections that enter the fit (the
     others still get residuals, with weight 0). ``axis_search`` first replaces every tilt's axis by
-    :func:`estimate_axis_deg` (for tracks whose axis is unknown). Returns a :class:`TrackFit`."""
+    :func:`estimate_axis_deg` (for tracks whose axis is unknown). ``start`` is the geometry to start from (default:
+    the TrackSet's angles and axes, no shift, unit magnification; without ``refine`` it is the geometry the points
+    are fitted through), ``limits`` bounds the refined parameters (:class:`GeometryLimits`). Returns a
+    :class:`TrackFit`."""
     if robust not in ("none", "huber", "tukey"):
         raise CsptInputError(f"is {robust!r}", field="robust", expected="'none', 'huber' or 'tukey'")
     if scale_px is not None and not (np.isfinite(scale_px) and scale_px > 0):
@@ -429,7 +483,7 @@ def fit_tracks(
     obs = tracks.positions_px()
     prow, trow = tracks.particle_rows(), tracks.tilt_rows()
     n_p, n_t = tracks.n_particles, tracks.n_tilts
-    geo = TiltGeometry.from_tracks(tracks)
+    geo = TiltGeometry.from_tracks(tracks) if start is None else start
     if axis_search:
         geo = replace(geo, axis_deg=np.full(n_t, estimate_axis_deg(tracks, use=used)))
     seen_tilts = np.bincount(trow[used], minlength=n_t) > 0
@@ -445,7 +499,7 @@ def fit_tracks(
         problem = _make_problem(obs, prow, trow, g, ref, chosen, det, weight, xyz_start)
         if problem is not None:
             sel = det[prow] & (weight > 0)
-            xyz_det, g = problem.solve(xyz_start[det], weight[sel], max_nfev)
+            xyz_det, g = problem.solve(xyz_start[det], weight[sel], max_nfev, limits)
             xyz_start = xyz_start.copy()
             xyz_start[det] = xyz_det
         return (g, *solve(xyz_start, g))

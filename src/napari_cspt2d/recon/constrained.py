@@ -1,0 +1,337 @@
+"""pyp's constrained (CSP) refinement modes in 2D-track mode: projections follow one model per tilt series.
+
+In constrained single-particle tomography a particle's position in each tilt is not free: it is the projection of
+the particle's 3D point through the tilt's geometry (:mod:`napari_cspt2d.recon.geometry`, the model of
+:mod:`napari_cspt2d.recon.trackfit`)::
+
+    predicted = centre + s_t + R_z(axis_t) R_y(angle_t) X_p        (x, y; unbinned px)
+
+with per-tilt parameters (tilt angle, tilt-axis angle, image shift ``s_t``) shared by every particle of the tilt
+series, and per-particle 3D points ``X_p``. Per-projection shifts are residuals on top of that prediction.
+
+What a round does (all pure functions of arrays; the pipeline gathers and scatters)
+-------------------------------------------------------------------------------------
+1. *Measure* (in the bundle jobs, particle by particle): every projection's position is refined against the map as
+   in the free mode (:func:`napari_cspt2d.recon.refine.refine_tracks`: the peak of its band-limited correlation);
+   the refined TrackSet is the measurement.
+2. *Solve* (in the main process, once all bundles are gathered, so it is the same on dask's LocalCluster and on
+   SLURM: a job returns its measurements, never a partial solution): :func:`solve_constrained` fits the particles'
+   points and the tilt geometry to every measurement at once — a robust (Huber) least-squares fit,
+   :func:`napari_cspt2d.recon.trackfit.fit_tracks`, with the tilt tolerances below as bounds — then ties each
+   point to its track (the particle tolerance below). The measurements of
+   projections outside the refinement tilt range or dropped by the score cutoff get weight 0.
+3. *Place* (:func:`place_projections`): each projection's final position is the prediction plus its residual
+   (measured − predicted) as the per-projection rule below says; the next round's jobs receive these positions, the
+   solved per-tilt geometry and the particles' points in their TrackSet.
+
+pyp's keys and the rules followed (nextpyp/pyp: spec ``config/pyp_config.toml`` tab ``csp``; modes mapped in
+``src/pyp/align/core.py``; regularisation in ``src/pyp/analysis/fit.py`` ``regularize_image``)
+--------------------------------------------------------------------------------------------------------------------
+``csp_refine_micrographs`` (spec: "Optimize tilt-axis orientation and position for each tilt-image"; core.py maps
+it to CSP mode 3, micrograph shifts, and mode 0 lists tilt and axis angles)
+    Per tilt: tilt angle, tilt-axis angle and image shift are refined, within ``csp_ToleranceMicrographTiltAngles``
+    (°), ``csp_ToleranceMicrographTiltAxisAngles`` (°) and ``csp_ToleranceMicrographShifts`` (Å, each shift
+    component) of the values at the start of the round (pyp's tolerances bound each refinement run, so a run of
+    several iterations can go further). The reference tilt (smallest |angle|) keeps its tilt angle and
+    shift (with free particle points they fix the model's translation and tilt offset, which no measurement can
+    tell, see :mod:`~napari_cspt2d.recon.trackfit`); its axis is refined.
+``csp_refine_particles`` (spec: "Optimize sub-tomogram orientations and translations in 3D"; core.py: mode 2)
+    Per particle: the 3D point fitted to the measurements may lie at most ``csp_ToleranceParticlesShifts`` (Å, each
+    coordinate) from the particle's *anchor*, the point its own track (the picks) gives through the solved tilt
+    geometry — in 2D-track mode the track is what pyp's 3D coordinates are; the orientation is refined by the
+    local search of :func:`~napari_cspt2d.recon.refine.refine_tracks`, at most ``max(csp_ToleranceParticlesPhi,
+    Psi, Theta)`` degrees from where it started (:attr:`CspModes.angle_range_deg`: the search bounds the rotation
+    angle, not each Euler angle). When off, the point is the anchor: pyp's micrograph refinement with the
+    particles at their 3D positions.
+``csp_frame_refinement`` (core.py: mode 5 → per-frame shifts; the seed requires it on)
+    A projection is pyp's "frame" here (one exposure of a particle): per-projection shifts are refined. With it
+    off, projections sit exactly at the prediction.
+``csp_transreg`` with ``csp_spatial_sigma`` (unbinned px) and ``csp_time_sigma`` (frames; here projections in
+acquisition order, ``TIND``) (fit.py ``regularize_image``)
+    The per-projection residuals are regularised as pyp regularises frame shifts: first averaged over the
+    particles of the same tilt with weights ``exp(-d / sigma)`` (``d`` = distance between the particles' 3D points,
+    normalised to sum 1; ``sigma`` grows by 1.25× until at least 5 particles lie within ``2 sigma``; 0 = off), then
+    smoothed along the particle's projections in acquisition order by pyp's "AB" rule (median of 3, then a
+    normalised Bartlett window of ``csp_time_sigma`` points, edges repeated; 0 = off). Residuals are thereby pulled
+    towards the constrained prediction. (pyp's default ``csp_transreg_method`` is a spline fit; its AB option is the
+    one followed here.) Without ``csp_transreg`` the residuals are kept whole: each projection sits at its
+    measured position.
+
+"Free" mode (the seed's settings: ``csp_frame_refinement`` on, the other switches off, pyp's defaults): no model —
+each projection keeps its own measured shift and every particle its refined orientation, which is what pyp's
+per-frame refinement without regularisation does. Any of ``csp_refine_micrographs``, ``csp_refine_particles`` or
+``csp_transreg`` turns the model on (:attr:`CspModes.constrained`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import scipy.ndimage
+import scipy.spatial
+from numpy.typing import ArrayLike, NDArray
+
+from ..errors import CsptInputError
+from ..model.tracks import TrackSet
+from .trackfit import GeometryLimits, TiltGeometry, fit_tracks
+
+__all__ = ["CspModes", "CspState", "ConstrainedFit", "start_constrained", "constrained_round", "solve_constrained",
+           "regularize_residuals", "place_projections"]
+
+_MIN_NEIGHBOURS = 5  # pyp: "At a minimum, average this number of particles"
+_SIGMA_GROWTH = 1.25  # pyp's step when too few particles are within 2 sigma
+_CHUNK = 1024  # rows of the spatial weights computed at once (bounds memory)
+
+
+@dataclass(frozen=True)
+class CspModes:
+    """The CSP switches and tolerances (module docstring), kernel arguments built once from the parameters.
+
+    Tolerances: ``tilt_angle_deg``, ``tilt_axis_deg``, ``tilt_shift_A`` (per tilt), ``particle_shift_A`` and
+    ``particle_phi/psi/theta_deg`` (per particle); ``spatial_sigma_px`` (unbinned px) and ``time_sigma``
+    (projections) regularise the residuals when ``transreg``."""
+
+    refine_micrographs: bool = False
+    refine_particles: bool = False
+    frame_refinement: bool = True
+    transreg: bool = False
+    spatial_sigma_px: float = 500.0
+    time_sigma: int = 21
+    tilt_angle_deg: float = 1.5
+    tilt_axis_deg: float = 1.0
+    tilt_shift_A: float = 100.0
+    particle_shift_A: float = 20.0
+    particle_phi_deg: float = 30.0
+    particle_psi_deg: float = 30.0
+    particle_theta_deg: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("spatial_sigma_px", "tilt_angle_deg", "tilt_axis_deg", "tilt_shift_A", "particle_shift_A",
+                     "particle_phi_deg", "particle_psi_deg", "particle_theta_deg"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise CsptInputError(f"is {value!r}", field=name, expected="a finite number >= 0")
+        if isinstance(self.time_sigma, bool) or not isinstance(self.time_sigma, int) or self.time_sigma < 0:
+            raise CsptInputError(f"is {self.time_sigma!r}", field="csp_time_sigma", expected="an integer >= 0")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> CspModes:
+        """From pyp's ``csp_*`` keys (missing keys: pyp's defaults, except ``csp_frame_refinement``: on)."""
+        defaults = cls()
+        get = lambda key, default: params.get(key, default)  # noqa: E731
+        return cls(
+            refine_micrographs=bool(get("csp_refine_micrographs", False)),
+            refine_particles=bool(get("csp_refine_particles", False)),
+            frame_refinement=bool(get("csp_frame_refinement", True)),
+            transreg=bool(get("csp_transreg", False)),
+            spatial_sigma_px=float(get("csp_spatial_sigma", defaults.spatial_sigma_px)),
+            time_sigma=int(get("csp_time_sigma", defaults.time_sigma)),
+            tilt_angle_deg=float(get("csp_ToleranceMicrographTiltAngles", defaults.tilt_angle_deg)),
+            tilt_axis_deg=float(get("csp_ToleranceMicrographTiltAxisAngles", defaults.tilt_axis_deg)),
+            tilt_shift_A=float(get("csp_ToleranceMicrographShifts", defaults.tilt_shift_A)),
+            particle_shift_A=float(get("csp_ToleranceParticlesShifts", defaults.particle_shift_A)),
+            particle_phi_deg=float(get("csp_ToleranceParticlesPhi", defaults.particle_phi_deg)),
+            particle_psi_deg=float(get("csp_ToleranceParticlesPsi", defaults.particle_psi_deg)),
+            particle_theta_deg=float(get("csp_ToleranceParticlesTheta", defaults.particle_theta_deg)),
+        )
+
+    @property
+    def constrained(self) -> bool:
+        """True when projections follow the model (any of micrographs, particles, transreg)."""
+        return self.refine_micrographs or self.refine_particles or self.transreg
+
+    @property
+    def angle_range_deg(self) -> float:
+        """Largest orientation change of a particle's local search (the largest of the three tolerances)."""
+        return max(self.particle_phi_deg, self.particle_psi_deg, self.particle_theta_deg)
+
+    def limits(self, centre: TiltGeometry, pixel_A: float) -> GeometryLimits:
+        """The per-tilt tolerances as bounds around ``centre``; Å → px with ``pixel_A`` (the tilt-stack pixel)."""
+        return GeometryLimits(centre, angle_deg=self.tilt_angle_deg, axis_deg=self.tilt_axis_deg,
+                              shift_px=self.tilt_shift_A / pixel_A)
+
+
+@dataclass(frozen=True, eq=False)
+class CspState:
+    """What a constrained run carries from round to round for one tilt series (particles ``particle_id``): the
+    current per-tilt ``geometry`` (its angles and axes are the TrackSet's tilt table, its shifts are already in the
+    projections' shifts; they go to ``TSHIFT_X/Y``). The particles' points travel in the TrackSet."""
+
+    particle_id: NDArray[np.int64]
+    geometry: TiltGeometry
+
+
+@dataclass(frozen=True, eq=False)
+class ConstrainedFit:
+    """Result of :func:`solve_constrained`, rows as in the measured TrackSet: ``geometry`` (per tilt), ``xyz_px``
+    (P, 3), ``predicted_px`` and ``measured_px`` (N, 2, absolute unbinned px), ``weight`` (N,) robust weight of
+    each measurement (0 = not used), ``rms_px`` the weighted RMS length of measured − predicted."""
+
+    geometry: TiltGeometry
+    xyz_px: NDArray[np.float64]
+    predicted_px: NDArray[np.float64]
+    measured_px: NDArray[np.float64]
+    weight: NDArray[np.float64]
+    rms_px: float
+
+    @property
+    def residual_px(self) -> NDArray[np.float64]:
+        """Measured − predicted (N, 2)."""
+        return self.measured_px - self.predicted_px
+
+
+def start_constrained(picks: TrackSet) -> tuple[TrackSet, CspState]:
+    """The first round's TrackSet and state from the picks (with ``image_shape_yx``): tracks without 3D points
+    (the seed's zero-filled coordinates) get each particle's point fitted from its track through the tilt geometry
+    (:func:`~napari_cspt2d.recon.trackfit.fit_tracks`, robust); every projection keeps its position. The state's
+    geometry is the picks' (no tilt shifts); a resumed run replaces it by its last file's (tilt table and
+    ``TSHIFT_X/Y``)."""
+    tracks = picks
+    if not np.any(picks.particles.xyz_px != 0):
+        tracks = picks.with_particle_xyz(fit_tracks(picks).xyz_px, keep_positions=True)
+    geo = TiltGeometry.from_tracks(tracks)
+    return tracks, CspState(tracks.particles.id.copy(), geo)
+
+
+def constrained_round(measured: TrackSet, state: CspState, modes: CspModes, *, pixel_A: float,
+                      picks_px: ArrayLike | None = None, use: ArrayLike | None = None
+                      ) -> tuple[TrackSet, CspState, ConstrainedFit]:
+    """Solve and place (module docstring, steps 2 and 3) for the measured TrackSet of one tilt series (the
+    round's refined projections, with the tilt table and points of the previous round); ``picks_px`` (N, 2) and
+    ``use`` as in :func:`solve_constrained`. Returns the placed TrackSet, the next state and the fit."""
+    if not np.array_equal(measured.particles.id, state.particle_id):
+        raise CsptInputError("has other particles than the run started with", field="measured.particles",
+                             expected="the particles of the constrained run's state")
+    start = replace(state.geometry, angle_deg=measured.tilts.angle_deg.copy(), axis_deg=measured.tilts.axis_deg.copy())
+    fit = solve_constrained(measured, modes, pixel_A=pixel_A, start=start, picks_px=picks_px, use=use)
+    return place_projections(measured, fit, modes), replace(state, geometry=fit.geometry), fit
+
+
+def solve_constrained(measured: TrackSet, modes: CspModes, *, pixel_A: float, start: TiltGeometry,
+                      picks_px: ArrayLike | None = None, use: ArrayLike | None = None) -> ConstrainedFit:
+    """Fit the per-tilt geometry (``csp_refine_micrographs``, within the tolerances around ``start``) and the
+    particles' points to the measured positions of ``measured`` (a TrackSet with ``image_shape_yx``; its particles'
+    ``xyz_px`` are the current points, in ``start``'s frame): one robust least-squares fit of both.
+
+    The points are then tied to the tracks: each particle's *anchor* is the point its picks ``picks_px`` (N, 2,
+    absolute unbinned px, e.g. the user's tracks) give through the solved geometry (a robust fit of the picks;
+    without picks: its current point). With ``csp_refine_particles`` the fitted point may lie at most
+    ``csp_ToleranceParticlesShifts`` (each coordinate) from its anchor; without, the point is the anchor.
+    ``use`` (N,) bool: measurements that count (default all); ``pixel_A`` is the tilt-stack pixel."""
+    if not (math.isfinite(pixel_A) and pixel_A > 0):
+        raise CsptInputError(f"is {pixel_A!r}", field="pixel_A", expected="> 0 Å")
+    obs = measured.positions_px()
+    fit = fit_tracks(measured, refine=("rotation", "shift", "tilt") if modes.refine_micrographs else (),
+                     robust="huber", use=use, start=start, limits=modes.limits(start, pixel_A))
+    anchor = measured.particles.xyz_px
+    if picks_px is not None:
+        picks = np.asarray(picks_px, dtype=np.float64)
+        if picks.shape != obs.shape:
+            raise CsptInputError(f"has shape {picks.shape}", field="picks_px", expected=f"{obs.shape} positions")
+        tracked = measured.with_positions(np.arange(len(measured)), picks)
+        anchor = fit_tracks(tracked, robust="huber", start=fit.geometry).xyz_px
+    tolerance = modes.particle_shift_A / pixel_A
+    xyz = np.clip(fit.xyz_px, anchor - tolerance, anchor + tolerance) if modes.refine_particles else anchor
+    predicted = fit.geometry.predict_px(xyz[measured.particle_rows()], measured.tilt_rows())
+    length2 = np.sum((obs - predicted) ** 2, axis=1)
+    used = fit.weight > 0
+    rms = float(np.sqrt(np.average(length2[used], weights=fit.weight[used]))) if used.any() else math.nan
+    return ConstrainedFit(fit.geometry, np.array(xyz), predicted, obs, fit.weight, rms)
+
+
+def regularize_residuals(residual_px: ArrayLike, particle_rows: ArrayLike, tilt_rows: ArrayLike, order: ArrayLike,
+                         xyz_px: ArrayLike, *, spatial_sigma_px: float, time_sigma: int,
+                         weight: ArrayLike | None = None) -> NDArray[np.float64]:
+    """pyp's ``csp_transreg`` on per-projection residuals (N, 2): spatial average over the particles of the same
+    tilt, then time smoothing along each particle's projections in acquisition ``order`` (N,) (module docstring).
+
+    ``particle_rows``/``tilt_rows`` (N,) index ``xyz_px`` (P, 3, unbinned px) and the tilts; ``weight`` (N,)
+    marks the residuals that may be averaged in (> 0; default all). A residual that is not averaged in still gets
+    its neighbours' average. Returns the regularised residuals (N, 2)."""
+    r = np.asarray(residual_px, dtype=np.float64).reshape(-1, 2)
+    prow = np.asarray(particle_rows, dtype=np.int64).reshape(-1)
+    trow = np.asarray(tilt_rows, dtype=np.int64).reshape(-1)
+    acq = np.asarray(order, dtype=np.float64).reshape(-1)
+    xyz = np.asarray(xyz_px, dtype=np.float64).reshape(-1, 3)
+    ok = np.ones(len(r), bool) if weight is None else np.asarray(weight, dtype=np.float64).reshape(-1) > 0
+    if not (len(prow) == len(trow) == len(acq) == len(ok) == len(r)):
+        raise CsptInputError("have different lengths", field="residual_px/particle_rows/tilt_rows/order",
+                             expected="one value per projection")
+    if not (math.isfinite(spatial_sigma_px) and spatial_sigma_px >= 0):
+        raise CsptInputError(f"is {spatial_sigma_px!r}", field="csp_spatial_sigma", expected=">= 0 px")
+    out = _spatial_average(r, prow, trow, xyz, spatial_sigma_px, ok) if spatial_sigma_px > 0 else r.copy()
+    if time_sigma > 0:
+        out = _time_smooth(out, prow, acq, time_sigma)
+    return out
+
+
+def _spatial_sigmas(xyz: NDArray, sigma: float) -> NDArray[np.float64]:
+    """Each particle's sigma: ``sigma`` grown by 1.25× until 5 particles (itself included) lie within 2 sigma
+    (pyp grows it only when there are more than 5 particles)."""
+    sigmas = np.full(len(xyz), float(sigma))
+    if len(xyz) <= _MIN_NEIGHBOURS:
+        return sigmas
+    kth = scipy.spatial.cKDTree(xyz).query(xyz, k=_MIN_NEIGHBOURS)[0][:, -1]  # 5th nearest, itself first
+    while np.any(grow := kth >= 2.0 * sigmas):
+        sigmas[grow] *= _SIGMA_GROWTH
+    return sigmas
+
+
+def _spatial_average(r: NDArray, prow: NDArray, trow: NDArray, xyz: NDArray, sigma: float, ok: NDArray) -> NDArray:
+    """Weighted mean of the residuals of each tilt's particles, ``exp(-d / sigma_i)``, in row chunks (the weights
+    are long-tailed, so every particle of the tilt counts, as in pyp)."""
+    sigmas = _spatial_sigmas(xyz, sigma)
+    out = r.copy()
+    for t in np.unique(trow):
+        rows = np.flatnonzero(trow == t)
+        donors = rows[ok[rows]]
+        if donors.size == 0:
+            continue
+        for chunk in np.array_split(rows, -(-rows.size // _CHUNK)):
+            d = np.linalg.norm(xyz[prow[chunk]][:, None, :] - xyz[prow[donors]][None, :, :], axis=2)
+            w = np.exp(-d / sigmas[prow[chunk]][:, None])
+            out[chunk] = (w @ r[donors]) / w.sum(axis=1, keepdims=True)
+    return out
+
+
+def _time_smooth(r: NDArray, prow: NDArray, acq: NDArray, time_sigma: int) -> NDArray:
+    """pyp's AB rule per particle: median of 3, then a normalised Bartlett window of ``time_sigma`` points."""
+    window = np.bartlett(time_sigma)
+    window = window / window.sum() if window.sum() > 0 else np.ones(1)
+    out = r.copy()
+    order = np.lexsort((acq, prow))
+    starts = np.flatnonzero(np.r_[True, prow[order][1:] != prow[order][:-1]])
+    for a, b in zip(starts, np.r_[starts[1:], len(order)]):
+        rows = order[a:b]
+        for k in range(2):
+            median = scipy.ndimage.median_filter(r[rows, k], size=3, mode="nearest")
+            out[rows, k] = scipy.ndimage.convolve1d(median, window, mode="nearest")
+    return out
+
+
+def place_projections(tracks: TrackSet, fit: ConstrainedFit, modes: CspModes) -> TrackSet:
+    """``tracks`` (the measured TrackSet of ``fit``) with the model put in: the solved tilt angles and axes in its
+    tilt table, the particles' points, and every projection at prediction + residual by the per-projection rule
+    (module docstring). Per-tilt shifts and residuals end up in the projections' shifts."""
+    if len(tracks) != len(fit.predicted_px):
+        raise CsptInputError(f"has {len(tracks)} projections, the fit {len(fit.predicted_px)}", field="tracks",
+                             expected="the measured TrackSet of the fit")
+    if not modes.frame_refinement:
+        residual = np.zeros_like(fit.predicted_px)
+    elif modes.transreg:
+        residual = regularize_residuals(fit.residual_px, tracks.particle_rows(), tracks.tilt_rows(),
+                                        tracks.tilts.order[tracks.tilt_rows()], fit.xyz_px,
+                                        spatial_sigma_px=modes.spatial_sigma_px, time_sigma=modes.time_sigma,
+                                        weight=fit.weight)
+    else:
+        residual = fit.residual_px
+    geo = fit.geometry
+    moved = tracks.replace(
+        tilts=replace(tracks.tilts, angle_deg=geo.angle_deg.copy(), axis_deg=geo.axis_deg.copy()),
+        particles=replace(tracks.particles, xyz_px=fit.xyz_px.copy()),
+    )
+    return moved.with_positions(np.arange(len(tracks)), fit.predicted_px + residual)
