@@ -11,7 +11,7 @@ from napari_cspt2d.io import cistem
 from napari_cspt2d.io.toml import load_params, save_params
 from napari_cspt2d.model.params import PypParameters
 from napari_cspt2d.model.tracks import TiltTable, TrackSet
-from napari_cspt2d.recon import geometry
+from napari_cspt2d import geometry
 from napari_cspt2d.recon.constrained import CspModes, place_projections, regularize_residuals, solve_constrained
 from napari_cspt2d.recon.heights import fit_heights, has_heights, with_fitted_heights
 from napari_cspt2d.recon.trackfit import TiltGeometry, fit_tracks

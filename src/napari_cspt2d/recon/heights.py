@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 
 from ..errors import CsptInputError
 from ..model.tracks import TrackSet
-from . import geometry
+from .. import geometry
 from .trackfit import TiltGeometry, fit_tracks
 
 __all__ = ["DEFAULT_MAX_ERROR_A", "HeightFit", "fit_heights", "has_heights", "with_fitted_heights"]
