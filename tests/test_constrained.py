@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from napari_cspt2d import geometry
 from napari_cspt2d.errors import CsptInputError
 from napari_cspt2d.io import cistem
 from napari_cspt2d.io.toml import load_params, save_params
 from napari_cspt2d.model.params import PypParameters
 from napari_cspt2d.model.tracks import TiltTable, TrackSet
-from napari_cspt2d import geometry
 from napari_cspt2d.recon.constrained import CspModes, place_projections, regularize_residuals, solve_constrained
 from napari_cspt2d.recon.heights import fit_heights, has_heights, with_fitted_heights
 from napari_cspt2d.recon.trackfit import TiltGeometry, fit_tracks
@@ -158,7 +158,7 @@ def test_constrained_refinement_recovers_particle_offsets(injected):
 
 
 def test_tolerances_bound_the_refinement(injected):
-    series, _, start_xyz, measured, modes, _ = injected
+    _, _, start_xyz, measured, _, _ = injected
     tight = CspModes(refine_micrographs=True, refine_particles=True, tilt_angle_deg=0.25, tilt_axis_deg=0.2,
                      tilt_shift_A=1.0 * PIXEL_A, particle_shift_A=2.0 * PIXEL_A)
     start = TiltGeometry.from_tracks(measured)

@@ -122,7 +122,7 @@ class CspModes:
     def from_params(cls, params: Mapping[str, Any]) -> CspModes:
         """From pyp's ``csp_*`` keys (missing keys: pyp's defaults, except ``csp_frame_refinement``: on)."""
         defaults = cls()
-        get = lambda key, default: params.get(key, default)  # noqa: E731
+        get = params.get
         return cls(
             refine_micrographs=bool(get("csp_refine_micrographs", False)),
             refine_particles=bool(get("csp_refine_particles", False)),
