@@ -158,7 +158,7 @@ def test_constrained_refinement_recovers_particle_offsets(injected):
 
 
 def test_tolerances_bound_the_refinement(injected):
-    _, _, start_xyz, measured, _, _ = injected
+    series, _, start_xyz, measured, _, _ = injected
     tight = CspModes(refine_micrographs=True, refine_particles=True, tilt_angle_deg=0.25, tilt_axis_deg=0.2,
                      tilt_shift_A=1.0 * PIXEL_A, particle_shift_A=2.0 * PIXEL_A)
     start = TiltGeometry.from_tracks(measured)
