@@ -149,10 +149,10 @@ def test_unreachable_scheduler_names_the_key(monkeypatch):
         ({}, {"workers": 1.5}, "workers"),
         ({}, {"tasks": 0}, "tasks"),
         ({}, {"scheduler_address": "host name:1"}, "scheduler_address"),
-        ({"cluster_backend": "slurm", "slurm_cores": 0}, {}, "slurm_cores"),
+        ({"cluster_backend": "slurm", "slurm_tasks": 0}, {}, "slurm_tasks"),
         ({"cluster_backend": "slurm", "slurm_memory": "lots"}, {}, "slurm_memory"),
         ({"cluster_backend": "slurm", "slurm_walltime": "2h"}, {}, "slurm_walltime"),
-        ({"cluster_backend": "slurm", "slurm_partition": "a b"}, {}, "slurm_partition"),
+        ({"cluster_backend": "slurm", "slurm_queue": "a b"}, {}, "slurm_queue"),
         ({"cluster_backend": "slurm", "slurm_bundle_size": 0}, {}, "slurm_bundle_size"),
     ],
 )
@@ -213,8 +213,8 @@ def _wait_for_files(folder: Path, n: int, timeout_s: float = 20.0) -> list[Path]
 def test_slurm_settings_become_sbatch_directives(monkeypatch, tmp_path):
     jobs = _fake_slurm(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    params = {"cluster_backend": "slurm", "data_set": "demo", "slurm_partition": "short", "slurm_account": "lab",
-              "slurm_walltime": "02:00:00", "slurm_cores": 2, "slurm_memory": 6,
+    params = {"cluster_backend": "slurm", "data_set": "demo", "slurm_queue": "short", "slurm_account": "lab",
+              "slurm_walltime": "02:00:00", "slurm_tasks": 2, "slurm_memory": 6,
               "slurm_job_extra": "--gres=gpu:1;--constraint=avx2", "slurm_bundle_size": 3}
     with make_client(params, tasks=5, project_dir=tmp_path / "project"):
         scripts = _wait_for_files(jobs, 5)
@@ -226,7 +226,7 @@ def test_slurm_settings_become_sbatch_directives(monkeypatch, tmp_path):
                      "#SBATCH --gres=gpu:1", "#SBATCH --constraint=avx2"]:
         assert expected in lines
     worker_cmd = next(line for line in lines if "dask_worker" in line)
-    assert "--nworkers 2" in worker_cmd and "--nthreads 1" in worker_cmd  # slurm_cores processes per job
+    assert "--nworkers 2" in worker_cmd and "--nthreads 1" in worker_cmd  # slurm_tasks processes per job
 
 
 def test_fixed_job_count_and_sbatch_refusal(monkeypatch, tmp_path):

@@ -9,8 +9,10 @@ import pytest
 from napari_cspt2d import CsptInputError
 from napari_cspt2d.errors import CsptInputWarning
 from napari_cspt2d.io.toml import load_params, save_params
+from napari_cspt2d.model import params as params_module
 from napari_cspt2d.model.params import (
-    GROUPS, PARAMS, PypParameters, check_cspt_mode, check_name, param_for_iteration, refine_rhref_for,
+    GROUPS, PARAMS, PypParameters, check_cspt_mode, check_name, interpretations, min_projections,
+    param_for_iteration, pyp_key_names, refine_rhref_for,
 )
 
 SEED = {  # the seed's .pyp_config.toml
@@ -70,9 +72,74 @@ def test_unknown_keys_suggest_the_closest_name():
         params["extract_bx"] = 3
     with pytest.raises(KeyError, match="refine_maxiter"):
         params["refine_maxiterr"]
-    with pytest.warns(CsptInputWarning, match="kept as is"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CsptInputWarning)  # another key of pyp's spec is kept silently
         lenient = PypParameters({"tomo_vir_rad": 150.0, "scope_pixel": 2.0}, strict=False)
     assert lenient["tomo_vir_rad"] == 150.0 and lenient.extra == {"tomo_vir_rad": 150.0}
+
+
+@pytest.fixture
+def fresh_notices(monkeypatch):
+    """Forget which notices this process has given (each is said once per process)."""
+    monkeypatch.setattr(params_module, "_SAID", set())
+
+
+@pytest.mark.parametrize("typo, meant", [("extract_bxo", "extract_box"), ("slurm_queu", "slurm_queue"),
+                                         ("csp_RefineProjectionCutof", "csp_RefineProjectionCutoff"),
+                                         ("reconstruct_minscor", "reconstruct_minscore")])
+def test_a_typo_stops_even_when_other_keys_are_allowed(typo, meant, fresh_notices):
+    with pytest.raises(CsptInputError, match=f"did you mean '{meant}'") as err:
+        PypParameters({typo: 64}, strict=False)
+    assert err.value.field == typo
+    with pytest.warns(CsptInputWarning, match="kept as is"):
+        allowed = PypParameters({typo: 64}, strict=False, allow_unknown=True)
+    assert allowed.extra == {typo: 64} and allowed.copy().extra == {typo: 64}
+
+
+def test_keys_far_from_every_known_one_are_kept_with_one_notice(fresh_notices):
+    with pytest.warns(CsptInputWarning, match="neither napari-cspt2d's nor pyp's"):
+        PypParameters({"my_lab_note": "grid 3"}, strict=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CsptInputWarning)
+        assert PypParameters({"my_lab_note": "grid 3"}, strict=False).extra == {"my_lab_note": "grid 3"}
+
+
+def test_pyp_key_list_holds_pyp_names_only():
+    names = pyp_key_names()
+    assert len(names) > 1000 and {"slurm_queue", "slurm_tasks", "csp_RefineProjectionCutoff", "extract_box"} <= names
+    assert "cluster_backend" not in names and "workers" not in names
+    own = {k for k, spec in PARAMS.items() if not spec.pyp}
+    assert own.isdisjoint(names), own & names
+    assert {k for k, spec in PARAMS.items() if spec.pyp} - names == {"csp_no_3d_points"}  # the seed's own mode key
+
+
+@pytest.mark.parametrize("old, new, value", [("slurm_partition", "slurm_queue", "cpu"), ("slurm_cores", "slurm_tasks", 4)])
+def test_old_names_are_read_as_pyps_with_one_notice(old, new, value, tmp_path, fresh_notices):
+    (tmp_path / ".pyp_config.toml").write_text(f"{old} = {value!r}\n".replace("'", '"'))
+    with pytest.warns(CsptInputWarning, match=f"now called '{new}'"):
+        params = load_params(tmp_path, strict=False)
+    assert params[new] == value and old not in params.to_dict() and not params.extra
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CsptInputWarning)
+        assert params[old] == value  # said once
+    save_params(params, tmp_path)
+    assert f"{new} = " in (tmp_path / ".pyp_config.toml").read_text()
+
+
+def test_projection_cutoff_has_pyps_meaning_and_takes_the_seeds_fraction(fresh_notices):
+    assert PypParameters({"csp_RefineProjectionCutoff": 5})["csp_RefineProjectionCutoff"] == 5
+    with pytest.warns(CsptInputWarning, match="taken as a fraction") as said:
+        seed = PypParameters(SEED)
+    assert seed["csp_RefineProjectionCutoff"] == 0.5
+    assert any("tilt angles in degrees" in str(w.message) for w in said)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CsptInputWarning)
+        PypParameters(SEED)  # each meaning is said once
+    for bad in (1.5, -1, "many"):
+        with pytest.raises(CsptInputError, match="fraction between 0 and 1"):
+            PypParameters({"csp_RefineProjectionCutoff": bad})
+    assert [min_projections(c, 41) for c in (0, 0.5, 0.25, 1, 30)] == [0, 21, 11, 1, 30]
+    assert interpretations({"csp_RefineProjectionCutoff": 3, "csp_UseImagesForRefinementMin": 0}) == []
 
 
 @pytest.mark.parametrize("changes, field", [
@@ -152,7 +219,7 @@ def test_toml_round_trip(tmp_path):
 
 def test_toml_keeps_other_pyp_keys_when_lenient(tmp_path):
     path = tmp_path / ".pyp_config.toml"
-    path.write_text('scope_pixel = 2.0\ntomo_vir_rad = 150.0\nslurm_queue = "cpu"\n')
+    path.write_text('scope_pixel = 2.0\ntomo_vir_rad = 150.0\nslurm_merge_queue = "cpu"\n')
     with pytest.raises(CsptInputError, match="tomo_vir_rad") as err:
         load_params(path)
     assert err.value.file == str(path)
@@ -161,7 +228,7 @@ def test_toml_keeps_other_pyp_keys_when_lenient(tmp_path):
         params = load_params(path, strict=False)
     save_params(params, path)
     text = path.read_text()
-    assert 'slurm_queue = "cpu"' in text and "tomo_vir_rad = 150.0" in text
+    assert 'slurm_merge_queue = "cpu"' in text and "tomo_vir_rad = 150.0" in text
 
 
 def test_toml_errors(tmp_path):

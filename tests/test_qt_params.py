@@ -46,7 +46,8 @@ def test_form_is_generated_from_the_params_table(make_napari_viewer):
     kinds = {bool: QCheckBox, int: QSpinBox, float: QLineEdit, str: QLineEdit}
     for name, spec in PARAMS.items():
         editor = widget.fields[name].editor
-        assert isinstance(editor, QComboBox if spec.choices else kinds[spec.type]), name
+        expected = QComboBox if spec.choices else QLineEdit if spec.fraction else kinds[spec.type]
+        assert isinstance(editor, expected), name
         assert spec.help[:30] in editor.toolTip() and name in editor.toolTip()
         if spec.unit:
             assert f"[{spec.unit}]" in editor.toolTip()
@@ -122,16 +123,14 @@ def test_load_and_save_pyp_config_keeps_other_pyp_keys(make_napari_viewer, tmp_p
     viewer, widget = open_params(make_napari_viewer)
     config = tmp_path / ".pyp_config.toml"
     config.write_text('data_set = "tomo1"\nscope_pixel = 1.08\nextract_box = 192\nparticle_rad = 80.0\n'
-                      'refine_rhref = "8:6"\nslurm_queue = "gpu"\n', encoding="utf-8")
-    with pytest.warns(UserWarning, match="slurm_queue"):
-        widget.load(tmp_path)
+                      'refine_rhref = "8:6"\nslurm_queue = "gpu"\ntomo_vir_rad = 150.0\n', encoding="utf-8")
+    widget.load(tmp_path)
     assert widget.fields["scope_pixel"].value() == "1.08" and widget.fields["extract_box"].value() == 192
-    assert widget.fields["refine_rhref"].value() == "8:6"
+    assert widget.fields["refine_rhref"].value() == "8:6" and widget.fields["slurm_queue"].value() == "gpu"
     widget.set_value("extract_bin", 2)
     out = widget.save(tmp_path / "saved.toml")
-    with pytest.warns(UserWarning, match="slurm_queue"):
-        saved = load_params(out, strict=False)
-    assert saved["extract_bin"] == 2 and saved["data_set"] == "tomo1" and saved.extra == {"slurm_queue": "gpu"}
+    saved = load_params(out, strict=False)
+    assert saved["extract_bin"] == 2 and saved["data_set"] == "tomo1" and saved.extra == {"tomo_vir_rad": 150.0}
     with pytest.raises(CsptInputError, match="no file chosen"):
         widget.save()  # no project open
 

@@ -75,7 +75,7 @@ def test_projection_cutoff_rule():
     assert keep.tolist() == [True, True, True, False, True] + [True] * 5
     strict = projection_cutoff_mask(score, particle, 1.5)  # below mean - 1.5 sd of the particle's scores
     assert strict.tolist()[:5] == [True, True, True, False, True]
-    with pytest.raises(CsptInputError, match="csp_RefineProjectionCutoff"):
+    with pytest.raises(CsptInputError, match="refine_projection_score_cutoff"):
         projection_cutoff_mask(score, particle, -1)
 
 
@@ -90,10 +90,14 @@ def test_orientation_grid_covers_rotations():
 def test_options_from_params_follow_iteration_and_particle_radius():
     params = {"refine_rhref": "12:10:8", "refine_rlref": 200.0, "particle_rad": 80.0, "refine_shift_range_A": 0,
               "csp_RefineProjectionCutoff": 0.5, "csp_UseImagesForRefinementMin": -60,
-              "csp_UseImagesForRefinementMax": 60}
+              "csp_UseImagesForRefinementMax": 60, "refine_projection_score_cutoff": 2.0}
     assert [RefineOptions.from_params(params, it).resolution_A for it in (2, 3, 4, 7)] == [12, 10, 8, 8]
     opt = RefineOptions.from_params(params, 2)
-    assert opt.shift_range_A == 20.0 and opt.projection_cutoff == 0.5 and opt.tilts.resolved_unit == "degrees"
+    assert opt.shift_range_A == 20.0 and opt.tilts.resolved_unit == "degrees"
+    assert opt.min_projections == 0.5 and opt.projection_cutoff == 2.0
+    for bad in (1.5, -1):
+        with pytest.raises(CsptInputError, match="csp_RefineProjectionCutoff"):
+            RefineOptions(resolution_A=12.0, min_projections=bad)
     with pytest.raises(CsptInputError, match="refine_rhref"):
         RefineOptions(resolution_A=50, low_resolution_A=40)
 
@@ -211,6 +215,23 @@ def test_tilt_range_and_cutoff_are_applied(small_sample):
     assert (out.tracks.occupancy[~outside] == 0).sum() <= 0.05 * (~outside).sum()
     assert np.isfinite(out.particle_score).all()
     assert parameter_change(out.tracks, out.tracks) == (0.0, 0.0)
+
+
+def test_only_particles_with_enough_projections_are_refined(small_sample):
+    """pyp's csp_RefineProjectionCutoff: a particle with fewer projections than the minimum keeps its parameters."""
+    s = small_sample
+    first = s.tracks.particles.id[0]
+    rows = np.flatnonzero((s.tracks.particle != first) | (s.tracks.tilt < 6))  # particle `first` in 6 of 21 tilts
+    tracks = s.tracks.select(rows)
+    few = tracks.particle == first
+    imaging = Imaging.from_params(s.params)
+    for cutoff, refined_few in ((0.5, False), (7, False), (6, True), (0, True)):  # 0.5 of 21 tilts = 11
+        options = RefineOptions(resolution_A=12.0, refine_angles=False, min_projections=cutoff)
+        out = refine_tracks(s.stack, tracks, s.truth_map, options, imaging)
+        moved = np.any(out.tracks.shift_px != tracks.shift_px, axis=1)
+        assert moved[few].any() == refined_few, cutoff
+        assert moved[~few].mean() > 0.5, cutoff
+        assert np.isnan(out.particle_score[0]) != refined_few
 
 
 def test_gold_standard_refines_each_half_against_its_own_map(small_sample):

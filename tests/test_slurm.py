@@ -45,8 +45,8 @@ def partition() -> str:
 @pytest.fixture()
 def params(partition: str) -> dict:
     """Small jobs (1 core, 1 GB, 10 min) under a job name unique to the test."""
-    return {"cluster_backend": "slurm", "data_set": f"t{uuid.uuid4().hex[:8]}", "slurm_partition": partition,
-            "slurm_memory": 1, "slurm_walltime": "10", "slurm_cores": 1}
+    return {"cluster_backend": "slurm", "data_set": f"t{uuid.uuid4().hex[:8]}", "slurm_queue": partition,
+            "slurm_memory": 1, "slurm_walltime": "10", "slurm_tasks": 1}
 
 
 def _queued(job_name: str) -> list[str]:
@@ -97,10 +97,10 @@ def test_one_job_per_bundle(params, tmp_path, n_items, bundle_size, expected_job
         assert sorted(completed) == sorted(queued)
 
 
-def test_processes_per_job_follow_slurm_cores(params, tmp_path):
+def test_processes_per_job_follow_slurm_tasks(params, tmp_path):
     if int(_run("sinfo", "-h", "-o", "%c").split()[0].rstrip("+")) < 2:
         pytest.skip("the SLURM node has fewer than 2 CPUs")
-    with make_client({**params, "slurm_cores": 2}, workers=1, project_dir=tmp_path) as client:
+    with make_client({**params, "slurm_tasks": 2}, workers=1, project_dir=tmp_path) as client:
         client.wait_for_workers(2, timeout=60)
         pids = set(client.gather(client.map(lambda _: os.getpid(), range(6), pure=False)))
         assert len(client.scheduler_info()["workers"]) == 2
@@ -125,9 +125,9 @@ def test_cancelled_job_is_reported_with_its_log(params, tmp_path):
 
 def test_partition_slurm_refuses_names_the_key(params, tmp_path):
     with pytest.raises(CsptInputError, match="partition") as err:
-        with make_client({**params, "slurm_partition": "no_such_partition"}, project_dir=tmp_path):
+        with make_client({**params, "slurm_queue": "no_such_partition"}, project_dir=tmp_path):
             pass
-    assert err.value.field == "slurm_partition"
+    assert err.value.field == "slurm_queue"
     assert not _queued(f"{JOB_NAME}-{params['data_set']}")
 
 

@@ -7,11 +7,14 @@ its log), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from .errors import CsptCancelled, CsptInputError, CsptRunError
+from .errors import CsptCancelled, CsptInputError, CsptInputWarning, CsptRunError
 
 EXIT_OK, EXIT_INPUT, EXIT_RUN, EXIT_INTERRUPTED = 0, 2, 3, 130
 
@@ -42,11 +45,29 @@ def _version() -> str:
     return __version__
 
 
+@contextlib.contextmanager
+def _notes_as_lines(command: str) -> Iterator[None]:
+    """Show napari-cspt2d's input warnings as one ``cspt2d COMMAND: note: ...`` line each on stderr (not as Python
+    warnings with a source line); other warnings are shown as usual."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, CsptInputWarning):
+                print(f"cspt2d {command}: note: {message}", file=sys.stderr)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cspt2d`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or EXIT_OK)
+        with _notes_as_lines(args.command):
+            return int(args._run(args) or EXIT_OK)
     except CsptInputError as exc:
         print(f"cspt2d {args.command}: bad input: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -224,8 +245,32 @@ register("import", "make a pyp project folder from a tilt stack and tracks (json
 
 
 # ---------------------------------------------------------------------------------------------------- run / reconstruct
-def _configure_run(p: argparse.ArgumentParser) -> None:
+def _configure_project(p: argparse.ArgumentParser) -> None:
     p.add_argument("project", type=Path, help="project folder (with .pyp_config.toml)")
+    p.add_argument("--allow-unknown", action="store_true",
+                   help="keep parameter names that look like typos of known ones (default: stop and name them)")
+
+
+def _load_project_parameters(args: argparse.Namespace):
+    from .pyp import load_parameters
+
+    return load_parameters(args.project, allow_unknown=args.allow_unknown)
+
+
+def print_resolutions(outputs: dict) -> None:
+    """One line per refinement iteration: resolution at FSC 0.143 and 0.5 and its FSC plot."""
+    if not outputs.get("iterations"):
+        return
+    stem = Path(outputs["map"]).with_suffix("")
+    data_set_stem = stem.name.rsplit("_", 1)[0]
+    print("iteration  FSC 0.143  FSC 0.5  FSC plot")
+    for it in outputs["iterations"]:
+        plot = stem.with_name(f"{data_set_stem}_{it['iteration']:02d}_fsc.png")
+        print(f"{it['iteration']:>9}  {it['resolution_A']:>7.2f} Å  {it['resolution_05_A']:>5.2f} Å  {plot}")
+
+
+def _configure_run(p: argparse.ArgumentParser) -> None:
+    _configure_project(p)
     p.add_argument("--iteration", type=int, help="first iteration (default: refine_iter)")
     p.add_argument("--workers", type=int, help="dask workers (default: the workers parameter, 0 = one per core)")
     p.add_argument("--scheduler", help="address of a running dask scheduler (overrides cluster_backend)")
@@ -234,10 +279,10 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> int:
-    from .pyp import csp_split, load_parameters
+    from .pyp import csp_split
     from .recon.pipeline import plan_cspt
 
-    params = load_parameters(args.project)
+    params = _load_project_parameters(args)
     if args.scheduler:
         params["cluster_backend"], params["cluster_address"] = "address", args.scheduler
     first = args.iteration or params["refine_iter"]
@@ -250,6 +295,7 @@ def _run_run(args: argparse.Namespace) -> int:
                             progress=progress)
     finally:
         progress.stop()
+    print_resolutions(outputs)
     print_outputs({k: outputs[k] for k in ("map", "half_maps", "fsc_plot", "parameters", "log") if k in outputs})
     return EXIT_OK
 
@@ -258,16 +304,16 @@ register("run", "run the CSPT refinement of a project (pyp's csp_split) on dask"
 
 
 def _configure_reconstruct(p: argparse.ArgumentParser) -> None:
-    p.add_argument("project", type=Path, help="project folder (with .pyp_config.toml)")
+    _configure_project(p)
     p.add_argument("--name", help="tilt-series name (default: data_set)")
     p.add_argument("--iteration", type=int, default=2, help="iteration number of the output (default 2)")
     p.add_argument("--save-stacks", action="store_true", help="keep the extracted particles in frealign/scratch/")
 
 
 def _run_reconstruct(args: argparse.Namespace) -> int:
-    from .pyp import load_parameters, run_reconstruction
+    from .pyp import run_reconstruction
 
-    params = load_parameters(args.project)
+    params = _load_project_parameters(args)
     progress = progress_printer("reconstruction")
     try:
         outputs = run_reconstruction(args.name or params["data_set"], params, save_stacks=args.save_stacks,

@@ -6,9 +6,9 @@ The backend comes from the project's cluster parameters (:data:`~napari_cspt2d.m
 * ``cluster_backend = "local"``: a ``LocalCluster`` of single-threaded worker processes, ``workers`` of them
   (0 = one per CPU core).
 * ``cluster_backend = "address"``: the dask scheduler at ``cluster_address`` (its workers are someone else's).
-* ``cluster_backend = "slurm"``: ``dask_jobqueue.SLURMCluster``. Each SLURM job asks for ``slurm_cores`` cores and
-  ``slurm_memory`` GB for ``slurm_walltime`` in ``slurm_partition`` / ``slurm_account`` (plus the ``;``-separated
-  ``slurm_job_extra`` directives) and runs ``slurm_cores`` single-threaded dask worker processes. ``workers`` jobs
+* ``cluster_backend = "slurm"``: ``dask_jobqueue.SLURMCluster``. Each SLURM job asks for ``slurm_tasks`` cores and
+  ``slurm_memory`` GB for ``slurm_walltime`` in ``slurm_queue`` / ``slurm_account`` (plus the ``;``-separated
+  ``slurm_job_extra`` directives) and runs ``slurm_tasks`` single-threaded dask worker processes. ``workers`` jobs
   are submitted (0 = one per bundle of ``slurm_bundle_size`` tasks, see :func:`bundle`). Every job writes
   ``log/cspt2d[-{data_set}]-{job id}.err`` (worker log, and SLURM's own "CANCELLED"/"TIME LIMIT" line) and ``.out``
   in the project folder. The job settings are checked with ``sbatch --test-only`` before anything is submitted.
@@ -54,11 +54,11 @@ _DASHBOARD = ":0"
 #: Words of an ``sbatch`` error and the parameter that most likely caused it.
 _SBATCH_FIELDS = (
     ("account", "slurm_account"),  # before "partition": "invalid account or account/partition combination"
-    ("partition", "slurm_partition"),
+    ("partition", "slurm_queue"),
     ("time limit", "slurm_walltime"),
     ("memory", "slurm_memory"),
-    ("node configuration", "slurm_cores, slurm_memory"),
-    ("cpu", "slurm_cores"),
+    ("node configuration", "slurm_tasks, slurm_memory"),
+    ("cpu", "slurm_tasks"),
 )
 
 
@@ -238,14 +238,14 @@ def _slurm_client(params: PypParameters, workers: int, tasks: int | None, log_di
         raise CsptInputError("is 'slurm' but sbatch is not on PATH", field="cluster_backend",
                              expected="a machine that can submit SLURM jobs, or 'local' / 'address'")
     n_jobs = _worker_count(workers, tasks or 1, tasks)
-    cores = params["slurm_cores"]
+    cores = params["slurm_tasks"]
     name = f"{JOB_NAME}-{params['data_set']}" if params["data_set"] else JOB_NAME
     log_dir.mkdir(parents=True, exist_ok=True)
     # allowed-failures 0: a task whose job dies fails at once (KilledWorker -> CsptRunError with the job's log)
     # instead of being retried on the next job, which would hide why the job died.
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         cluster = SLURMCluster(
-            queue=params["slurm_partition"] or None,
+            queue=params["slurm_queue"] or None,
             account=params["slurm_account"] or None,
             walltime=params["slurm_walltime"],
             cores=cores,

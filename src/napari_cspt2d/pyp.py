@@ -48,9 +48,10 @@ def _as_tracks(track_data: TrackSet | Mapping[str, Any]) -> TrackSet:
 
 
 # ==================================================================================================== parameters
-def load_parameters(path: str | os.PathLike[str] = ".") -> PypParameters:
-    """Read ``.pyp_config.toml`` from a project folder (or the file itself); other pyp keys are kept."""
-    return load_params(path, strict=False)
+def load_parameters(path: str | os.PathLike[str] = ".", *, allow_unknown: bool = False) -> PypParameters:
+    """Read ``.pyp_config.toml`` from a project folder (or the file itself); other pyp keys are kept, a key that
+    looks like a typo of a known one raises :class:`CsptInputError` naming it unless ``allow_unknown``."""
+    return load_params(path, strict=False, allow_unknown=allow_unknown)
 
 
 def save_parameters(parameters: Mapping[str, Any], path: str | os.PathLike[str] = ".") -> Path:

@@ -118,14 +118,14 @@ class _Field(QWidget):
             editor = QComboBox()
             editor.addItems(list(spec.choices))
             editor.currentTextChanged.connect(on_edit)
-        elif spec.type is int:
+        elif spec.type is int and not spec.fraction:  # a fraction-taking key is typed, like floats
             editor = QSpinBox()
             low = -_INT_LIMIT if spec.minimum is None else int(math.ceil(spec.minimum)) + int(spec.min_exclusive)
             editor.setRange(low, _INT_LIMIT if spec.maximum is None else int(spec.maximum))
             if spec.unit:
                 editor.setSuffix(f" {spec.unit}")
             editor.valueChanged.connect(on_edit)
-        else:  # float and str: typed freely, checked by the PypParameters rules
+        else:  # float, str and fraction-taking ints: typed freely, checked by the PypParameters rules
             editor = QLineEdit()
             editor.setPlaceholderText(_format(spec.default) or "(empty)")
             editor.textChanged.connect(on_edit)

@@ -34,8 +34,9 @@ def _config_path(path: str | os.PathLike[str]) -> Path:
     return path / CONFIG_NAME if path.is_dir() else path
 
 
-def load_params(path: str | os.PathLike[str], *, strict: bool = True) -> PypParameters:
-    """Read ``.pyp_config.toml`` (the file or the project folder holding it) into validated parameters."""
+def load_params(path: str | os.PathLike[str], *, strict: bool = True, allow_unknown: bool = False) -> PypParameters:
+    """Read ``.pyp_config.toml`` (the file or the project folder holding it) into validated parameters (``strict``
+    and ``allow_unknown`` as in :class:`PypParameters`)."""
     path = _config_path(path)
     if not path.is_file():
         raise CsptInputError("does not exist", file=path, expected=f"a {CONFIG_NAME} parameter file")
@@ -46,7 +47,7 @@ def load_params(path: str | os.PathLike[str], *, strict: bool = True) -> PypPara
         raise CsptInputError("is not UTF-8 text", file=path, field="toml") from exc
     except (ValueError, RecursionError) as exc:  # TOMLDecodeError, integers beyond 4300 digits, deep nesting
         raise CsptInputError(f"is not valid TOML ({type(exc).__name__}: {exc})", file=path, field="toml") from exc
-    return PypParameters(values, strict=strict, source=path)
+    return PypParameters(values, strict=strict, source=path, allow_unknown=allow_unknown)
 
 
 def _plain(value: Any) -> Any:

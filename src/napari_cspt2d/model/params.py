@@ -15,6 +15,16 @@ Notes on pyp's meaning of some keys (kept, so that a project means the same thin
 * ``csp_UseImagesForRefinementMin/Max`` select exposures by acquisition index (``TIND``, 0 = first exposure;
   Max = -1 means "to the last"); a negative Min makes them tilt angles in degrees (the seed's -60/60). Whether the
   range selects nothing is checked by the pipeline, which knows the tilts.
+* ``csp_RefineProjectionCutoff`` is pyp's "min number of projections for refinement" (an integer, 0 = all); a
+  value between 0 and 1 (the seed's 0.5) is taken as a fraction of the tilt series' tilts.
+
+Values the seed writes that do not fit pyp's meaning are accepted and what they are taken to mean is said once per
+process (:func:`interpretations`). Keys renamed to pyp's names (:data:`RENAMED`) are still read under their old
+names, with a one-time notice.
+
+Unknown keys: a key of pyp's spec that napari-cspt2d does not use (:func:`pyp_key_names`) is kept as is. Any other
+key that is close to a known one (``extract_bxo``) is taken for a typo and refused with the closest name, unless
+the caller allows unknown keys; it would otherwise leave the default in place and change the work silently.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from difflib import get_close_matches
+from functools import cache
+from importlib import resources
 from typing import Any
 
 import numpy as np
@@ -33,8 +45,9 @@ from ..errors import CsptInputError, warn_input
 from .tracks import _shown
 
 __all__ = [
-    "ParamSpec", "PARAMS", "GROUPS", "PypParameters", "check_cspt_mode", "param_for_iteration",
-    "refine_rhref_for", "check_name", "NAME_PATTERN", "as_parameters",
+    "ParamSpec", "PARAMS", "GROUPS", "RENAMED", "PypParameters", "check_cspt_mode", "param_for_iteration",
+    "refine_rhref_for", "check_name", "NAME_PATTERN", "as_parameters", "pyp_key_names", "closest_key",
+    "interpretations", "min_projections",
 ]
 
 GROUPS = ("data", "extraction", "refinement", "reconstruction", "cluster")
@@ -47,7 +60,8 @@ NAME_PATTERN = r"(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}"
 class ParamSpec:
     """One parameter: ``type`` is bool, int, float or str; ``minimum``/``maximum`` are inclusive unless
     ``min_exclusive``; ``per_iteration`` marks a pyp colon list of numbers (each checked against the range);
-    ``pattern`` is a regular expression a string must match in full; ``pyp`` is False for our own keys."""
+    ``pattern`` is a regular expression a string must match in full; ``fraction`` lets an int key also take a
+    number between 0 and 1 (a fraction, like pyp's ``reconstruct_cutoff``); ``pyp`` is False for our own keys."""
 
     name: str
     type: type
@@ -62,6 +76,7 @@ class ParamSpec:
     choices: tuple[str, ...] | None = None
     pattern: str | None = None
     per_iteration: bool = False
+    fraction: bool = False
     pyp: bool = True
 
     def describe_range(self) -> str:
@@ -126,10 +141,13 @@ _SPECS = [
               "Largest distance a projection may move from its pick during refinement; 0 = a quarter of "
               "particle_rad.", unit="Å", minimum=0,
               pyp=False),
-    ParamSpec("csp_RefineProjectionCutoff", float, 0.0, "refinement", "Projection score cutoff",
+    ParamSpec("csp_RefineProjectionCutoff", int, 0, "refinement", "Min projections for refinement",
+              "Only refine particles that have at least this many projections (pyp's meaning; 0 = all). A value "
+              "between 0 and 1 (the seed's 0.5) is a fraction of the tilt series' tilts.", minimum=0, fraction=True),
+    ParamSpec("refine_projection_score_cutoff", float, 0.0, "refinement", "Projection score cutoff",
               "Drop low-scoring projections from refinement and reconstruction (occupancy 0), per particle: for "
-              "0 < c < 1 below c x the particle's median score, for c >= 1 below mean - c x sd; 0 keeps all. "
-              "(pyp's int 'minimum projections' reading does not fit the seed's 0.5.)", minimum=0),
+              "0 < c < 1 below c x the particle's median score, for c >= 1 below mean - c x sd; 0 keeps all "
+              "(napari-cspt2d's own key).", minimum=0, pyp=False),
     ParamSpec("csp_UseImagesForRefinementMin", int, 0, "refinement", "First exposure for refinement",
               "First exposure used in refinement: acquisition index (pyp's meaning, 0 = first image taken); a "
               "negative Min makes Min/Max tilt angles in degrees instead (the seed's -60/60; see "
@@ -205,25 +223,84 @@ _SPECS = [
     ParamSpec("workers", int, 0, "cluster", "Workers",
               "Number of dask workers (local processes or SLURM jobs); 0 = one per CPU core locally, one job "
               "per bundle on SLURM.", minimum=0, maximum=10000, pyp=False),
-    ParamSpec("slurm_partition", str, "", "cluster", "SLURM partition", "Partition (queue) for the jobs.",
-              pattern=r"[A-Za-z0-9_.,-]*", pyp=False),
+    ParamSpec("slurm_queue", str, "", "cluster", "SLURM partition",
+              "SLURM partition the jobs are submitted to (pyp's key; formerly slurm_partition).",
+              pattern=r"[A-Za-z0-9_.,-]*"),
     ParamSpec("slurm_account", str, "", "cluster", "SLURM account", "Account charged for the jobs (pyp's key).",
               pattern=r"[A-Za-z0-9_.-]*"),
     ParamSpec("slurm_walltime", str, "1-00:00:00", "cluster", "Walltime",
               "Maximum run time of each job, [days-]hh:mm:ss or minutes (pyp's key and default).",
               pattern=r"(\d+-)?\d{1,2}:\d{2}:\d{2}|\d+"),
-    ParamSpec("slurm_cores", int, 1, "cluster", "Cores per job", "CPU cores of each SLURM job.", minimum=1,
-              maximum=1024, pyp=False),
+    ParamSpec("slurm_tasks", int, 1, "cluster", "Threads per job",
+              "CPU cores of each SLURM job, each running one single-threaded worker (pyp's key: threads of each "
+              "Split job; formerly slurm_cores).", minimum=1, maximum=1024),
     ParamSpec("slurm_memory", int, 4, "cluster", "Memory per job", "Memory of each SLURM job (pyp's key and "
               "default).", unit="GB", minimum=1, maximum=4096),
     ParamSpec("slurm_job_extra", str, "", "cluster", "Extra sbatch directives",
               "Additional #SBATCH options, separated by ';' (e.g. '--gres=gpu:1;--constraint=avx2').", pyp=False),
     ParamSpec("slurm_bundle_size", int, 1, "cluster", "Bundle size",
-              "Number of tilt series (or particle groups) processed one after the other in each job.", minimum=1),
+              "Number of regions processed one after the other in each job (pyp's key: micrographs or tilt "
+              "series); in 2D tilt-series CSPT a region is one particle, so this is particles per task.",
+              minimum=1),
 ]
 
 #: Every key of a project's parameters, in form order.
 PARAMS: dict[str, ParamSpec] = {s.name: s for s in _SPECS}
+
+#: Keys renamed to pyp's names: old name -> new name (old names are still read, with a one-time notice).
+RENAMED = {"slurm_partition": "slurm_queue", "slurm_cores": "slurm_tasks"}
+
+#: How close (difflib ratio) an unknown key must be to a known one to be taken for its typo.
+_TYPO_RATIO = 0.8
+#: Notices already given in this process (each is said once).
+_SAID: set[str] = set()
+
+
+@cache
+def pyp_key_names() -> frozenset[str]:
+    """Every parameter name of pyp's public spec (``pyp_keys.txt`` beside this module, with its source)."""
+    text = resources.files(__package__).joinpath("pyp_keys.txt").read_text(encoding="utf-8")
+    return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def closest_key(key: str) -> str | None:
+    """The known key (of napari-cspt2d or pyp) that ``key`` is most likely a typo of, None when none is close."""
+    close = get_close_matches(key, [*PARAMS, *RENAMED, *pyp_key_names()], n=1, cutoff=_TYPO_RATIO)
+    return close[0] if close else None
+
+
+def _say_once(message: str, *, file: Any = None, field: str | None = None) -> None:
+    """A :class:`~napari_cspt2d.errors.CsptInputWarning`, given at most once per process."""
+    if message not in _SAID:
+        _SAID.add(message)
+        warn_input(message, file=file, field=field)
+
+
+def min_projections(cutoff: float, n_tilts: int) -> int:
+    """The fewest projections a particle needs to be refined under ``csp_RefineProjectionCutoff = cutoff`` in a
+    tilt series of ``n_tilts`` tilts: ``cutoff`` itself (pyp's count; 0 = every particle), or
+    ``ceil(cutoff x n_tilts)`` for a fraction between 0 and 1."""
+    if 0 < cutoff < 1:
+        return math.ceil(cutoff * n_tilts - 1e-9)
+    return int(cutoff)
+
+
+def interpretations(params: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(key, what it is taken to mean)`` for each value of ``params`` that does not fit pyp's meaning of the key
+    (the seed's ``csp_RefineProjectionCutoff = 0.5``, ``csp_UseImagesForRefinementMin = -60``)."""
+    notes = []
+    cutoff = params.get("csp_RefineProjectionCutoff", 0)
+    if 0 < cutoff < 1:
+        notes.append(("csp_RefineProjectionCutoff",
+                      f"csp_RefineProjectionCutoff = {cutoff:g} is taken as a fraction: particles with projections "
+                      f"in at least {cutoff:.0%} of their tilt series' tilts are refined (pyp's meaning: the minimum "
+                      "number of projections, an integer)"))
+    low, high = params.get("csp_UseImagesForRefinementMin", 0), params.get("csp_UseImagesForRefinementMax", 0)
+    if low < 0:
+        notes.append(("csp_UseImagesForRefinementMin",
+                      f"csp_UseImagesForRefinementMin/Max = {low:g}/{high:g} are taken as tilt angles in degrees, "
+                      "because Min is negative (pyp's meaning: exposure indices, 0 = the first image taken)"))
+    return notes
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -257,6 +334,8 @@ def _coerce(spec: ParamSpec, value: Any) -> Any:
             number = float(value) if not isinstance(value, int) else value
         except (TypeError, ValueError):
             raise bad() from None
+        if spec.fraction and isinstance(number, float) and 0 < number < 1:
+            return number
         if isinstance(number, float) and not (math.isfinite(number) and number == int(number)):
             raise bad()
         result: Any = int(number)
@@ -310,6 +389,8 @@ def _expected(spec: ParamSpec) -> str:
     if spec.choices:
         return "one of " + ", ".join(repr(c) for c in spec.choices)
     kind = {int: "an integer", float: "a number", str: "a string"}[spec.type]
+    if spec.fraction:
+        kind += " or a fraction between 0 and 1"
     if spec.per_iteration:
         kind = "a number or colon list of numbers like '8:7:6'"
     if spec.pattern and not spec.per_iteration:
@@ -324,26 +405,36 @@ class PypParameters(MutableMapping):
 
     ``PypParameters({"scope_pixel": 1.35, ...})`` validates every key and the consistency of the whole
     (:meth:`validate`). Unknown keys raise :class:`CsptInputError` with the closest valid name; with
-    ``strict=False`` they are kept in :attr:`extra` (e.g. other pyp keys of a real ``.pyp_config.toml``) and written
-    back on save. Deleting a known key resets it to its default. Assigning keys one at a time checks each value;
-    call :meth:`validate` afterwards to check the combination."""
+    ``strict=False`` other keys of pyp's spec are kept in :attr:`extra` (a real ``.pyp_config.toml`` has many) and
+    written back on save, and a key close to a known one still raises as a typo unless ``allow_unknown`` (then it
+    is kept too, with a warning). Old names (:data:`RENAMED`) are read as their new names. Deleting a known key
+    resets it to its default. Assigning keys one at a time checks each value; call :meth:`validate` afterwards to
+    check the combination."""
 
     def __init__(self, values: Mapping[str, Any] | None = None, *, strict: bool = True,
-                 source: str | os.PathLike[str] | None = None) -> None:
+                 source: str | os.PathLike[str] | None = None, allow_unknown: bool = False) -> None:
         self._values: dict[str, Any] = {name: spec.default for name, spec in PARAMS.items()}
         self.extra: dict[str, Any] = {}
         self.strict = strict
+        self.allow_unknown = allow_unknown
         self.source = None if source is None else os.fspath(source)
-        values = dict(values or {})
+        values = {self._current_name(str(k)): v for k, v in dict(values or {}).items()}
         unknown = [k for k in values if k not in PARAMS]
         if unknown and strict:
             lines = [f"{k!r}{_suggest(str(k), list(PARAMS))}" for k in unknown]
             raise CsptInputError("unknown parameter(s): " + ", ".join(lines), file=self.source,
                                  field=", ".join(map(str, unknown)), expected="keys of PARAMS")
-        if unknown:
-            shown = ", ".join(f"{k!r}{_suggest(str(k), list(PARAMS))}" for k in unknown[:5])
-            warn_input(f"{len(unknown)} parameter(s) not used by napari-cspt2d kept as is: {shown}"
-                       f"{', ...' if len(unknown) > 5 else ''}", file=self.source, field="parameters")
+        foreign = [k for k in unknown if k not in pyp_key_names()]
+        typos = {k: close for k in foreign if (close := closest_key(k)) is not None}
+        if typos and not allow_unknown:
+            shown = "; ".join(f"{k!r}: did you mean {close!r}?" for k, close in typos.items())
+            raise CsptInputError(f"unknown parameter {shown} A misspelt key would leave the default in place: fix "
+                                 "it, or keep it as is with --allow-unknown (allow_unknown=True in Python)",
+                                 file=self.source, field=", ".join(typos))
+        if foreign:
+            _say_once(f"{len(foreign)} parameter(s) neither napari-cspt2d's nor pyp's, kept as is: "
+                      + ", ".join(repr(k) for k in foreign[:5]) + (", ..." if len(foreign) > 5 else ""),
+                      file=self.source, field="parameters")
         for key in unknown:
             self.extra[key] = values.pop(key)
         problems = []
@@ -357,8 +448,16 @@ class PypParameters(MutableMapping):
                                  field=", ".join(p.field or "" for p in problems))
         self.validate()
 
+    def _current_name(self, key: str) -> str:
+        """``key``, or its new name when it is an old one (:data:`RENAMED`), said once."""
+        if key not in RENAMED:
+            return key
+        _say_once(f"'{key}' is now called '{RENAMED[key]}' (pyp's name); read as such", file=self.source)
+        return RENAMED[key]
+
     # ---------------------------------------------------------------- mapping protocol
     def __getitem__(self, key: str) -> Any:
+        key = self._current_name(key)
         if key in self._values:
             return self._values[key]
         if key in self.extra:
@@ -366,6 +465,7 @@ class PypParameters(MutableMapping):
         raise KeyError(f"{key!r}{_suggest(str(key), list(PARAMS))}")
 
     def __setitem__(self, key: str, value: Any) -> None:
+        key = self._current_name(key)
         if key in PARAMS:
             self._values[key] = _coerce(PARAMS[key], value)
         elif self.strict:
@@ -375,6 +475,7 @@ class PypParameters(MutableMapping):
             self.extra[key] = value
 
     def __delitem__(self, key: str) -> None:
+        key = self._current_name(key)
         if key in PARAMS:
             self._values[key] = PARAMS[key].default
         else:
@@ -396,7 +497,7 @@ class PypParameters(MutableMapping):
         return {**self._values, **self.extra}
 
     def copy(self) -> PypParameters:
-        return PypParameters(self.to_dict(), strict=self.strict, source=self.source)
+        return PypParameters(self.to_dict(), strict=self.strict, source=self.source, allow_unknown=self.allow_unknown)
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -438,6 +539,8 @@ class PypParameters(MutableMapping):
         if problems:
             raise CsptInputError("inconsistent parameters: " + "; ".join(m for _, m in problems), file=self.source,
                                  field=", ".join(f for f, _ in problems))
+        for _, meaning in interpretations(self):
+            _say_once(meaning, file=self.source)
         nyquist = 2 * self.particle_pixel_A
         if min(rhref) < nyquist:
             warn_input(f"refine_rhref {self['refine_rhref']} Å goes beyond Nyquist ({nyquist:g} Å at "

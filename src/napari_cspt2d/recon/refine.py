@@ -48,14 +48,19 @@ Tilts used for refinement (``csp_UseImagesForRefinementMin/Max``, :class:`TiltSe
     says it explicitly. Both bounds are inclusive. Projections of other tilts are not refined (shift kept) and do not
     enter the particle score; they are still scored and reconstructed.
 
-Projection cutoff (``csp_RefineProjectionCutoff`` = ``c``, :func:`projection_cutoff_mask`)
+Particles refined (``csp_RefineProjectionCutoff``, pyp's "min number of projections for refinement")
+    Only particles with at least that many projections are refined (0 = every particle); a value between 0 and 1
+    (the seed's 0.5) is a fraction of the tilt series' tilts (:func:`napari_cspt2d.model.params.min_projections`).
+    The other particles keep their shifts and angles; their projections are still scored and reconstructed.
+
+Projection cutoff (``refine_projection_score_cutoff`` = ``c``, napari-cspt2d's own key, :func:`projection_cutoff_mask`)
     After refinement, a projection is dropped (occupancy 0: left out of the next orientation search and of the
     reconstruction) when its score is low compared with the other projections of its particle:
 
     * ``c = 0``: nothing is dropped;
     * ``0 < c < 1`` (the seed's 0.5): score ``< c × median`` of the particle's projection scores (when that median
       is positive; otherwise nothing is dropped);
-    * ``c >= 1`` (pyp writes integers such as 2): score ``< mean − c × standard deviation`` of the particle's scores.
+    * ``c >= 1``: score ``< mean − c × standard deviation`` of the particle's scores.
 
     Kept projections get occupancy 100 (pyp's percent). The rule is re-applied every iteration, so a projection can
     come back.
@@ -160,7 +165,7 @@ def projection_cutoff_mask(score: ArrayLike, particle: ArrayLike, cutoff: float)
         raise CsptInputError(f"has {score.size} scores for {particle.size} projections", field="score",
                              expected="one score per projection")
     if not (math.isfinite(cutoff) and cutoff >= 0):
-        raise CsptInputError(f"is {cutoff!r}", field="csp_RefineProjectionCutoff", expected="a number >= 0")
+        raise CsptInputError(f"is {cutoff!r}", field="refine_projection_score_cutoff", expected="a number >= 0")
     keep = np.ones(score.size, bool)
     if cutoff == 0 or score.size == 0:
         return keep
@@ -177,6 +182,16 @@ def projection_cutoff_mask(score: ArrayLike, particle: ArrayLike, cutoff: float)
         else:
             keep[rows[s < s.mean() - cutoff * s.std()]] = False
     return keep
+
+
+def _enough_projections(particle_rows: NDArray[np.int64], n_particles: int, n_tilts: int,
+                        cutoff: float) -> NDArray[np.bool_]:
+    """``(P,)`` True for particles refined under ``csp_RefineProjectionCutoff = cutoff`` (module docstring), from
+    each projection's particle row."""
+    from ..model.params import min_projections
+
+    counts = np.bincount(particle_rows, minlength=n_particles)
+    return counts >= min_projections(cutoff, n_tilts)
 
 
 def has_no_angles(euler_deg: ArrayLike) -> NDArray[np.bool_]:
@@ -263,7 +278,8 @@ class RefineOptions:
     (``refine_rlref``); ``shift_range_A`` bounds how far a projection may move from its pick; ``angle_range_deg``
     how far a local orientation search may go; ``angle_step_deg`` → ``angle_precision_deg`` are its first and last
     step sizes; ``global_step_deg`` is the grid of the global search; ``tilts`` the tilts used for refinement;
-    ``projection_cutoff`` is ``csp_RefineProjectionCutoff``."""
+    ``min_projections`` is ``csp_RefineProjectionCutoff`` (a count, or a fraction of the tilts between 0 and 1);
+    ``projection_cutoff`` is ``refine_projection_score_cutoff``."""
 
     resolution_A: float
     low_resolution_A: float = 100.0
@@ -275,6 +291,7 @@ class RefineOptions:
     angle_precision_deg: float = 0.5
     global_step_deg: float = 15.0
     tilts: TiltSelection = field(default_factory=TiltSelection)
+    min_projections: float = 0
     projection_cutoff: float = 0.0
 
     def __post_init__(self) -> None:
@@ -293,13 +310,18 @@ class RefineOptions:
             raise CsptInputError(f"is {self.angle_precision_deg:g}° > angle_step_deg {self.angle_step_deg:g}°",
                                  field="angle_precision_deg", expected="<= angle_step_deg")
         projection_cutoff_mask([], [], self.projection_cutoff)  # validates the value
+        if not (math.isfinite(self.min_projections) and self.min_projections >= 0
+                and (self.min_projections < 1 or self.min_projections == int(self.min_projections))):
+            raise CsptInputError(f"is {self.min_projections!r}", field="csp_RefineProjectionCutoff",
+                                 expected="an integer >= 0 or a fraction between 0 and 1")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], iteration: int, *, tilt_unit: TiltUnit = "auto",
                     **overrides: Any) -> RefineOptions:
         """Options of ``iteration`` from pyp parameters: ``refine_rhref`` (colon list), ``refine_rlref``,
         ``refine_shift_range_A`` (0 or missing: a quarter of ``particle_rad``), ``csp_UseImagesForRefinementMin/
-        Max``, ``csp_RefineProjectionCutoff``; ``overrides`` replace any field."""
+        Max``, ``csp_RefineProjectionCutoff``, ``refine_projection_score_cutoff``; ``overrides`` replace any
+        field."""
         from ..model.params import refine_rhref_for
 
         shift_range = float(params.get("refine_shift_range_A", 0.0) or 0.0)
@@ -310,7 +332,8 @@ class RefineOptions:
             low_resolution_A=float(params.get("refine_rlref", 100.0)),
             shift_range_A=shift_range,
             tilts=TiltSelection.from_params(params, tilt_unit),
-            projection_cutoff=float(params.get("csp_RefineProjectionCutoff", 0.0)),
+            min_projections=params.get("csp_RefineProjectionCutoff", 0),
+            projection_cutoff=float(params.get("refine_projection_score_cutoff", 0.0)),
         )
         values.update(overrides)
         return cls(**values)
@@ -700,7 +723,8 @@ def refine_tracks(
     tilt_mats = geometry.tilt_matrices(tracks.tilts.angle_deg[trow], tracks.tilts.axis_deg[trow])
     particle_mats = _particle_matrices(tracks.particles.euler_deg)
     half = _halves(half, len(tracks), len(projectors))
-    in_range = options.tilts.mask(tracks.tilts)[trow]
+    refined_particle = _enough_projections(prow, len(tracks.particles), len(tracks.tilts), options.min_projections)
+    in_range = options.tilts.mask(tracks.tilts)[trow] & refined_particle[prow]
     centre = (origin - positions) / imaging.bin
     radius = options.shift_range_A / imaging.pixel_A
     unknown = has_no_angles(tracks.particles.euler_deg) & options.refine_angles
@@ -724,7 +748,7 @@ def refine_tracks(
 
     def orientation_pass(name: str, particles: NDArray[np.bool_], search: NDArray[np.bool_]) -> None:
         """Local search of ``particles`` at the shifts ``d``; global search of those also in ``search``."""
-        for p in np.flatnonzero(particles):
+        for p in np.flatnonzero(particles & refined_particle):
             stage(name, int(p), len(tracks.particles))
             rows = order[starts[p]:starts[p + 1]]
             rows = rows[usable[rows]]

@@ -15,6 +15,7 @@ from multiprocessing import spawn
 
 import numpy as np
 
+from ..errors import CsptInputWarning
 from ..model.tracks import ParticleTable, TiltTable, TrackSet
 from . import refine
 from .backproject import Projector
@@ -70,6 +71,8 @@ def warm_up() -> None:
 
 
 skip_user_main()
+# The process that starts the workers checked the same parameters and files, and said what it had to say about them.
+warnings.filterwarnings("ignore", category=CsptInputWarning)
 try:
     warm_up()
 except Exception as exc:  # noqa: BLE001 - an optimisation: never keep the workers from starting
