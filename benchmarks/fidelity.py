@@ -313,7 +313,8 @@ def refine_free(stack_path: Path, series: Series, folder: Path, tracks, iteratio
               "particle_rad": 0.4 * box * PIXEL_A, "scope_voltage": VOLTAGE_KV, "scope_cs": CS_MM,
               "scope_wgh": AMP_CONTRAST, "refine_iter": 2, "refine_maxiter": 1 + iterations,
               "csp_RefineProjectionCutoff": 0.5, "csp_UseImagesForRefinementMin": -60,
-              "csp_UseImagesForRefinementMax": 60, "refine_rhref": "20:16:12"}
+              "csp_UseImagesForRefinementMax": 60, "refine_rhref": "20:16:12",
+              "refine_projection_score_cutoff": 0.5}  # what the seed's cutoff 0.5 meant here before pyp's meaning
     pyp.create_project(folder, "fid", stack_path, tracks, params, angles=tracks.tilts)
     out = pyp.csp_split(pyp.load_parameters(folder), 2, project_dir=folder, serial=True)
     _, refined, _ = pyp.load_project(folder, "fid", out["iterations"][-1]["iteration"])

@@ -156,7 +156,7 @@ class TiltSelection:
 
 
 def projection_cutoff_mask(score: ArrayLike, particle: ArrayLike, cutoff: float) -> NDArray[np.bool_]:
-    """Keep-mask ``(N,)`` of the ``csp_RefineProjectionCutoff`` rule (module docstring): False = dropped.
+    """Keep-mask ``(N,)`` of the ``refine_projection_score_cutoff`` rule (module docstring): False = dropped.
 
     ``score`` and ``particle`` are per projection; NaN scores (projections that were not scored) are kept."""
     score = np.asarray(score, dtype=np.float64).reshape(-1)
