@@ -427,9 +427,24 @@ def _pixel_beside(path: Path) -> float:
     return pixel if pixel > 0 else 1.0
 
 
+def read_relion5_picks_layers(path: str | os.PathLike[str]) -> list[LayerData]:
+    """A RELION 5 picks star: per tomogram whose tilt images are found, a Points layer and a Tracks layer
+    (positions = RELION's projection of the picks; :func:`napari_cspt2d.relion.read_relion5_picks`)."""
+    from .relion import read_relion5_picks
+
+    layers = []
+    for name, (tracks, pixel) in read_relion5_picks(path).items():
+        uid = uuid.uuid4().hex
+        layers += [trajectory_layer_data(tracks, name=f"{name} trajectories", pixel_A=pixel, uid=uid),
+                   tracks_layer_data(tracks, name=f"{name} tracks", pixel_A=pixel, source=str(path), uid=uid)]
+    return layers
+
+
 def read_tracks(path: str | os.PathLike[str]) -> list[LayerData]:
     """A track file as a Points layer (one ring per projection) plus a Tracks layer of trajectories."""
     path = Path(path)
+    if path.suffix.lower() == ".star":
+        return read_relion5_picks_layers(path)
     tracks = read_trackset(path)
     pixel = _pixel_beside(path)
     name = path.stem
@@ -440,23 +455,36 @@ def read_tracks(path: str | os.PathLike[str]) -> list[LayerData]:
     ]
 
 
+def _file_head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(65536)
+    except OSError:
+        return b""
+
+
 def _looks_like_track_data(path: Path) -> bool:
     """Whether a ``.json``/``.pkl`` file names the track-data keys near its start (a ``{name}.pkl`` metadata
     pickle or another JSON file does not), without parsing it."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(65536)
-    except OSError:
-        return False
+    head = _file_head(path)
     return any(key in head for key in (b"projections", b"particles"))
 
 
+def _looks_like_relion5_picks(path: Path) -> bool:
+    """Whether a ``.star`` file names RELION 5's picked-particle columns near its start."""
+    head = _file_head(path)
+    return b"_rlnTomoName" in head and b"_rlnCenteredCoordinateXAngst" in head
+
+
 def get_tracks_reader(path: str | list[str]) -> Callable[[str], list[LayerData]] | None:
-    """npe2 reader hook for track files (seed ``.json``/``.pkl``, ``.cistem``, IMOD ``.fid``/``.mod``)."""
+    """npe2 reader hook for track files (seed ``.json``/``.pkl``, ``.cistem``, IMOD ``.fid``/``.mod``, a RELION 5
+    picks ``.star``)."""
     if isinstance(path, list):
         return None
     p = Path(path)
     suffix = p.suffix.lower()
+    if suffix == ".star":
+        return read_tracks if _looks_like_relion5_picks(p) else None
     if suffix not in TRACK_SUFFIXES or (suffix in (".json", ".pkl") and not _looks_like_track_data(p)):
         return None
     return read_tracks

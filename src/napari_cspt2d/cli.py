@@ -190,49 +190,70 @@ def _parse_settings(pairs: Sequence[str]) -> dict[str, str]:
 
 def _configure_import(p: argparse.ArgumentParser) -> None:
     p.add_argument("tracks", type=Path, help="seed .json/.pkl, .cistem, IMOD .fid/.mod, or a RELION 5 particles .star")
-    p.add_argument("--stack", type=Path, required=True, help="the tilt stack the tracks were picked on")
+    p.add_argument("--stack", required=True,
+                   help="the tilt stack the tracks were picked on (RELION 5: its sections in the tilt-series star's "
+                        "order; with several tomograms a path with {name}, e.g. stacks/{name}.mrc)")
     p.add_argument("--out", type=Path, required=True, help="project folder to create")
-    p.add_argument("--name", help="tilt-series name (default: the stack's name without _stack)")
-    p.add_argument("--angles", type=Path, help=".tlt/.rawtlt/.mdoc (default: found beside the stack)")
+    p.add_argument("--name", help="tilt-series name (default: the stack's name without _stack; RELION: rlnTomoName)")
+    p.add_argument("--angles", type=Path, help=".tlt/.rawtlt/.mdoc (default: found beside the stack; not for RELION, "
+                                               "whose tilt-series star has the geometry)")
     p.add_argument("--tomograms", type=Path, help="RELION 5 tomograms.star (with a particles .star)")
-    p.add_argument("--tomo", help="RELION 5 tomogram name (rlnTomoName) to import")
+    p.add_argument("--tomo", action="append", metavar="NAME",
+                   help="RELION 5 tomogram (rlnTomoName) to import; repeatable; default: every one the star names")
+    p.add_argument("--relion-dir", type=Path,
+                   help="RELION project folder the tilt-series star paths are relative to (default: found)")
     p.add_argument("--config", type=Path, help="start from this .pyp_config.toml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set a parameter (repeatable)")
     p.add_argument("--copy", action="store_true", help="copy the stack into the project instead of linking it")
 
 
-def _import_tracks(args: argparse.Namespace, series):
-    """The TrackSet of ``args.tracks`` on ``series`` (a TiltSeries)."""
-    if args.tracks.suffix.lower() != ".star":
-        from ._reader import read_trackset
+def _import_params(args: argparse.Namespace, header_pixel_A: float | None):
+    """Parameters of an import: ``--config`` (or defaults), the stack header's pixel when set, then ``--set``."""
+    from .io.toml import load_params
+    from .model.params import PypParameters
 
-        return read_trackset(args.tracks, series.shape_yx)
-    from .io import star
+    params = load_params(args.config) if args.config else PypParameters()
+    settings = _parse_settings(args.set)
+    if not args.config and "scope_pixel" not in settings and header_pixel_A is not None and header_pixel_A > 1.0:
+        params["scope_pixel"] = header_pixel_A  # the header's pixel size, when it is set (1.0 means unset)
+    for key, value in settings.items():
+        params[key] = value
+    return params, settings
 
-    if args.tomograms is None or args.tomo is None:
-        raise CsptInputError("needs --tomograms and --tomo", file=args.tracks,
-                             expected="the RELION 5 tomograms.star and the tomogram to import")
-    tomograms = star.read_relion5_tomograms(args.tomograms)
-    if args.tomo not in tomograms:
-        raise CsptInputError(f"is {args.tomo!r}", file=args.tomograms, field="--tomo",
-                             expected=f"one of {sorted(tomograms)}")
-    return star.read_relion5_particles(args.tracks, {args.tomo: tomograms[args.tomo]}, series.shape_yx)[args.tomo]
+
+def _import_relion(args: argparse.Namespace) -> int:
+    """``cspt2d import particles.star --tomograms tomograms.star [--tomo NAME]...``: see :mod:`napari_cspt2d.relion`."""
+    from .io.star import read_relion5_particle_table
+    from .relion import import_relion5, stack_for_template
+
+    if args.tomograms is None:
+        raise CsptInputError("needs --tomograms", file=args.tracks, expected="the RELION 5 tomograms.star")
+    if args.angles is not None or args.name is not None:
+        raise CsptInputError("is not used with a RELION 5 star", field="--angles/--name",
+                             expected="the geometry of the tilt-series star and rlnTomoName")
+    names = args.tomo or list(dict.fromkeys(read_relion5_particle_table(args.tracks)["rlnTomoName"].astype(str)))
+    params, settings = _import_params(args, None)
+    done = import_relion5(args.tracks, args.tomograms, args.out, stack_for_template(args.stack, names), params,
+                          tomograms=names, keep=list(settings), relion_dir=args.relion_dir, link=not args.copy)
+    for name, (tracks, paths) in done.items():
+        print(f"imported {name}: {len(tracks)} projections of {tracks.n_particles} particles in {tracks.n_tilts} tilts")
+        print_outputs(paths)
+    return EXIT_OK
 
 
 def _run_import(args: argparse.Namespace) -> int:
-    from .io.toml import load_params
-    from .model.params import PypParameters
+    from ._reader import read_trackset
     from .model.tiltseries import TiltSeries
     from .pyp import create_project
 
+    if args.tracks.suffix.lower() == ".star":
+        return _import_relion(args)
+    if args.tomo or args.tomograms:
+        raise CsptInputError("are for RELION 5 particles stars", field="--tomo/--tomograms", file=args.tracks,
+                             expected="a particles .star, or no --tomo/--tomograms")
     series = TiltSeries.open(args.stack, args.angles)
-    tracks = _import_tracks(args, series)
-    params = load_params(args.config) if args.config else PypParameters()
-    settings = _parse_settings(args.set)
-    if not args.config and "scope_pixel" not in settings and series.pixel_A > 1.0:
-        params["scope_pixel"] = series.pixel_A  # the header's pixel size, when it is set (1.0 means unset)
-    for key, value in settings.items():
-        params[key] = value
+    tracks = read_trackset(args.tracks, series.shape_yx)
+    params, _ = _import_params(args, series.pixel_A)
     name = args.name or series.name
     paths = create_project(args.out, name, args.stack, tracks, params, angles=series.tilts, link=not args.copy)
     print(f"imported {len(tracks)} projections of {tracks.n_particles} particles in {tracks.n_tilts} tilts")
@@ -340,7 +361,7 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("project", type=Path, help="project folder")
     p.add_argument("--to", choices=("relion", "cryodrgn", "json"), required=True)
     p.add_argument("--out", type=Path, required=True, help="folder to write into")
-    p.add_argument("--name", help="tilt-series name (default: data_set)")
+    p.add_argument("--name", help="tilt-series name (default: RELION every tilt series of the project, else data_set)")
     p.add_argument("--iteration", type=int, help="parameters of this iteration (default: the latest)")
 
 
@@ -370,33 +391,38 @@ def _export_cryodrgn(out: Path, project: Path, name: str, tracks, params) -> lis
     return [particles, out / f"{name}_poses.pkl", out / f"{name}_ctf.pkl"]
 
 
-def _export_relion(out: Path, name: str, tracks, params) -> list[Path]:
-    """RELION 5 ``tomograms.star`` (+ ``tilt_series/{name}.star``) and ``particles.star``."""
-    from .io import star
-
-    series = star.relion5_series(name, tracks, params.stack_pixel_A, voltage_kV=params["scope_voltage"],
-                                 cs_mm=params["scope_cs"], amp_contrast=params["scope_wgh"])
-    written = star.write_relion5_tomograms(out / "tomograms.star", {name: series})
-    star.write_relion5_particles(out / "particles.star", {name: tracks}, {name: series})
-    return [*written, out / "particles.star"]
-
-
 def _run_export(args: argparse.Namespace) -> int:
     from .io.trackdata import write_track_data
     from .pyp import load_parameters, load_project
+    from .recon.project import tilt_series_names
+    from .relion import export_relion5
 
     params = load_parameters(args.project)
-    name = args.name or params["data_set"]
-    iteration = args.iteration or _latest_iteration(args.project, name)
-    params, tracks, _ = load_project(args.project, name, iteration)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.to == "relion":
-        written = _export_relion(args.out, name, tracks, params)
-    elif args.to == "cryodrgn":
-        written = _export_cryodrgn(args.out, args.project, name, tracks, params)
+    in_project = tilt_series_names(args.project)
+    if args.name:
+        names = [args.name]
+    elif args.to == "relion" or params["data_set"] not in in_project:
+        names = in_project
     else:
-        written = [write_track_data(args.out / f"{name}_r01_{iteration:02d}.json", tracks)]
-    print(f"exported iteration {iteration} of {name} ({len(tracks)} projections):")
+        names = [params["data_set"]]
+    if not names:
+        raise CsptInputError("has no tilt series", file=args.project,
+                             expected="frealign/maps/{name}_r01.cistem with {name}_stack.mrc")
+    args.out.mkdir(parents=True, exist_ok=True)
+    tracks, written, iterations = {}, [], {}
+    for name in names:
+        iterations[name] = args.iteration or _latest_iteration(args.project, name)
+        params, tracks[name], _ = load_project(args.project, name, iterations[name])
+    if args.to == "relion":
+        written = export_relion5(args.out, tracks, args.project, params)
+    elif args.to == "cryodrgn":
+        for name in names:
+            written += _export_cryodrgn(args.out, args.project, name, tracks[name], params)
+    else:
+        written = [write_track_data(args.out / f"{name}_r01_{iterations[name]:02d}.json", tracks[name])
+                   for name in names]
+    for name in names:
+        print(f"exported iteration {iterations[name]} of {name} ({len(tracks[name])} projections)")
     for path in written:
         print(f"  {path}")
     return EXIT_OK

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 from typing import Any
@@ -58,8 +58,10 @@ __all__ = [
     "Relion5TiltSeries",
     "ParticleSeriesStar",
     "read_star_blocks",
+    "write_star_blocks",
     "read_relion5_tomograms",
     "read_relion5_particles",
+    "read_relion5_particle_table",
     "relion5_tracks",
     "relion5_series",
     "relion5_series_from_tracks",
@@ -124,11 +126,12 @@ def _rotation_x(angle_deg: ArrayLike) -> NDArray[np.float64]:
     return geometry.rotation_z(-90.0) @ geometry.rotation_y(angle_deg) @ geometry.rotation_z(90.0)
 
 
-def _write_star(path: str | os.PathLike[str], blocks: dict[str, pd.DataFrame]) -> None:
+def write_star_blocks(path: str | os.PathLike[str], blocks: Mapping[str, pd.DataFrame]) -> None:
+    """Write data blocks (``{name: DataFrame}``) as a STAR file, atomically, floats with 6 decimals."""
     import starfile
 
     with atomic_path(path) as tmp:
-        starfile.write(blocks, tmp, float_format="%.6f")
+        starfile.write(dict(blocks), tmp, float_format="%.6f")
 
 
 def _relion_centre_offset(shape_yx: tuple[int, int]) -> NDArray[np.float64]:
@@ -278,17 +281,36 @@ def relion5_tracks(
     return TrackSet.from_positions(pid, t.id[trow], positions, t, image_shape_yx, particles=particles)
 
 
+def read_relion5_particle_table(
+    path: str | os.PathLike[str], tomograms: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """The particles block of a RELION 5 particles star (``rlnTomoName`` + ``rlnCenteredCoordinate*Angst`` and any
+    other columns), only the rows of ``tomograms`` when given (each must have rows), in file order."""
+    path = Path(path)
+    df = _block(path, read_star_blocks(path), "particles", ("rlnTomoName",) + _COORDS)
+    if tomograms is None:
+        return df
+    names = df["rlnTomoName"].astype(str)
+    missing = [t for t in tomograms if not (names == t).any()]
+    if missing:
+        raise CsptInputError(f"has no particles of {missing[0]!r}", file=path, field="rlnTomoName",
+                             expected=f"one of {sorted(dict.fromkeys(names))}")
+    return df[names.isin(list(tomograms)).to_numpy()].reset_index(drop=True)
+
+
 def read_relion5_particles(
     path: str | os.PathLike[str],
     series: Mapping[str, Relion5TiltSeries],
     image_shape_yx: tuple[int, int] | Mapping[str, tuple[int, int]],
+    *,
+    tomograms: Sequence[str] | None = None,
 ) -> dict[str, TrackSet]:
     """Read a RELION 5 particles star (``rlnTomoName`` + ``rlnCenteredCoordinate*Angst``, optional
     ``rlnAngleRot/Tilt/Psi``) into one TrackSet per tomogram (in order of first appearance; particle ids = order
-    within the tomogram). ``image_shape_yx``: the tilt images' ``(ny, nx)``, one for all or per tomogram name."""
+    within the tomogram). ``tomograms``: only these (the star may name others); default every tomogram it names.
+    ``image_shape_yx``: the tilt images' ``(ny, nx)``, one for all or per tomogram name."""
     path = Path(path)
-    blocks = read_star_blocks(path)
-    df = _block(path, blocks, "particles", ("rlnTomoName",) + _COORDS)
+    df = read_relion5_particle_table(path, tomograms)
     names = df["rlnTomoName"].astype(str).to_numpy()
     coords = np.column_stack([_numbers(df, col, path) for col in _COORDS])
     has_angles = all(a in df.columns for a in _ANGLES)
@@ -395,7 +417,7 @@ def write_relion5_tomograms(
     written, rows = [], []
     for name, s in series.items():
         ts_path = path.parent / "tilt_series" / f"{name}.star"
-        _write_star(ts_path, {name: _tilt_series_table(s)})
+        write_star_blocks(ts_path, {name: _tilt_series_table(s)})
         written.append(ts_path)
         row = dict(s.global_row)
         row.update(rlnTomoName=name, rlnTomoTiltSeriesPixelSize=s.pixel_A,
@@ -403,15 +425,20 @@ def write_relion5_tomograms(
         if s.tomogram_size is not None:
             row.update(zip(("rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ"), s.tomogram_size))
         rows.append(row)
-    _write_star(path, {"global": pd.DataFrame(rows)})
+    write_star_blocks(path, {"global": pd.DataFrame(rows)})
     return [path, *written]
 
 
 def write_relion5_particles(
-    path: str | os.PathLike[str], tracks: Mapping[str, TrackSet], series: Mapping[str, Relion5TiltSeries]
+    path: str | os.PathLike[str], tracks: Mapping[str, TrackSet], series: Mapping[str, Relion5TiltSeries],
+    *, base: Mapping[str, pd.DataFrame] | None = None,
 ) -> None:
     """Write a RELION 5 particles star: ``rlnTomoName`` and ``rlnCenteredCoordinate*Angst`` of every particle (in
-    tomogram order, then particle id), plus ``rlnAngleRot/Tilt/Psi`` when any particle has an orientation."""
+    tomogram order, then particle id), plus ``rlnAngleRot/Tilt/Psi`` when any particle has an orientation.
+
+    ``base`` (per tomogram, the rows as read by :func:`read_relion5_particle_table`, row k = particle id k): every
+    column of those rows is carried through and only the coordinates (and angles, when the rows had them or a
+    particle has an orientation) are replaced; particles the rows do not have get 0 (numbers) or "" (text) there."""
     frames = []
     for name, ts in tracks.items():
         if name not in series:
@@ -419,15 +446,31 @@ def write_relion5_particles(
         s = series[name]
         rel = ts.particles.xyz_px @ s._x_rotation()  # undo R_x (orthonormal)
         centered = (rel - s._tomogram_fraction()) * s.pixel_A
-        frame = pd.DataFrame({"rlnTomoName": [name] * ts.n_particles})
+        frame = _base_rows(base.get(name) if base else None, ts.particles.id, name)
         for k, col in enumerate(_COORDS):
             frame[col] = centered[:, k]
-        frame[list(_ANGLES)] = ts.particles.euler_deg[:, ::-1]
+        had_angles = all(a in frame.columns for a in _ANGLES)
+        if had_angles or np.any(ts.particles.euler_deg):
+            frame[list(_ANGLES)] = ts.particles.euler_deg[:, ::-1]
         frames.append(frame)
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["rlnTomoName", *_COORDS])
-    if len(df) and not np.any(df[list(_ANGLES)].to_numpy()):
-        df = df.drop(columns=list(_ANGLES))
-    _write_star(path, {"particles": df})
+    write_star_blocks(path, {"particles": df})
+
+
+def _base_rows(rows: pd.DataFrame | None, ids: NDArray[np.int64], name: str) -> pd.DataFrame:
+    """The carried-through rows of particles ``ids`` (row k of ``rows`` = id k); new ids get blank values."""
+    if rows is None:
+        return pd.DataFrame({"rlnTomoName": [name] * len(ids)})
+    rows = rows.reset_index(drop=True)
+    known = ids < len(rows)
+    out = rows.iloc[ids[known]].reset_index(drop=True)
+    if not known.all():
+        blank = {c: (0 if rows[c].dtype.kind in "biuf" else "") for c in rows.columns}
+        blank["rlnTomoName"] = name
+        extra = pd.DataFrame([blank] * int((~known).sum()), columns=rows.columns)
+        out = pd.concat([out, extra], ignore_index=True)
+        out = out.iloc[np.argsort(np.r_[np.flatnonzero(known), np.flatnonzero(~known)])]
+    return out.reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------------------------- particle series
