@@ -7,14 +7,19 @@ import numpy as np
 import pytest
 
 from napari_cspt2d import geometry
+from napari_cspt2d import pyp
 from napari_cspt2d.errors import CsptInputError
 from napari_cspt2d.io import cistem
+from napari_cspt2d.io.mrc import open_stack, read_image
 from napari_cspt2d.io.toml import load_params, save_params
 from napari_cspt2d.model.params import PypParameters
 from napari_cspt2d.model.tracks import TiltTable, TrackSet
 from napari_cspt2d.recon.constrained import CspModes, place_projections, regularize_residuals, solve_constrained
+from napari_cspt2d.recon import pipeline
 from napari_cspt2d.recon.heights import fit_heights, has_heights, with_fitted_heights
+from napari_cspt2d.recon.reconstruct import reconstruct_tracks
 from napari_cspt2d.recon.trackfit import TiltGeometry, fit_tracks
+from napari_cspt2d.sample import write_sample
 
 PIXEL_A = 1.35
 SHAPE = (2048, 2048)
@@ -280,3 +285,46 @@ def test_zero_filled_points_are_fitted_from_the_tracks_first(injected):
     start = TiltGeometry.from_tracks(tracks)
     fit = solve_constrained(tracks, modes, pixel_A=PIXEL_A, start=start)
     assert rms(gauge_free_angle_error(fit.geometry.angle_deg, series.angles)) <= 0.1 * rms(angle_error)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+@pytest.fixture(scope="module")
+def constrained_run(tmp_path_factory, small_sample):
+    """The small sample's project run with every constrained mode on (2 iterations, jobs in this process)."""
+    root = tmp_path_factory.mktemp("constrained") / "project"
+    write_sample(small_sample, root, name="sample")
+    params = pyp.load_parameters(root)
+    params.update({"refine_maxiter": 3, "refine_rhref": "12:10", "slurm_bundle_size": 4,
+                   "csp_refine_micrographs": True, "csp_refine_particles": True, "csp_transreg": True})
+    pyp.save_parameters(params, root)
+    return root, params, pipeline.run_cspt(params, project_dir=root, serial=True, stop_when_converged=False)
+
+
+def test_constrained_run_writes_the_model_and_its_map(constrained_run, small_sample):
+    root, params, run = constrained_run
+    assert [it["iteration"] for it in run.iterations] == [2, 3]
+    _, tracks, _ = pyp.load_project(root, "sample", 3)
+    par = pyp.Parameters.from_file(run.parameters[0])
+    tilts = par.extended.tilts
+    assert np.any(np.abs(tracks.tilts.angle_deg - small_sample.tracks.tilts.angle_deg) > 1e-3)  # refined, read back
+    shifts = cistem.tilt_shifts_px(tilts, tracks.tilts.order, params["scope_pixel"])
+    assert np.all(np.isfinite(shifts)) and np.any(shifts != 0)
+    assert np.all(np.any(tracks.particles.xyz_px != 0, axis=1))  # points fitted from the zero-filled tracks
+    stack = open_stack(root / "sample_stack.mrc")[0]
+    expected = reconstruct_tracks(stack, tracks, **pipeline.reconstruction_options(params)).map
+    got = read_image(root / "frealign" / "maps" / "sample_r01_03.mrc")
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    error = np.linalg.norm(tracks.positions_px() - small_sample.truth_tracks.positions_px(), axis=1)
+    picks = np.linalg.norm(small_sample.tracks.positions_px() - small_sample.truth_tracks.positions_px(), axis=1)
+    assert rms(error) < 0.3 * rms(picks)
+
+
+def test_constrained_run_resumes_from_its_tilt_geometry(constrained_run):
+    root, params, _ = constrained_run
+    before = pyp.Parameters.from_file(root / "frealign" / "maps" / "sample_r01_03.cistem").extended.tilts
+    again = pipeline.run_cspt(params, project_dir=root, serial=True, first_iteration=4, last_iteration=4,
+                              stop_when_converged=False)
+    after = pyp.Parameters.from_file(again.parameters[0]).extended.tilts
+    change = np.abs(after["TILTANG"] - before["TILTANG"])
+    assert change.max() <= params["csp_ToleranceMicrographTiltAngles"] + 1e-4  # from iteration 3's, not the pkl's
+    assert np.abs(after["TSHIFT_X"] - before["TSHIFT_X"]).max() < 2.0 * params["scope_pixel"]

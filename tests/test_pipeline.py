@@ -13,7 +13,7 @@ import pytest
 from napari_cspt2d import pyp
 from napari_cspt2d.errors import CsptInputError, CsptRunError
 from napari_cspt2d.io.mrc import open_stack, read_image, write_map
-from napari_cspt2d.recon import executor, fsc, pipeline, refine
+from napari_cspt2d.recon import csp_run, executor, fsc, pipeline, refine
 from napari_cspt2d.recon.pipeline import reconstruction_options
 from napari_cspt2d.recon.project import tilt_series_names
 from napari_cspt2d.recon.reconstruct import HalfMapInsertion, ReconstructionSettings, half_split, reconstruct_tracks
@@ -55,8 +55,13 @@ def assert_same_map(a, b):
 
 
 def reconstruct_iteration(root, name, iteration):
-    """The single-process reconstruction of a tilt series' parameters after ``iteration``."""
+    """The single-process reconstruction of a tilt series' parameters after ``iteration`` (iteration 1: the input
+    tracks with the 3D points the run fits for their heights, ``csp_run.prepare``)."""
     params, tracks, _ = pyp.load_project(root, name, iteration)
+    if iteration == 1:
+        picks = {name: tracks}
+        csp_run.prepare(picks, {}, params, {})
+        tracks = picks[name]
     return reconstruct_tracks(open_stack(root / f"{name}_stack.mrc")[0], tracks, **reconstruction_options(params))
 
 

@@ -60,7 +60,7 @@ import hashlib
 import os
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from difflib import get_close_matches
 from pathlib import Path
 
@@ -519,19 +519,48 @@ def tables_from_tracks(
     return main, particles, tilts
 
 
-def tilt_shifts_px(tilts: CistemTable, order: ArrayLike, pixel_A: float) -> NDArray[np.float64]:
-    """Per-tilt image shifts (T, 2, tilt-stack px) of the tilts with acquisition indices ``order`` (T,), from the
-    tilts block's ``TSHIFT_X/Y`` (Å; the first region of each ``TIND``; 0 when the columns are absent)."""
-    order = np.asarray(order, dtype=np.int64).reshape(-1)
+def _block_rows(tilts: CistemTable, order: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Row of each ``TIND`` of ``order`` in the tilts block (its first region), -1 where the block lacks it."""
     tind = tilts["TIND"].astype(np.int64) if "TIND" in tilts else np.zeros(0, np.int64)
     rind = tilts["RIND"] if "RIND" in tilts else np.zeros(len(tilts), np.int64)
     by = np.lexsort((rind, tind))
     first = by[np.r_[True, tind[by][1:] != tind[by][:-1]]] if by.size else by
-    rows = np.searchsorted(tind[first], order)
-    if np.any(rows >= first.size) or np.any(tind[first][np.minimum(rows, first.size - 1)] != order):
+    if not first.size:
+        return np.full(order.size, -1, np.int64)
+    k = np.minimum(np.searchsorted(tind[first], order), first.size - 1)
+    return np.where(tind[first][k] == order, first[k], -1)
+
+
+def tilt_shifts_px(tilts: CistemTable, order: ArrayLike, pixel_A: float) -> NDArray[np.float64]:
+    """Per-tilt image shifts (T, 2, tilt-stack px) of the tilts with acquisition indices ``order`` (T,), from the
+    tilts block's ``TSHIFT_X/Y`` (Å; the first region of each ``TIND``; 0 when the columns are absent)."""
+    order = np.asarray(order, dtype=np.int64).reshape(-1)
+    rows = _block_rows(tilts, order)
+    if np.any(rows < 0):
         raise CsptInputError("lacks some tilts", field="tilts.TIND", expected=f"every TIND of {order.tolist()[:8]}")
-    rows = first[rows]
     return np.column_stack([tilts.get("TSHIFT_X", 0.0)[rows], tilts.get("TSHIFT_Y", 0.0)[rows]]) / pixel_A
+
+
+#: Tilt angles and axes of a file that differ from a given tilt table by more than this (°; float32 rounding is
+#: ~1e-5°) are the file's own, refined geometry.
+_REFINED_DEG = 1e-3
+
+
+def _with_file_geometry(table: TiltTable, tilts: CistemTable) -> TiltTable:
+    """``table`` with the tilts block's angles and axes where they differ from its own (module docstring)."""
+    rows = _block_rows(tilts, table.order)
+    have = rows >= 0
+    columns = {}
+    for name, column in (("angle_deg", "TILTANG"), ("axis_deg", "TILTAXIS")):
+        values = getattr(table, name).copy()
+        if column in tilts:
+            file = tilts[column].astype(np.float64)[rows[have]]
+            differ = np.abs(file - values[have]) > _REFINED_DEG
+            values[np.flatnonzero(have)[differ]] = file[differ]
+        columns[name] = values
+    if all(np.array_equal(v, getattr(table, k)) for k, v in columns.items()):
+        return table
+    return replace(table, **columns)
 
 
 def _pair_keys(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -641,8 +670,10 @@ def tracks_from_tables(
 
     Without ``tilt_table``, tilts are the stack sections (``IMIND``) that have projections: angle and axis from the
     tilts block, ``order`` = ``TIND``, defocus (µm) = per-tilt mean of ``DEFOCUS_1`` + particle height, ``dose`` =
-    ``dose_per_tilt``. A given ``tilt_table`` (e.g. from ``{name}.pkl``) is used as is. Files with several frames
-    per projection are refused (the model holds one position per particle and tilt)."""
+    ``dose_per_tilt``. A given ``tilt_table`` (e.g. from ``{name}.pkl``) supplies the tilts, except their angles and
+    axes where the tilts block holds others (beyond float32 rounding, :data:`_REFINED_DEG`): the file's shifts are
+    relative to its own geometry (e.g. refined by ``csp_refine_micrographs``). Files with several frames per
+    projection are refused (the model holds one position per particle and tilt)."""
     check_tables(main, particles, tilts, path)
     n = len(main)
     frame = main.get("FIND", 0)
@@ -659,6 +690,8 @@ def tracks_from_tables(
         ptable = ParticleTable(p_ids[p_order], xyz, euler)
         if tilt_table is None:
             tilt_table = _tilts_from_tables(main, particles, tilts, ptable, path, dose_per_tilt)
+        else:
+            tilt_table = _with_file_geometry(tilt_table, tilts)
         tracks = TrackSet(main["PIND"].astype(np.int64), main["IMIND"].astype(np.int64), shift,
                           main.get("SCORE", 0.0), main.get("OCCUPANCY", 100.0), ptable, tilt_table, image_shape_yx)
     except CsptInputError as exc:

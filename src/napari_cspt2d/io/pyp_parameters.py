@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from ..errors import CsptInputError
 from ..model.params import as_parameters
@@ -79,13 +79,14 @@ class Parameters:
         return cls(main, ExtendedParameters(particles, tilts), path=path)
 
     @classmethod
-    def from_trackset(cls, tracks: TrackSet, parameters: Mapping[str, Any]) -> Parameters:
+    def from_trackset(cls, tracks: TrackSet, parameters: Mapping[str, Any], *,
+                      tilt_shift_px: ArrayLike | None = None) -> Parameters:
         """Parameter tables for ``tracks`` (pixel size, voltage, Cs and amplitude contrast from ``parameters``;
-        column meanings in :mod:`napari_cspt2d.io.cistem`)."""
+        ``tilt_shift_px`` (T, 2) the refined per-tilt shifts; column meanings in :mod:`napari_cspt2d.io.cistem`)."""
         params = as_parameters(parameters, strict=False)
         main, particles, tilts = cistem.tables_from_tracks(
             tracks, pixel_A=params.stack_pixel_A, voltage_kV=params["scope_voltage"], cs_mm=params["scope_cs"],
-            amp_contrast=params["scope_wgh"])
+            amp_contrast=params["scope_wgh"], tilt_shift_px=tilt_shift_px)
         return cls(main, ExtendedParameters(particles, tilts))
 
     # ---------------------------------------------------------------- access

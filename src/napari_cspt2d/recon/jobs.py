@@ -102,8 +102,9 @@ class BundleJob(_TracksJob):
     (``split_dir``, ``params``; regions numbered from ``first_region``), the tilt series' ``stack``, the reference
     map(s) (and a digest of their content), the particles' picks (``origin_keys`` = particle id × 2³² + tilt id,
     ``origin_px`` positions), whether to refine each particle against its half map (``gold_standard``) and the
-    ``share`` of the iteration's map it inserts its refined projections into. ``fingerprint`` identifies the inputs
-    of the refinement; ``result``/``log`` are where the job writes."""
+    ``share`` of the iteration's map it inserts its refined projections into (unless ``insert`` is False: the
+    constrained modes place the projections after all bundles are merged, :mod:`napari_cspt2d.recon.csp_run`).
+    ``fingerprint`` identifies the inputs of the refinement; ``result``/``log`` are where the job writes."""
 
     name: str
     iteration: int
@@ -125,6 +126,7 @@ class BundleJob(_TracksJob):
     fingerprint: str
     result: str
     log: str
+    insert: bool = True
 
     @property
     def label(self) -> str:
@@ -169,11 +171,11 @@ def _fingerprint(job_fields: Sequence[Any], reference_digest: str) -> str:
 def bundle_jobs(paths: ProjectPaths, iteration: int, series: Sequence[Series], picks: Mapping[str, TrackSet],
                 current: Mapping[str, TrackSet], params: PypParameters, options: refine.RefineOptions,
                 imaging: refine.Imaging, settings: ReconstructionSettings, references: Sequence[Path], key: str,
-                gold_standard: bool) -> list[BundleJob]:
+                gold_standard: bool, insert: bool = True) -> list[BundleJob]:
     """The bundle jobs of ``iteration``: the ``current`` tracks of every tilt series (its parameters of iteration
     ``iteration − 1``) in bundles of ``slurm_bundle_size`` particles, refined against ``references`` (the map, or
     its two halves with ``gold_standard``) and inserted into the grids of map ``key``; ``picks`` are the input
-    tracks (the origin of every projection)."""
+    tracks (the origin of every projection); ``insert`` False: the jobs only refine."""
     ref_digest = file_digest(*references)
     jobs: list[BundleJob] = []
     for s in series:
@@ -196,7 +198,7 @@ def bundle_jobs(paths: ProjectPaths, iteration: int, series: Sequence[Series], p
                                   first_region, str(paths.scratch), params, str(s.stack),
                                   tuple(str(r) for r in references), ref_digest, options, imaging, pick_keys[rows],
                                   pick_pos[rows], gold_standard, own, fingerprint=_fingerprint(fields, ref_digest),
-                                  result=str(result), log=str(log)))
+                                  result=str(result), log=str(log), insert=insert))
             first_region += len(ids)
     return jobs
 
@@ -357,7 +359,8 @@ def run_bundle(job: BundleJob) -> dict[str, Any]:
                      occupancy=t.occupancy, particle_id=t.particles.id, euler_deg=t.particles.euler_deg,
                      particle_score=out.particle_score, fingerprint=np.array(job.fingerprint))
         refined = time.perf_counter()
-        _insert(job.share, stack, t, job.label)
+        if job.insert:
+            _insert(job.share, stack, t, job.label)
         summary["seconds"] = time.perf_counter() - started
         log(f"done in {summary['seconds']:.1f} s (inserted into the map in {time.perf_counter() - refined:.1f} s); "
             f"median score {np.median(t.score):.3f}, {int((t.occupancy == 0).sum())} projection(s) below the cutoff")

@@ -26,6 +26,14 @@ Iterations
     5. stop early when the parameters stopped changing: RMS shift change < :data:`CONVERGED_SHIFT_PX` and median
        orientation change < :data:`CONVERGED_ANGLE_DEG` against iteration ``i − 1``.
 
+pyp's constrained modes (``csp_refine_micrographs``, ``csp_refine_particles``, ``csp_transreg``;
+:mod:`~napari_cspt2d.recon.constrained`, hooks in :mod:`~napari_cspt2d.recon.csp_run`): the bundle jobs of step 2
+only refine (they measure every projection); after the merge of step 3 the per-tilt geometry and the particles' 3D
+points are solved from all bundles' measurements and the projections placed (the refined tilt angles and axes in
+the tilts block, the per-tilt shifts as ``TSHIFT_X/Y``), and step 4 inserts the placed projections by insertion
+jobs. Tracks without 3D points get them fitted from the tracks first (in free mode only the trustworthy ones, for
+the CTF, with ``fitted_heights_ctf``).
+
 Resuming
     Bundles whose result exists with the same fingerprint are skipped (:mod:`~napari_cspt2d.recon.jobs`); merge and
     reconstruction are redone (they are deterministic and cheap next to refinement). A run asked to start at
@@ -55,7 +63,8 @@ from ..io.mrc import open_stack
 from ..io.pyp_parameters import Parameters
 from ..model.params import PypParameters, as_parameters, check_cspt_mode
 from ..model.tracks import TrackSet
-from . import refine
+from . import csp_run, refine
+from .constrained import CspState
 from .executor import Background, Executor, run_client
 from .jobs import BundleJob, InsertJob, bundle_ids, bundle_jobs, insert_jobs, merge_results, run_bundle, run_insert
 from .project import (PENDING, ProjectPaths, Series, data_set_name, file_digest, initial_map_needed,
@@ -259,6 +268,8 @@ def run_cspt(
     current = {s.name: (s.tracks if first == 2 else read_tracks(paths.parameters(s.name, first - 1),
                                                                  s.tracks.image_shape_yx, s.tracks.tilts))
                for s in series}
+    states = csp_run.prepare(picks, current, params,
+                             {} if first == 2 else {s.name: paths.parameters(s.name, first - 1) for s in series})
     run = CsptRun(root, paths.map(first - 1), [paths.parameters(s.name, first - 1) for s in series], paths.run_log,
                   timings=timings)
     imaging = refine.Imaging.from_params(params)
@@ -277,8 +288,9 @@ def run_cspt(
                 runlog(f"iteration 1: map {paths.map(1)} at {rec.resolution_A:.1f} Å (FSC 0.143) from "
                        f"{rec.stats['n_used']} projections")
             for it in range(first, last + 1):
-                options = refine.RefineOptions.from_params(params, it, tilt_unit=tilt_unit)
-                summary = _iteration(it, paths, series, picks, current, params, options, imaging, settings,
+                options = csp_run.refine_options(refine.RefineOptions.from_params(params, it, tilt_unit=tilt_unit),
+                                                 params)
+                summary = _iteration(it, paths, series, picks, current, states, params, options, imaging, settings,
                                      executor, gold_standard, stage, timed, runlog, background,
                                      last=it == last, stop_when_converged=stop_when_converged)
                 run.iterations.append(summary)
@@ -299,20 +311,22 @@ def _converged(shift_change_px: float, angle_change_deg: float) -> bool:
 
 
 def _iteration(it: int, paths: ProjectPaths, series: Sequence[Series], picks: Mapping[str, TrackSet],
-               current: dict[str, TrackSet], params: PypParameters, options: refine.RefineOptions,
+               current: dict[str, TrackSet], states: dict[str, CspState], params: PypParameters,
+               options: refine.RefineOptions,
                imaging: refine.Imaging, settings: ReconstructionSettings, executor: Executor, gold_standard: bool,
                stage: refine._Stage, timed: Callable[[str, float], None], runlog: _RunLog,
                background: Background, *, last: bool, stop_when_converged: bool) -> dict[str, Any]:
-    """One iteration (module docstring, steps 1-5); updates ``current`` and returns the iteration's summary. When it
-    is the run's last (``last``, or converged and ``stop_when_converged``) the executor is released after the
-    merge."""
+    """One iteration (module docstring, steps 1-5); updates ``current`` (and the constrained ``states``, see
+    :mod:`~napari_cspt2d.recon.csp_run`) and returns the iteration's summary. When it is the run's last (``last``,
+    or converged and ``stop_when_converged``) the executor is released after the merge (constrained: after the
+    map's insertion jobs)."""
     t0 = time.perf_counter()
     reference = paths.map(it - 1)
     references = (reference,) if not gold_standard else tuple(
         reference.with_name(f"{reference.stem}_half{h}.mrc") for h in (1, 2))
     key = f"{paths.data_set}-{it:02d}-{os.urandom(4).hex()}"
     jobs = bundle_jobs(paths, it, series, picks, current, params, options, imaging, settings, references, key,
-                       gold_standard)
+                       gold_standard, insert=not states)
     timed("prepare", t0)
 
     t0 = time.perf_counter()
@@ -332,18 +346,28 @@ def _iteration(it: int, paths: ProjectPaths, series: Sequence[Series], picks: Ma
     shift_change, angle_change = 0.0, 0.0
     for s in series:
         merged = merge_results(current[s.name], [Path(j.result) for j in jobs if j.name == s.name])
+        if s.name in states:
+            merged, states[s.name] = csp_run.place(merged, states[s.name], picks[s.name], options, params)
         change = refine.parameter_change(current[s.name], merged)
         shift_change, angle_change = max(shift_change, change[0]), max(angle_change, change[1])
-        written = Parameters.from_trackset(merged, params)
+        written = Parameters.from_trackset(merged, params, tilt_shift_px=csp_run.tilt_shifts(states, s.name))
         written.write(paths.parameters(s.name, it))
-        # the values as the file holds them (float32 columns), which is what a resumed run reads
-        current[s.name] = written.to_trackset(merged.image_shape_yx, tilts=merged.tilts)
-    if last or (stop_when_converged and _converged(shift_change, angle_change)):
+        # the values as the file holds them (float32 columns, its tilt geometry), which is what a resumed run reads
+        current[s.name] = written.to_trackset(merged.image_shape_yx, tilts=s.tracks.tilts)
+    finishing = last or (stop_when_converged and _converged(shift_change, angle_change))
+    if finishing and not states:
         executor.release()
     timed("merge", t0)
 
     t0 = time.perf_counter()
-    rec = _finish_map(paths, it, settings, jobs, grids, current, stage, background)
+    map_jobs: Sequence[BundleJob | InsertJob] = jobs
+    if states:  # constrained: the map from the placed projections
+        key = f"{paths.data_set}-{it:02d}-{os.urandom(4).hex()}"
+        map_jobs = insert_jobs(series, current, params, settings, key)
+        _, grids = executor.run_into_map(run_insert, map_jobs, f"iteration {it}: reconstruct", key)
+        if finishing:
+            executor.release()
+    rec = _finish_map(paths, it, settings, map_jobs, grids, current, stage, background)
     writing_marker(paths, it).unlink()
     timed("reconstruct", t0)
     summary = {"iteration": it, "resolution_A": rec.resolution_A, "resolution_05_A": rec.resolution_05_A,

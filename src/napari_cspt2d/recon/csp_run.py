@@ -1,0 +1,96 @@
+"""How a CSPT run (:mod:`napari_cspt2d.recon.pipeline`) applies pyp's constrained modes and the fitted heights.
+
+At the start (:func:`prepare`), per tilt series:
+
+* constrained modes (:attr:`CspModes.constrained`): the picks' particles get their points fitted from their tracks
+  (:func:`constrained.start_constrained`); a resumed run continues from its last file's per-tilt geometry (tilt
+  angles and axes of its tilts block, as the file is read, and ``TSHIFT_X/Y``);
+* free mode with ``fitted_heights_ctf`` and tracks without 3D points: the trustworthy fitted points
+  (:mod:`napari_cspt2d.recon.heights`), so that every projection's CTF has its own defocus.
+
+Each iteration the bundle jobs only *measure* (refine, no insertion) in constrained modes; after the merge
+:func:`place` solves the per-tilt geometry and the particles' points from every bundle's measurements and places
+the projections, and the map is inserted from the placed projections by insertion jobs. Nothing here runs in a job:
+the jobs get the per-tilt geometry and points in their TrackSet.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from dataclasses import replace
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..io import cistem
+from ..io.pyp_parameters import Parameters
+from ..model.params import PypParameters
+from ..model.tracks import TrackSet
+from .constrained import CspModes, CspState, constrained_round, start_constrained
+from .heights import fit_heights, has_heights, with_fitted_heights
+from .jobs import pair_key
+from .refine import RefineOptions
+
+__all__ = ["prepare", "refine_options", "place", "tilt_shifts"]
+
+
+def prepare(picks: MutableMapping[str, TrackSet], current: MutableMapping[str, TrackSet], params: PypParameters,
+            resumed_from: Mapping[str, str | os.PathLike[str]]) -> dict[str, CspState]:
+    """Put the fitted points into ``picks`` and ``current`` (per tilt series, in place; every projection keeps its
+    position) and return the constrained state of each series (empty in free mode). ``resumed_from``: the
+    parameter file each resumed series' ``current`` was read from (the other series start from their picks)."""
+    modes = CspModes.from_params(params)
+    states: dict[str, CspState] = {}
+    for name, tracks in picks.items():
+        if modes.constrained:
+            picks[name], states[name] = start_constrained(tracks)
+            if name in resumed_from:
+                states[name] = _resumed(current[name], states[name], resumed_from[name], params.stack_pixel_A)
+            else:
+                current[name] = picks[name]
+        elif params["fitted_heights_ctf"] and not has_heights(tracks):
+            fit = fit_heights(tracks, pixel_A=params.stack_pixel_A, max_error_A=params["fitted_heights_max_error_A"])
+            picks[name] = with_fitted_heights(tracks, fit)
+            if name not in resumed_from:
+                current[name] = picks[name]
+    return states
+
+
+def _resumed(tracks: TrackSet, state: CspState, path: str | os.PathLike[str], pixel_A: float) -> CspState:
+    """The state of a series resumed from its parameter file ``path``: the file's tilt angles and axes (``tracks``
+    was read with them, :func:`napari_cspt2d.io.cistem.tracks_from_tables`) and its ``TSHIFT_X/Y``."""
+    tilts = Parameters.from_file(path).extended.tilts
+    return replace(state, geometry=replace(state.geometry, angle_deg=tracks.tilts.angle_deg.copy(),
+                                           axis_deg=tracks.tilts.axis_deg.copy(),
+                                           shift_px=cistem.tilt_shifts_px(tilts, tracks.tilts.order, pixel_A)))
+
+
+def refine_options(options: RefineOptions, params: PypParameters) -> RefineOptions:
+    """The iteration's refinement options under the CSP modes: with ``csp_refine_particles`` the orientation search
+    stays within the particle tolerances (:attr:`CspModes.angle_range_deg`)."""
+    modes = CspModes.from_params(params)
+    return replace(options, angle_range_deg=modes.angle_range_deg) if modes.refine_particles else options
+
+
+def place(merged: TrackSet, state: CspState, picks: TrackSet, options: RefineOptions, params: PypParameters
+          ) -> tuple[TrackSet, CspState]:
+    """The merged measurements of one tilt series placed by the constrained model (:func:`constrained_round`):
+    the picks anchor the particles, the measurements in the refinement tilt range with occupancy > 0 count."""
+    rows = _rows_of(picks, merged)
+    use = options.tilts.mask(merged.tilts)[merged.tilt_rows()] & (merged.occupancy > 0)
+    placed, state, _ = constrained_round(merged, state, CspModes.from_params(params), pixel_A=params.stack_pixel_A,
+                                         picks_px=picks.positions_px()[rows], use=use)
+    return placed, state
+
+
+def tilt_shifts(states: Mapping[str, CspState], name: str) -> NDArray[np.float64] | None:
+    """The per-tilt shifts (T, 2) of series ``name`` for ``TSHIFT_X/Y`` (None in free mode)."""
+    return states[name].geometry.shift_px if name in states else None
+
+
+def _rows_of(picks: TrackSet, tracks: TrackSet) -> NDArray[np.int64]:
+    """Row in ``picks`` of every projection of ``tracks`` (same particles and tilts)."""
+    keys = pair_key(picks.particle, picks.tilt)
+    order = np.argsort(keys)
+    return order[np.searchsorted(keys[order], pair_key(tracks.particle, tracks.tilt))]
