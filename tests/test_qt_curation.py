@@ -20,6 +20,7 @@ from qtpy.QtCore import Qt  # noqa: E402
 
 from napari_cspt2d._qt import CurationWidget  # noqa: E402
 from napari_cspt2d._qt._loader import add_layers  # noqa: E402
+from napari_cspt2d._qt._tracks_layer import ACTIVE_OFFSET_RADII  # noqa: E402
 from napari_cspt2d._reader import points_data  # noqa: E402
 from napari_cspt2d._sample_data import SAMPLE_SOURCE, make_sample_data  # noqa: E402
 from napari_cspt2d.model.editing import autosave_path  # noqa: E402
@@ -42,7 +43,8 @@ def cache_home(tmp_path, monkeypatch):
 def open_curation(make_napari_viewer, layers):
     viewer = make_napari_viewer(show=True)
     add_layers(viewer, layers)
-    _, widget = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Tracks curation")
+    _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    widget = cockpit.curate
     assert isinstance(widget, CurationWidget) and widget.controller is not None
     return viewer, widget
 
@@ -143,8 +145,11 @@ def test_add_and_delete_particles(make_napari_viewer, sample_layers, cache_home,
     segments = ctl.active_track.data  # the active trajectory: one segment between consecutive tilts
     track = points_data(doc.tracks, np.flatnonzero(doc.tracks.particle == 4))[:, 1:]
     assert len(segments) == doc.tracks.n_tilts - 1
-    np.testing.assert_allclose(segments[:, 0], track[:-1])
-    np.testing.assert_allclose(segments[:, 0] + segments[:, 1], track[1:])
+    # drawn thin and beside the rings (shifted up by more than a radius), not across the particle
+    beside = track - [ACTIVE_OFFSET_RADII * ctl.radius_px, 0.0]
+    assert ACTIVE_OFFSET_RADII > 1.0 and ctl.active_track.edge_width < ctl.radius_px / 4
+    np.testing.assert_allclose(segments[:, 0], beside[:-1])
+    np.testing.assert_allclose(segments[:, 0] + segments[:, 1], beside[1:])
 
     widget.delete_particle()  # Shift+D
     assert 4 not in doc.tracks.particles.id and len(doc.tracks) == n0 - doc.tracks.n_tilts

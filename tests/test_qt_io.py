@@ -101,13 +101,13 @@ def test_writers_round_trip(project, tmp_path):
 @pytest.mark.gui
 @pytest.mark.slow
 def test_loader_opens_project_with_binning_and_tracks(make_napari_viewer, project, qtbot, monkeypatch, tmp_path):
-    from napari_cspt2d._qt import CurationWidget, TiltSeriesLoader
+    from napari_cspt2d._qt import CurationWidget
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     sample, root, paths = project
     viewer = make_napari_viewer(show=True)
-    loader = TiltSeriesLoader(viewer)
-    viewer.window.add_dock_widget(loader, name="Tilt-series loader")
+    _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    loader = cockpit.data
     loader.stack.setText(str(paths["stack"]))
     loader.tracks.setText(str(paths["cistem"]))
     loader.bin_spin.setValue(2)
@@ -125,14 +125,15 @@ def test_loader_opens_project_with_binning_and_tracks(make_napari_viewer, projec
     np.testing.assert_allclose(image.contrast_limits, series.contrast_limits())
     assert viewer.dims.axis_labels == ("tilt", "y", "x")
     viewer.dims.set_current_step(0, 10)
-    assert viewer.canvas.overlays.text.text == "tilt 10/21  +0.0°"
+    assert viewer.canvas.overlays.text.text == "tilt 10 of 0–20  +0.0°"
     # the tracks sit on the (binned) image in world coordinates and are curated at once
     points = viewer.layers["sample tracks"]
     assert tuple(points.scale) == (1.0, pixel, pixel)
     np.testing.assert_allclose(points.data, points_data(sample.tracks.replace(
         tilts=points.metadata["cspt2d"]["tracks"].tilts)), atol=1e-3)
-    curation = viewer.window.dock_widgets["Tracks curation (napari-cspt2d)"]
+    curation = cockpit.curate
     assert isinstance(curation, CurationWidget) and curation.controller.points is points
+    assert cockpit.tabs.tabText(cockpit.tabs.currentIndex()) == "Curate"  # the next step is in front
     assert "21 sections" in loader.info.text()
 
     # unbinned: the layer is the memory map itself
@@ -188,7 +189,8 @@ def test_viewer_open_and_layer_save_round_trip(make_napari_viewer, project, tmp_
     points = layers[-1]
     assert points.metadata["cspt2d"]["source"] == str(json_in)
 
-    _, curation = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Tracks curation")
+    _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    curation = cockpit.curate
     doc = curation.document
     doc.move_points([2], [[150.5, 160.25]])
     doc.delete_particles([7])

@@ -16,7 +16,8 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QLineEdit, QSpinBox  # noqa: E4
 from napari_cspt2d import pyp  # noqa: E402
 from napari_cspt2d._qt._loader import add_layers  # noqa: E402
 from napari_cspt2d._qt._tilt_overlay import tiltseries_layer  # noqa: E402
-from napari_cspt2d._qt.params_widget import ParametersWidget, session, suggested_box  # noqa: E402
+from napari_cspt2d._qt._owner import state_of  # noqa: E402
+from napari_cspt2d._qt.params_widget import ParametersWidget, suggested_box  # noqa: E402
 from conftest import GUI_SAMPLE as SMALL  # noqa: E402
 from napari_cspt2d.errors import CsptInputError  # noqa: E402
 from napari_cspt2d.io.toml import load_params  # noqa: E402
@@ -34,7 +35,9 @@ def open_params(make_napari_viewer, layers=None):
     viewer = make_napari_viewer(show=True)
     if layers is not None:
         add_layers(viewer, layers)
-    _, widget = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Parameters")
+    _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    widget = cockpit.parameters
+    cockpit.show_tab("Parameters")
     assert isinstance(widget, ParametersWidget)
     return viewer, widget
 
@@ -99,10 +102,14 @@ def test_inline_validation_messages(make_napari_viewer, qtbot):
     assert "colon list" in widget.fields["refine_rhref"].message.text()
     widget.set_value("refine_rhref", "10")
 
-    # inconsistent combinations: listed at the bottom, their fields framed
+    # inconsistent combinations: the message under each field concerned (readable, not clipped), and at the bottom
     widget.set_value("particle_rad", "500")
     assert not widget.is_valid and "smaller than the particle diameter" in widget.summary.text()
-    assert "border" in widget.fields["extract_box"].editor.styleSheet()
+    box = widget.fields["extract_box"]
+    assert "border" in box.editor.styleSheet()
+    assert not box.message.isHidden() and "smaller than the particle diameter" in box.message.text()
+    qtbot.waitUntil(lambda: box.message.visibleRegion().boundingRect().height() >= box.message.sizeHint().height(),
+                    timeout=2000)
     widget.set_value("particle_rad", "100")
     widget.set_value("refine_iter", 3)
     widget.set_value("refine_maxiter", 2)
@@ -144,6 +151,11 @@ def test_values_from_the_data_shown(make_napari_viewer, sample_layers, sample):
     assert (p["scope_voltage"], p["scope_cs"], p["scope_wgh"]) == (sample.params["scope_voltage"],
                                                                   sample.params["scope_cs"],
                                                                   sample.params["scope_wgh"])
+    # the sample's own settings, not the form's defaults
+    assert p["refine_rhref"] == "20:16:12" and p["refine_rhref"] != PARAMS["refine_rhref"].default
+    assert (p["csp_UseImagesForRefinementMin"], p["csp_UseImagesForRefinementMax"]) == (-60, 60)
+    assert state_of(viewer).parameters is not None, state_of(viewer).parameters_problem
+    assert state_of(viewer).parameters.to_dict() == p.to_dict()  # published to the cockpit's state
     assert not widget.touched
 
 
@@ -166,7 +178,7 @@ def test_create_then_open_a_pyp_project(make_napari_viewer, sample_layers, tmp_p
     for name in (".pyp_config.toml", "sample.pkl", "sample_stack.mrc", "frealign/maps/sample_r01.cistem",
                  "frealign/maps/sample_r01_extended.cistem"):
         assert (root / name).exists(), name
-    curated = session(viewer).tracks
+    curated = state_of(viewer).session().tracks
     params, tracks, _ = pyp.load_project(root, "sample")
     assert params["refine_maxiter"] == 3
     assert tracks.image_shape_yx == curated.image_shape_yx and len(tracks) == len(curated)
@@ -178,7 +190,7 @@ def test_create_then_open_a_pyp_project(make_napari_viewer, sample_layers, tmp_p
     layer = tiltseries_layer(viewer)
     assert layer is not None and layer.data.shape == (SMALL["n_tilts"], *SMALL["shape_yx"])
     assert layer.metadata["cspt2d"]["path"] == str(root / "sample_stack.mrc")
-    opened = session(viewer).tracks
+    opened = state_of(viewer).session().tracks
     assert len(opened) == len(curated) and opened.n_particles == curated.n_particles
     assert "Project:" in widget.project_label.text()
 

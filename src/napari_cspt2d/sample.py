@@ -1,6 +1,7 @@
 """Deterministic synthetic tilt series with ground truth, for tests, ``cspt2d sample OUT`` and napari's sample data.
 
-The test object is a chiral cluster of isotropic 3D Gaussian blobs. Its projections are rendered *analytically* (a 3D
+The test object is a chiral cluster of isotropic 3D Gaussian blobs; copies of it sit at random positions and heights in
+a slab, in random orientations, as particles do in a tomogram (:func:`slab_positions`). Its projections are rendered *analytically* (a 3D
 Gaussian projects to a 2D Gaussian at the projected centre), which is independent of the Fourier machinery in
 ``recon/``, so reconstructions can be checked against ``truth_map`` honestly. Each particle's box gets the CTF at the
 particle's own defocus (tilt defocus minus its height along the beam), is pasted into the tilt image (protein dark),
@@ -21,7 +22,7 @@ from .model.tracks import ParticleTable, TiltTable, TrackSet
 from . import geometry
 from .recon.ctf import ctf_2d
 
-__all__ = ["Sample", "make_sample", "write_sample", "blob_model", "render_map", "render_projections"]
+__all__ = ["Sample", "make_sample", "write_sample", "slab_positions", "blob_model", "render_map", "render_projections"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,28 @@ class Sample:
         return str(self.params.get("data_set", "sample"))
 
 
+def slab_positions(n_particles: int, shape_yx: tuple[int, int], box: int, thickness_px: float, max_tilt_deg: float,
+                   rng: np.random.Generator) -> NDArray[np.float64]:
+    """Particle centres ``(n, 3)`` as (x, y, z) px from the tomogram centre, as in a tomogram: uniformly random in a
+    slab ``thickness_px`` thick, at least about a box apart (the spacing shrinks when they do not fit), and far
+    enough from the edges that every box stays inside the images up to ``max_tilt_deg``."""
+    ny, nx = shape_yx
+    half_z = thickness_px / 2.0
+    reach_x = max(nx / 2.0 - box / 2.0 - 2.0 - half_z * np.sin(np.deg2rad(abs(max_tilt_deg))), 1.0)
+    reach_y = max(ny / 2.0 - box / 2.0 - 2.0, 1.0)
+    spacing = 0.9 * box
+    placed: list[NDArray[np.float64]] = []
+    while len(placed) < n_particles:
+        for _ in range(200):
+            candidate = rng.uniform([-reach_x, -reach_y, -half_z], [reach_x, reach_y, half_z])
+            if all(np.hypot(*(candidate[:2] - p[:2])) >= spacing for p in placed):
+                placed.append(candidate)
+                break
+        else:
+            spacing *= 0.9  # crowded: let them come closer
+    return np.array(placed, dtype=np.float64).reshape(n_particles, 3)
+
+
 def make_sample(
     *,
     n_particles: int = 40,
@@ -124,15 +147,7 @@ def make_sample(
         dose=dose_per_tilt,
     )
     ny, nx = shape_yx
-    margin = box * 0.75 + thickness_px
-    n_side_x = int(np.ceil(np.sqrt(n_particles * (nx - 2 * margin) / (ny - 2 * margin))))
-    n_side_y = int(np.ceil(n_particles / n_side_x))
-    gx = np.linspace(-(nx / 2 - margin), nx / 2 - margin, n_side_x)
-    gy = np.linspace(-(ny / 2 - margin), ny / 2 - margin, n_side_y)
-    sites = np.stack(np.meshgrid(gx, gy), -1).reshape(-1, 2)[:n_particles]
-    jitter = min(nx / n_side_x, ny / n_side_y) * 0.1
-    xyz = np.column_stack([sites + rng.uniform(-jitter, jitter, sites.shape),
-                           rng.uniform(-thickness_px / 2, thickness_px / 2, n_particles)])
+    xyz = slab_positions(n_particles, shape_yx, box, thickness_px, max_tilt_deg, rng)
     phi, theta, psi = geometry.matrix_to_euler(Rotation.random(n_particles, random_state=seed).as_matrix())
     ids = np.arange(1, n_particles + 1)
     particles = ParticleTable(ids, xyz, np.column_stack([psi, theta, phi]))

@@ -1,6 +1,7 @@
-"""napari dock widgets (the only package that imports Qt): tilt-series loader and tracks curation."""
+"""napari widgets (the only package that imports Qt): the cockpit and its tabs."""
 
 from ._curation import CurationWidget
 from ._loader import TiltSeriesLoader
+from .cockpit import Cockpit
 
-__all__ = ["CurationWidget", "TiltSeriesLoader"]
+__all__ = ["Cockpit", "CurationWidget", "TiltSeriesLoader"]

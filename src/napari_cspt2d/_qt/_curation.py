@@ -49,6 +49,7 @@ from ._autosave import Autosaver
 from ._guard import report_errors
 from ._lifecycle import WindowCloseWatcher
 from ._loader import DEFAULT_RADIUS_A
+from ._owner import CockpitState, state_of
 from ._particle_table import ParticleTableView
 from ._tilt_overlay import connect_tilt_view, tilt_label, tiltseries_layer
 from ._tracks_layer import TracksLayerController
@@ -79,9 +80,10 @@ def _is_tracks_layer(layer) -> bool:
 class CurationWidget(QWidget):
     """Dock widget for curating the tracks of a tilt series (see the module docstring for keys)."""
 
-    def __init__(self, napari_viewer) -> None:
+    def __init__(self, napari_viewer, state: CockpitState | None = None) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        self.state_owner = state if state is not None else state_of(napari_viewer)
         self.controller: TracksLayerController | None = None
         self.autosaver: Autosaver | None = None
         self._documents: dict[int, TrackDocument] = {}
@@ -240,6 +242,7 @@ class CurationWidget(QWidget):
         self.autosaver.saved.connect(self._on_autosaved)
         self._refresh_combo()
         self.viewer.layers.selection.active = points
+        self.state_owner.set_document(document, self.controller)
         self._check_recovery()
         self.refresh_table()
         self._update_labels()
@@ -252,6 +255,7 @@ class CurationWidget(QWidget):
         if self.controller is not None:
             self.controller.close()
             self.controller = None
+            self.state_owner.set_document(None)
         self.recovery_frame.hide()
         self._recovery = None
 

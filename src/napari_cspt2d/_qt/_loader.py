@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QProgressBar,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -37,7 +38,6 @@ from ._tilt_overlay import connect_tilt_view
 
 __all__ = ["TiltSeriesLoader", "load_series_layers"]
 
-CURATION_WIDGET = ("napari-cspt2d", "Tracks curation")
 DEFAULT_RADIUS_A = 100.0  # pyp's default particle_rad
 
 
@@ -126,9 +126,13 @@ class TiltSeriesLoader(QWidget):
         buttons.addWidget(self.sample_button)
         self.info = QLabel()
         self.info.setWordWrap(True)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 0)  # busy indicator while reading
+        self.progress.hide()
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
+        layout.addWidget(self.progress)
         layout.addWidget(self.info)
         layout.addStretch(1)
         self._close_watcher = WindowCloseWatcher(self, connect_tilt_view(napari_viewer))
@@ -158,9 +162,10 @@ class TiltSeriesLoader(QWidget):
         """Generate the synthetic sample (stack + tracks) in a worker, then add the layers."""
         from .._sample_data import make_sample_data
 
-        self._run(make_sample_data, **sample_kwargs)
+        self._run(make_sample_data, message="Making the sample (the first time: seconds; then from the cache)…",
+                  **sample_kwargs)
 
-    def _run(self, func, *args: Any, **kwargs: Any) -> None:
+    def _run(self, func, *args: Any, message: str = "Loading…", **kwargs: Any) -> None:
         if self._worker is not None:
             raise CsptInputError("still loading", field="loader", expected="the current load to finish")
         worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True, **kwargs)
@@ -170,11 +175,13 @@ class TiltSeriesLoader(QWidget):
         self._worker = worker
         self.open_button.setEnabled(False)
         self.sample_button.setEnabled(False)
-        self.info.setText("Loading…")
+        self.info.setText(message)
+        self.progress.show()
         worker.start()
 
     def _done(self) -> None:
         self._worker = None
+        self.progress.hide()
         self.open_button.setEnabled(True)
         self.sample_button.setEnabled(True)
 
@@ -196,11 +203,5 @@ class TiltSeriesLoader(QWidget):
         if tracks:
             ts = tracks[0].metadata["cspt2d"]["tracks"]
             text += f"; {ts.n_particles} particles, {len(ts)} points"
-            self._show_curation()
         self.info.setText(text)
         self.loaded.emit(added)
-
-    def _show_curation(self) -> None:
-        window = getattr(self.viewer, "window", None)
-        if window is not None and hasattr(window, "add_plugin_dock_widget"):
-            window.add_plugin_dock_widget(*CURATION_WIDGET)

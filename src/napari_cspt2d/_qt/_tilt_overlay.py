@@ -33,7 +33,8 @@ def tiltseries_layer(viewer) -> Image | None:
 
 
 def tilt_label(viewer) -> str:
-    """``"tilt 20/41  +0.0°"`` for the section shown, or ``""`` without a tilt series."""
+    """``"tilt 20 of 0–40  +0.0°"`` for the section shown (numbered from 0, as napari's slider counts), or ``""``
+    without a tilt series."""
     layer = tiltseries_layer(viewer)
     if layer is None:
         return ""
@@ -42,7 +43,7 @@ def tilt_label(viewer) -> str:
     if not 0 <= section < len(angles):
         return ""
     angle = angles[section]
-    text = f"tilt {section}/{len(angles)}"
+    text = f"tilt {section} of 0–{len(angles) - 1}"
     return text if angle is None or math.isnan(angle) else f"{text}  {angle:+.1f}°"
 
 

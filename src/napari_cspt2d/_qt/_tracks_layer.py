@@ -6,7 +6,8 @@ Layers (all views of the document):
   angle_deg, score, occupancy, residual_px;
 * a Tracks layer with every particle's whole trajectory (so a jump stands out), refreshed shortly after an edit
   (it is the slow one: ~0.2 s for 100k projections);
-* a 2D Vectors layer with the active particle's trajectory drawn on top.
+* a 2D Vectors layer with the active particle's trajectory: a thin line drawn beside the rings (shifted
+  :data:`ACTIVE_OFFSET_RADII` particle radii up), so it never covers the particle being judged.
 
 A layer edit (``points.events.data`` with its action and indices) becomes one document action; the layers are then
 refreshed from the document. A move refreshes only the moved rows; anything else rebuilds the Points layer.
@@ -40,6 +41,9 @@ from ._guard import report_errors
 __all__ = ["TracksLayerController"]
 
 TRAJECTORY_DELAY_MS = 250
+#: The active trajectory runs this many particle radii above the rings, its width 1/ACTIVE_WIDTH_DIVISOR radius.
+ACTIVE_OFFSET_RADII = 1.3
+ACTIVE_WIDTH_DIVISOR = 20
 
 
 class TracksLayerController(QObject):
@@ -118,7 +122,8 @@ class TracksLayerController(QObject):
             if isinstance(layer, Vectors) and layer.name == name:
                 return layer
         layer = Vectors(np.zeros((0, 2, 2)), ndim=2, name=name, scale=(self.pixel_A, self.pixel_A),
-                        edge_color="white", edge_width=max(1.0, self.radius_px / 8), vector_style="line",
+                        edge_color="white", edge_width=max(1.0, self.radius_px / ACTIVE_WIDTH_DIVISOR),
+                        vector_style="line",
                         opacity=0.9, metadata={"cspt2d": {"role": "active-track"}})
         self.viewer.add_layer(layer)
         self.viewer.layers.selection.active = self.points
@@ -259,6 +264,7 @@ class TracksLayerController(QObject):
         ts = self.document.tracks
         rows = np.flatnonzero(ts.particle == self._active) if self._active is not None else np.zeros(0, int)
         yx = points_data(ts, rows[np.argsort(ts.tilt[rows], kind="stable")])[:, 1:]
+        yx[:, 0] -= ACTIVE_OFFSET_RADII * self.radius_px  # beside (above) the rings, not across the particle
         segments = np.stack([yx[:-1], np.diff(yx, axis=0)], axis=1) if len(yx) >= 2 else np.zeros((0, 2, 2))
         if len(segments) or len(self.active_track.data):
             with self._sync():

@@ -11,7 +11,8 @@ The project row is a pyp project folder (:func:`napari_cspt2d.pyp.create_project
 parameters and, when the viewer has no tilt series yet, its stack and tracks; *Create* writes a project from the
 tilt series shown and the tracks being curated. Runs write their outputs into the project.
 
-:func:`session` gathers what a run needs from the viewer (tilt stack, curated tracks document, parameters, project).
+The form publishes to the viewer's :class:`~napari_cspt2d._qt._owner.CockpitState`: the parameters whenever they are
+valid (or what is wrong), and the project folder; a run takes its session from there.
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import Signal
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -45,20 +45,16 @@ from superqt import QCollapsible
 from .. import pyp
 from .._reader import series_layer_data
 from ..errors import CsptInputError, CsptInputWarning
-from ..io.mrc import open_stack
 from ..io.toml import CONFIG_NAME, load_params, save_params
-from ..model.editing import TrackDocument
 from ..model.params import GROUPS, PARAMS, ParamSpec, PypParameters, check_cspt_mode
 from ..model.tiltseries import TiltSeries
 from ._guard import report_errors
 from ._loader import _PathRow, add_layers
+from ._owner import CockpitState, state_of
 from ._tilt_overlay import tiltseries_layer
 
-__all__ = ["ParametersWidget", "Session", "session", "PARAMETERS_WIDGET", "CURATION_WIDGET"]
+__all__ = ["ParametersWidget", "suggested_box"]
 
-PLUGIN = "napari-cspt2d"
-PARAMETERS_WIDGET = (PLUGIN, "Parameters")
-CURATION_WIDGET = (PLUGIN, "Tracks curation")
 EXPANDED_GROUPS = ("data", "extraction", "refinement")
 _ERROR_STYLE = "color: #e0524f"
 _WARNING_STYLE = "color: #d9a400"
@@ -182,9 +178,10 @@ class ParametersWidget(QWidget):
     parameters_changed = Signal(object)
     project_changed = Signal(object)
 
-    def __init__(self, napari_viewer=None) -> None:
+    def __init__(self, napari_viewer=None, state: CockpitState | None = None) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        self.state_owner = state if state is not None or napari_viewer is None else state_of(napari_viewer)
         self.fields: dict[str, _Field] = {}
         self._extra: dict[str, Any] = {}
         self._source: str | None = None
@@ -236,9 +233,11 @@ class ParametersWidget(QWidget):
             content = QWidget()
             form = QFormLayout(content)
             form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+            form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
             for spec in (s for s in PARAMS.values() if s.group == group):
                 field = _Field(spec, lambda *_, n=spec.name: self._on_edit(n))
                 label = QLabel(f"{spec.label} ({spec.unit})" if spec.unit else spec.label)
+                label.setWordWrap(True)
                 label.setToolTip(_tooltip(spec))
                 form.addRow(label, field)
                 self.fields[spec.name] = field
@@ -252,7 +251,9 @@ class ParametersWidget(QWidget):
         body_layout.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         scroll.setWidget(body)
+        self.scroll = scroll
         outer.addWidget(scroll, 1)
         self.summary = QLabel()
         self.summary.setWordWrap(True)
@@ -277,19 +278,22 @@ class ParametersWidget(QWidget):
 
     @report_errors("Parameters from the data")
     def fill_from_viewer(self) -> None:
-        """Take from the layers shown: the data set name and pixel size (tilt series), the particle radius and
-        optics (tracks layer), and a box of about 2.5 particle radii (at least the extraction minimum)."""
+        """Take the parameters from the layers shown: the data's own settings when it carries them (the sample, a
+        project's tracks); otherwise the data set name and pixel size (tilt series), the particle radius and optics
+        (tracks layer), and a box of about 2.5 particle radii (at least the extraction minimum)."""
         layer = tiltseries_layer(self.viewer)
         if layer is None:
             raise CsptInputError("no tilt series is shown", field="tilt series", expected="a tilt series layer")
         meta = layer.metadata["cspt2d"]
         pixel_A = float(meta["pixel_A"])
+        tracks = next((lyr.metadata["cspt2d"] for lyr in self.viewer.layers
+                       if lyr.metadata.get("cspt2d", {}).get("role") == "tracks"), None)
         values: dict[str, Any] = {"scope_pixel": pixel_A / self.fields["data_bin"].value()}
         if meta.get("name"):
             values["data_set"] = meta["name"]
-        tracks = next((lyr.metadata["cspt2d"] for lyr in self.viewer.layers
-                       if lyr.metadata.get("cspt2d", {}).get("role") == "tracks"), None)
-        if tracks is not None:
+        if tracks is not None and tracks.get("params"):
+            values = dict(tracks["params"])
+        elif tracks is not None:
             radius_A = float(tracks["radius_px"]) * pixel_A
             values["particle_rad"] = radius_A
             values["extract_box"] = suggested_box(radius_A / (pixel_A * self.fields["extract_bin"].value()))
@@ -297,8 +301,11 @@ class ParametersWidget(QWidget):
             for key, name in (("voltage_kV", "scope_voltage"), ("cs_mm", "scope_cs"), ("amp_contrast", "scope_wgh")):
                 if key in optics:
                     values[name] = float(optics[key])
-        for name, value in values.items():
-            self.fields[name].set_value(value)
+        if tracks is not None and tracks.get("params"):
+            self.set_parameters(values)
+        else:
+            for name, value in values.items():
+                self.fields[name].set_value(value)
         if self._validate() is not None:
             self.parameters_changed.emit(self._copy())
 
@@ -365,7 +372,7 @@ class ParametersWidget(QWidget):
             if name in problems:
                 field.set_problem(problems[name])
             else:
-                field.set_problem("" if name in marked else None, inline=False)
+                field.set_problem(messages[0] if name in marked and messages else None)
         if problems:
             messages.insert(0, f"{len(problems)} field(s) to fix: {', '.join(problems)}")
         self._valid = None if messages else params
@@ -373,6 +380,12 @@ class ParametersWidget(QWidget):
         self.summary.setStyleSheet(_ERROR_STYLE if messages else _WARNING_STYLE)
         self.summary.setText(text)
         self.summary.setVisible(bool(text))
+        for name in sorted(set(problems) | marked):  # the first field to fix is scrolled into view
+            if name in self.fields and self.fields[name].isVisibleTo(self):
+                self.scroll.ensureWidgetVisible(self.fields[name])
+                break
+        if self.state_owner is not None:
+            self.state_owner.set_parameters(None if self._valid is None else self._copy(), text)
         return self._valid
 
     # ------------------------------------------------------------------ files
@@ -438,7 +451,7 @@ class ParametersWidget(QWidget):
 
     def create_project(self, folder: str | os.PathLike[str]) -> dict[str, Path]:
         """Write a pyp project into ``folder`` from the viewer's tilt series and curated tracks and the form."""
-        s = session(self.viewer, parameters=self.parameters(), project_dir=None)
+        s = self._state().session(parameters=self.parameters())
         name = s.params["data_set"] or s.series_name
         stack = s.stack_path if s.stack_path is not None else np.asarray(s.stack)
         paths = pyp.create_project(folder, name, stack, s.tracks, s.params, angles=s.tilts)
@@ -451,7 +464,14 @@ class ParametersWidget(QWidget):
         self.project_dir = root
         self.folder.setText(str(root))
         self.project_label.setText(f"Project: {root} ({self.fields['data_set'].value()})")
+        if self.state_owner is not None:
+            self.state_owner.set_project(root)
         self.project_changed.emit(root)
+
+    def _state(self) -> CockpitState:
+        if self.state_owner is None:
+            raise CsptInputError("is not in a viewer", field="parameters", expected="the form docked in napari")
+        return self.state_owner
 
     def _chosen_folder(self) -> Path:
         text = self.folder.text()
@@ -466,64 +486,3 @@ class ParametersWidget(QWidget):
     @report_errors("Create project")
     def create_project_dialog(self) -> None:
         self.create_project(self._chosen_folder())
-
-
-# ---------------------------------------------------------------------------------------------------- run context
-@dataclass(frozen=True, eq=False)
-class Session:
-    """What a run needs, taken from the viewer at one moment: the unbinned tilt ``stack`` (n, ny, nx; a memory map
-    when it came from a file), its ``stack_path`` (None for an in-memory stack), ``tilts`` (the tilt table of the
-    stack, or None), the curation ``document`` and a snapshot of its ``tracks`` (immutable), validated ``params``,
-    the ``project_dir`` (None: results stay in the viewer) and the tilt-series ``series_name``."""
-
-    stack: Any
-    stack_path: Path | None
-    tilts: Any
-    document: TrackDocument
-    tracks: Any
-    params: PypParameters
-    project_dir: Path | None
-    series_name: str
-
-    @property
-    def name(self) -> str:
-        """Project / data set name used in output file names."""
-        return self.params["data_set"] or self.series_name
-
-
-def curation_widget(viewer):
-    """The "Tracks curation" dock widget of ``viewer`` (docked now if it was not)."""
-    _, widget = viewer.window.add_plugin_dock_widget(*CURATION_WIDGET)
-    return widget
-
-
-def parameters_widget(viewer) -> ParametersWidget:
-    """The "Parameters" dock widget of ``viewer`` (docked now if it was not)."""
-    _, widget = viewer.window.add_plugin_dock_widget(*PARAMETERS_WIDGET)
-    return widget
-
-
-def session(viewer, *, parameters: PypParameters | None = None, project_dir: Path | None | str = "widget") -> Session:
-    """Gather a :class:`Session` from ``viewer``: its tilt series, the tracks being curated (the curation widget is
-    docked if needed) and the parameters (``parameters``, else the Parameters widget's, which must be valid)."""
-    layer = tiltseries_layer(viewer)
-    if layer is None:
-        raise CsptInputError("no tilt series is shown", field="tilt series",
-                             expected="a stack opened with the Tilt-series loader, File > Open or the sample")
-    meta = layer.metadata["cspt2d"]
-    path = Path(meta["path"]) if meta.get("path") else None
-    stack = layer.data if meta.get("bin", 1) == 1 else open_stack(path)[0]
-    document = curation_widget(viewer).document
-    if document is None:
-        raise CsptInputError("no tracks are being curated", field="tracks",
-                             expected="tracks opened with the stack (loader, File > Open or the sample)")
-    tracks = document.tracks
-    if tracks.image_shape_yx != tuple(stack.shape[1:]):
-        raise CsptInputError(f"are for images of {tracks.image_shape_yx}, the stack has {tuple(stack.shape[1:])}",
-                             field="tracks", expected="tracks of the tilt series shown")
-    if parameters is None or project_dir == "widget":
-        form = parameters_widget(viewer)
-        parameters = form.parameters() if parameters is None else parameters
-        project_dir = form.project_dir if project_dir == "widget" else project_dir
-    return Session(stack, path, meta.get("tilts"), document, tracks, parameters,
-                   None if project_dir is None else Path(project_dir), str(meta.get("name", "tiltseries")))

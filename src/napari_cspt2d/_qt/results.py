@@ -1,191 +1,190 @@
-"""Results of a run: the map and half maps in their own napari window, and the FSC plot docked in the main window.
+"""Results inside the cockpit: the map in a viewer docked in the Run tab, the FSC curves of every map, the history.
 
-Why a second window: the tilt-series viewer's dimensions are ``(tilt, y, x)``; a 3D map added to it would share the
-first slider (its z would move with the tilt) and its 3D rendering would switch the tilt series to 3D too. The map
-window is an ordinary napari viewer in 3D (iso-surface rendering of the map, the half maps hidden below it), so every
-napari tool works on the map (contrast, iso threshold, 2D slicing, saving) while the tilt-series window keeps its tilt
-slider. The window is created with the first map and closed with the main window.
+Why a viewer of its own, docked (never floating): the tilt-series viewer's dimensions are ``(tilt, y, x)``; a 3D map
+added to it would share the first slider and its 3D rendering would switch the tilt series to 3D too. The docked
+viewer (a napari ``ViewerModel`` with its ``QtViewer``, as napari's ``multiple_viewer_widget`` example does) keeps its
+own dims and camera, so switching between the tilt series and the map is only a look to the side. Its ``map`` layer is
+made once and updated in place with arrays, contrast limits and iso level prepared off the GUI thread
+(:func:`napari_cspt2d.runs.map_display`).
 
-The FSC plot (matplotlib canvas) keeps the curve of every map shown in a run (latest in colour, earlier ones grey)
-and marks the 0.143 threshold and the resolution where the latest curve crosses it.
+The FSC plot accumulates: every map of the session keeps its curve, named in the legend (``run 2 · it 3``); the
+latest is drawn in colour with its 0.143 resolution marked, earlier ones fade. Only the new line is added per map.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
-from napari.layers import Image
-from numpy.typing import NDArray
-from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import QAbstractItemView, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
-from ..recon.fsc import FscCurve
-from ..recon.reconstruct import ReconstructionResult
+from ..runs import FSC_THRESHOLD, MapDisplay
 
-__all__ = ["FscPlot", "MapWindow", "iso_level", "FSC_THRESHOLD"]
+__all__ = ["FscPlot", "MapPanel", "HistoryTable", "FSC_THRESHOLD"]
 
-FSC_THRESHOLD = 0.143
 MAP_AXES = ("z", "y", "x")
-MAP_WINDOW_SIZE = (800, 760)
 #: Initial 3D view of a map (napari camera angles, degrees): tilted so that its depth shows.
 MAP_VIEW_ANGLES = (20.0, 30.0, 140.0)
-#: Initial zoom over napari's fit-the-box view (a particle fills about half of its box).
-MAP_ZOOM = 1.6
+MAP_HEIGHT_PX = 260
 _BG, _FG = "#262930", "#d6d6d6"  # napari's dark theme
-
-
-def iso_level(volume: NDArray[np.floating], fraction: float = 0.01) -> float:
-    """Density above which the brightest ``fraction`` of the voxels lie: the first iso-surface threshold (1 %, the
-    usual initial level of map viewers; a particle fills a few % of its box)."""
-    return float(np.quantile(np.asarray(volume, dtype=np.float32), 1.0 - fraction))
+_LATEST = "#4fc3f7"
 
 
 class FscPlot(QWidget):
-    """FSC curves of the maps of a run; the latest is drawn in colour with its 0.143 resolution marked."""
+    """FSC curves of every map of the session, with a legend; the latest in colour with its 0.143 resolution."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self.curves: list[tuple[str, FscCurve]] = []
-        self.figure = Figure(figsize=(4, 3), dpi=100, facecolor=_BG)
+        self.curves: list[tuple[str, np.ndarray, np.ndarray, float]] = []
+        self._lines: list = []
+        self.figure = Figure(figsize=(3.6, 2.4), dpi=100, facecolor=_BG)
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.axes = self.figure.add_subplot(1, 1, 1)
         self.label = QLabel("No map yet.")
+        self.label.setWordWrap(True)
         layout = QVBoxLayout(self)
-        layout.setContentsMargins(2, 2, 2, 2)
+        layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.canvas, 1)
         layout.addWidget(self.label)
-        self.canvas.setMinimumHeight(220)
-        self._draw()
+        self.canvas.setMinimumHeight(200)
+        self._setup_axes()
 
-    def clear(self) -> None:
-        """Forget the curves (a new run starts)."""
-        self.curves = []
-        self._draw()
+    def _setup_axes(self) -> None:
+        ax = self.axes
+        ax.set_facecolor(_BG)
+        for spine in ax.spines.values():
+            spine.set_color(_FG)
+        ax.tick_params(colors=_FG, labelsize=7)
+        ax.axhline(FSC_THRESHOLD, color="#888888", ls="--", lw=1)
+        ax.axhline(0.0, color="#555555", lw=0.8)
+        ax.set_ylim(-0.1, 1.05)
+        ax.set_xlabel("spatial frequency (1/Å)", color=_FG, fontsize=8)
+        ax.set_ylabel("FSC", color=_FG, fontsize=8)
+        self._marker = ax.axvline(0.0, color="#ff8a65", lw=1.2, visible=False)
+        self._note = ax.annotate("", (0.0, FSC_THRESHOLD), xytext=(6, 8), textcoords="offset points",
+                                 color="#ff8a65", fontsize=8)
+        self.figure.tight_layout()
 
-    def add_curve(self, curve: FscCurve, label: str) -> float:
-        """Add ``curve`` (named ``label``, e.g. "iteration 2") and redraw; returns its resolution at 0.143 (Å)."""
-        self.curves.append((label, curve))
-        self._draw()
-        return curve.resolution_A(FSC_THRESHOLD)
+    def add_curve(self, frequency_A_inv: np.ndarray, fsc: np.ndarray, resolution_A: float, label: str) -> None:
+        """Add one map's curve (prepared in the worker) named ``label``; earlier curves fade."""
+        self.curves.append((label, frequency_A_inv, fsc, resolution_A))
+        for i, line in enumerate(self._lines):
+            line.set_color("#8a8a8a")
+            line.set_linewidth(1.0)
+            line.set_alpha(0.3 + 0.5 * (i + 1) / (len(self._lines) + 1))
+        (line,) = self.axes.plot(frequency_A_inv, fsc, lw=2.0, color=_LATEST, label=label)
+        self._lines.append(line)
+        self.highlight(len(self.curves) - 1)
+
+    def highlight(self, index: int) -> None:
+        """Mark curve ``index`` (its 0.143 resolution) and say it under the plot."""
+        label, freq, _, res = self.curves[index]
+        for i, line in enumerate(self._lines):
+            line.set_zorder(3 if i == index else 2)
+        self._marker.set_xdata([1.0 / res, 1.0 / res])
+        self._marker.set_visible(True)
+        self._note.xy = (1.0 / res, FSC_THRESHOLD)
+        self._note.set_text(f"{res:.1f} Å")
+        self.axes.set_xlim(0, max(float(c[1][-1]) for c in self.curves))
+        self.axes.legend(loc="upper right", fontsize=7, facecolor=_BG, edgecolor="#555555", labelcolor=_FG)
+        self.label.setText(f"{label}: {res:.2f} Å at FSC {FSC_THRESHOLD}; {len(self.curves)} map(s) this session")
+        self.canvas.draw_idle()
 
     @property
     def resolution_A(self) -> float | None:
         """Resolution at FSC 0.143 of the latest curve (Å), None without curves."""
-        return self.curves[-1][1].resolution_A(FSC_THRESHOLD) if self.curves else None
+        return self.curves[-1][3] if self.curves else None
 
-    def _draw(self) -> None:
-        ax = self.axes
-        ax.clear()
-        ax.set_facecolor(_BG)
-        for spine in ax.spines.values():
-            spine.set_color(_FG)
-        ax.tick_params(colors=_FG, labelsize=8)
-        ax.axhline(FSC_THRESHOLD, color="#888888", ls="--", lw=1)
-        ax.axhline(0.0, color="#555555", lw=0.8)
-        for i, (label, curve) in enumerate(self.curves):
-            latest = i == len(self.curves) - 1
-            fade = 1.0 if latest else 0.35 + 0.5 * i / len(self.curves)  # earlier iterations fainter
-            ax.plot(curve.frequency_A_inv, curve.fsc, lw=2.0 if latest else 1.0,
-                    color="#4fc3f7" if latest else "#7a7a7a", alpha=fade, label=label if latest or i == 0 else None)
-        if self.curves:
-            label, curve = self.curves[-1]
-            res = curve.resolution_A(FSC_THRESHOLD)
-            ax.axvline(1.0 / res, color="#ff8a65", lw=1.2)
-            ax.annotate(f"{res:.1f} Å", (1.0 / res, FSC_THRESHOLD), xytext=(6, 8), textcoords="offset points",
-                        color="#ff8a65", fontsize=9)
-            ax.set_xlim(0, curve.frequency_A_inv[-1])
-            ax.legend(loc="upper right", fontsize=8, facecolor=_BG, edgecolor="#555555", labelcolor=_FG)
-            self.label.setText(f"{label}: {res:.2f} Å at FSC {FSC_THRESHOLD} "
-                               f"(Nyquist {2 * curve.voxel_A:.2f} Å); {len(self.curves)} map(s) this run")
+
+class MapPanel(QWidget):
+    """A napari viewer docked in the cockpit showing the ``map`` layer (see the module docstring)."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        from napari.components import ViewerModel
+        from napari.qt import QtViewer
+
+        self.model = ViewerModel(title="napari-cspt2d map", ndisplay=3)
+        self.qt_viewer = QtViewer(self.model)
+        self.title = QLabel("No map yet: Reconstruct or Refine.")
+        self.title.setWordWrap(True)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.title)
+        layout.addWidget(self.qt_viewer, 1)
+        self.qt_viewer.setMinimumHeight(MAP_HEIGHT_PX)
+        self.layer = None
+        self.shown: MapDisplay | None = None
+
+    def show_map(self, display: MapDisplay, title: str) -> None:
+        """Assign ``display`` (prepared off the GUI thread) to the map layer, made on the first map only."""
+        scale = (display.voxel_A,) * 3
+        if self.layer is None:
+            self.layer = self.model.add_image(display.volume, name="map", scale=scale, axis_labels=MAP_AXES,
+                                              colormap="bop orange", rendering="iso",
+                                              contrast_limits=display.contrast_limits,
+                                              iso_threshold=display.iso_level, metadata={"cspt2d": {"role": "map"}})
+            self.model.reset_view()
+            self.model.camera.angles = MAP_VIEW_ANGLES
         else:
-            self.label.setText("No map yet.")
-        ax.set_ylim(-0.1, 1.05)
-        ax.set_xlabel("spatial frequency (1/Å)", color=_FG, fontsize=9)
-        ax.set_ylabel("FSC (half maps)", color=_FG, fontsize=9)
-        self.figure.tight_layout()
-        self.canvas.draw_idle()
+            layer = self.layer
+            if tuple(layer.scale) != scale:
+                layer.scale = scale
+            layer.data = display.volume
+            layer.contrast_limits_range = display.contrast_limits
+            layer.contrast_limits = display.contrast_limits
+            layer.iso_threshold = display.iso_level
+            if layer.data.shape != self.shown.volume.shape or self.shown.voxel_A != display.voxel_A:
+                self.model.reset_view()
+        self.shown = display
+        self.title.setText(title)
+
+    def close_viewer(self) -> None:
+        """Free the docked viewer (called when the napari window closes)."""
+        qt_viewer, model, self.qt_viewer, self.model, self.layer = self.qt_viewer, self.model, None, None, None
+        if qt_viewer is None:
+            return
+        with contextlib.suppress(RuntimeError, AttributeError):
+            model.layers.clear()
+            qt_viewer.close()
+            qt_viewer.deleteLater()
 
 
-class MapWindow:
-    """The napari window of the maps (see the module docstring). ``show()`` says whether to show the window when it
-    is created (e.g. only if the main window is shown); ``viewer_factory(title=..., ndisplay=3, show=...)`` makes
-    the viewer (default :class:`napari.Viewer`)."""
+class HistoryTable(QTableWidget):
+    """Every finished map of the session: run, iteration, resolution at FSC 0.143. Signal ``entry_chosen(int)``
+    with the history index of a row clicked."""
 
-    def __init__(self, *, show: Callable[[], bool] = lambda: True,
-                 viewer_factory: Callable[..., object] | None = None) -> None:
-        self.show = show
-        self._factory = viewer_factory
-        self._viewer = None
+    entry_chosen = Signal(int)
+    HEADERS = ("Run", "Iteration", "FSC 0.143 (Å)", "Kind")
 
-    @property
-    def viewer(self):
-        """The map viewer (created on first use)."""
-        if self._viewer is None:
-            if self._factory is None:
-                from napari import Viewer
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(0, len(self.HEADERS), parent)
+        self.setHorizontalHeaderLabels(self.HEADERS)
+        self.verticalHeader().hide()
+        self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.horizontalHeader().setStretchLastSection(True)
+        self.setMinimumHeight(110)
+        self.cellClicked.connect(lambda row, _col: self.entry_chosen.emit(row))
 
-                self._factory = Viewer
-            self._viewer = self._factory(title="napari-cspt2d: map", ndisplay=3, show=bool(self.show()))
-            self._viewer.window.resize(*MAP_WINDOW_SIZE)
-            self._viewer.window._qt_window.destroyed.connect(self._forget)
-        return self._viewer
+    def add_row(self, run: int, iteration: int, resolution_A: float, kind: str) -> None:
+        row = self.rowCount()
+        self.insertRow(row)
+        for col, text in enumerate((str(run), str(iteration), f"{resolution_A:.2f}", kind)):
+            item = QTableWidgetItem(text)
+            item.setTextAlignment(int(Qt.AlignmentFlag.AlignCenter))
+            self.setItem(row, col, item)
+        self.resizeColumnsToContents()
+        self.scrollToBottom()
 
-    @property
-    def is_open(self) -> bool:
-        return self._viewer is not None
+    def set_kind(self, row: int, kind: str) -> None:
+        self.item(row, 3).setText(kind)
 
-    def _forget(self, *_) -> None:
-        self._viewer = None
-
-    def layer(self, name: str) -> Image | None:
-        if self._viewer is None:
-            return None
-        return next((lyr for lyr in self._viewer.layers if lyr.name == name and isinstance(lyr, Image)), None)
-
-    def show_volume(self, name: str, volume: NDArray[np.floating], voxel_A: float, *, visible: bool = True,
-                    iso: bool = True) -> Image:
-        """Add ``volume`` (z, y, x; protein positive) as layer ``name`` or replace that layer's data."""
-        data = np.asarray(volume, dtype=np.float32)
-        lo, hi = float(data.min()), float(data.max())
-        limits = (lo, hi if hi > lo else lo + 1.0)
-        layer = self.layer(name)
-        scale = (float(voxel_A),) * 3
-        if layer is not None and (layer.data.shape != data.shape or tuple(layer.scale) != scale):
-            self._viewer.layers.remove(layer)
-            layer = None
-        if layer is None:
-            layer = self.viewer.add_image(
-                data, name=name, scale=scale, axis_labels=MAP_AXES, colormap="gray" if not iso else "bop orange",
-                rendering="iso" if iso else "mip", contrast_limits=limits, visible=visible,
-                metadata={"cspt2d": {"role": "map"}},
-            )
-            if len(self._viewer.layers) == 1:
-                self._viewer.reset_view()
-                self._viewer.scene.camera.angles = MAP_VIEW_ANGLES
-                self._viewer.scene.camera.zoom *= MAP_ZOOM
-        else:
-            layer.data = data
-            layer.contrast_limits_range = limits
-            layer.contrast_limits = limits
-        if iso:
-            layer.iso_threshold = iso_level(data)
-        return layer
-
-    def show_result(self, result: ReconstructionResult, label: str) -> Image:
-        """The map as an iso-surface (``map``), the half maps hidden (``half map 1/2``); the window title says
-        ``label`` and the resolution."""
-        self.show_volume("half map 1", result.half1, result.voxel_A, visible=False)
-        self.show_volume("half map 2", result.half2, result.voxel_A, visible=False)
-        layer = self.show_volume("map", result.map, result.voxel_A)
-        self._viewer.layers.selection.active = layer
-        self._viewer.title = f"napari-cspt2d: map ({label}, {result.resolution_A:.1f} Å)"
-        return layer
-
-    def close(self) -> None:
-        viewer, self._viewer = self._viewer, None
-        if viewer is not None:
-            with contextlib.suppress(RuntimeError, AttributeError):
-                viewer.close()
+    def mark_current(self, row: int) -> None:
+        self.blockSignals(True)
+        self.selectRow(row)
+        self.blockSignals(False)

@@ -1,41 +1,25 @@
-"""The "Run" dock widget: reconstruct (one pass) or refine (CSPT iterations) in a worker thread, with progress,
-cancel, a run log, results (map window, FSC plot) and the shift-validation views.
+"""The Run tab: reconstruct (one pass) or refine (CSPT iterations) in a worker thread, with progress, cancel, a run
+log, the history of every map, the map in a docked viewer and the FSC curves.
 
-A run works on a :class:`~napari_cspt2d._qt.params_widget.Session` taken when the button is pressed: the tracks are
-the curation document's immutable TrackSet at that moment, so the user can keep editing while it runs (the edits are
-not part of the run). Progress arrives as ``(stage, done, total)`` from the core; Cancel sets a flag the core checks
-between batches of particles (:data:`BATCH_SIZE` boxes when reconstructing, one bundle of ``slurm_bundle_size``
-particles when refining) and the run ends with :class:`CsptCancelled`; files are only written when a map or an
-iteration is complete (atomically), so what earlier iterations wrote stays intact.
-
-*Reconstruct* calls :func:`reconstruct_tracks` directly and needs no project. *Refine* runs the project's CSPT
-iterations with the same pipeline as the command line (:func:`napari_cspt2d.recon.pipeline.run_cspt`, one iteration
-per call so that each map and FSC shows up as it is made; in this process for ``cluster_backend = "local"``, on the
-dask cluster of the parameters otherwise). With a project folder (Parameters widget) the curated tracks and the
-parameters become the project's input first (``frealign/maps/{name}_r01.cistem``, ``.pyp_config.toml``) and the
-outputs follow pyp's names: ``frealign/maps/{data_set}_r01_01.mrc`` for the map of the curated tracks,
-``{data_set}_r01_{kk}.mrc`` and ``{name}_r01_{kk}.cistem`` for iteration ``kk``, half maps and FSC table/plot beside
-each map, the widget's run log in ``log/``. Without a project the log goes to the user cache folder.
+The job is :func:`napari_cspt2d.runs.run_job` on the :class:`~napari_cspt2d.runs.Session` the cockpit's state gives
+when the button is pressed. The worker also prepares what the views show (:func:`~napari_cspt2d.runs.prepare_iteration`:
+map contrast and iso level, FSC arrays, shift review, vectors, the worst particle's gallery), so the GUI thread only
+assigns finished arrays. Each finished step is listed in the history; a cancelled or failed run leaves the map of the
+last finished run on screen (its own steps stay listed, marked). The log goes to ``{project}/log`` or the user cache.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import os
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
-import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
-from numpy.typing import NDArray
-from qtpy.QtCore import QEvent, QObject, Signal
+from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QHBoxLayout,
@@ -46,33 +30,28 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+from superqt import QCollapsible
 
-from .. import pyp
-from ..cluster import make_client
-from ..errors import CsptCancelled, CsptError, CsptInputError, CsptRunError
-from ..io.atomic import remove_stale_temp_files
-from ..io.mrc import read_image
-from ..io.toml import CONFIG_NAME, save_params
-from ..model.params import PypParameters
-from ..model.tracks import TrackSet
-from ..recon.reconstruct import ReconstructionResult, reconstruct_tracks
-from ..recon.fsc import fsc_curve
-from ..recon.pipeline import reconstruction_options, run_cspt
-from ..recon.project import ProjectPaths, data_set_name, tilt_series_names
-from ..recon.trackfit import fit_tracks
+from ..errors import CsptCancelled, CsptError, CsptInputError
+from ..recon.reconstruct import ReconstructionResult
+from ..runs import (
+    PreparedIteration,
+    RunMode,
+    Session,
+    log_folder,
+    map_display,
+    no_project_error,
+    prepare_iteration,
+    preview_reconstruction,
+    run_job,
+)
 from ._guard import report_errors
-from .params_widget import Session, session
+from ._lifecycle import WindowCloseWatcher
+from ._owner import CockpitState, HistoryEntry, state_of
 from .preview import LivePreview
-from .results import FscPlot, MapWindow
-from .validation import ShiftReview, ShiftValidation
+from .results import FscPlot, HistoryTable, MapPanel
 
-__all__ = ["RunWidget", "IterationResult", "run_job", "preview_reconstruction", "preview_bin", "log_folder"]
-
-RunMode = Literal["reconstruct", "refine"]
-ProgressFn = Callable[[str, int, int], None]
-
-#: Projections per extraction/insertion batch: small enough that Cancel is noticed within about a second.
-BATCH_SIZE = 128
+__all__ = ["RunWidget"]
 
 _STAGE_TEXT = {
     "backproject": "extracting and inserting particles",
@@ -82,153 +61,20 @@ _STAGE_TEXT = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------- the job
-@dataclass(frozen=True, eq=False)
-class IterationResult:
-    """One completed step of a run: ``iteration`` (1 = map of the curated tracks, 2... = refinement iterations), the
-    ``tracks`` the map was made from (refined ones from iteration 2 on, rows in the order of the run's snapshot),
-    the ``reconstruction``, for refinement iterations the pipeline's ``summary`` and ``residual_px`` (N,) of each
-    refined projection from its particle's fitted 3D track, and the files ``written``."""
-
-    iteration: int
-    tracks: TrackSet
-    reconstruction: ReconstructionResult
-    summary: dict[str, Any] | None = None
-    residual_px: NDArray[np.float64] | None = None
-    written: list[Path] = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        return "curated tracks" if self.iteration == 1 else f"iteration {self.iteration}"
-
-    @property
-    def refined(self) -> bool:
-        return self.summary is not None
-
-
-def _residuals(tracks: TrackSet) -> NDArray[np.float64]:
-    """Distance (px) of each projection from its particle's fitted 3D track."""
-    fit = fit_tracks(tracks)
-    return np.hypot(fit.residual_px[:, 0], fit.residual_px[:, 1])
-
-
-def _same_rows(tracks: TrackSet, like: TrackSet, source: Path) -> TrackSet:
-    """``tracks`` with its rows in the order of ``like``'s (the same projections, matched by particle and tilt)."""
-    span = int(max(tracks.tilt.max(initial=0), like.tilt.max(initial=0))) + 1
-    keys, wanted = tracks.particle * span + tracks.tilt, like.particle * span + like.tilt
-    order = np.argsort(keys, kind="stable")
-    pos = np.clip(np.searchsorted(keys, wanted, sorter=order), 0, max(len(tracks) - 1, 0))
-    if len(tracks) != len(like) or not np.array_equal(keys[order[pos]], wanted):
-        raise CsptRunError(f"{source} does not hold the projections that were refined", log_path=None)
-    rows = order[pos]
-    return tracks.replace(particle=tracks.particle[rows], tilt=tracks.tilt[rows], shift_px=tracks.shift_px[rows],
-                          score=tracks.score[rows], occupancy=tracks.occupancy[rows])
-
-
-def _read_iteration(run: Any, like: TrackSet, params: PypParameters) -> tuple[TrackSet, ReconstructionResult]:
-    """The refined tracks and the map of the iteration :func:`run_cspt` just finished (read from its files)."""
-    tracks = pyp.Parameters.from_file(run.parameters[0]).to_trackset(like.image_shape_yx, tilts=like.tilts)
-    stem = run.map.with_suffix("")
-    volume, half1, half2 = (read_image(p) for p in (run.map, f"{stem}_half1.mrc", f"{stem}_half2.mrc"))
-    voxel = params.particle_pixel_A
-    curve = fsc_curve(half1, half2, voxel)
-    summary = run.iterations[-1]
-    rec = ReconstructionResult(volume, half1, half2, curve, summary["resolution_A"], summary["resolution_05_A"],
-                               voxel, dict(summary))
-    return _same_rows(tracks, like, Path(run.parameters[0])), rec
-
-
-def _no_project() -> CsptInputError:
-    return CsptInputError("no project folder", field="project", expected="a project folder for refinement "
-                          "(Parameters widget: choose a folder, then Create project or Open project)")
-
-
-def run_job(s: Session, mode: RunMode, progress: ProgressFn, cancel: Callable[[], bool]
-            ) -> Iterator[IterationResult]:
-    """Reconstruct the session's tracks (iteration 1), then (``mode="refine"``) run the project's CSPT iterations
-    ``refine_iter`` .. ``refine_maxiter`` one at a time with :func:`run_cspt` (the pipeline the CLI runs), stopping
-    early when it reports convergence; yields each completed iteration.
-
-    With a project the curated tracks and the parameters are first written as the project's input
-    (``frealign/maps/{name}_r01.cistem``, ``.pyp_config.toml``) so that the project's files say what was run."""
-    p = s.params
-    if mode == "refine" and s.project_dir is None:
-        raise _no_project()
-    iterations = list(range(p["refine_iter"], p["refine_maxiter"] + 1)) if mode == "refine" else []
-    total = 1 + len(iterations)
-
-    def stage_progress(step: int) -> ProgressFn:
-        prefix = f"step {step}/{total}: " if total > 1 else ""
-        return lambda stage, done, n: progress(prefix + stage, done, n)
-
-    written: list[Path] = []
-    paths = None
-    if s.project_dir is not None:
-        names = tilt_series_names(s.project_dir)
-        if len(names) != 1:
-            raise CsptInputError(f"holds {len(names)} tilt series", file=s.project_dir, field="tilt series",
-                                 expected="one {name}_stack.mrc with its frealign/maps/{name}_r01.cistem "
-                                 "(Parameters widget: Create project)")
-        paths = ProjectPaths(s.project_dir.resolve(), data_set_name(p["data_set"], s.project_dir, names))
-        remove_stale_temp_files(paths.root)  # what interrupted writes left (the refinement's run_cspt does the same)
-        written += [save_params(p, paths.root / CONFIG_NAME)]
-        written += [Path(f) for f in pyp.create_cistem_from_2d_tracks(names[0], s.tracks, p, paths.maps)]
-    result = reconstruct_tracks(s.stack, s.tracks, **reconstruction_options(p), batch_size=BATCH_SIZE,
-                                progress=stage_progress(1), cancel=cancel)
-    if paths is not None:
-        written += result.write(paths.map(1))
-    yield IterationResult(1, s.tracks, result, written=written)
-    if not iterations:
-        return
-    serial = p["cluster_backend"] == "local"
-    with contextlib.nullcontext(None) if serial else make_client(p, tasks=s.tracks.n_particles,
-                                                                 project_dir=s.project_dir) as client:
-        for step, iteration in enumerate(iterations, start=2):
-            run = run_cspt(p, project_dir=s.project_dir, first_iteration=iteration, last_iteration=iteration,
-                           client=client, serial=serial, progress=stage_progress(step), cancel=cancel)
-            tracks, result = _read_iteration(run, s.tracks, p)
-            stem = run.map.with_suffix("")
-            files = [run.map, Path(f"{stem}_half1.mrc"), Path(f"{stem}_half2.mrc"), *map(Path, run.parameters)]
-            yield IterationResult(iteration, tracks, result, run.iterations[-1], _residuals(tracks), files)
-            if run.converged is not None:
-                progress(f"step {step}/{total}: converged", 1, 1)
-                return
-
-
-def preview_bin(params: PypParameters, *, min_box: int = 24) -> int:
-    """Extraction binning of the live preview: twice ``extract_bin`` (or more, up to a map of ``min_box`` voxels)
-    when the box divides evenly, else ``extract_bin``."""
-    box, current = params.box_unbinned_px, params["extract_bin"]
-    for factor in (4, 3, 2):
-        b = current * factor
-        if box % b == 0 and box // b >= min_box:
-            return b
-    return current
-
-
-def preview_reconstruction(s: Session, cancel: Callable[[], bool]) -> ReconstructionResult:
-    """The live preview: :func:`reconstruct_tracks` of the session's tracks at :func:`preview_bin`, no refinement,
-    nothing written."""
-    kwargs = reconstruction_options(s.params) | {"extract_bin": preview_bin(s.params)}
-    return reconstruct_tracks(s.stack, s.tracks, **kwargs, batch_size=BATCH_SIZE, cancel=cancel)
-
-
-def _guarded(job: Callable[..., Iterator[IterationResult]], *args: Any) -> Iterator[IterationResult]:
-    """Run ``job`` in the worker; an exception is *returned* (with its traceback text) instead of raised, so the
-    widget reports it with the log path (napari would otherwise show a bare traceback)."""
+def _prepared_run(s: Session, mode: RunMode, progress, cancel: Callable[[], bool]) -> Iterator[PreparedIteration]:
+    """The worker: run the job and prepare each step's views; an exception is *returned* (with its traceback text)
+    instead of raised, so the widget reports it with the log path."""
     try:
-        yield from job(*args)
+        for item in run_job(s, mode, progress, cancel):
+            yield prepare_iteration(item, s)
     except BaseException as exc:  # noqa: BLE001 - reported by the widget
         return exc, traceback.format_exc()
     return None
 
 
-def log_folder(project_dir: Path | None) -> Path:
-    """Where run logs go: ``{project}/log`` or ``$XDG_CACHE_HOME/napari-cspt2d/logs``."""
-    if project_dir is not None:
-        return Path(project_dir) / "log"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "napari-cspt2d" / "logs"
+def _prepared_preview(s: Session, cancel: Callable[[], bool]):
+    result: ReconstructionResult = preview_reconstruction(s, cancel)
+    return map_display(result.map, result.voxel_A)
 
 
 class _Relay(QObject):
@@ -237,38 +83,39 @@ class _Relay(QObject):
     progress = Signal(str, int, int)
 
 
-# ---------------------------------------------------------------------------------------------------- the widget
 class RunWidget(QWidget):
-    """Dock widget: Reconstruct / Refine / Cancel, progress, run log, live preview (see the module docstring).
+    """Reconstruct / Refine / Cancel, progress, history, map, FSC plot, run log (see the module docstring).
 
     Signals: ``run_finished(str)`` with ``"done"``, ``"cancelled"`` or ``"failed"``; ``iteration_done(object)`` with
-    each :class:`IterationResult`."""
+    each :class:`~napari_cspt2d.runs.PreparedIteration`; ``review_shown(object)`` with the :class:`HistoryEntry` of a
+    refinement step shown (the Validate tab shows its shifts)."""
 
     run_finished = Signal(str)
     iteration_done = Signal(object)
+    review_shown = Signal(object)
 
-    def __init__(self, napari_viewer) -> None:
+    def __init__(self, napari_viewer, state: CockpitState | None = None) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        self.state_owner = state if state is not None else state_of(napari_viewer)
         self.worker = None
-        self.results: list[IterationResult] = []
+        self.results: list[PreparedIteration] = []
         self.log_path: Path | None = None
         self.state = "idle"
         self._cancel = threading.Event()
+        self._cancel_time: float | None = None
+        self.cancel_latency_s: float | None = None
         self._session: Session | None = None
         self._mode: RunMode = "reconstruct"
+        self._run = 0
         self._started = 0.0
         self._last_stage = ""
         self._relay = _Relay(self)
         self._relay.progress.connect(self._on_progress)
-        self._window_filtered: QWidget | None = None
-        self.map_window = MapWindow(show=self.isVisible)
-        self.fsc_plot = FscPlot()
-        self.fsc_dock = None
-        self.validation: ShiftValidation | None = None
-        self.preview = LivePreview(self._preview_session, preview_reconstruction, self._show_preview,
+        self.preview = LivePreview(self.state_owner.session, _prepared_preview, self._show_preview,
                                    is_busy=lambda: self.busy, parent=self)
         self._build_ui()
+        self._close_watcher = WindowCloseWatcher(self, self.close_session)
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
@@ -278,7 +125,7 @@ class RunWidget(QWidget):
         self.reconstruct_button.setToolTip("One reconstruction of the current tracks (no refinement)")
         self.refine_button = QPushButton("Refine")
         self.refine_button.setToolTip("Reconstruct, then CSPT iterations refine_iter..refine_maxiter (shifts and "
-                                      "orientations against the previous half maps)")
+                                      "orientations against the previous half maps); needs a project folder")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.reconstruct_button.clicked.connect(lambda _=False: self.start("reconstruct"))
@@ -296,17 +143,24 @@ class RunWidget(QWidget):
         layout.addWidget(self.stage_label)
         self.preview_check = QCheckBox("Live preview (binned, no refinement)")
         self.preview_check.setToolTip(f"Reconstruct quickly {self.preview.delay_ms / 1000:g} s after the tracks "
-                                      "stop changing; shown as layer 'preview' in the map window")
+                                      "stop changing; shown in the map viewer below")
         self.preview_check.toggled.connect(self._toggle_preview)
         layout.addWidget(self.preview_check)
-        self.map_button = QPushButton("Show map window")
-        self.map_button.clicked.connect(lambda _=False: self.show_map_window())
-        layout.addWidget(self.map_button)
-        layout.addWidget(QLabel("Run log:"))
+        self.map_panel = MapPanel()
+        layout.addWidget(self.map_panel)
+        layout.addWidget(QLabel("History (click a row to show its map again):"))
+        self.history = HistoryTable()
+        self.history.entry_chosen.connect(self.show_entry)
+        layout.addWidget(self.history)
+        self.fsc_plot = FscPlot()
+        layout.addWidget(self.fsc_plot)
+        log_box = QCollapsible("Run log")
         self.log_view = QPlainTextEdit()
         self.log_view.setReadOnly(True)
         self.log_view.setMaximumBlockCount(5000)
-        layout.addWidget(self.log_view, 1)
+        self.log_view.setMinimumHeight(120)
+        log_box.addWidget(self.log_view)
+        layout.addWidget(log_box)
 
     # ------------------------------------------------------------------ running
     @property
@@ -319,21 +173,22 @@ class RunWidget(QWidget):
         """Start a run (``"reconstruct"`` or ``"refine"``) on a snapshot of the current tracks and parameters."""
         if self.busy:
             raise CsptInputError("a run is in progress", field="run", expected="the current run to end (or Cancel)")
-        s = session(self.viewer)
+        s = self.state_owner.session()
         if mode == "refine" and s.project_dir is None:
-            raise _no_project()
+            raise no_project_error()
         self.preview.cancel()
         self._session, self._mode = s, mode
         self._cancel.clear()
+        self._cancel_time = None
         self.results = []
-        self.fsc_plot.clear()
+        self._run = self.state_owner.next_run()
         self._open_log(s)
         p = s.params
         steps = 1 + (p["refine_maxiter"] - p["refine_iter"] + 1 if mode == "refine" else 0)
-        self._log(f"{mode} of {s.name}: {s.tracks.n_particles} particles, {len(s.tracks)} projections, "
-                  f"{steps} step(s); box {p['extract_box']} px at {p.particle_pixel_A:g} Å/px"
+        self._log(f"run {self._run}, {mode} of {s.name}: {s.tracks.n_particles} particles, {len(s.tracks)} "
+                  f"projections, {steps} step(s); box {p['extract_box']} px at {p.particle_pixel_A:g} Å/px"
                   + (f"; outputs in {s.project_dir}" if s.project_dir else "; no project folder (results in viewer)"))
-        worker = create_worker(_guarded, run_job, s, mode, self._relay.progress.emit, self._cancel.is_set,
+        worker = create_worker(_prepared_run, s, mode, self._relay.progress.emit, self._cancel.is_set,
                                _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_iteration)
         worker.returned.connect(self._on_returned)
@@ -347,10 +202,11 @@ class RunWidget(QWidget):
         worker.start()
 
     def cancel(self) -> None:
-        """Ask the run to stop; it ends at the core's next check (well under a second)."""
+        """Ask the run to stop; it ends at the core's next check."""
         if not self.busy:
             return
         self._cancel.set()
+        self._cancel_time = time.perf_counter()
         self.cancel_button.setEnabled(False)
         self.stage_label.setText("Cancelling…")
         self._log("cancel requested")
@@ -361,7 +217,7 @@ class RunWidget(QWidget):
         self.cancel_button.setEnabled(running)
 
     def _on_progress(self, stage: str, done: int, total: int) -> None:
-        if self.worker is None:
+        if self.worker is None or self._cancel.is_set():
             return
         self.progress_bar.setRange(0, max(int(total), 1))
         self.progress_bar.setValue(int(done))
@@ -369,14 +225,14 @@ class RunWidget(QWidget):
         text = _STAGE_TEXT.get(name, name) + (f" ({done}/{total})" if total > 1 else "")
         elapsed = time.perf_counter() - self._started
         self.stage_label.setText(f"{prefix.capitalize() + ': ' if prefix else ''}{text}  [{elapsed:.0f} s]")
-        if stage != self._last_stage and not self._cancel.is_set():
+        if stage != self._last_stage:
             self._last_stage = stage
             self._log(f"{prefix + ': ' if prefix else ''}{_STAGE_TEXT.get(name, name)}")
 
     @report_errors("Show results")
-    def _on_iteration(self, item: IterationResult) -> None:
-        self.results.append(item)
-        rec = item.reconstruction
+    def _on_iteration(self, prepared: PreparedIteration) -> None:
+        self.results.append(prepared)
+        item, rec = prepared.item, prepared.item.reconstruction
         if item.refined:
             detail = (f"shifts moved {item.summary['shift_change_px']:.2f} px RMS, orientations "
                       f"{item.summary['angle_change_deg']:.2f}° median")
@@ -384,25 +240,56 @@ class RunWidget(QWidget):
             detail = f"{rec.stats['n_used']} projections, {rec.stats['seconds']:.1f} s"
         self._log(f"{item.label}: {rec.resolution_A:.2f} Å at FSC 0.143 ({detail})"
                   + (f"; wrote {', '.join(p.name for p in item.written)}" if item.written else ""))
-        self.map_window.show_result(rec, item.label)
-        self._dock_fsc()
-        self.fsc_plot.add_curve(rec.fsc, item.label)
-        if item.refined:
-            self._show_review(item)
-        self.iteration_done.emit(item)
+        entry = HistoryEntry(self._run, item.iteration, prepared.resolution_A, self._mode, prepared, self._session)
+        self.state_owner.add_history(entry)
+        self.history.add_row(entry.run, entry.iteration, entry.resolution_A, "running")
+        self.fsc_plot.add_curve(prepared.fsc_frequency_A_inv, prepared.fsc, prepared.resolution_A,
+                                f"run {entry.run} · it {entry.iteration}")
+        self._show(len(self.state_owner.history) - 1)
+        self.iteration_done.emit(prepared)
+
+    def show_entry(self, index: int) -> None:
+        """Show history entry ``index`` again: its map, its FSC curve marked, its shift review (refinements)."""
+        self._show(index)
+
+    @report_errors("Show map")
+    def _show(self, index: int) -> None:
+        entry = self.state_owner.history[index]
+        prepared = entry.result
+        self.map_panel.show_map(prepared.map, f"Map: run {entry.run}, iteration {entry.iteration} "
+                                f"({prepared.item.label}), {entry.resolution_A:.1f} Å at FSC 0.143")
+        self.fsc_plot.highlight(index)
+        self.history.mark_current(index)
+        if prepared.review is not None:
+            self.review_shown.emit(entry)
+
+    def _finished_entries(self) -> list[int]:
+        kinds = [self.history.item(i, 3).text() for i in range(self.history.rowCount())]
+        return [i for i, k in enumerate(kinds) if k == "finished"]
 
     def _on_returned(self, value) -> None:
         elapsed = time.perf_counter() - self._started
+        mine = [i for i, e in enumerate(self.state_owner.history) if e.run == self._run]
         if value is None:
             self.state = "done"
+            for i in mine:
+                self.history.set_kind(i, "finished")
             self._log(f"finished in {elapsed:.1f} s")
             self.stage_label.setText(f"Done in {elapsed:.1f} s."
                                      + (f" {self.fsc_plot.resolution_A:.1f} Å at FSC 0.143."
                                         if self.fsc_plot.resolution_A else ""))
             return
         exc, trace = value
-        if isinstance(exc, CsptCancelled):
+        cancelled = isinstance(exc, CsptCancelled)
+        for i in mine:
+            self.history.set_kind(i, "cancelled run" if cancelled else "failed run")
+        finished = self._finished_entries()
+        if finished:  # a cancelled or failed run never replaces the last finished map
+            self._show(finished[-1])
+        if cancelled:
             self.state = "cancelled"
+            if self._cancel_time is not None:
+                self.cancel_latency_s = time.perf_counter() - self._cancel_time
             kept = f"; {len(self.results)} completed step(s) kept" if self.results else ""
             self._log(f"cancelled after {elapsed:.1f} s{kept}")
             self.stage_label.setText(f"Cancelled after {elapsed:.1f} s{kept}.")
@@ -422,34 +309,12 @@ class RunWidget(QWidget):
         self.progress_bar.setValue(1 if self.state == "done" else 0)
         self.run_finished.emit(self.state)
 
-    # ------------------------------------------------------------------ results
-    def _dock_fsc(self) -> None:
-        if self.fsc_dock is None and hasattr(self.viewer, "window"):
-            self.fsc_dock = self.viewer.window.add_dock_widget(self.fsc_plot, name="FSC", area="right")
-
-    def show_map_window(self) -> None:
-        """Bring the map window up (created empty when no map was made yet)."""
-        window = self.map_window.viewer.window
-        window.show()
-        window._qt_window.raise_()
-
-    def _show_review(self, item: IterationResult) -> None:
-        s = self._session
-        review = ShiftReview(s.tracks, item.tracks, item.residual_px)
-        if self.validation is None:
-            self.validation = ShiftValidation(self.viewer)
-        self.validation.set_review(review, stack=s.stack, params=s.params, volume=item.reconstruction.map,
-                                   document=s.document, label=item.label)
-
     # ------------------------------------------------------------------ preview
     def _toggle_preview(self, on: bool) -> None:
         self.preview.set_enabled(on)
 
-    def _preview_session(self) -> Session:
-        return session(self.viewer)
-
-    def _show_preview(self, result: ReconstructionResult) -> None:
-        self.map_window.show_volume("preview", result.map, result.voxel_A)
+    def _show_preview(self, display) -> None:
+        self.map_panel.show_map(display, "Live preview (binned, no refinement)")
 
     # ------------------------------------------------------------------ log
     def _open_log(self, s: Session) -> None:
@@ -457,7 +322,6 @@ class RunWidget(QWidget):
         folder.mkdir(parents=True, exist_ok=True)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.log_path = folder / f"{s.name}_napari_{stamp}.log"
-        self.log_view.clear()
 
     def _log(self, text: str) -> None:
         line = f"[{datetime.datetime.now():%H:%M:%S}] {text}"
@@ -471,27 +335,10 @@ class RunWidget(QWidget):
                 self.log_path = None
 
     # ------------------------------------------------------------------ life cycle
-    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
-        super().showEvent(event)
-        window = self.window()
-        if window is not self and window is not self._window_filtered:
-            window.installEventFilter(self)
-            self._window_filtered = window
-
-    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt API
-        window = getattr(self, "_window_filtered", None)
-        if window is not None and obj is window and event.type() == QEvent.Type.Close:
-            window.removeEventFilter(self)
-            self._window_filtered = None
-            self.close_session()
-        return False
-
     def close_session(self) -> None:
-        """Stop a run, the preview and close the map window (called when the napari window closes)."""
+        """Stop a run and the preview, free the map viewer (called when the napari window closes)."""
         self._cancel.set()
         if self.worker is not None:
             self.worker.await_workers(msecs=5000)
         self.preview.close()
-        if self.validation is not None:
-            self.validation.close_session()
-        self.map_window.close()
+        self.map_panel.close_viewer()

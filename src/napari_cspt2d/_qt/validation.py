@@ -1,283 +1,56 @@
-"""Visual validation of refined shifts, and accepting or rejecting them into the curated tracks (undoable).
+"""The Validate tab: refined shifts seen at full view, judged worst first, accepted or rejected (undoable).
 
-A refinement proposes a new position for every projection. :class:`ShiftReview` pairs the tracks that were refined
-(``before``, the run's snapshot) with the refined ones (``after``, same rows) and derives the *status* of each
-proposal from the curation document itself: **accepted** when the document's projection sits at the refined
-position, **pending** or **rejected** (the user said no) when it sits at the picked one, **edited** when it was moved
-or deleted by hand since, **unchanged** when the refinement did not move it (tilts not used for refinement) and it
-is still there. Deriving it from the document keeps the status right through undo/redo. Accepting writes
-the refined position and score into the document as one named action; rejecting an accepted shift puts the picked
-position back (also one action); both are undone with Ctrl+Z like any other edit.
+The review itself (:class:`~napari_cspt2d.review.ShiftReview`: statuses derived from the curation document, accept
+and reject as named, undoable actions) and everything the views show are computed without Qt, in the run's worker
+(:func:`~napari_cspt2d.runs.prepare_iteration`) or a gallery worker; this tab only assigns them:
 
-Views (:class:`ShiftValidation`, docked on the right, with the gallery docked at the bottom):
-
-* a Vectors layer ``refined shifts`` in the tilt-series viewer, from each projection's picked position to its
-  refined one, coloured by refinement score (red = low, green = high; arrows drawn :data:`VECTOR_EXAGGERATION` ×
-  longer: the layer's *length*);
-* a sortable table of projections (particle, tilt, angle, shift, score, residual from the particle's fitted 3D
-  track; row colour = status); selecting a row jumps to that tilt and particle;
+* a Vectors layer ``refined shifts`` in the tilt-series viewer (made once, updated in place), from each projection's
+  picked position to its refined one, drawn ×N longer so they are visible at full view (N shown beside the colour
+  bar), coloured by refinement score (red = low, green = high, colour bar with the score range);
+* "Worst first" navigation (lowest score, then longest shift) and a sortable table of projections (particle, tilt,
+  angle, shift, score, residual; row colour = status); selecting a row jumps to that tilt and particle;
 * a gallery of the selected particle through all its tilts (ordered by angle): its box at the picked position, at
-  the refined position, and the map's reprojection at the refined orientation with the projection's CTF, all
-  low-passed to the refinement resolution and with a cross at the box centre. With a right shift the refined boxes
-  look like the reprojections, centred on the cross; a wrong one stands out.
+  the refined position, and the map's reprojection with the projection's CTF, all low-passed to the refinement
+  resolution, with a cross at the box centre.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.fft
 from napari.layers import Vectors
-from numpy.typing import ArrayLike, NDArray
+from napari.qt.threading import create_worker
+from napari.utils.colormaps import ensure_colormap
+from numpy.typing import NDArray
 from qtpy.QtCore import QItemSelectionModel, QModelIndex, QRect, Qt, QTimer, Signal
-from qtpy.QtGui import QColor, QFont, QImage, QPainter, QPen
-from qtpy.QtWidgets import QGridLayout, QLabel, QPushButton, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtGui import QColor, QFont, QImage, QLinearGradient, QPainter, QPen
+from qtpy.QtWidgets import QGridLayout, QHBoxLayout, QLabel, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
 from ..errors import CsptInputError
 from ..model.editing import Change, TrackDocument
-from ..model.params import PypParameters, refine_rhref_for
-from ..model.tracks import TrackSet
-from .. import geometry
-from ..recon import ctf
-from ..recon.backproject import project_volume
-from ..recon.extract import extract_particles
-from ..recon.refine import Imaging
+from ..model.params import PypParameters
+from ..review import (
+    PENDING,
+    STATUS_NAMES,
+    UNCHANGED,
+    GalleryImages,
+    ShiftReview,
+    ShiftVectors,
+    gallery_images,
+    shift_vectors,
+    worst_first,
+)
 from ._guard import report_errors
+from ._owner import CockpitState, state_of
 from ._particle_table import ParticleTableModel, ParticleTableView
-from .params_widget import curation_widget
 
-__all__ = [
-    "ShiftReview", "ShiftValidation", "ParticleGallery", "GalleryImages", "gallery_images", "vectors_layer_data",
-    "PENDING", "ACCEPTED", "REJECTED", "EDITED", "UNCHANGED", "STATUS_NAMES", "VECTOR_EXAGGERATION",
-]
+__all__ = ["ShiftValidation", "ParticleGallery", "STATUS_COLOURS", "VECTORS_LAYER", "SCORE_COLORMAP"]
 
-PENDING, ACCEPTED, REJECTED, EDITED, UNCHANGED = 0, 1, 2, 3, 4
-STATUS_NAMES = ("pending", "accepted", "rejected", "edited", "unchanged")
 STATUS_COLOURS = ("#6b6f78", "#3fae5a", "#d64541", "#4a90d9", "#3b3e45")
-VECTOR_EXAGGERATION = 5.0
-SAME_POSITION_PX = 1e-6
 VECTORS_LAYER = "refined shifts"
-
-
-# ---------------------------------------------------------------------------------------------------- the model
-@dataclass(eq=False)
-class ShiftReview:
-    """Refined positions proposed for tracks: ``before`` (the tracks that were refined), ``after`` (refined, the same
-    rows: particle and tilt columns equal), ``residual_px`` (N,) of each refined projection from its particle's
-    fitted 3D track (NaN = unknown), ``rejected`` the rows the user rejected."""
-
-    before: TrackSet
-    after: TrackSet
-    residual_px: NDArray[np.float64] | None = None
-    rejected: set[int] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        b, a = self.before, self.after
-        if len(a) != len(b) or not (np.array_equal(a.particle, b.particle) and np.array_equal(a.tilt, b.tilt)):
-            raise CsptInputError("do not have the same projections as the tracks refined", field="refined tracks",
-                                 expected="the same (particle, tilt) rows")
-        self.residual_px = (np.full(len(b), np.nan) if self.residual_px is None
-                            else np.asarray(self.residual_px, dtype=np.float64).reshape(len(b)))
-        self.before_px = b.positions_px()
-        self.after_px = a.positions_px()
-
-    def __len__(self) -> int:
-        return len(self.before)
-
-    @property
-    def shift_px(self) -> NDArray[np.float64]:
-        """Refined minus picked position (N, 2), x, y in unbinned px."""
-        return self.after_px - self.before_px
-
-    @property
-    def shift_length_px(self) -> NDArray[np.float64]:
-        return np.hypot(*self.shift_px.T)
-
-    @property
-    def score(self) -> NDArray[np.float64]:
-        """Refinement score (NCC) of each projection."""
-        return self.after.score
-
-    def rows_of_particle(self, particle: int) -> NDArray[np.int64]:
-        """Rows of ``particle``, ordered by tilt angle."""
-        rows = np.flatnonzero(self.before.particle == int(particle))
-        angle = self.before.tilts.angle_deg[self.before.tilt_rows()[rows]]
-        return rows[np.argsort(angle, kind="stable")]
-
-    def document_rows(self, tracks: TrackSet) -> NDArray[np.int64]:
-        """Row in ``tracks`` of each reviewed projection, by (particle, tilt); -1 where it no longer exists."""
-        out = np.full(len(self), -1, np.int64)
-        if not len(tracks) or not len(self):
-            return out
-        span = int(max(tracks.tilt.max(), self.before.tilt.max())) + 1
-        keys = tracks.particle * span + tracks.tilt
-        wanted = self.before.particle * span + self.before.tilt
-        order = np.argsort(keys, kind="stable")
-        pos = np.clip(np.searchsorted(keys, wanted, sorter=order), 0, len(tracks) - 1)
-        found = keys[order[pos]] == wanted
-        out[found] = order[pos[found]]
-        return out
-
-    def status(self, tracks: TrackSet) -> NDArray[np.int64]:
-        """Status (:data:`PENDING`, :data:`ACCEPTED`, :data:`REJECTED`, :data:`EDITED`, :data:`UNCHANGED`) of each
-        proposal given the document's current ``tracks``."""
-        rows = self.document_rows(tracks)
-        status = np.full(len(self), EDITED, np.int64)
-        have = rows >= 0
-        current = np.full((len(self), 2), np.nan)
-        if have.any():
-            current[have] = tracks.positions_px()[rows[have]]
-        at_after = np.all(np.abs(current - self.after_px) <= SAME_POSITION_PX, axis=1)
-        at_before = np.all(np.abs(current - self.before_px) <= SAME_POSITION_PX, axis=1) & ~at_after
-        status[at_before] = PENDING
-        if self.rejected:
-            rejected = np.zeros(len(self), bool)
-            rejected[list(self.rejected)] = True
-            status[at_before & rejected] = REJECTED
-        status[at_after] = ACCEPTED
-        status[at_after & np.all(np.abs(self.shift_px) <= SAME_POSITION_PX, axis=1)] = UNCHANGED
-        return status
-
-    def _action_name(self, verb: str, rows: NDArray[np.int64]) -> str:
-        particles = np.unique(self.before.particle[rows])
-        if rows.size == 1:
-            return f"{verb} refined shift (particle {self.before.particle[rows[0]]}, tilt {self.before.tilt[rows[0]]})"
-        if particles.size == 1:
-            return f"{verb} refined shifts of particle {particles[0]}"
-        return f"{verb} {rows.size} refined shifts"
-
-    def _move(self, document: TrackDocument, rows: NDArray[np.int64], positions: NDArray[np.float64],
-              scores: NDArray[np.float64], name: str) -> int:
-        tracks = document.tracks
-        target = self.document_rows(tracks)[rows]
-        keep = target >= 0
-        if not keep.any():
-            return 0
-        moved = tracks.with_positions(target[keep], positions[rows[keep]])
-        score = moved.score.copy()
-        score[target[keep]] = scores[rows[keep]]
-        document.apply(name, moved.replace(score=score))
-        return int(keep.sum())
-
-    def accept(self, document: TrackDocument, rows: ArrayLike) -> int:
-        """Put the refined position and score of ``rows`` into ``document`` (one undoable action); returns how many
-        projections changed (already accepted or deleted ones are skipped)."""
-        rows = self._check_rows(rows)
-        self.rejected.difference_update(rows.tolist())
-        todo = rows[self.status(document.tracks)[rows] != ACCEPTED]
-        if todo.size == 0:
-            return 0
-        return self._move(document, todo, self.after_px, self.after.score, self._action_name("Accept", rows))
-
-    def reject(self, document: TrackDocument, rows: ArrayLike) -> int:
-        """Mark ``rows`` rejected; those accepted go back to their picked position and score (one undoable action).
-        Returns how many projections changed in the document."""
-        rows = self._check_rows(rows)
-        self.rejected.update(rows.tolist())
-        todo = rows[self.status(document.tracks)[rows] == ACCEPTED]
-        if todo.size == 0:
-            return 0
-        return self._move(document, todo, self.before_px, self.before.score, self._action_name("Reject", rows))
-
-    def _check_rows(self, rows: ArrayLike) -> NDArray[np.int64]:
-        rows = np.unique(np.atleast_1d(np.asarray(rows, dtype=np.int64)))
-        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
-            raise CsptInputError(f"has rows outside 0..{len(self) - 1}", field="rows",
-                                 expected="rows of the refined projections")
-        return rows
-
-
-def vectors_layer_data(review: ShiftReview, pixel_A: float) -> tuple[NDArray[np.float64], dict]:
-    """Vectors ``(N, 2, 3)``: start ``(tilt, y, x)`` at the picked position, direction ``(0, dy, dx)`` to the refined
-    one (unbinned px), and the layer keyword arguments (features, colour by score, scale ``(1, pixel_A, pixel_A)``)."""
-    start = np.column_stack([review.before.tilt.astype(np.float64), review.before_px[:, 1], review.before_px[:, 0]])
-    shift = review.shift_px
-    direction = np.column_stack([np.zeros(len(review)), shift[:, 1], shift[:, 0]])
-    score = review.score
-    finite = score[np.isfinite(score)]
-    limits = (float(np.percentile(finite, 2)), float(np.percentile(finite, 98))) if finite.size else (0.0, 1.0)
-    if limits[1] <= limits[0]:
-        limits = (limits[0], limits[0] + 1e-6)
-    kwargs = {
-        "name": VECTORS_LAYER,
-        "features": {"particle": review.before.particle, "tilt": review.before.tilt, "shift_px": review.shift_length_px,
-                     "score": score, "residual_px": review.residual_px},
-        "edge_color": "score", "edge_colormap": "RdYlGn", "edge_contrast_limits": limits,
-        "edge_width": 2.5, "length": VECTOR_EXAGGERATION, "vector_style": "arrow", "opacity": 1.0,
-        "projection_mode": "none", "scale": (1.0, float(pixel_A), float(pixel_A)), "axis_labels": ("tilt", "y", "x"),
-        "metadata": {"cspt2d": {"role": "refined-shifts"}},
-    }
-    return np.stack([start, direction], axis=1), kwargs
-
-
-# ---------------------------------------------------------------------------------------------------- the gallery
-@dataclass(frozen=True, eq=False)
-class GalleryImages:
-    """Boxes of one particle through its tilts (ordered by angle): review ``rows`` (T,), ``angle_deg`` (T,), and
-    ``picked``, ``refined``, ``reference`` (T, n, n) float32, each box normalised (zero mean, unit deviation)."""
-
-    particle: int
-    rows: NDArray[np.int64]
-    angle_deg: NDArray[np.float64]
-    picked: NDArray[np.float32]
-    refined: NDArray[np.float32]
-    reference: NDArray[np.float32]
-
-
-def _boxes(stack, tracks: TrackSet, rows: NDArray[np.int64], imaging: Imaging, radius_A: float) -> NDArray[np.float32]:
-    out = np.empty((rows.size, imaging.box, imaging.box), np.float32)
-    where = {int(r): i for i, r in enumerate(rows)}
-    for batch in extract_particles(stack, tracks, extract_box=imaging.box * imaging.bin, extract_bin=imaging.bin,
-                                   particle_rad_A=radius_A, pixel_A=imaging.stack_pixel_A, rows=rows,
-                                   batch_size=max(rows.size, 1)):
-        out[[where[int(r)] for r in batch.rows]] = batch.images
-    return out
-
-
-def _lowpass_normalise(images: NDArray[np.float32], resolution_px: float) -> NDArray[np.float32]:
-    """Gaussian low-pass (half amplitude at ``resolution_px`` period) then zero mean, unit deviation per box."""
-    n = images.shape[-1]
-    k2 = np.fft.fftfreq(n)[:, None] ** 2 + np.fft.rfftfreq(n)[None, :] ** 2
-    filt = np.exp(-np.log(2.0) * k2 * resolution_px**2)
-    out = scipy.fft.irfft2(scipy.fft.rfft2(images) * filt, s=(n, n)).astype(np.float32)
-    out -= out.mean(axis=(1, 2), keepdims=True)
-    out /= np.maximum(out.std(axis=(1, 2), keepdims=True), 1e-12)
-    return out
-
-
-def gallery_images(stack, review: ShiftReview, particle: int, volume: NDArray[np.floating],
-                   params: PypParameters, *, iteration: int | None = None) -> GalleryImages:
-    """The gallery of ``particle``: boxes at the picked and refined positions from ``stack`` and the reprojection
-    of ``volume`` (the map, protein positive) at the refined orientation times the projection's CTF, all low-passed
-    to the refinement resolution of ``iteration`` (default the last one)."""
-    rows = review.rows_of_particle(particle)
-    if rows.size == 0:
-        raise CsptInputError(f"particle {particle} was not refined", field="particle", expected="a refined particle")
-    imaging = Imaging.from_params(params)
-    n = imaging.box
-    if np.shape(volume) != (n, n, n):
-        raise CsptInputError(f"has shape {np.shape(volume)}", field="map", expected=f"({n}, {n}, {n})")
-    radius_A = float(params["particle_rad"])
-    picked = _boxes(stack, review.before, rows, imaging, radius_A)
-    refined = _boxes(stack, review.after, rows, imaging, radius_A)
-    after = review.after
-    trow, prow = after.tilt_rows()[rows], after.particle_rows()[rows]
-    euler = after.particles.euler_deg[prow]
-    matrices = geometry.projection_matrices(euler[:, 2], euler[:, 1], euler[:, 0], after.tilts.angle_deg[trow],
-                                            after.tilts.axis_deg[trow])
-    projections = project_volume(volume, matrices)
-    defocus_A = ctf.projection_defocus_A(after.tilts.defocus_um[trow], after.projected_px()[rows, 2],
-                                         imaging.stack_pixel_A)
-    model = ctf.image_model(n, imaging.pixel_A, defocus_A, voltage_kV=imaging.voltage_kV, cs_mm=imaging.cs_mm,
-                            amp_contrast=imaging.amp_contrast).grid(n, imaging.pixel_A)
-    reference = scipy.fft.irfft2(scipy.fft.rfft2(projections) * model, s=(n, n)).astype(np.float32)
-    last = params["refine_maxiter"] if iteration is None else iteration
-    resolution_px = max(refine_rhref_for(params, max(last, 2)) / imaging.pixel_A, 2.0)
-    return GalleryImages(int(particle), rows, after.tilts.angle_deg[trow],
-                         *(_lowpass_normalise(x, resolution_px) for x in (picked, refined, reference)))
+SCORE_COLORMAP = "RdYlGn"
 
 
 def _to_qimage(box: NDArray[np.float32]) -> tuple[QImage, NDArray[np.uint8]]:
@@ -453,42 +226,95 @@ class ProjectionTableView(ParticleTableView):
         self.scrollTo(index)
 
 
-# ---------------------------------------------------------------------------------------------------- the dock
-class ShiftValidation(QWidget):
-    """The shift-validation dock (table, accept/reject buttons) with the gallery dock and the vectors layer."""
+class ColourBar(QWidget):
+    """The score colour bar of the shift arrows: the colormap from low (left) to high (right) with the range, and
+    the arrows' exaggeration (×N)."""
 
-    def __init__(self, napari_viewer) -> None:
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.limits = (0.0, 1.0)
+        self.factor = 1
+        colormap = ensure_colormap(SCORE_COLORMAP)
+        self._colours = [QColor.fromRgbF(*map(float, c)) for c in colormap.map(np.linspace(0, 1, 9))]
+        self.setMinimumHeight(34)
+
+    def set_scale(self, limits: tuple[float, float], factor: int) -> None:
+        self.limits, self.factor = limits, int(factor)
+        self.update()
+
+    def text(self) -> str:
+        return f"score {self.limits[0]:.2f} … {self.limits[1]:.2f}   arrows ×{self.factor}"
+
+    def paintEvent(self, event) -> None:  # noqa: N802 - Qt API
+        painter = QPainter(self)
+        bar = QRect(4, 2, self.width() - 8, 12)
+        gradient = QLinearGradient(bar.left(), 0, bar.right(), 0)
+        for i, colour in enumerate(self._colours):
+            gradient.setColorAt(i / (len(self._colours) - 1), colour)
+        painter.fillRect(bar, gradient)
+        painter.setPen(QColor("#d6d6d6"))
+        painter.drawText(QRect(4, 15, self.width() - 8, self.height() - 15),
+                         int(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter), f"{self.limits[0]:.2f} low")
+        painter.drawText(QRect(4, 15, self.width() - 8, self.height() - 15),
+                         int(Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignVCenter), f"arrows ×{self.factor}")
+        painter.drawText(QRect(4, 15, self.width() - 8, self.height() - 15),
+                         int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter), f"high {self.limits[1]:.2f}")
+        painter.end()
+
+
+# ---------------------------------------------------------------------------------------------------- the tab
+class ShiftValidation(QWidget):
+    """The Validate tab: summary, colour bar, worst-first navigation, projection table, accept/reject, gallery."""
+
+    def __init__(self, napari_viewer, state: CockpitState | None = None) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        self.state_owner = state if state is not None else state_of(napari_viewer)
         self.review: ShiftReview | None = None
         self.document: TrackDocument | None = None
         self.layer: Vectors | None = None
         self._stack = None
         self._params: PypParameters | None = None
         self._volume = None
+        self._iteration: int | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._particle: int | None = None
+        self._gallery_cache: dict[int, GalleryImages] = {}
+        self._gallery_worker = None
+        self._order = np.zeros(0, np.int64)
+        self._position = -1
         self._status = np.zeros(0, np.int64)
         self._label = ""
+        self._current_row: int | None = None
         self._build_ui()
         self._status_timer = QTimer(self)
         self._status_timer.setSingleShot(True)
         self._status_timer.setInterval(100)
         self._status_timer.timeout.connect(self.refresh_status)
         napari_viewer.dims.events.current_step.connect(self._on_step)
-        window = napari_viewer.window
-        self.dock = window.add_dock_widget(self, name="Shift validation", area="right", tabify=True)
-        self.gallery_dock = window.add_dock_widget(self.gallery_scroll, name="Particle gallery", area="bottom")
-        self.dock.raise_()
 
     def _build_ui(self) -> None:
         layout = QVBoxLayout(self)
-        self.summary = QLabel("No refinement yet.")
+        self.summary = QLabel("No refinement yet: Refine in the Run tab.")
         self.summary.setWordWrap(True)
         layout.addWidget(self.summary)
+        self.colour_bar = ColourBar()
+        layout.addWidget(self.colour_bar)
+        nav = QHBoxLayout()
+        for attr, text, slot, tip in (
+            ("worst_button", "Worst first", self.worst, "The projection with the lowest score (then longest shift)"),
+            ("next_button", "Next worse", self.next_worst, "The next projection in worst-first order"),
+            ("previous_button", "Previous", self.previous_worst, "The previous projection in worst-first order"),
+        ):
+            button = QPushButton(text)
+            button.setToolTip(tip)
+            button.clicked.connect(lambda _=False, s=slot: s())
+            setattr(self, attr, button)
+            nav.addWidget(button)
+        layout.addLayout(nav)
         self.table = ProjectionTableView()
         self.table.row_activated.connect(self.jump)
-        self.table.setMinimumHeight(150)
+        self.table.setMinimumHeight(160)
         layout.addWidget(self.table, 1)
         grid = QGridLayout()
         for i, (attr, text, slot, tip) in enumerate((
@@ -508,10 +334,8 @@ class ShiftValidation(QWidget):
             grid.addWidget(button, i // 2, i % 2)
         layout.addLayout(grid)
         legend = "  ".join(f"<span style='color:{c}'>■</span> {n}" for n, c in zip(STATUS_NAMES, STATUS_COLOURS))
-        hint = QLabel(f"{legend}<br>Arrows in '{VECTORS_LAYER}' are drawn ×{VECTOR_EXAGGERATION:g} (layer length), "
-                      "coloured by score (red low, green high).")
+        hint = QLabel(legend)
         hint.setWordWrap(True)
-        hint.setStyleSheet("color: gray")
         layout.addWidget(hint)
         self.gallery = ParticleGallery()
         self.gallery.row_clicked.connect(self.jump)
@@ -519,13 +343,25 @@ class ShiftValidation(QWidget):
         self.gallery_scroll.setWidget(self.gallery)
         self.gallery_scroll.setWidgetResizable(True)
         self.gallery_scroll.setMinimumHeight(self.gallery.minimumHeight() + 24)
+        layout.addWidget(self.gallery_scroll)
 
     # ------------------------------------------------------------------ content
+    def show_entry(self, entry) -> None:
+        """Show the refinement step of history ``entry`` (everything prepared in the run's worker)."""
+        prepared, s = entry.result, entry.session
+        self.set_review(prepared.review, stack=s.stack, params=s.params, volume=prepared.item.reconstruction.map,
+                        document=s.document, label=f"run {entry.run} · {prepared.item.label}",
+                        iteration=prepared.item.iteration, vectors=prepared.vectors, gallery=prepared.gallery,
+                        jump_to=prepared.worst_row)
+
     def set_review(self, review: ShiftReview, *, stack, params: PypParameters, volume, document: TrackDocument,
-                   label: str = "") -> None:
-        """Show ``review`` (refined proposals for ``document``'s tracks) with the gallery drawn from ``stack`` and
-        ``volume`` (the map) using ``params``."""
+                   label: str = "", iteration: int | None = None, vectors: ShiftVectors | None = None,
+                   gallery: GalleryImages | None = None, jump_to: int | None = None) -> None:
+        """Show ``review`` (refined proposals for ``document``'s tracks); the gallery is drawn from ``stack`` and
+        ``volume`` (the map) with ``params``. ``vectors``/``gallery`` when prepared already (else computed here);
+        the view goes to ``jump_to`` (default: the worst projection)."""
         self.review, self._stack, self._params, self._volume = review, stack, params, volume
+        self._iteration = iteration
         if document is not self.document:
             if self._unsubscribe is not None:
                 self._unsubscribe()
@@ -534,24 +370,38 @@ class ShiftValidation(QWidget):
         self._status = review.status(document.tracks)
         self.table.source.set_review(review, self._status)
         self._label = label
-        self._show_vectors()
+        self._order = worst_first(review)
+        self._position = -1
+        self._show_vectors(vectors if vectors is not None else shift_vectors(review))
         self._particle = None
+        self._gallery_cache = {} if gallery is None else {gallery.particle: gallery}
         self.gallery.set_images(None, self._status, review.score, review.shift_length_px)
         self._update_summary()
         if len(review):
-            worst = int(np.argmax(review.shift_length_px))
-            self.jump(worst)
+            self.jump(int(self._order[0]) if jump_to is None else int(jump_to))
 
-    def _show_vectors(self) -> None:
-        data, kwargs = vectors_layer_data(self.review, self._params.stack_pixel_A)
-        existing = next((lyr for lyr in self.viewer.layers if isinstance(lyr, Vectors) and lyr.name == VECTORS_LAYER),
-                        None)
-        if existing is not None:
-            self.viewer.layers.remove(existing)
-        self.layer = self.viewer.add_vectors(data, **kwargs)
-        points = curation_widget(self.viewer).controller
-        if points is not None:
-            self.viewer.layers.selection.active = points.points
+    def _show_vectors(self, vectors: ShiftVectors) -> None:
+        """Assign the vectors to the layer (made on the first review only)."""
+        self.colour_bar.set_scale(vectors.score_limits, vectors.factor)
+        layer = self.layer
+        if layer is None or layer not in self.viewer.layers:
+            pixel_A = float(self._params.stack_pixel_A)
+            self.layer = self.viewer.add_vectors(
+                vectors.data, features=vectors.features, name=VECTORS_LAYER, edge_color="score",
+                edge_colormap=SCORE_COLORMAP, edge_contrast_limits=vectors.score_limits, edge_width=vectors.width_px,
+                length=vectors.factor, vector_style="arrow", opacity=1.0, projection_mode="none",
+                scale=(1.0, pixel_A, pixel_A), axis_labels=("tilt", "y", "x"),
+                metadata={"cspt2d": {"role": "refined-shifts"}})
+            controller = self.state_owner.controller
+            if controller is not None:
+                self.viewer.layers.selection.active = controller.points
+            return
+        layer.data = vectors.data
+        layer.features = vectors.features
+        layer.edge_width = vectors.width_px
+        layer.length = vectors.factor
+        layer.edge_contrast_limits = vectors.score_limits
+        layer.edge_color = "score"
 
     def _on_change(self, change: Change) -> None:
         if change.kind in ("edit", "undo", "redo"):
@@ -576,34 +426,83 @@ class ShiftValidation(QWidget):
             f"max {shift.max():.2f} px; " + ", ".join(f"{c} {n}" for c, n in zip(counts, STATUS_NAMES) if c))
 
     # ------------------------------------------------------------------ navigation
+    def worst(self) -> None:
+        """Go to the worst projection (lowest score, then longest shift)."""
+        self._step_worst(None)
+
+    def next_worst(self) -> None:
+        self._step_worst(+1)
+
+    def previous_worst(self) -> None:
+        self._step_worst(-1)
+
+    @report_errors("Worst first")
+    def _step_worst(self, delta: int | None) -> None:
+        if self.review is None or not len(self.review):
+            raise CsptInputError("no refinement to review", field="refinement", expected="a finished Refine run")
+        self._position = 0 if delta is None else (self._position + delta) % len(self._order)
+        self.jump(int(self._order[self._position]))
+
     @report_errors("Jump to projection")
     def jump(self, row: int) -> None:
         """Show review ``row``: its tilt in the viewer, its particle active and centred, its particle's gallery."""
         review = self.review
         if review is None:
             return
+        hits = np.flatnonzero(self._order == row)
+        if hits.size:
+            self._position = int(hits[0])
         particle, tilt = int(review.before.particle[row]), int(review.before.tilt[row])
         labels = list(self.viewer.dims.axis_labels)
         axis = labels.index("tilt") if "tilt" in labels else 0
         self.viewer.dims.set_point(axis, tilt)
-        controller = curation_widget(self.viewer).controller
+        controller = self.state_owner.controller
         if controller is not None and particle in set(controller.document.tracks.particles.id.tolist()):
             controller.set_active_particle(particle, center=True)
-        self.show_particle(particle)
-        self.gallery.set_current(row)
         self.table.select_row(row)
-        column = self.gallery.column_of(row)
+        self._current_row = row
+        self.show_particle(particle)
+
+    def show_particle(self, particle: int) -> None:
+        """Show the gallery of ``particle``: from the cache, else made in a worker and shown when ready."""
+        if particle == self._particle and self.gallery.images is not None:
+            self._mark_current()
+            return
+        self._particle = particle
+        images = self._gallery_cache.get(particle)
+        if images is not None:
+            self._set_gallery(images)
+            return
+        review, stack, volume, params, iteration = self.review, self._stack, self._volume, self._params, self._iteration
+        worker = create_worker(gallery_images, stack, review, particle, volume, params, iteration=iteration,
+                               _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(lambda images, r=review: self._gallery_ready(r, images))
+        worker.errored.connect(self._gallery_failed)
+        self._gallery_worker = worker
+        worker.start()
+
+    @report_errors("Gallery")
+    def _gallery_failed(self, exc: BaseException) -> None:
+        raise exc
+
+    def _gallery_ready(self, review: ShiftReview, images: GalleryImages) -> None:
+        if review is not self.review:
+            return  # a newer review is shown
+        self._gallery_cache[images.particle] = images
+        if images.particle == self._particle:
+            self._set_gallery(images)
+
+    def _set_gallery(self, images: GalleryImages) -> None:
+        self.gallery.set_images(images, self._status, self.review.score, self.review.shift_length_px)
+        self._mark_current()
+
+    def _mark_current(self) -> None:
+        row = self._current_row
+        self.gallery.set_current(row)
+        column = None if row is None else self.gallery.column_of(row)
         if column is not None:
             self.gallery_scroll.ensureVisible(self.gallery.column_x(column) + self.gallery.cell // 2, 0,
                                               self.gallery.cell, 0)
-
-    def show_particle(self, particle: int) -> None:
-        """Draw the gallery of ``particle`` (cached while it stays the same particle)."""
-        if particle == self._particle:
-            return
-        images = gallery_images(self._stack, self.review, particle, self._volume, self._params)
-        self._particle = particle
-        self.gallery.set_images(images, self._status, self.review.score, self.review.shift_length_px)
 
     def _on_step(self, event=None) -> None:
         review, images = self.review, self.gallery.images
