@@ -42,3 +42,24 @@ def cache_home(tmp_path, monkeypatch):
     """A private ``XDG_CACHE_HOME`` (autosaves of tracks without a file go there)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def refined(tmp_path_factory):
+    """:data:`GUI_SAMPLE` refined headless (one CSPT iteration) by the cockpit's job, in a pyp project:
+    ``(sample, params, item, root)`` with ``item`` the refinement's :class:`~napari_cspt2d.runs.IterationResult`."""
+    from napari_cspt2d import pyp
+    from napari_cspt2d.model.editing import TrackDocument
+    from napari_cspt2d.model.params import PypParameters
+    from napari_cspt2d.runs import Session, run_job
+    from napari_cspt2d.sample import make_sample
+
+    sample = make_sample(**GUI_SAMPLE)
+    root = tmp_path_factory.mktemp("project")
+    params = PypParameters(sample.params)
+    pyp.create_project(root, "sample", sample.stack, sample.tracks, params, angles=sample.tracks.tilts)
+    session = Session(sample.stack, None, sample.tracks.tilts, TrackDocument(sample.tracks), sample.tracks, params,
+                      root, "sample")
+    items = list(run_job(session, "refine", lambda *a: None, lambda: False))
+    assert [i.iteration for i in items] == [1, 2]
+    return sample, params, items[-1], root

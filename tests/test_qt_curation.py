@@ -291,7 +291,7 @@ def test_autosave_and_recovery_after_closing_without_saving(make_napari_viewer, 
 def test_screenshot_of_curated_sample(make_napari_viewer, cache_home, qtbot):
     layers = make_sample_data(n_particles=20, n_tilts=31, shape_yx=(512, 512), box=48, thickness_px=60.0)
     viewer, widget = open_curation(make_napari_viewer, layers)
-    viewer.window._qt_window.resize(1500, 950)
+    viewer.window._qt_window.resize(1366, 768)  # a laptop screen
     widget.controller.set_active_particle(7)
     viewer.dims.set_current_step(0, 15)
     widget.fit_residuals()
@@ -309,4 +309,6 @@ def test_screenshot_of_curated_sample(make_napari_viewer, cache_home, qtbot):
     if os.environ.get("CSPT2D_SAVE_SCREENSHOT"):
         from imageio.v3 import imwrite
 
-        imwrite(DOCS / "screenshot_curation.png", shot)
+        DOCS.mkdir(exist_ok=True)
+
+        imwrite(DOCS / "cockpit_curate_1366x768.png", shot)

@@ -1,7 +1,7 @@
-"""The Run widget in a real, shown napari viewer (Xvfb): runs in a worker, results, cancel, errors, live preview.
+"""The cockpit's Run tab in a real, shown napari viewer (Xvfb): runs in a worker, the map in the docked viewer, the
+history and FSC curves, cancel, errors, live preview.
 
-Run under pytest-xvfb (``QT_QPA_PLATFORM=offscreen`` does not work for a napari Viewer). The map window is kept hidden
-(software OpenGL renders volumes slowly); its layers are checked instead."""
+Run under pytest-xvfb (``QT_QPA_PLATFORM=offscreen`` does not work for a napari Viewer)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ pytest.importorskip("napari")
 pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("cache_home")]
 
 from napari.utils.notifications import notification_manager  # noqa: E402
+from qtpy.QtCore import Qt  # noqa: E402
 
-from napari_cspt2d._qt import run_widget as run_module  # noqa: E402
+from napari_cspt2d import runs as run_module  # noqa: E402
 from napari_cspt2d._qt._loader import add_layers  # noqa: E402
+from napari_cspt2d._qt._owner import state_of  # noqa: E402
 from napari_cspt2d._qt.params_widget import ParametersWidget  # noqa: E402
-from napari_cspt2d._qt.run_widget import RunWidget, preview_bin  # noqa: E402
+from napari_cspt2d._qt.run_widget import RunWidget  # noqa: E402
+from napari_cspt2d.runs import preview_bin  # noqa: E402
 from conftest import GUI_SAMPLE as SMALL  # noqa: E402
 from napari_cspt2d.errors import CsptInputError  # noqa: E402
 from napari_cspt2d.io.mrc import read_image  # noqa: E402
@@ -29,11 +32,10 @@ from napari_cspt2d.io.mrc import read_image  # noqa: E402
 def open_run(make_napari_viewer, layers):
     viewer = make_napari_viewer(show=True)
     add_layers(viewer, layers)
-    viewer.window.add_plugin_dock_widget("napari-cspt2d", "Tracks curation")
-    _, params = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Parameters")
-    _, run = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Run")
+    _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    params, run = cockpit.parameters, cockpit.run
     assert isinstance(params, ParametersWidget) and isinstance(run, RunWidget)
-    run.map_window.show = lambda: False  # layers are checked, not rendered
+    cockpit.show_tab("Run")
     return viewer, params, run
 
 
@@ -52,37 +54,52 @@ def test_reconstruct_runs_in_a_worker_and_shows_map_and_fsc(make_napari_viewer, 
     wait_done(qtbot, run)
     assert run.state == "done", run.log_view.toPlainText()
     assert {"backproject", "reconstruct"} <= set(stages)
-    # the map and the half maps in the map window, the tilt series' viewer untouched
-    layers = {layer.name: layer for layer in run.map_window.viewer.layers}
-    assert set(layers) == {"map", "half map 1", "half map 2"}
+    # the map in the viewer docked in the Run tab (never a floating window), the tilt series' viewer untouched
+    panel = run.map_panel
+    assert [layer.name for layer in panel.model.layers] == ["map"] and panel.layer.rendering == "iso"
+    assert panel.isVisible() and panel.window() is viewer.window._qt_window
     box = p["extract_box"]
-    assert layers["map"].data.shape == (box, box, box) and layers["map"].rendering == "iso"
-    assert not layers["half map 1"].visible
-    np.testing.assert_allclose(layers["map"].scale, [p.particle_pixel_A] * 3)
+    result = run.results[-1]
+    assert panel.layer.data.shape == (box, box, box)
+    np.testing.assert_allclose(panel.layer.scale, [p.particle_pixel_A] * 3)
+    assert panel.layer.iso_threshold == pytest.approx(result.map.iso_level)  # prepared in the worker
+    assert tuple(panel.layer.contrast_limits) == pytest.approx(result.map.contrast_limits)
     assert viewer.dims.axis_labels == ("tilt", "y", "x") and viewer.dims.ndisplay == 2
     assert viewer.dims.nsteps[0] == SMALL["n_tilts"]
-    # FSC plot docked with the resolution at 0.143
-    result = run.results[-1].reconstruction
+    # the history lists it; the FSC plot has its curve with the resolution at 0.143
+    rec = result.item.reconstruction
+    assert [(e.run, e.iteration) for e in state_of(viewer).history] == [(1, 1)]
+    assert run.history.rowCount() == 1 and run.history.item(0, 3).text() == "finished"
+    assert run.history.item(0, 2).text() == f"{rec.fsc.resolution_A(0.143):.2f}"
     assert len(run.fsc_plot.curves) == 1
-    assert run.fsc_plot.resolution_A == pytest.approx(result.fsc.resolution_A(0.143))
-    assert f"{result.resolution_A:.2f} Å" in run.fsc_plot.label.text()
+    assert run.fsc_plot.resolution_A == pytest.approx(rec.fsc.resolution_A(0.143))
+    assert f"{rec.resolution_A:.2f} Å" in run.fsc_plot.label.text()
     assert "curated tracks" in run.log_view.toPlainText()
     assert run.log_path.is_file() and run.log_path.is_relative_to(cache_home)
     assert run.reconstruct_button.isEnabled() and not run.cancel_button.isEnabled()
-    run.map_window.viewer.close()  # the user closes the map window: the next map opens a new one
-    qtbot.waitUntil(lambda: not run.map_window.is_open, timeout=5000)
+    # a second run: the map layer is updated in place, the FSC curves accumulate with a legend
+    layer = panel.layer
+    run.reconstruct_button.click()
+    wait_done(qtbot, run)
+    assert panel.layer is layer and len(panel.model.layers) == 1
+    assert [c[0] for c in run.fsc_plot.curves] == ["run 1 · it 1", "run 2 · it 1"]
+    assert [t.get_text() for t in run.fsc_plot.axes.get_legend().get_texts()] == ["run 1 · it 1", "run 2 · it 1"]
+    # a history row shows its map again
+    rect = run.history.visualItemRect(run.history.item(0, 0))
+    qtbot.mouseClick(run.history.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    assert panel.shown is state_of(viewer).history[0].result.map and "run 1" in panel.title.text()
 
 
 def test_run_works_on_a_snapshot_while_the_user_edits(make_napari_viewer, sample_layers, qtbot):
     viewer, params, run = open_run(make_napari_viewer, sample_layers)
-    doc = run_module.session(viewer).document
+    doc = state_of(viewer).session().document
     before = doc.tracks
     run.start("reconstruct")
     doc.move_points([0], [[100.0, 90.0]])  # the GUI is not blocked: edits go on during the run
     assert doc.tracks is not before
     wait_done(qtbot, run)
     assert run.state == "done"
-    assert run.results[0].tracks is before  # the run used the tracks of the moment it started
+    assert run.results[0].item.tracks is before  # the run used the tracks of the moment it started
 
 
 def test_cancel_stops_quickly_and_keeps_earlier_outputs(make_napari_viewer, sample_layers, qtbot, tmp_path,
@@ -176,26 +193,17 @@ def test_live_preview_follows_edits(make_napari_viewer, sample_layers, qtbot):
     run.preview.refreshed.connect(shown.append)
     run.preview_check.setChecked(True)
     qtbot.waitUntil(lambda: len(shown) == 1, timeout=60000)
-    layer = next(lyr for lyr in run.map_window.viewer.layers if lyr.name == "preview")
+    layer = run.map_panel.layer
     n = params.parameters().box_unbinned_px // preview_bin(params.parameters())
-    assert layer.data.shape == (n, n, n)
-    doc = run_module.session(viewer).document
+    assert layer.data.shape == (n, n, n) and "preview" in run.map_panel.title.text()
+    doc = state_of(viewer).session().document
     doc.move_points([1], [[120.0, 100.0]])
     assert run.preview.pending
     qtbot.waitUntil(lambda: len(shown) == 2, timeout=60000)
-    assert not np.array_equal(shown[0].map, shown[1].map)  # the edit changed the preview
+    assert not np.array_equal(shown[0].volume, shown[1].volume)  # the edit changed the preview
     run.preview_check.setChecked(False)
     doc.move_points([1], [[121.0, 100.0]])
     assert not run.preview.pending
-
-
-def test_preview_bin_keeps_a_useful_box():
-    from napari_cspt2d.model.params import PypParameters
-
-    base = {"scope_pixel": 2.0, "particle_rad": 30.0}
-    assert preview_bin(PypParameters({**base, "extract_box": 128})) == 4  # 32-voxel preview
-    assert preview_bin(PypParameters({**base, "extract_box": 64})) == 2
-    assert preview_bin(PypParameters({**base, "extract_box": 40})) == 1  # too small to bin
 
 
 def test_outputs_use_pyp_names_in_a_project(make_napari_viewer, sample_layers, qtbot, tmp_path):
@@ -209,4 +217,4 @@ def test_outputs_use_pyp_names_in_a_project(make_napari_viewer, sample_layers, q
                  "sample_r01.cistem", "sample_r01_extended.cistem"):
         assert (maps / name).is_file(), name
     assert run.log_path.parent == root / "log"
-    assert Path(run.results[0].written[0]).name == ".pyp_config.toml"
+    assert Path(run.results[0].item.written[0]).name == ".pyp_config.toml"

@@ -34,6 +34,7 @@ from .recon.refine import Imaging
 
 __all__ = [
     "ShiftReview", "ShiftVectors", "GalleryImages", "shift_vectors", "worst_first", "arrow_factor", "score_limits",
+    "ARROW_FACTORS", "ARROW_TARGET_FRACTION",
     "gallery_images", "PENDING", "ACCEPTED", "REJECTED", "EDITED", "UNCHANGED", "STATUS_NAMES", "SAME_POSITION_PX",
 ]
 

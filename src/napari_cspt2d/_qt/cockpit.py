@@ -9,8 +9,8 @@ When the cockpit opens, the numba kernels start warming in the background (:mod:
 
 from __future__ import annotations
 
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QFrame, QScrollArea, QTabWidget, QVBoxLayout, QWidget
+from qtpy.QtCore import QEvent, QObject, QSize, Qt, QTimer
+from qtpy.QtWidgets import QDockWidget, QFrame, QMainWindow, QScrollArea, QTabWidget, QVBoxLayout, QWidget
 
 from ._curation import CurationWidget
 from ._lifecycle import WindowCloseWatcher
@@ -21,11 +21,17 @@ from .params_widget import ParametersWidget
 from .run_widget import RunWidget
 from .validation import ShiftValidation
 
-__all__ = ["Cockpit", "TABS", "COCKPIT_WIDTH_PX"]
+__all__ = ["Cockpit", "TABS", "MIN_WIDTH_PX", "PREFERRED_WIDTH_PX"]
 
 TABS = ("Data", "Curate", "Parameters", "Run", "Validate")
-#: Width the cockpit asks for; it fits beside a canvas of at least half the window at 1366 px.
-COCKPIT_WIDTH_PX = 430
+#: The cockpit's narrowest width: beside napari's layer docks (320 px) it leaves half of a 1366 px window to the canvas.
+MIN_WIDTH_PX = 320
+#: The width it takes when the window has room (the canvas keeps at least half the window).
+PREFERRED_WIDTH_PX = 480
+_MARGIN_PX = 32  # dock separators and frames
+FIT_DELAY_MS = 50  # the docks are laid out by then
+#: napari's layer docks grow to this width once a Points layer's controls show.
+LAYER_DOCKS_PX = 320
 
 
 def _scrolled(widget: QWidget) -> QScrollArea:
@@ -44,6 +50,7 @@ class Cockpit(QWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
+        self._window: QMainWindow | None = None
         self.viewer = napari_viewer
         self.state: CockpitState = state_of(napari_viewer)
         self.data = TiltSeriesLoader(napari_viewer)
@@ -60,12 +67,54 @@ class Cockpit(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.tabs)
-        self.setMinimumWidth(COCKPIT_WIDTH_PX)
+        self.setMinimumWidth(MIN_WIDTH_PX)
         self.data.loaded.connect(self._on_loaded)
         self.run.review_shown.connect(self.validate.show_entry)
         self.run.run_finished.connect(self._on_run_finished)
         self.warmer = warm_once()
         self._close_watcher = WindowCloseWatcher(self, self.close_session)
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt API
+        return QSize(PREFERRED_WIDTH_PX, super().sizeHint().height())
+
+    # ------------------------------------------------------------------ fitting the window
+    def _dock(self) -> QDockWidget | None:
+        parent = self.parentWidget()
+        while parent is not None and not isinstance(parent, QDockWidget):
+            parent = parent.parentWidget()
+        return parent
+
+    def fit_width(self) -> None:
+        """Give the cockpit the width that leaves the canvas at least half of the window (between
+        :data:`MIN_WIDTH_PX` and :data:`PREFERRED_WIDTH_PX`), when it is docked on the side."""
+        dock, window = self._dock(), self._window
+        if dock is None or window is None or dock.isFloating():
+            return
+        area = window.dockWidgetArea(dock)
+        if area not in (Qt.DockWidgetArea.RightDockWidgetArea, Qt.DockWidgetArea.LeftDockWidgetArea):
+            return
+        other = (Qt.DockWidgetArea.LeftDockWidgetArea if area == Qt.DockWidgetArea.RightDockWidgetArea
+                 else Qt.DockWidgetArea.RightDockWidgetArea)
+        beside = max((max(d.width(), LAYER_DOCKS_PX) for d in window.findChildren(QDockWidget)
+                      if d.isVisible() and not d.isFloating() and window.dockWidgetArea(d) == other), default=0)
+        room = window.width() - window.width() // 2 - beside - _MARGIN_PX
+        target = max(MIN_WIDTH_PX, min(PREFERRED_WIDTH_PX, room))
+        if abs(dock.width() - target) > 2:
+            window.resizeDocks([dock], [target], Qt.Orientation.Horizontal)
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
+        super().showEvent(event)
+        window = self.window()
+        if isinstance(window, QMainWindow) and window is not self._window:
+            self._window = window
+            window.installEventFilter(self)
+        QTimer.singleShot(FIT_DELAY_MS, self.fit_width)  # once the docks are laid out
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt API
+        window = getattr(self, "_window", None)  # None while the widget is being torn down
+        if window is not None and obj is window and event.type() == QEvent.Type.Resize:
+            QTimer.singleShot(FIT_DELAY_MS, self.fit_width)
+        return False
 
     def show_tab(self, name: str) -> None:
         """Bring tab ``name`` (one of :data:`TABS`) to the front."""
@@ -83,4 +132,7 @@ class Cockpit(QWidget):
         """The window closes: every tab stops (a run, the preview, autosave flushed, the map viewer freed)."""
         for tab in (self.curate, self.run, self.validate):
             tab.close_session()
+        if self._window is not None:
+            self._window.removeEventFilter(self)
+            self._window = None
         self.warmer.stop()

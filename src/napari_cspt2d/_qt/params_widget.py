@@ -218,7 +218,7 @@ class ParametersWidget(QWidget):
             button.setToolTip(tip)
             button.clicked.connect(lambda _=False, s=slot: s())
             setattr(self, attr, button)
-            buttons.addWidget(button, i // 3, i % 3)
+            buttons.addWidget(button, i // 2, i % 2)
         outer.addLayout(buttons)
         self.project_label = QLabel("No project folder: runs keep their results in the viewer only.")
         self.project_label.setWordWrap(True)
