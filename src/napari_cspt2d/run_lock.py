@@ -3,8 +3,9 @@
 A run (CLI, Python or napari) holds an exclusive ``flock`` on the lock file while it works, and the file says who
 holds it: pid, host, start time and what runs. The kernel releases the lock when the process ends, however it ends,
 so a run killed with SIGKILL never blocks the project: the next run takes the lock over and warns that the previous
-one (named) did not finish. A second run while the first is alive — in another process, or in the same one (a
-second napari run) — is refused with :class:`ProjectBusyError` naming the running one.
+one (named) did not finish. A second run while the first is alive — in another process, or in another thread of
+the same one (a second napari run) — is refused with :class:`ProjectBusyError` naming the running one. The thread
+that holds the lock may take it again (a napari run that calls the pipeline), which nests.
 
 The lock is advisory and works on local file systems and on NFS with lock support (Linux emulates ``flock`` with
 POSIX locks there). A lock whose holder is on another host is reported with that host.
@@ -17,6 +18,8 @@ import fcntl
 import json
 import os
 import socket
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -28,6 +31,10 @@ __all__ = ["LOCK_NAME", "LockHolder", "ProjectBusyError", "project_lock", "lock_
 
 #: Name of the lock file in the project folder.
 LOCK_NAME = ".cspt2d.lock"
+
+#: Locks this process holds: lock path -> (holding thread, nesting depth, holder).
+_HELD: dict[Path, tuple[int, int, LockHolder]] = {}
+_HELD_GUARD = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -101,28 +108,54 @@ def _open_locked(path: Path) -> int:
         os.close(fd)  # the previous holder removed the file between our open and lock: lock the new one
 
 
+def _command_line() -> str:
+    """This process's command line, short (``cspt2d run demo-project``, ``python script.py``, ``napari``)."""
+    words = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
+    text = " ".join(words)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 @contextlib.contextmanager
-def project_lock(project_dir: str | os.PathLike[str], what: str = "cspt2d run") -> Iterator[LockHolder]:
-    """Hold ``project_dir``'s lock for the duration of the block; yields this run's :class:`LockHolder`.
+def project_lock(project_dir: str | os.PathLike[str], what: str = "run") -> Iterator[LockHolder]:
+    """Hold ``project_dir``'s lock for the duration of the block; yields this run's :class:`LockHolder` (``what`` =
+    ``"{what}: {this process's command line}"``).
 
     Raises :class:`ProjectBusyError` (a :class:`CsptInputError`, exit code 2 in the CLI) when another live run
     holds it; warns when taking over from a run that ended without releasing it (killed)."""
-    path = Path(project_dir) / LOCK_NAME
+    path = Path(project_dir).resolve() / LOCK_NAME
     if not path.parent.is_dir():
         raise CsptInputError("does not exist", file=path.parent, expected="a project folder")
+    with _HELD_GUARD:
+        held = _HELD.get(path)
+        if held is not None and held[0] != threading.get_ident():
+            raise ProjectBusyError(path, held[2])
+        if held is not None:
+            _HELD[path] = (held[0], held[1] + 1, held[2])
+    if held is not None:  # this thread holds it already: nest
+        try:
+            yield held[2]
+        finally:
+            with _HELD_GUARD:
+                thread, depth, holder = _HELD[path]
+                _HELD[path] = (thread, depth - 1, holder)
+        return
     fd = _open_locked(path)
     try:
         previous = _read_holder(fd)
         if previous is not None:
             warn_input(f"taking over the lock of {previous.describe()}, which ended without finishing (killed?); "
                        "its unfinished files are redone", file=path, field="lock")
-        me = LockHolder(os.getpid(), socket.gethostname(), time.time(), what)
+        me = LockHolder(os.getpid(), socket.gethostname(), time.time(), f"{what}: {_command_line()}")
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(asdict(me)).encode("utf-8"), 0)
         os.fsync(fd)
+        with _HELD_GUARD:
+            _HELD[path] = (threading.get_ident(), 1, me)
         try:
             yield me
         finally:
+            with _HELD_GUARD:
+                del _HELD[path]
             os.unlink(path)  # while still locked: a run waiting on this file then locks a new one
     finally:
         os.close(fd)
