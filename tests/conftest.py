@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,15 @@ def refined(tmp_path_factory):
     items = list(run_job(session, "refine", lambda *a: None, lambda: False))
     assert [i.iteration for i in items] == [1, 2]
     return sample, params, items[-1], root
+
+
+@pytest.fixture
+def child_env() -> dict[str, str]:
+    """This process's environment for a subprocess (a user's script, the ``cspt2d`` command) that must import the
+    same napari_cspt2d as the tests: its source folder first on ``PYTHONPATH``, as an absolute path."""
+    import napari_cspt2d
+
+    env = dict(os.environ)
+    source = str(Path(napari_cspt2d.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH", "")) if p)
+    return env

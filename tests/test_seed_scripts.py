@@ -40,35 +40,33 @@ def seed_block(heading: str) -> str:
     return match.group(1)
 
 
-def environment() -> dict[str, str]:
-    """This process's environment with pyp's names first on the path (and this checkout's package after them)."""
-    env = dict(os.environ)
-    paths = [str(PYP_NAMES)] + [p for p in sys.path if p.endswith("src") and Path(p, "napari_cspt2d").is_dir()]
-    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
+@pytest.fixture
+def seed_env(child_env) -> dict[str, str]:
+    """A subprocess environment with pyp's names first on the path (as the README says to set it)."""
+    return {**child_env, "PYTHONPATH": os.pathsep.join((str(PYP_NAMES), child_env["PYTHONPATH"]))}
 
 
-def run_as_script(code: str, cwd: Path) -> tuple[bool, str]:
+def run_as_script(code: str, cwd: Path, env: dict[str, str]) -> tuple[bool, str]:
     script = cwd / "seed_script.py"
     script.write_text(code, encoding="utf-8")
-    result = subprocess.run([sys.executable, script.name], cwd=cwd, env=environment(), capture_output=True,
-                            text=True, timeout=_TIMEOUT_S)
-    return result.returncode == 0, result.stdout + result.stderr
-
-
-def run_with_c(code: str, cwd: Path) -> tuple[bool, str]:
-    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=environment(), capture_output=True, text=True,
+    result = subprocess.run([sys.executable, script.name], cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=_TIMEOUT_S)
     return result.returncode == 0, result.stdout + result.stderr
 
 
-def run_in_kernel(code: str, cwd: Path) -> tuple[bool, str]:
+def run_with_c(code: str, cwd: Path, env: dict[str, str]) -> tuple[bool, str]:
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=_TIMEOUT_S)
+    return result.returncode == 0, result.stdout + result.stderr
+
+
+def run_in_kernel(code: str, cwd: Path, env: dict[str, str]) -> tuple[bool, str]:
     """``code`` as one cell of a fresh IPython kernel (this interpreter) started in ``cwd``."""
     manager = pytest.importorskip("jupyter_client.manager", reason="jupyter_client is not installed")
     pytest.importorskip("ipykernel", reason="ipykernel is not installed")
     km = manager.KernelManager(kernel_name="python3")
     km.kernel_cmd = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    km.start_kernel(cwd=str(cwd), env=environment())
+    km.start_kernel(cwd=str(cwd), env=env)
     output: list[str] = []
 
     def collect(msg: dict) -> None:
@@ -92,8 +90,8 @@ def run_in_kernel(code: str, cwd: Path) -> tuple[bool, str]:
 RUNNERS = {"script": run_as_script, "python -c": run_with_c, "jupyter": run_in_kernel}
 
 
-def run_seed(form: str, code: str, cwd: Path) -> str:
-    ok, output = RUNNERS[form](code, cwd)
+def run_seed(form: str, code: str, cwd: Path, env: dict[str, str]) -> str:
+    ok, output = RUNNERS[form](code, cwd, env)
     assert ok, output[-4000:]
     assert "bootstrapping phase" not in output, output[-4000:]
     return output
@@ -112,8 +110,8 @@ if __name__ == "__main__":
 """
 
 
-def test_local_workers_never_run_the_users_main_script(tmp_path):
-    output = run_seed("script", MARKING_SCRIPT, tmp_path)
+def test_local_workers_never_run_the_users_main_script(tmp_path, seed_env):
+    output = run_seed("script", MARKING_SCRIPT, tmp_path, seed_env)
     worker_pids = {int(p) for p in re.findall(r"\d+", output.strip().splitlines()[-1])}
     marks = sorted(p.name for p in tmp_path.glob("ran-in-*"))
     assert worker_pids and len(marks) == 1, (marks, worker_pids)
@@ -138,9 +136,9 @@ def ts001(tmp_path, ts001_template):
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_option_a_runs_verbatim(form, ts001):
+def test_option_a_runs_verbatim(form, ts001, seed_env):
     """Option A at the top level of a script without a ``__main__`` guard: the local workers must not import it."""
-    run_seed(form, LOAD_PARAMETERS + seed_block("#### Option A"), ts001)
+    run_seed(form, LOAD_PARAMETERS + seed_block("#### Option A"), ts001, seed_env)
     maps = ts001 / "frealign" / "maps"
     assert (maps / "ts001_r01_02.mrc").is_file() and (maps / "ts001_r01_02.cistem").is_file()
     refined = pyp.Parameters.from_file(maps / "ts001_r01_02.cistem").data
@@ -148,8 +146,8 @@ def test_option_a_runs_verbatim(form, ts001):
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_option_b_runs_verbatim(form, ts001):
-    output = run_seed(form, LOAD_PARAMETERS + seed_block("#### Option B"), ts001)
+def test_option_b_runs_verbatim(form, ts001, seed_env):
+    output = run_seed(form, LOAD_PARAMETERS + seed_block("#### Option B"), ts001, seed_env)
     assert (ts001 / "frealign" / "maps" / "ts001_r01_02.mrc").is_file(), output
     assert len(list((ts001 / "frealign" / "scratch").glob("ts001_r01_region*.cistem"))) >= 4
 
@@ -173,8 +171,8 @@ def complete(tmp_path, complete_template):
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_example_complete_script_runs_verbatim(form, complete):
-    run_seed(form, seed_block("## Example Complete Script"), complete)
+def test_example_complete_script_runs_verbatim(form, complete, seed_env):
+    run_seed(form, seed_block("## Example Complete Script"), complete, seed_env)
     maps = complete / "frealign" / "maps"
     written = pyp.Parameters.from_file(maps / "ts001_r01.cistem").data
     assert written.shape == (10 * 13, 7)  # the script's 10 particles x 13 tilts

@@ -34,6 +34,7 @@ from .io.toml import CONFIG_NAME, load_params, save_params
 from .model.params import PypParameters, as_parameters, check_cspt_mode, check_name
 from .model.tracks import TiltTable, TrackSet
 from .recon.project import ProjectPaths, load_project, split_regions, tracks_with_metadata
+from .run_lock import one_run_per_project
 
 __all__ = [
     "load_parameters", "save_parameters",
@@ -280,6 +281,7 @@ def csp_split(
     return run.outputs()
 
 
+@one_run_per_project("reconstruction")
 def run_reconstruction(
     name: str,
     mp: Mapping[str, Any],

@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .errors import CsptInputError, warn_input
 
-__all__ = ["LOCK_NAME", "LockHolder", "ProjectBusyError", "project_lock", "lock_holder"]
+__all__ = ["LOCK_NAME", "LockHolder", "ProjectBusyError", "project_lock", "lock_holder", "one_run_per_project"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 #: Name of the lock file in the project folder.
 LOCK_NAME = ".cspt2d.lock"
@@ -159,3 +163,18 @@ def project_lock(project_dir: str | os.PathLike[str], what: str = "run") -> Iter
             os.unlink(path)  # while still locked: a run waiting on this file then locks a new one
     finally:
         os.close(fd)
+
+
+def one_run_per_project(what: str) -> Callable[[F], F]:
+    """Decorator: the function runs holding the lock (:func:`project_lock`) of the project folder given as its
+    ``project_dir`` keyword argument (None or absent: the current folder, as the seed's scripts run)."""
+
+    def wrap(function: F) -> F:
+        @functools.wraps(function)
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with project_lock(kwargs.get("project_dir") or Path.cwd(), what):
+                return function(*args, **kwargs)
+
+        return locked  # type: ignore[return-value]
+
+    return wrap

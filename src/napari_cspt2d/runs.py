@@ -43,6 +43,7 @@ from .recon.pipeline import reconstruction_options, run_cspt
 from .recon.project import ProjectPaths, data_set_name, tilt_series_names
 from .recon.reconstruct import ReconstructionResult, reconstruct_tracks
 from .recon.trackfit import fit_tracks
+from .run_lock import project_lock
 
 __all__ = ["Session", "IterationResult", "RunMode", "run_job", "preview_reconstruction", "preview_bin", "log_folder",
            "no_project_error", "BATCH_SIZE", "MapDisplay", "map_display", "iso_level", "PreparedIteration",
@@ -144,7 +145,16 @@ def run_job(s: Session, mode: RunMode, progress: ProgressFn, cancel: Callable[[]
     early when it reports convergence; yields each completed iteration.
 
     With a project the curated tracks and the parameters are first written as the project's input
-    (``frealign/maps/{name}_r01.cistem``, ``.pyp_config.toml``) so that the project's files say what was run."""
+    (``frealign/maps/{name}_r01.cistem``, ``.pyp_config.toml``) so that the project's files say what was run. The
+    whole job holds the project's lock (:func:`napari_cspt2d.run_lock.project_lock`): a run already working on the
+    project (from the CLI, Python or another napari) stops it before anything is written."""
+    lock = contextlib.nullcontext() if s.project_dir is None else project_lock(s.project_dir, f"napari {mode}")
+    with lock:
+        yield from _run_job(s, mode, progress, cancel)
+
+
+def _run_job(s: Session, mode: RunMode, progress: ProgressFn, cancel: Callable[[], bool]
+             ) -> Iterator[IterationResult]:
     p = s.params
     if mode == "refine" and s.project_dir is None:
         raise no_project_error()

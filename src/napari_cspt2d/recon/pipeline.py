@@ -7,8 +7,9 @@ its fingerprint and resume), :mod:`~napari_cspt2d.recon.executor` (in this proce
 
 Iterations
     pyp's numbering: iteration 1 is the input (``frealign/maps/{name}_r01.cistem`` of every tilt series; its map
-    ``{data_set}_r01_01.mrc`` is reconstructed first when missing, or rebuilt when the input parameters changed
-    since it was built here; a map put there by the user is their initial reference and is kept), iterations
+    ``{data_set}_r01_01.mrc`` is reconstructed first when missing, or rebuilt when the input parameters or the
+    reconstruction settings — a changed box or binning — changed since it was built here; a map put there by the
+    user is their initial reference and is kept), iterations
     ``refine_iter`` .. ``refine_maxiter`` refine against the previous iteration's map. Iteration ``i``:
 
     1. bundle the particles of every tilt series' parameters of iteration ``i − 1``, ``slurm_bundle_size``
@@ -43,7 +44,11 @@ Resuming
 
 Serial runs call the same job functions in this process, one after the other.
 
-All checks of the project (parameters, files, shapes, tilt selection, map sizes) run before any work starts.
+All checks of the project (parameters, files, shapes, tilt selection, map sizes) run before any work starts. A
+map of another size than the box (the box or binning changed) is rebuilt when it is iteration 1's map built here;
+otherwise the check says how to go on (:func:`_map_size_error`).
+
+One run per project: :func:`run_cspt` holds the project's lock (:mod:`napari_cspt2d.run_lock`) while it works.
 """
 
 from __future__ import annotations
@@ -63,11 +68,12 @@ from ..io.mrc import open_stack
 from ..io.pyp_parameters import Parameters
 from ..model.params import PypParameters, as_parameters, check_cspt_mode
 from ..model.tracks import TrackSet
+from ..run_lock import one_run_per_project
 from . import csp_run, refine
 from .constrained import CspState
 from .executor import Background, Executor, run_client
 from .jobs import BundleJob, InsertJob, bundle_ids, bundle_jobs, insert_jobs, merge_results, run_bundle, run_insert
-from .project import (PENDING, ProjectPaths, Series, data_set_name, file_digest, initial_map_needed,
+from .project import (PENDING, ProjectPaths, Series, data_set_name, initial_map_inputs, initial_map_needed,
                       initial_map_record, load_series, read_tracks, tilt_series_names, unfinished, write_record,
                       writing_marker)
 from .reconstruct import HalfMapInsertion, InsertedGrids, ReconstructionResult, ReconstructionSettings
@@ -111,7 +117,7 @@ def _check_project(paths: ProjectPaths, params: PypParameters, first: int, last:
     check_extraction(params.box_unbinned_px, params["extract_bin"], params["particle_rad"], params.stack_pixel_A)
     imaging = refine.Imaging.from_params(params)
     options = [refine.RefineOptions.from_params(params, it, tilt_unit=tilt_unit) for it in range(first, last + 1)]
-    series = [load_series(paths, name) for name in names]
+    series = [load_series(paths, name, params) for name in names]
     for s in series:
         for opt in options:
             if not opt.tilts.mask(s.tracks.tilts).any():
@@ -124,12 +130,27 @@ def _check_project(paths: ProjectPaths, params: PypParameters, first: int, last:
     previous = paths.map(first - 1)
     if first > 2 and not previous.is_file():
         raise CsptInputError("does not exist", file=previous, expected=f"the map of iteration {first - 1}")
-    if previous.is_file():
+    settings = ReconstructionSettings(**reconstruction_options(params))
+    if previous.is_file() and not initial_map_needed(paths, series, first, settings):
         data, _ = open_stack(previous)
         if data.shape != (imaging.box,) * 3:
-            raise CsptInputError(f"is a {data.shape} map", file=previous, field="shape",
-                                 expected=f"a {imaging.box}³ map (extract_box)")
+            raise _map_size_error(previous, data.shape, params, first)
     return series
+
+
+def _map_size_error(path: Path, shape: tuple[int, ...], params: PypParameters, first: int) -> CsptInputError:
+    """The map ``path`` that iteration ``first`` refines against has another size than the box: say how to go on."""
+    size = "x".join(map(str, shape))
+    box = params["extract_box"]
+    now = f"extract_box = {box} (extract_bin = {params['extract_bin']}) needs a {box}³ map"
+    if first > 2:
+        how = (f"the box or binning changed after iteration {first - 1}: start again from iteration 2 (cspt2d run "
+               "PROJECT --iteration 2, or csp_split(parameters, iteration=2)), which rebuilds iteration 1's map at "
+               "the new size, or set the box and binning back")
+    else:
+        how = ("it was not built here, so it is taken as your initial reference: resample it to the new size, or "
+               "delete it to have iteration 1's map rebuilt from the input parameters")
+    return CsptInputError(f"is a {size} map, but {now}; {how}", file=path, field="extract_box/extract_bin")
 
 
 def _prepare(parameters: Mapping[str, Any], project_dir: str | os.PathLike[str] | None,
@@ -161,6 +182,10 @@ def plan_cspt(
     params, paths, first, last, names, series = _prepare(parameters, project_dir, first_iteration, last_iteration,
                                                           tilt_unit)
     lines = [f"project {paths.root} (data set {paths.data_set}): iterations {first}..{last}"]
+    settings = ReconstructionSettings(**reconstruction_options(params))
+    if initial_map_needed(paths, series, first, settings):
+        why = "missing" if not paths.map(1).is_file() else "its input parameters, box or binning changed"
+        lines.append(f"  iteration 1: {paths.map(1).name} is built first ({why})")
     for s in series:
         n_bundles = len(bundle_ids(np.unique(s.tracks.particle), params))
         lines.append(f"  {s.name}: {s.tracks.n_particles} particles, {s.tracks.n_tilts} tilts, {len(s.tracks)} "
@@ -206,6 +231,7 @@ class _RunLog:
             fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
 
+@one_run_per_project("CSPT refinement")
 def run_cspt(
     parameters: Mapping[str, Any],
     *,
@@ -246,8 +272,9 @@ def run_cspt(
     progress, cancel:
         ``progress(stage, done, total)``; ``cancel()`` returning True stops the run with :class:`CsptCancelled`.
 
-    Raises :class:`CsptInputError` (before any work) for bad inputs and :class:`CsptRunError` naming the failed
-    bundles and the log of the first one when jobs fail; rerunning resumes (module docstring)."""
+    Raises :class:`CsptInputError` (before any work) for bad inputs — :class:`~napari_cspt2d.run_lock.ProjectBusyError`
+    when another run works on the project — and :class:`CsptRunError` naming the failed bundles and the log of the
+    first one when jobs fail; rerunning resumes (module docstring)."""
     t0, started = time.perf_counter(), time.time()
     params, paths, first, last, names, series = _prepare(parameters, project_dir, first_iteration, last_iteration,
                                                           tilt_unit)
@@ -279,11 +306,11 @@ def run_cspt(
         with run_client(client, serial, params, workers, n_jobs, root) as (dask_client, release):
             timed("cluster start", t0)
             executor = Executor(dask_client, stage, release)
-            if initial_map_needed(paths, series, first):
+            if initial_map_needed(paths, series, first, settings):
                 t0 = time.perf_counter()
                 write_record(initial_map_record(paths), PENDING)
                 rec = _initial_map(paths, series, current, params, settings, executor, stage, background)
-                write_record(initial_map_record(paths), file_digest(*(paths.parameters(s.name, 1) for s in series)))
+                write_record(initial_map_record(paths), initial_map_inputs(paths, series, settings))
                 timed("reconstruct", t0)
                 runlog(f"iteration 1: map {paths.map(1)} at {rec.resolution_A:.1f} Å (FSC 0.143) from "
                        f"{rec.stats['n_used']} projections")

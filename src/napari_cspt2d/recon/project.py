@@ -157,10 +157,13 @@ class Series:
     stack: Path
 
 
-def load_series(paths: ProjectPaths, name: str) -> Series:
-    """Tilt series ``name`` of the project, its stack checked against its metadata (image shape, sections)."""
+def load_series(paths: ProjectPaths, name: str, params: Mapping[str, Any]) -> Series:
+    """Tilt series ``name`` of the project (read with the run's ``params``), its stack checked against its metadata
+    (image shape, sections)."""
     check_name(name, "name")
-    _, tracks, _ = load_project(paths.root, name)
+    metadata = read_metadata(paths.metadata(name))
+    tracks = tracks_with_metadata(Parameters.from_file(paths.parameters(name, 1)), paths.metadata(name), metadata,
+                                  params)
     stack = paths.stack(name)
     data, _ = open_stack(stack)
     if tuple(data.shape[1:]) != tuple(tracks.image_shape_yx):
@@ -240,7 +243,7 @@ def write_record(path: Path, text: str) -> None:
 
 
 def initial_map_record(paths: ProjectPaths) -> Path:
-    """The record of the inputs iteration 1's map was built from (their :func:`file_digest`, or :data:`PENDING`)."""
+    """The record of the inputs iteration 1's map was built from (:func:`initial_map_inputs`, or :data:`PENDING`)."""
     return paths.scratch / f"{paths.data_set}_r01_01.inputs"
 
 
@@ -266,12 +269,20 @@ def unfinished(paths: ProjectPaths, names: Sequence[str], iteration: int) -> boo
     return not all(m.is_file() for m in (paths.map(iteration), *(Path(f"{stem}_half{h}.mrc") for h in (1, 2))))
 
 
-def initial_map_needed(paths: ProjectPaths, series: Sequence[Series], first: int) -> bool:
-    """True when iteration 1's map must be (re)built: it is missing, or we built it from input parameters that have
-    changed since (a map without our record of its inputs is the user's reference and is kept)."""
+def initial_map_inputs(paths: ProjectPaths, series: Sequence[Series], settings: object) -> str:
+    """What iteration 1's map is built from: the digest of every series' input parameters, and of the
+    reconstruction ``settings`` (box, binning, pixel, symmetry, ...; anything with a deterministic ``repr``)."""
+    settings_digest = hashlib.sha256(repr(settings).encode()).hexdigest()
+    return f"{file_digest(*(paths.parameters(s.name, 1) for s in series))} {settings_digest}"
+
+
+def initial_map_needed(paths: ProjectPaths, series: Sequence[Series], first: int, settings: object) -> bool:
+    """True when iteration 1's map must be (re)built: it is missing, or we built it from input parameters or
+    reconstruction settings (a changed box or binning) that have changed since (a map without our record of its
+    inputs is the user's reference and is kept)."""
     if first > 2:
         return False
     if not paths.map(1).is_file():
         return True
     source = initial_map_record(paths)
-    return source.is_file() and source.read_text() != file_digest(*(paths.parameters(s.name, 1) for s in series))
+    return source.is_file() and source.read_text() != initial_map_inputs(paths, series, settings)
