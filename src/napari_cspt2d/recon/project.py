@@ -53,7 +53,7 @@ from ..model.tracks import TiltTable, TrackSet
 __all__ = [
     "ProjectPaths", "Series", "PENDING", "tilt_series_names", "data_set_name", "load_project", "tracks_with_metadata",
     "load_series", "read_tracks", "write_tracks", "particle_rows", "split_regions", "file_digest", "write_record",
-    "initial_map_record", "writing_marker", "unfinished", "initial_map_needed",
+    "initial_map_record", "writing_marker", "unfinished", "initial_map_needed", "initial_map_inputs",
 ]
 
 
