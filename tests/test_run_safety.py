@@ -111,7 +111,10 @@ def running(project):
     proc.wait(timeout=30)
 
 
-def test_a_second_run_exits_2_naming_the_first(project, running, monkeypatch):
+def test_a_second_run_exits_2_naming_the_first(project, running, monkeypatch, capsys):
+    assert main(["run", str(project), "--dry-run"]) == EXIT_OK  # checking is fine, and says who runs
+    out = capsys.readouterr().out
+    assert "running now: CSPT refinement" in out and f"pid {running.pid}" in out
     cli = subprocess.run([sys.executable, "-m", "napari_cspt2d.cli", "run", str(project), "--serial"],
                          capture_output=True, text=True, timeout=120)
     assert cli.returncode == EXIT_INPUT, cli.stderr
@@ -124,3 +127,17 @@ def test_a_second_run_exits_2_naming_the_first(project, running, monkeypatch):
     with pytest.raises(ProjectBusyError, match=f"pid {running.pid}"):
         pyp.run_reconstruction("ts1", mp=params, iteration=2)  # and Option B
     assert not (project / "frealign" / "maps" / "ts1_r01_02.mrc").exists()
+
+
+def test_a_napari_run_on_a_busy_project_writes_nothing(project, running):
+    from napari_cspt2d.model.editing import TrackDocument
+    from napari_cspt2d.runs import Session, run_job
+
+    params, tracks, _ = pyp.load_project(project, "ts1")
+    stack, _ = open_stack(project / "ts1_stack.mrc")
+    session = Session(stack, project / "ts1_stack.mrc", tracks.tilts, TrackDocument(tracks), tracks, params, project,
+                      "ts1")
+    before = {p: p.stat().st_mtime_ns for p in project.rglob("*") if p.is_file()}
+    with pytest.raises(ProjectBusyError, match=f"pid {running.pid}"):
+        next(run_job(session, "refine", lambda *a: None, lambda: False))
+    assert {p: p.stat().st_mtime_ns for p in project.rglob("*") if p.is_file()} == before

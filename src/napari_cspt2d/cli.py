@@ -308,7 +308,12 @@ def _run_run(args: argparse.Namespace) -> int:
         params["cluster_backend"], params["cluster_address"] = "address", args.scheduler
     first = args.iteration or params["refine_iter"]
     if args.dry_run:
+        from .run_lock import lock_holder
+
         print(plan_cspt(params, project_dir=args.project, first_iteration=first))
+        holder = lock_holder(args.project)
+        if holder is not None:
+            print(f"  running now: {holder.describe()} (a run started now would stop)")
         return EXIT_OK
     progress = progress_printer("CSPT")
     try:
