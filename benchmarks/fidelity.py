@@ -18,11 +18,14 @@ Per box and SNR, from the same boxes (napari-cspt2d's extraction at the picks; t
 * **cryoDRGN**: ``cryodrgn backproject_voxel --ctf --uninvert-data`` on the same boxes, poses and per-projection CTF
   (run from its own venv, through ``backproject.cryodrgn_backproject``).
 
-Reported: mean FSC vs the truth over shells 1..Nyquist inside a soft mask around the object (``backproject.truth_mask``)
-and the FSC-0.143 resolution vs truth (masked). With ``--refine``: the shift error (RMS per axis, stack px) of the
-picks and after free-mode refinement (seed Option A through ``pyp.csp_split``, 3 iterations, serial) and the
-particles' orientation error; with ``--geometry-errors`` also with injected tilt-geometry errors (tilt-angle offsets
-of ±1°, tilt-axis error of 1°, per-tilt shifts of 3 px) and how much of each the refinement recovers.
+Reported: mean FSC vs the truth over shells 1..Nyquist inside a soft mask around the object (``backproject.truth_mask``),
+the FSC-0.143 resolution vs truth (masked) and the real-space correlation with the truth inside the mask (what the
+eye sees). With ``--refine``: the shift error (RMS per axis, stack px) of the picks and after refinement (seed Option A through ``pyp.csp_split``, 3 iterations, serial) in free mode (the seed's
+settings) and constrained mode (``csp_refine_micrographs`` + ``csp_refine_particles``), and the particles'
+orientation error; with ``--geometry-errors`` also from a stack whose tilt images are shifted by 3 px each (a
+misalignment; the picks follow the images) with a tilt table whose angles are off by ±1° and axis by 1°, and how
+much of each error the refinement leaves (tilt angles after removing their common offset, per-tilt shifts after
+removing what one 3D translation explains: those only move or turn the map).
 
 A table is printed and JSON written to ``benchmarks/results/fidelity.json``. ``--quick`` runs box 64 with 24
 particles × 31 tilts at SNR 1 and 0.01 (a few minutes on the shared 2-core machine).
@@ -193,13 +196,25 @@ def simulate(box: int, n_particles: int, n_tilts: int, pick_error_px: float, see
                   prot, views, positions, defocus, picks, box)
 
 
-def noisy_stack(series: Series, snr: float, path: Path, seed: int = 1) -> Path:
-    """Write the clean stack plus white noise at ``snr`` to an MRC stack at ``path``."""
+def noisy_stack(series: Series, snr: float, path: Path, seed: int = 1, tilt_shift_px: np.ndarray | None = None
+                ) -> Path:
+    """Write the clean stack plus white noise at ``snr`` to an MRC stack at ``path``; ``tilt_shift_px`` (T, 2; x, y)
+    moves each clean tilt image first (Fourier shift: a stack misalignment)."""
+    from scipy.ndimage import fourier_shift
+
     from napari_cspt2d.io.mrc import merge_images
 
     rng = np.random.default_rng(seed)
     sd = float(np.sqrt(series.signal_var / snr))
-    images = (img + rng.normal(0, sd, img.shape).astype(np.float32) for img in series.clean)
+
+    def moved(t: int) -> np.ndarray:
+        if tilt_shift_px is None:
+            return series.clean[t]
+        ft = fourier_shift(np.fft.fft2(series.clean[t]), tilt_shift_px[t, ::-1])
+        return np.fft.ifft2(ft).real.astype(np.float32)
+
+    images = (moved(t) + rng.normal(0, sd, series.clean.shape[1:]).astype(np.float32)
+              for t in range(len(series.clean)))
     return merge_images(path, images, len(series.clean), PIXEL_A)
 
 
@@ -207,8 +222,8 @@ def track_set(series: Series, positions_px: np.ndarray, *, with_xyz: bool, angle
               axis_deg: float = 0.0):
     """napari-cspt2d's TrackSet of the series: projections at ``positions_px``, true orientations, the true 3D
     positions (``with_xyz``) or zeros (the 2D-tracks situation), tilt angles ``angle_deg`` (default the true ones)."""
-    from napari_cspt2d.model.tracks import ParticleTable, TiltTable, TrackSet
     from napari_cspt2d import geometry
+    from napari_cspt2d.model.tracks import ParticleTable, TiltTable, TrackSet
 
     n_p, n_t = len(series.xyz_px), len(series.angles_deg)
     phi, theta, psi = geometry.matrix_to_euler(series.particle_rot)
@@ -237,11 +252,15 @@ def check_conventions(series: Series) -> None:
 
 # ------------------------------------------------------------------------------------------------ maps
 def fsc_vs_truth(vol: np.ndarray, truth: np.ndarray) -> dict:
-    """Mean masked FSC vs truth (shells 1..Nyquist) and the masked FSC-0.143 resolution (Å)."""
+    """Mean masked FSC vs truth (shells 1..Nyquist), the masked FSC-0.143 resolution (Å) and the real-space
+    correlation with the truth inside the mask (what the eye sees)."""
     from napari_cspt2d.recon.fsc import fsc_curve
 
-    curve = fsc_curve(vol, truth, PIXEL_A, mask=truth_mask(truth))
-    return {"mean_fsc": float(curve.fsc[1:].mean()), "fsc_0143_A": float(curve.resolution_A(0.143))}
+    mask = truth_mask(truth)
+    curve = fsc_curve(vol, truth, PIXEL_A, mask=mask)
+    inside = mask > 0
+    return {"mean_fsc": float(curve.fsc[1:].mean()), "fsc_0143_A": float(curve.resolution_A(0.143)),
+            "corr": float(np.corrcoef((vol * mask)[inside], (truth * mask)[inside])[0, 1])}
 
 
 def reconstruct_ours(stack_path: Path, tracks, box: int) -> dict[str, np.ndarray]:
@@ -289,9 +308,9 @@ def write_cryodrgn_inputs(stack_path: Path, tracks, series: Series, folder: Path
 
 
 # ------------------------------------------------------------------------------------------------ refinement
-def shift_error_px(tracks, series: Series) -> float:
-    """RMS per axis (stack px) of the projections' positions vs the truth."""
-    return float(np.sqrt(np.mean((tracks.positions_px() - series.positions_px) ** 2)))
+def shift_error_px(tracks, truth_px: np.ndarray) -> float:
+    """RMS per axis (stack px) of the projections' positions vs the true positions ``truth_px`` (N, 2)."""
+    return float(np.sqrt(np.mean((tracks.positions_px() - truth_px) ** 2)))
 
 
 def angle_error_deg(tracks, series: Series) -> float:
@@ -304,9 +323,14 @@ def angle_error_deg(tracks, series: Series) -> float:
                                               series.particle_rot)))
 
 
-def refine_free(stack_path: Path, series: Series, folder: Path, tracks, iterations: int = 3) -> tuple:
-    """Seed Option A (``csp_split`` from iteration 2, serial) for ``iterations`` iterations, starting from
-    ``tracks`` (2D picks, zero 3D coordinates); returns the refined tracks and the run's tilt table."""
+#: Refinement modes run by ``--refine``: pyp parameters on top of the seed's Option A settings.
+MODES = {"free": {}, "constrained": {"csp_refine_micrographs": True, "csp_refine_particles": True}}
+
+
+def refine(stack_path: Path, series: Series, folder: Path, tracks, mode: dict, iterations: int = 3):
+    """Seed Option A (``csp_split`` from iteration 2, serial) for ``iterations`` iterations with the pyp parameters
+    ``mode`` added, starting from ``tracks`` (2D picks, zero 3D coordinates); returns the refined tracks (with the
+    refined tilt table)."""
     from napari_cspt2d import pyp
 
     box = series.box
@@ -316,7 +340,8 @@ def refine_free(stack_path: Path, series: Series, folder: Path, tracks, iteratio
               "scope_wgh": AMP_CONTRAST, "refine_iter": 2, "refine_maxiter": 1 + iterations,
               "csp_RefineProjectionCutoff": 0.5, "csp_UseImagesForRefinementMin": -60,
               "csp_UseImagesForRefinementMax": 60, "refine_rhref": "20:16:12",
-              "refine_projection_score_cutoff": 0.5}  # what the seed's cutoff 0.5 meant here before pyp's meaning
+              "refine_projection_score_cutoff": 0.5,  # what the seed's cutoff 0.5 meant here before pyp's meaning
+              **mode}
     pyp.create_project(folder, "fid", stack_path, tracks, params, angles=tracks.tilts)
     out = pyp.csp_split(pyp.load_parameters(folder), 2, project_dir=folder, serial=True)
     _, refined, _ = pyp.load_project(folder, "fid", out["iterations"][-1]["iteration"])
@@ -324,26 +349,68 @@ def refine_free(stack_path: Path, series: Series, folder: Path, tracks, iteratio
 
 
 def inject_geometry_errors(series: Series, seed: int = 5) -> tuple[np.ndarray, float, np.ndarray]:
-    """Tilt-angle offsets of ±1° (random sign per tilt), a tilt-axis error of 1° and per-tilt shifts of 3 px
-    (random direction): ``(angles given, axis given, per-tilt shift (T, 2))``."""
+    """Tilt-angle offsets of ±1° (random sign per tilt), a tilt-axis error of 1° and per-tilt image shifts of 3 px
+    (random direction), the tilt nearest 0° exact: ``(angles given, axis given, image shift (T, 2))``."""
     rng = np.random.default_rng(seed)
     n_t = len(series.angles_deg)
-    angle = series.angles_deg + rng.choice([-1.0, 1.0], n_t)
+    ref = int(np.argmin(np.abs(series.angles_deg)))
+    offset = rng.choice([-1.0, 1.0], n_t)
     direction = rng.uniform(0, 2 * np.pi, n_t)
-    return angle, 1.0, 3.0 * np.column_stack([np.cos(direction), np.sin(direction)])
+    shift = 3.0 * np.column_stack([np.cos(direction), np.sin(direction)])
+    offset[ref], shift[ref] = 0.0, 0.0
+    return series.angles_deg + offset, 1.0, shift
 
 
-def geometry_recovery(refined, series: Series, given_angle: np.ndarray, given_axis: float,
-                      tilt_shift: np.ndarray) -> dict:
-    """How much of each injected error is left after refinement (1 = none recovered, 0 = all): RMS of the tilt
-    angles, the axis and the per-tilt mean position error vs truth, each over its injected RMS."""
-    angle_left = np.sqrt(np.mean((refined.tilts.angle_deg - series.angles_deg) ** 2))
-    axis_left = float(np.sqrt(np.mean(refined.tilts.axis_deg ** 2)))
-    err = refined.positions_px() - series.positions_px
+def _without_translation(per_tilt: np.ndarray, angles_deg: np.ndarray) -> np.ndarray:
+    """Per-tilt shifts (T, 2) minus what one 3D translation of every particle explains (x: X cos t + Z sin t,
+    y: Y): that part only moves the map."""
+    t = np.deg2rad(angles_deg)
+    basis = np.column_stack([np.cos(t), np.sin(t)])
+    fit_x = basis @ np.linalg.lstsq(basis, per_tilt[:, 0], rcond=None)[0]
+    return np.column_stack([per_tilt[:, 0] - fit_x, per_tilt[:, 1] - per_tilt[:, 1].mean()])
+
+
+def geometry_left(refined, series: Series, truth_px: np.ndarray, given_angle: np.ndarray, given_axis: float,
+                  tilt_shift: np.ndarray) -> dict:
+    """How much of each injected error is left after refinement (1 = none recovered, 0 = all): the tilt angles'
+    RMS error after removing the common offset (it only turns the map), the axis error, and the per-tilt mean
+    position error without what a 3D translation explains, each over its injected size."""
+    def rms(a: np.ndarray) -> float:
+        return float(np.sqrt(np.mean(np.square(a))))
+
+    def angle_rms(angle: np.ndarray) -> float:
+        d = angle - series.angles_deg
+        return rms(d - d.mean())
+
+    err = refined.positions_px() - truth_px
     per_tilt = np.array([err[refined.tilt == t].mean(axis=0) for t in range(len(series.angles_deg))])
-    return {"tilt_angle_left": float(angle_left / np.sqrt(np.mean((given_angle - series.angles_deg) ** 2))),
-            "tilt_axis_left": axis_left / given_axis,
-            "tilt_shift_left": float(np.sqrt(np.mean(per_tilt**2)) / np.sqrt(np.mean(tilt_shift**2)))}
+    return {"tilt_angle_left": angle_rms(refined.tilts.angle_deg) / angle_rms(given_angle),
+            "tilt_axis_left": rms(refined.tilts.axis_deg) / given_axis,
+            "tilt_shift_left": rms(_without_translation(per_tilt, series.angles_deg))
+            / rms(_without_translation(tilt_shift, series.angles_deg))}
+
+
+def refinement_rows(stack: Path, series: Series, folder: Path, snr: float, args: argparse.Namespace) -> dict:
+    """Every mode from the picks, and (``--geometry-errors``) from a stack with per-tilt image shifts, picks that
+    follow them and a wrong tilt table."""
+    n_t = len(series.angles_deg)
+    picks2d = track_set(series, series.picks_px, with_xyz=False)
+    out: dict = {"shift_picks_px": shift_error_px(picks2d, series.positions_px)}
+    if args.geometry_errors:
+        angle, axis, tilt_shift = inject_geometry_errors(series)
+        moved = tilt_shift[np.tile(np.arange(n_t), len(series.xyz_px))]
+        shifted_stack = noisy_stack(series, snr, folder / "shifted.mrc", tilt_shift_px=tilt_shift)
+        given = track_set(series, series.picks_px + moved, with_xyz=False, angle_deg=angle, axis_deg=axis)
+    for name, mode in MODES.items():
+        refined = refine(stack, series, folder / name, picks2d, mode)
+        out[f"{name}_shift_px"] = shift_error_px(refined, series.positions_px)
+        out[f"{name}_angle_deg"] = angle_error_deg(refined, series)
+        if args.geometry_errors:
+            refined_g = refine(shifted_stack, series, folder / f"{name}_geometry", given, mode)
+            out.update({f"{name}_geometry_{k}": v for k, v in geometry_left(
+                refined_g, series, series.positions_px + moved, angle, axis, tilt_shift).items()})
+            out[f"{name}_geometry_shift_px"] = shift_error_px(refined_g, series.positions_px + moved)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -368,50 +435,37 @@ def run_box(box: int, snrs: list[float], args: argparse.Namespace, tmp: Path) ->
             vol, _ = cryodrgn_backproject(folder, args.cryodrgn_exe)
             row.update({f"cryodrgn_{k}": v for k, v in fsc_vs_truth(vol, series.truth_map).items()})
         if args.refine and snr in args.refine_snrs and box == min(args.boxes):
-            row.update(refinement_rows(stack, series, folder, args))
+            row.update(refinement_rows(stack, series, folder, snr, args))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
-def refinement_rows(stack: Path, series: Series, folder: Path, args: argparse.Namespace) -> dict:
-    """Free-mode refinement from the picks (and, with ``--geometry-errors``, from picks with injected errors)."""
-    picks2d = track_set(series, series.picks_px, with_xyz=False)
-    refined = refine_free(stack, series, folder / "free", picks2d)
-    out = {"free_shift_before_px": shift_error_px(picks2d, series), "free_shift_after_px": shift_error_px(refined, series),
-           "free_angle_after_deg": angle_error_deg(refined, series)}
-    if args.geometry_errors:
-        angle, axis, tilt_shift = inject_geometry_errors(series)
-        moved = series.picks_px + tilt_shift[np.tile(np.arange(len(series.angles_deg)), len(series.xyz_px))]
-        given = track_set(series, moved, with_xyz=False, angle_deg=angle, axis_deg=axis)
-        refined_g = refine_free(stack, series, folder / "free_geometry", given)
-        out.update({f"free_geometry_{k}": v for k, v in geometry_recovery(refined_g, series, angle, axis,
-                                                                           tilt_shift).items()})
-        out["free_geometry_shift_after_px"] = shift_error_px(refined_g, series)
-    return out
-
-
 def print_table(rows: list[dict]) -> None:
-    print("\n| box | SNR | ours shipped: mean masked FSC / FSC-0.143 Å | ours unfiltered | ours shell_damping 0.25 | "
-          "cryoDRGN | half-map FSC-0.143 Å |")
+    print("\n| box | SNR | ours shipped: mean masked FSC / FSC-0.143 Å / masked correlation | ours unfiltered | "
+          "ours shell_damping 0.25 | cryoDRGN | half-map FSC-0.143 Å |")
     print("|---|---|---|---|---|---|---|")
+
     def cell(r: dict, key: str) -> str:
-        return f"{r[f'{key}_mean_fsc']:.3f} / {r[f'{key}_fsc_0143_A']:.1f}" if f"{key}_mean_fsc" in r else "-"
+        return (f"{r[f'{key}_mean_fsc']:.3f} / {r[f'{key}_fsc_0143_A']:.1f} / {r[f'{key}_corr']:.3f}"
+                if f"{key}_mean_fsc" in r else "-")
 
     for r in rows:
         print(f"| {r['box']} | {r['snr']:g} | {cell(r, 'ours_shipped')} | {cell(r, 'ours_unfiltered')} | "
               f"{cell(r, 'ours_mild')} | "
               f"{cell(r, 'cryodrgn')} | {r['half_map_fsc_0143_A']:.1f} |")
-    refined = [r for r in rows if "free_shift_after_px" in r]
+    refined = [r for r in rows if "free_shift_px" in r]
     if refined:
-        print("\n| box | SNR | picks: RMS px per axis | free mode, 3 iterations: RMS px | angle error ° | "
-              "injected geometry: tilt angle / axis / per-tilt shift left (fraction) |")
-        print("|---|---|---|---|---|---|")
+        print("\n| box | SNR | picks: RMS px per axis | mode | after 3 iterations: RMS px | median angle error ° | "
+              "injected geometry left (fraction): tilt angle / axis / per-tilt shift | RMS px with injected geometry |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in refined:
-            geo = (f"{r['free_geometry_tilt_angle_left']:.2f} / {r['free_geometry_tilt_axis_left']:.2f} / "
-                   f"{r['free_geometry_tilt_shift_left']:.2f}" if "free_geometry_tilt_angle_left" in r else "-")
-            print(f"| {r['box']} | {r['snr']:g} | {r['free_shift_before_px']:.2f} | {r['free_shift_after_px']:.2f} | "
-                  f"{r['free_angle_after_deg']:.2f} | {geo} |")
+            for name in MODES:
+                geo = (f"{r[f'{name}_geometry_tilt_angle_left']:.2f} / {r[f'{name}_geometry_tilt_axis_left']:.2f} / "
+                       f"{r[f'{name}_geometry_tilt_shift_left']:.2f} | {r[f'{name}_geometry_shift_px']:.2f}"
+                       if f"{name}_geometry_tilt_angle_left" in r else "- | -")
+                print(f"| {r['box']} | {r['snr']:g} | {r['shift_picks_px']:.2f} | {name} | {r[f'{name}_shift_px']:.2f} | "
+                      f"{r[f'{name}_angle_deg']:.2f} | {geo} |")
 
 
 def main() -> None:
@@ -422,7 +476,7 @@ def main() -> None:
     parser.add_argument("--particles", type=int, default=50)
     parser.add_argument("--tilts", type=int, default=41)
     parser.add_argument("--pick-error", type=float, default=2.0, help="Gaussian pick error per axis (stack px)")
-    parser.add_argument("--refine", action="store_true", help="free-mode refinement (smallest box)")
+    parser.add_argument("--refine", action="store_true", help="free and constrained refinement (smallest box)")
     parser.add_argument("--refine-snrs", type=float, nargs="+", default=[0.1, 0.01])
     parser.add_argument("--geometry-errors", action="store_true", help="also refine with injected tilt errors")
     parser.add_argument("--cryodrgn", type=Path, default=CRYODRGN)

@@ -66,7 +66,8 @@ from ..errors import CsptInputError
 from . import fsc as fsc_mod
 from .ctf import ImageModel, model_row
 
-__all__ = ["Backprojector", "HalfMapReconstruction", "Projector", "project_volume", "fourier_images", "apply_bfactor"]
+__all__ = ["Backprojector", "HalfMapReconstruction", "Projector", "project_volume", "fourier_images", "apply_bfactor",
+           "check_shell_damping"]
 
 WORKERS = 2
 MIN_RECORDS, MAX_RECORDS = 1 << 19, 1 << 22  # insertion buffer per half: 14-115 MB of scratch (x2)
@@ -371,6 +372,12 @@ def _shell_gain(weights, reg_per_shell, pad):  # pragma: no cover - compiled
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
+def check_shell_damping(shell_damping: float) -> None:
+    """Raise :class:`CsptInputError` unless ``0 <= shell_damping <= 1`` (:meth:`Backprojector.reconstruct`)."""
+    if not 0.0 <= shell_damping <= 1.0:
+        raise CsptInputError(f"is {shell_damping}", field="shell_damping", expected="0 <= shell_damping <= 1")
+
+
 def _matrices(matrices: ArrayLike, count: int | None = None) -> NDArray[np.float64]:
     mats = np.asarray(matrices, dtype=np.float64)
     if mats.ndim != 3 or mats.shape[1:] != (3, 3) or (count is not None and mats.shape[0] != count):
@@ -646,8 +653,7 @@ class Backprojector:
         (and so for τ²); ``tau2_fudge`` scales τ² (RELION's T: > 1 trusts the data more); ``shell_damping`` (0..1)
         is the fraction of the Wiener filter's per-shell attenuation the maps keep (1: the Wiener map; 0: unit
         signal gain in every shell, see the module docstring)."""
-        if not 0.0 <= shell_damping <= 1.0:
-            raise CsptInputError(f"is {shell_damping}", field="shell_damping", expected="0 <= shell_damping <= 1")
+        check_shell_damping(shell_damping)
         if self.n_halves != 2:
             raise CsptInputError("needs two half maps", field="n_halves", expected="2")
         if np.any(self.count == 0):

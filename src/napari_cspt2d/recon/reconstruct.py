@@ -31,7 +31,7 @@ from ..io.mrc import write_map
 from ..model.tracks import TrackSet
 from .. import geometry
 from . import ctf
-from .backproject import Backprojector, apply_bfactor
+from .backproject import Backprojector, apply_bfactor, check_shell_damping
 from .extract import check_extraction, extract_particles, extracted_pixel_A
 from .fsc import FscCurve, plot_fsc, write_fsc_table
 
@@ -268,15 +268,16 @@ class HalfMapInsertion:
         for key in _SUMMED_STATS:
             self.stats[key] += grids.stats[key]
 
-    def finish(self, *, mask: ArrayLike | None = None, bfactor_A2: float | None = None,
+    def finish(self, *, mask: ArrayLike | None = None, bfactor_A2: float | None = None, shell_damping: float = 1.0,
                progress: ProgressFn | None = None) -> ReconstructionResult:
-        """Half maps, FSC and final map (``mask`` and ``bfactor_A2`` as in :func:`reconstruct_tracks`) from
+        """Half maps, FSC and final map (``mask``, ``bfactor_A2`` and ``shell_damping`` as in
+        :func:`reconstruct_tracks`) from
         everything inserted and added. ``stats["seconds"]`` is the insertion time (summed over parts) plus this."""
         started = time.perf_counter()
         n, bp = self.settings.box, self.backprojector
         _check_mask(mask, n)
         _check_halves(int(self.stats["n_used"]), bp.count)
-        recon = bp.reconstruct(fsc_mask=mask, progress=progress)
+        recon = bp.reconstruct(fsc_mask=mask, shell_damping=shell_damping, progress=progress)
         final = recon.full
         if mask is not None:
             final = final * np.asarray(mask, dtype=np.float32)
@@ -322,6 +323,7 @@ def reconstruct_tracks(
     seed: int = 0,
     mask: ArrayLike | None = None,
     bfactor_A2: float | None = None,
+    shell_damping: float = 1.0,
     progress: ProgressFn | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> ReconstructionResult:
@@ -336,7 +338,9 @@ def reconstruct_tracks(
     every image once per operator of the point group (:func:`geometry.symmetry_matrices`). ``split``/``seed``:
     :func:`half_split`.
     ``mask`` (n³, 0..1) is used for the FSC and applied to the final map, ``bfactor_A2`` (negative sharpens) to the
-    final map.
+    final map. ``shell_damping`` (0..1) is the fraction of the Wiener filter's per-shell attenuation the maps keep:
+    1 (default) gives the Wiener-filtered maps, lower values less low-pass filtered ones (0.25 scores as well as a
+    plain back-projection in FSC against a model inside a tight mask at low SNR; :class:`Backprojector`).
     ``progress(stage, done, total)`` is called between batches ("backproject") and reconstruction steps
     ("reconstruct"); ``cancel()`` returning True raises :class:`CsptCancelled` at the next batch."""
     settings = ReconstructionSettings(
@@ -346,6 +350,7 @@ def reconstruct_tracks(
         ctf_mode=ctf_mode, dose_weighting=dose_weighting, cos_weighting=cos_weighting, astigmatism_A=astigmatism_A,
         astig_angle_deg=astig_angle_deg, phase_shift_deg=phase_shift_deg, symmetry=symmetry)
     _check_mask(mask, settings.box)
+    check_shell_damping(shell_damping)
     rows, _ = settings.select(tracks)
     halves = half_split(tracks, split, seed)
     _check_halves(rows.size, np.bincount(halves[rows], minlength=2))
@@ -354,6 +359,6 @@ def reconstruct_tracks(
         insertion.insert(stack, tracks, halves, progress=progress, cancel=cancel)
         if cancel is not None and cancel():
             raise CsptCancelled("reconstruction cancelled")
-        return insertion.finish(mask=mask, bfactor_A2=bfactor_A2, progress=progress)
+        return insertion.finish(mask=mask, bfactor_A2=bfactor_A2, shell_damping=shell_damping, progress=progress)
     finally:
         insertion.close()
