@@ -89,7 +89,8 @@ def test_prepare_particle_cspt_writes_one_region_per_particle(project, small_sam
     region = pyp.Parameters.from_file(path)
     assert set(region.data[:, 0]) == {ids[0]} and np.array_equal(np.unique(region.data[:, 1]), tilts)
     expected = small_sample.tracks.select(small_sample.tracks.particle == ids[0])
-    np.testing.assert_allclose(region.data[:, 3:5], expected.shift_px, atol=1e-3)
+    back = region.to_trackset(expected.image_shape_yx, tilts=expected.tilts, parameters=params)
+    np.testing.assert_allclose(back.shift_px, expected.shift_px, atol=1e-3)
 
     os.remove("sample.pkl")
     with pytest.raises(CsptInputError, match="Metadata is required"):

@@ -59,16 +59,20 @@ def test_seed_workflow_and_validation_snippet(tmp_path):
 
 
 def test_track_data_to_files_and_back_is_exact(tmp_path):
+    """The seed's dict without an image size: the whole shift in X/Y_SHIFT, back exactly; with one, pyp's box
+    positions (tests/test_pyp_cistem_rules.py), back within the float32 rounding of the file."""
     tracks = dyadic_tracks(7, 9, xyz=True)
-    track_data = tracks.to_track_data()
+    track_data = tracks.replace(image_shape_yx=None).to_track_data()
     main, _ = create_cistem_from_2d_tracks("ts", track_data, EXACT_PARAMS, tmp_path)
     par = Parameters.from_file(main)
-    back = par.to_trackset(tracks.image_shape_yx, tilts=tracks.tilts)
-    assert back.equals(tracks)
+    back = par.to_trackset(None, tilts=tracks.tilts)
+    assert back.equals(tracks.replace(image_shape_yx=None))
     assert back.to_track_data() == track_data
-    direct = Parameters.from_trackset(tracks, EXACT_PARAMS)
-    np.testing.assert_array_equal(direct.data, par.data)
     np.testing.assert_array_equal(par.data[:, 3:5], tracks.shift_px)
+    main, _ = create_cistem_from_2d_tracks("ts", tracks.to_track_data(), EXACT_PARAMS, tmp_path)
+    back = Parameters.from_file(main).to_trackset(tracks.image_shape_yx, tilts=tracks.tilts)
+    np.testing.assert_allclose(back.positions_px(), tracks.positions_px(), atol=1e-4)
+    np.testing.assert_allclose(back.particles.xyz_px, tracks.particles.xyz_px, atol=1e-4)
 
 
 def test_parameters_write_and_missing_extended(tmp_path):

@@ -358,6 +358,25 @@ def find_image_shape(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     return None if meta is None else metadata_shape(meta)[:2]
 
 
+def cistem_geometry_near(path: Path, image_shape_yx: tuple[int, int] | None,
+                         metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """pyp's ``extract_bin`` and reconstruction size for a ``.cistem`` pair at ``path``
+    (:func:`napari_cspt2d.io.pyp_parameters.cistem_geometry`), from the ``.pyp_config.toml`` of the project it is in
+    (its folder or up to two above) and ``{name}.pkl``; defaults (1, pyp's) outside a project."""
+    from .io.metadata import metadata_tomogram_px
+    from .io.pyp_parameters import cistem_geometry
+    from .io.toml import CONFIG_NAME, load_params
+
+    config = next((f / CONFIG_NAME for f in dict.fromkeys([path.parent, path.parent.parent, path.parent.parent.parent])
+                   if (f / CONFIG_NAME).is_file()), None)
+    if config is None:
+        return {}
+    params = load_params(config, strict=False, allow_unknown=True)
+    geometry = cistem_geometry(params, image_shape_yx)
+    tomogram = None if metadata is None else metadata_tomogram_px(metadata, params["tomo_rec_binning"])
+    return geometry if tomogram is None else {**geometry, "tomogram_px": tomogram}
+
+
 def _tilts_beside(path: Path) -> TiltTable | None:
     from .model.tiltseries import read_angles
 
@@ -392,8 +411,9 @@ def read_trackset(path: str | os.PathLike[str], image_shape_yx: tuple[int, int] 
         has_tilts = meta is not None and ("tlt" in meta or "cspt2d_tilts" in meta)
         tilt_table = read_metadata_tilts(meta["__path__"]) if has_tilts else None
         table, particles, tilts = cistem.read_pair(main)
-        tracks = cistem.tracks_from_tables(table, particles, tilts, path=main,
-                                           image_shape_yx=shape or find_image_shape(main), tilt_table=tilt_table)
+        shape = shape or find_image_shape(main)
+        tracks = cistem.tracks_from_tables(table, particles, tilts, path=main, image_shape_yx=shape,
+                                           tilt_table=tilt_table, **cistem_geometry_near(main, shape, meta))
     else:
         from .io.trackdata import read_track_data
 

@@ -70,15 +70,18 @@ def tracks_from_layer(data: ArrayLike, features: Any, metadata: Mapping[str, Any
 def save_tracks(path: str | os.PathLike[str], tracks: TrackSet, *, pixel_A: float = 1.0,
                 microscope: Mapping[str, float] | None = None) -> list[Path]:
     """Save tracks by suffix: ``.json``/``.pkl`` seed track data, or ``.cistem`` (+ ``_extended.cistem``, written
-    with ``pixel_A`` = tilt-stack pixel in Å and ``microscope`` = voltage_kV, cs_mm, amp_contrast). Returns the
-    files written."""
+    with ``pixel_A`` = tilt-stack pixel in Å, ``microscope`` = voltage_kV, cs_mm, amp_contrast, and the
+    ``extract_bin`` of the project the file goes into, if any). Returns the files written."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".cistem":
         from .io import cistem
 
+        from ._reader import cistem_geometry_near
+
         scope = {**MICROSCOPE_DEFAULTS, **(microscope or {})}
-        main, particles, tilts = cistem.tables_from_tracks(tracks, pixel_A=float(pixel_A), **scope)
+        geometry = cistem_geometry_near(path, tracks.image_shape_yx)  # the project's extract_bin, when in one
+        main, particles, tilts = cistem.tables_from_tracks(tracks, pixel_A=float(pixel_A), **scope, **geometry)
         return list(cistem.write_pair(path, main, particles, tilts))
     if suffix in (".json", ".pkl"):
         from .io.trackdata import write_track_data

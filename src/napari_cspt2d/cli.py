@@ -356,10 +356,11 @@ register("reconstruct", "reconstruct one tilt series' map with half maps and FSC
 
 # ---------------------------------------------------------------------------------------------------- export
 def _latest_iteration(project: Path, name: str) -> int:
-    """The last iteration with a parameter file ``{name}_r01_NN.cistem`` (1 = only the input exists)."""
-    maps = project / "frealign" / "maps"
-    done = sorted(int(p.stem.rsplit("_", 1)[1]) for p in maps.glob(f"{name}_r01_[0-9][0-9].cistem"))
-    return done[-1] if done else 1
+    """The last iteration with a parameter file (``{name}_r01_NN.cistem`` or pyp's ``{data_set}_r01_NN/``; 1 = only
+    the input exists)."""
+    from .recon.project import parameter_files
+
+    return max(parameter_files(project, name), default=1)
 
 
 def _configure_export(p: argparse.ArgumentParser) -> None:

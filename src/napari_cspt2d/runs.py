@@ -122,7 +122,8 @@ def _same_rows(tracks: TrackSet, like: TrackSet, source: Path) -> TrackSet:
 
 def _read_iteration(run: Any, like: TrackSet, params: PypParameters) -> tuple[TrackSet, ReconstructionResult]:
     """The refined tracks and the map of the iteration :func:`run_cspt` just finished (read from its files)."""
-    tracks = pyp.Parameters.from_file(run.parameters[0]).to_trackset(like.image_shape_yx, tilts=like.tilts)
+    tracks = pyp.Parameters.from_file(run.parameters[0]).to_trackset(like.image_shape_yx, tilts=like.tilts,
+                                                                     parameters=params)
     stem = run.map.with_suffix("")
     volume, half1, half2 = (read_image(p) for p in (run.map, f"{stem}_half1.mrc", f"{stem}_half2.mrc"))
     voxel = params.particle_pixel_A

@@ -24,16 +24,31 @@ pyp reads the block columns by position (:data:`PARTICLE_LAYOUT`, :data:`TILT_LA
 
 The pair (:func:`write_pair`, :func:`read_pair`): each file is written atomically, the ``.cistem`` first; the
 ``_extended.cistem`` then ends with a 40-byte trailer, :data:`PAIR_MAGIC` + the SHA-256 of the ``.cistem`` file
-written with it, so that a pair torn by a kill between the two renames (a new ``.cistem`` beside the old extended
-file) is refused instead of mixing two versions. pyp reads its two blocks and stops, so it never sees the trailer;
-files without one (pyp's, older ones) are read as before.
+written with it. pyp reads its two blocks and stops, so it never sees the trailer. Reading a pair, a ``.cistem``
+whose digest differs is either a write of ours torn between the two renames (each write first leaves
+``.{name}.pair-writing`` beside the pair, :data:`PAIR_WRITING`, removed when both files are in place: refused) or a
+``.cistem`` rewritten by another program (pyp rewrites only the main file: read, with a warning). Files without a
+trailer (pyp's) are read as they are.
 
-Meaning of the columns written from a :class:`TrackSet` (see :func:`tables_from_tracks`)
-------------------------------------------------------------------------------------------
-* ``X_SHIFT``/``Y_SHIFT`` (Å) = ``shift_px * PIXEL_SIZE``: the seed's track-data shift (position = image centre +
-  projection of the 3D point + shift), ``PIXEL_SIZE`` = tilt-stack pixel (``scope_pixel * data_bin``, what pyp
-  writes). pyp's own tomography files box each projection at the integer ``ORIGINAL_X/Y_POSITION`` and keep only the
-  sub-pixel remainder in ``X/Y_SHIFT``; files written here carry the whole track shift (the csp_no_3d_points meaning).
+Meaning of the columns (pyp's rules, from nextpyp/pyp ``src/pyp/inout/metadata/core.py`` ``tomo_extract_coordinates``
+and ``src/pyp/extract/core.py`` ``extract_particles_non_mpi``); :func:`tables_from_tracks` writes them,
+:func:`tracks_from_tables` reads them
+----------------------------------------------------------------------------------------------------------------------
+* ``ORIGINAL_X/Y_POSITION`` = where pyp cuts the box: the integer ``floor`` of the projection's position in IMOD's
+  corner-origin pixel coordinates (``x_numpy + 0.5``); pyp's extraction centres the box (pixel ``box // 2``) on
+  that pixel. ``X/Y_SHIFT`` = only the sub-pixel remainder ``ORIGINAL - position`` (in ``(-1, 0]`` px), in Å
+  scaled as pyp scales it, by ``scope_pixel * data_bin * extract_bin``, while ``PIXEL_SIZE`` = ``scope_pixel *
+  data_bin`` (the tilt stack's pixel). Reading: position = ``ORIGINAL - X_SHIFT / (PIXEL_SIZE * extract_bin)``
+  (corner origin), the track shift = position - image centre - projection of the 3D point.
+* When the image size is not known (the seed's ``create_cistem_from_2d_tracks`` on a ``track_data`` dict, before
+  ``{name}.pkl`` exists), ``ORIGINAL_X/Y_POSITION`` = 0 and ``X/Y_SHIFT`` = the whole track shift x ``PIXEL_SIZE``
+  (the seed's meaning); a file whose ``ORIGINAL_*`` are all 0 (or not integers) is read that way.
+* ``ORIGINAL_X/Y/Z_POSITION_3D`` (extended file) = the particle's absolute position in the unbinned reconstruction
+  (pyp: ``x_position_3d``), i.e. the model's centre-relative point + half the reconstruction's size (``tomo`` of
+  ``{name}.pkl`` x ``tomo_rec_binning``; :func:`napari_cspt2d.io.metadata.pyp_tomogram_px`). In the seed's form
+  (no image size) they are the centre-relative point.
+* ``TILTAXIS`` = minus the model's ``axis_deg`` (pyp stores ``-axis`` of the rotation of the inverse alignment
+  transform, the rotation taking aligned coordinates into the raw image, which is ``axis_deg``).
 * ``IMIND`` = tilt id = 0-based section of ``{name}_stack.mrc``; ``TIND`` = acquisition (scan) order, as in pyp
   (pyp's dose weighting and ``csp_UseImagesForRefinementMin/Max`` work on ``TIND``); the tilts block is keyed by
   ``TIND``. ``RIND`` (region) and ``FIND`` (frame) are 0.
@@ -41,17 +56,11 @@ Meaning of the columns written from a :class:`TrackSet` (see :func:`tables_from_
   same way); the particle's own angles are ``PPSI/PTHETA/PPHI`` in the particles block.
 * ``DEFOCUS_1 = DEFOCUS_2`` (Å) = tilt defocus − height of the particle in that tilt (``z'`` of
   :func:`~napari_cspt2d.geometry.project_points` × pixel), like pyp's per-particle defocus offset.
-* ``ORIGINAL_X/Y_POSITION`` = absolute position (x, y) in the tilt image, numpy pixel convention (0 when the image
-  shape is unknown); informational, never read back (the shift is authoritative).
-* ``ORIGINAL_X/Y/Z_POSITION_3D`` = particle point relative to the tomogram centre (unbinned px). pyp stores
-  absolute coordinates there; with csp_no_3d_points they are 0 and unused.
 * ``IMAGE_IS_ACTIVE`` = 0 (pyp uses it as the film index; cisTEM keeps every line with a value >= 0),
   ``SIGMA`` = 1, ``LOGP`` = 0, everything else pyp writes is 0.
-* ``TSHIFT_X/Y`` (Å) = per-tilt image shift refined by ``csp_refine_micrographs``
-  (:mod:`napari_cspt2d.recon.constrained`), with ``X_SHIFT``'s sign and pixel; informational for the projections,
-  whose shifts already include it (read back with :func:`tilt_shifts_px`).
-* ``TILTAXIS`` = the model's ``axis_deg`` (counter-clockwise from the image y axis). pyp writes ``-axis`` of its
-  IMOD-derived angle there; its public source does not pin the sign, so it is stored as the model holds it.
+* ``TSHIFT_X/Y`` (Å of the tilt-stack pixel) = per-tilt image shift refined by ``csp_refine_micrographs``
+  (:mod:`napari_cspt2d.recon.constrained`); informational for the projections, whose positions already include it
+  (read back with :func:`tilt_shifts_px`).
 """
 
 from __future__ import annotations
@@ -71,11 +80,12 @@ from ..errors import CsptInputError, warn_input
 from ..model.tracks import ParticleTable, TiltTable, TrackSet
 from .. import geometry
 from .atomic import atomic_open
+from .metadata import pyp_tomogram_px
 
 __all__ = [
     "INTEGER", "FLOAT", "LONG", "DOUBLE", "CHAR", "VARLEN", "UINT",
     "COLUMNS", "MAIN_LAYOUT", "PARTICLE_LAYOUT", "TILT_LAYOUT", "PARTICLES_BLOCK", "TILTS_BLOCK", "DATA_COLUMNS",
-    "PAIR_MAGIC", "CistemTable", "column_code", "column_name", "read_cistem", "write_cistem", "read_extended",
+    "PAIR_MAGIC", "PAIR_WRITING", "CistemTable", "column_code", "column_name", "read_cistem", "write_cistem", "read_extended",
     "write_extended", "read_pair", "write_pair", "extended_path",
     "tables_from_tracks", "tracks_from_tables", "tilt_shifts_px", "check_tables", "projection_data",
 ]
@@ -130,6 +140,8 @@ TILT_LAYOUT = ("TIND", "RIND", "TSHIFT_X", "TSHIFT_Y", "TILTANG", "TILTAXIS")
 PARTICLES_BLOCK, TILTS_BLOCK = COLUMNS["PIND"][0], COLUMNS["TIND"][0]
 #: Start of the trailer of an ``_extended.cistem`` written by :func:`write_pair` (then the ``.cistem``'s SHA-256).
 PAIR_MAGIC = b"CSPTMAIN"
+#: Suffix of the marker ``.{name}{PAIR_WRITING}`` that :func:`write_pair` leaves beside a pair while writing it.
+PAIR_WRITING = ".pair-writing"
 _PAIR_TRAILER_BYTES = len(PAIR_MAGIC) + hashlib.sha256().digest_size
 
 #: Columns of :func:`projection_data` (``Parameters.data``): ids, frame, shifts in tilt-stack pixels, score, occupancy.
@@ -382,19 +394,27 @@ def _read_extended(path: str | os.PathLike[str]) -> tuple[CistemTable, CistemTab
     return blocks[PARTICLES_BLOCK], blocks[TILTS_BLOCK], main_sha256
 
 
-def read_pair(path: str | os.PathLike[str], extended: str | os.PathLike[str] | None = None
+def _writing_marker(path: Path) -> Path:
+    return path.with_name(f".{path.name}{PAIR_WRITING}")
+
+
+def read_pair(path: str | os.PathLike[str], extended: str | os.PathLike[str] | None = None, *, strict: bool = False
               ) -> tuple[CistemTable, CistemTable, CistemTable]:
     """Read a ``.cistem`` file and its ``_extended.cistem`` (``extended``, default beside it) as ``(main,
-    particles, tilts)``; refuses a pair whose extended file was written with another version of the ``.cistem``
-    file (its :func:`write_pair` trailer says so: a write of the pair was interrupted between the two files)."""
+    particles, tilts)``. When the extended file's trailer names another ``.cistem``: refused if our own write of the
+    pair was interrupted (its marker is still there) or ``strict`` (a pipeline checking its own files), else read
+    with a warning (the ``.cistem`` was rewritten by another program, as pyp does)."""
     path, buf = _read_bytes(path, "a .cistem binary parameter file")
     main = _parse_cistem(buf, path)
     ext = extended_path(path) if extended is None else Path(extended)
     particles, tilts, main_sha256 = _read_extended(ext)
     if main_sha256 is not None and main_sha256 != hashlib.sha256(buf).digest():
-        raise _fail(ext, "pair", f"was written with another version of {path.name} (a write of the pair was "
-                    "interrupted between its two files)", "the two files as written together: write them again "
-                    "(rerunning the step that wrote them does)")
+        if strict or _writing_marker(path).exists():
+            raise _fail(ext, "pair", f"was written with another version of {path.name} (a write of the pair was "
+                        "interrupted between its two files)", "the two files as written together: write them again "
+                        "(rerunning the step that wrote them does)")
+        warn_input(f"{path.name} was changed after this file was written with it (by another program?); read as "
+                   "it is now", file=ext, field="pair")
     return main, particles, tilts
 
 
@@ -452,11 +472,16 @@ def write_extended(path: str | os.PathLike[str], particles: CistemTable, tilts: 
 def write_pair(path: str | os.PathLike[str], main: CistemTable, particles: CistemTable, tilts: CistemTable
                ) -> tuple[Path, Path]:
     """Write ``path`` (``.cistem``) and then its ``_extended.cistem``, each atomically, the extended file ending
-    with the digest of the ``.cistem`` file so that :func:`read_pair` refuses a pair torn by a kill between the
-    two writes. Returns both paths."""
+    with the digest of the ``.cistem`` file; a marker beside them while writing lets :func:`read_pair` tell a pair
+    torn by a kill between the two writes (refused) from a ``.cistem`` rewritten later by another program (read).
+    Returns both paths."""
     data = _cistem_bytes(main)
+    marker = _writing_marker(Path(path))
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     _write_bytes(path, data)
     ext = write_extended(extended_path(path), particles, tilts, main_sha256=hashlib.sha256(data).digest())
+    marker.unlink()
     return Path(path), ext
 
 
@@ -471,14 +496,18 @@ def extended_path(path: str | os.PathLike[str]) -> Path:
 # ------------------------------------------------------------------------------------------------ TrackSet mapping
 def tables_from_tracks(
     tracks: TrackSet, *, pixel_A: float, voltage_kV: float, cs_mm: float, amp_contrast: float,
-    tilt_shift_px: ArrayLike | None = None,
+    tilt_shift_px: ArrayLike | None = None, extract_bin: int = 1, tomogram_px: Sequence[float] | None = None,
 ) -> tuple[CistemTable, CistemTable, CistemTable]:
     """The ``(main, particles, tilts)`` tables pyp expects for ``tracks`` (column meanings: module docstring).
 
     ``pixel_A`` is the tilt-stack pixel (Å), ``voltage_kV``/``cs_mm``/``amp_contrast`` the microscope,
-    ``tilt_shift_px`` (T, 2) the refined per-tilt image shifts (``TSHIFT_X/Y``; default 0)."""
+    ``tilt_shift_px`` (T, 2) the refined per-tilt image shifts (``TSHIFT_X/Y``; default 0), ``extract_bin`` pyp's
+    extraction binning (it scales the Å of the sub-pixel shifts), ``tomogram_px`` the unbinned reconstruction
+    ``(x, y, z)`` the 3D positions are absolute in (default: the image and pyp's default thickness,
+    :func:`napari_cspt2d.io.metadata.pyp_tomogram_px`)."""
     if not (np.isfinite(pixel_A) and pixel_A > 0):
         raise CsptInputError(f"is {pixel_A}", field="pixel_A", expected="a pixel size > 0 Å")
+    _check_extract_bin(extract_bin)
     t = tracks.tilts
     tshift = np.zeros((len(t), 2)) if tilt_shift_px is None else np.asarray(tilt_shift_px, dtype=np.float64)
     if tshift.shape != (len(t), 2) or not np.all(np.isfinite(tshift)):
@@ -495,28 +524,49 @@ def tables_from_tracks(
                                             t.angle_deg[trow], t.axis_deg[trow])
     phi, theta, psi = geometry.matrix_to_euler(matrices)
     defocus_A = t.defocus_um[trow] * 1e4 - projected[:, 2] * pixel_A
-    positions = tracks.positions_px() if tracks.image_shape_yx is not None else np.zeros((n, 2))
+    p = tracks.particles
+    if tracks.image_shape_yx is None:  # the seed's form: the whole shift, no box position, centre-relative 3D
+        original, shift_A, xyz = np.zeros((n, 2)), tracks.shift_px * pixel_A, p.xyz_px
+    else:  # pyp's form: integer box position, sub-pixel remainder in Å of the extracted pixel, absolute 3D
+        corner = tracks.positions_px() + 0.5
+        original = np.floor(corner)
+        shift_A = (original - corner) * (pixel_A * extract_bin)
+        size = tomogram_px if tomogram_px is not None else pyp_tomogram_px(tracks.image_shape_yx)
+        xyz = p.xyz_px + np.asarray(size, dtype=np.float64) / 2
     main = _table_for_layout(MAIN_LAYOUT, {
         "POSITION_IN_STACK": np.arange(1, n + 1), "PSI": psi, "THETA": theta, "PHI": phi,
-        "X_SHIFT": tracks.shift_px[:, 0] * pixel_A, "Y_SHIFT": tracks.shift_px[:, 1] * pixel_A,
+        "X_SHIFT": shift_A[:, 0], "Y_SHIFT": shift_A[:, 1],
         "DEFOCUS_1": defocus_A, "DEFOCUS_2": defocus_A, "OCCUPANCY": tracks.occupancy, "SIGMA": np.ones(n),
         "SCORE": tracks.score, "PIXEL_SIZE": np.full(n, pixel_A), "MICROSCOPE_VOLTAGE": np.full(n, voltage_kV),
         "MICROSCOPE_CS": np.full(n, cs_mm), "AMPLITUDE_CONTRAST": np.full(n, amp_contrast),
-        "ORIGINAL_X_POSITION": positions[:, 0], "ORIGINAL_Y_POSITION": positions[:, 1],
+        "ORIGINAL_X_POSITION": original[:, 0], "ORIGINAL_Y_POSITION": original[:, 1],
         "IMIND": tracks.tilt, "PIND": tracks.particle, "TIND": t.order[trow],
     }, n)
-    p = tracks.particles
     counts = np.bincount(prow, minlength=len(p))
     mean = lambda v: np.bincount(prow, weights=v, minlength=len(p)) / np.maximum(counts, 1)  # noqa: E731
     particles = _table_for_layout(PARTICLE_LAYOUT, {
         "PIND": p.id, "PPSI": p.euler_deg[:, 0], "PTHETA": p.euler_deg[:, 1], "PPHI": p.euler_deg[:, 2],
-        "ORIGINAL_X_POSITION_3D": p.xyz_px[:, 0], "ORIGINAL_Y_POSITION_3D": p.xyz_px[:, 1],
-        "ORIGINAL_Z_POSITION_3D": p.xyz_px[:, 2], "PSCORE": mean(tracks.score), "POCC": mean(tracks.occupancy),
+        "ORIGINAL_X_POSITION_3D": xyz[:, 0], "ORIGINAL_Y_POSITION_3D": xyz[:, 1],
+        "ORIGINAL_Z_POSITION_3D": xyz[:, 2], "PSCORE": mean(tracks.score), "POCC": mean(tracks.occupancy),
     }, len(p))
-    tilts = _table_for_layout(TILT_LAYOUT, {"TIND": t.order, "TILTANG": t.angle_deg, "TILTAXIS": t.axis_deg,
+    tilts = _table_for_layout(TILT_LAYOUT, {"TIND": t.order, "TILTANG": t.angle_deg, "TILTAXIS": -t.axis_deg,
                                             "TSHIFT_X": tshift[:, 0] * pixel_A, "TSHIFT_Y": tshift[:, 1] * pixel_A},
                               len(t))
     return main, particles, tilts
+
+
+def _check_extract_bin(extract_bin: int) -> None:
+    if isinstance(extract_bin, bool) or not isinstance(extract_bin, (int, np.integer)) or extract_bin < 1:
+        raise CsptInputError(f"is {extract_bin!r}", field="extract_bin", expected="an integer >= 1")
+
+
+def has_box_positions(main: CistemTable) -> bool:
+    """Whether ``main`` is in pyp's form: integer ``ORIGINAL_X/Y_POSITION`` (not all 0) with the sub-pixel remainder
+    in ``X/Y_SHIFT``; otherwise ``X/Y_SHIFT`` hold the whole track shift (module docstring)."""
+    if not len(main) or "ORIGINAL_X_POSITION" not in main or "ORIGINAL_Y_POSITION" not in main:
+        return False
+    xy = np.concatenate([main["ORIGINAL_X_POSITION"], main["ORIGINAL_Y_POSITION"]]).astype(np.float64)
+    return bool(np.any(xy != 0) and np.all(xy == np.floor(xy)))
 
 
 def _block_rows(tilts: CistemTable, order: NDArray[np.int64]) -> NDArray[np.int64]:
@@ -551,10 +601,10 @@ def _with_file_geometry(table: TiltTable, tilts: CistemTable) -> TiltTable:
     rows = _block_rows(tilts, table.order)
     have = rows >= 0
     columns = {}
-    for name, column in (("angle_deg", "TILTANG"), ("axis_deg", "TILTAXIS")):
+    for name, column, sign in (("angle_deg", "TILTANG", 1.0), ("axis_deg", "TILTAXIS", -1.0)):  # TILTAXIS = -axis
         values = getattr(table, name).copy()
         if column in tilts:
-            file = tilts[column].astype(np.float64)[rows[have]]
+            file = sign * tilts[column].astype(np.float64)[rows[have]]
             differ = np.abs(file - values[have]) > _REFINED_DEG
             values[np.flatnonzero(have)[differ]] = file[differ]
         columns[name] = values
@@ -665,26 +715,42 @@ def tracks_from_tables(
     image_shape_yx: tuple[int, int] | None = None,
     tilt_table: TiltTable | None = None,
     dose_per_tilt: float = 0.0,
+    extract_bin: int = 1,
+    tomogram_px: Sequence[float] | None = None,
 ) -> TrackSet:
     """Rebuild a :class:`TrackSet` from the tables written by :func:`tables_from_tracks` (or by pyp).
 
-    Without ``tilt_table``, tilts are the stack sections (``IMIND``) that have projections: angle and axis from the
-    tilts block, ``order`` = ``TIND``, defocus (µm) = per-tilt mean of ``DEFOCUS_1`` + particle height, ``dose`` =
-    ``dose_per_tilt``. A given ``tilt_table`` (e.g. from ``{name}.pkl``) supplies the tilts, except their angles and
-    axes where the tilts block holds others (beyond float32 rounding, :data:`_REFINED_DEG`): the file's shifts are
-    relative to its own geometry (e.g. refined by ``csp_refine_micrographs``). Files with several frames per
-    projection are refused (the model holds one position per particle and tilt)."""
+    Without ``tilt_table``, tilts are the stack sections (``IMIND``) that have projections: angle and axis
+    (``-TILTAXIS``) from the tilts block, ``order`` = ``TIND``, defocus (µm) = per-tilt mean of ``DEFOCUS_1`` +
+    particle height, ``dose`` = ``dose_per_tilt``. A given ``tilt_table`` (e.g. from ``{name}.pkl``) supplies the
+    tilts, except their angles and axes where the tilts block holds others (beyond float32 rounding,
+    :data:`_REFINED_DEG`): the file's shifts are relative to its own geometry (e.g. refined by
+    ``csp_refine_micrographs``). A file in pyp's form (:func:`has_box_positions`) needs ``image_shape_yx``, pyp's
+    ``extract_bin`` and the reconstruction ``tomogram_px`` its 3D positions are absolute in (default as in
+    :func:`tables_from_tracks`). Files with several frames per projection are refused (the model holds one position
+    per particle and tilt)."""
     check_tables(main, particles, tilts, path)
+    _check_extract_bin(extract_bin)
     n = len(main)
     frame = main.get("FIND", 0)
     if np.unique(frame).size > 1:
         raise CsptInputError(f"has {np.unique(frame).size} frames per projection", file=path, field="FIND",
                              expected="one frame (frame-resolved parameter files are not supported)")
+    boxed = has_box_positions(main)
+    if boxed and image_shape_yx is None:
+        raise CsptInputError("holds pyp's box positions (ORIGINAL_X/Y_POSITION) but the tilt image size is unknown",
+                             file=path, field="ORIGINAL_X_POSITION",
+                             expected="the image size ({name}.pkl or the stack beside the file)")
     pixel = main["PIXEL_SIZE"].astype(np.float64)
     shift = np.column_stack([main["X_SHIFT"] / pixel, main["Y_SHIFT"] / pixel])
     p_ids = particles["PIND"].astype(np.int64)
     p_order = np.argsort(p_ids, kind="stable")
     xyz = np.column_stack([particles.get(f"ORIGINAL_{a}_POSITION_3D", 0) for a in "XYZ"])[p_order]
+    if boxed:
+        size = tomogram_px if tomogram_px is not None else pyp_tomogram_px(image_shape_yx)
+        xyz = xyz - np.asarray(size, dtype=np.float64) / 2
+        corner = np.column_stack([main["ORIGINAL_X_POSITION"], main["ORIGINAL_Y_POSITION"]]) - shift / extract_bin
+        shift = np.zeros_like(shift)
     euler = np.column_stack([particles.get(k, 0) for k in ("PPSI", "PTHETA", "PPHI")])[p_order]
     try:
         ptable = ParticleTable(p_ids[p_order], xyz, euler)
@@ -694,6 +760,8 @@ def tracks_from_tables(
             tilt_table = _with_file_geometry(tilt_table, tilts)
         tracks = TrackSet(main["PIND"].astype(np.int64), main["IMIND"].astype(np.int64), shift,
                           main.get("SCORE", 0.0), main.get("OCCUPANCY", 100.0), ptable, tilt_table, image_shape_yx)
+        if boxed:
+            tracks = tracks.with_positions(np.arange(n), corner - 0.5)
     except CsptInputError as exc:
         raise _with_file(exc, path) from None
     return tracks.sorted() if n else tracks
@@ -715,7 +783,7 @@ def _tilts_from_tables(main: CistemTable, particles: CistemTable, tilts: CistemT
         warn_input(f"{unused.size} tilt(s) have no projections and are left out (TIND {unused[:5].tolist()}...)",
                    file=path, field="tilts")
     angle = tilts["TILTANG"].astype(np.float64)[rows]
-    axis = tilts.get("TILTAXIS", 0.0)[rows]
+    axis = -tilts.get("TILTAXIS", 0.0)[rows]
     trow = np.searchsorted(section_ids, imind)
     height = geometry.project_points(ptable.xyz_px[np.searchsorted(ptable.id, main["PIND"])], angle[trow],
                                      axis[trow])[:, 2]

@@ -46,7 +46,7 @@ from .atomic import atomic_open
 from .safe_pickle import safe_load
 
 __all__ = ["write_metadata", "read_metadata", "read_metadata_tilts", "metadata_shape", "metadata_tomogram_px",
-           "PYP_THICKNESS_PX"]
+           "pyp_tomogram_px", "PYP_THICKNESS_PX"]
 
 #: pyp's default ``tomo_rec_thickness`` (unbinned voxels; ``config/pyp_config.toml`` ``[tabs.tomo_rec.thickness]``).
 PYP_THICKNESS_PX = 2048
@@ -70,6 +70,19 @@ def _frame(columns: Mapping[str, Any]) -> pd.DataFrame:
     columns would pickle as Arrow arrays that pyp's pandas may not read)."""
     return pd.DataFrame({k: np.asarray(v).reshape(-1) for k, v in columns.items()}).set_axis(
         pd.Index(list(columns), dtype=object), axis=1)
+
+
+def _binned_tomogram(width: int, height: int, thickness_px: int, rec_binning: float) -> list[int]:
+    return [max(1, int(round(v / rec_binning))) for v in (width, height, thickness_px)]
+
+
+def pyp_tomogram_px(image_shape_yx: Sequence[int], thickness_px: int = PYP_THICKNESS_PX,
+                    rec_binning: float = 1.0) -> tuple[float, float, float]:
+    """Unbinned size ``(x, y, z)`` of the reconstruction :func:`write_metadata` records for images of
+    ``image_shape_yx`` (``tomo`` x ``tomo_rec_binning``, as pyp reads it back; :func:`metadata_tomogram_px`)."""
+    ny, nx = (int(v) for v in image_shape_yx)
+    return tuple(float(v) * float(rec_binning)  # type: ignore[return-value]
+                 for v in _binned_tomogram(nx, ny, int(thickness_px), rec_binning))
 
 
 def _check_plain(value: Any, where: str, path: Path) -> None:
@@ -109,7 +122,7 @@ def write_metadata(
             raise CsptInputError(f"is {value!r}", file=path, field=name, expected="a positive integer")
     if not (isinstance(rec_binning, (int, float, np.number)) and math.isfinite(rec_binning) and rec_binning > 0):
         raise CsptInputError(f"is {rec_binning!r}", file=path, field="rec_binning", expected="a number > 0")
-    binned = [max(1, int(round(v / rec_binning))) for v in (width, height, thickness_px)]
+    binned = _binned_tomogram(int(width), int(height), int(thickness_px), rec_binning)
     data: dict[str, Any] = {
         "mode": "tomo",
         "image": _frame({"x": [int(width)], "y": [int(height)], "z": [int(n_tilts)]}),

@@ -7,7 +7,7 @@ a pair (``data`` columns as the seed's checks read them) and its conversion to a
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,9 @@ from ..errors import CsptInputError
 from ..model.params import as_parameters
 from ..model.tracks import TiltTable, TrackSet
 from . import cistem
+from .metadata import PYP_THICKNESS_PX, pyp_tomogram_px
 
-__all__ = ["Parameters", "ExtendedParameters"]
+__all__ = ["Parameters", "ExtendedParameters", "cistem_geometry"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,6 +31,18 @@ class ExtendedParameters:
 
     particles: cistem.CistemTable
     tilts: cistem.CistemTable
+
+
+def cistem_geometry(params: Mapping[str, Any], image_shape_yx: tuple[int, int] | None) -> dict[str, Any]:
+    """How pyp's box positions are written and read for ``params``: ``extract_bin`` (it scales the sub-pixel
+    shifts' Å) and ``tomogram_px``, the unbinned reconstruction pyp's 3D positions are absolute in (the image, the
+    thickness ``tomo_rec_thickness`` (pyp's default 2048) and ``tomo_rec_binning``, as ``{name}.pkl`` records it)."""
+    geometry: dict[str, Any] = {"extract_bin": int(params["extract_bin"])}
+    if image_shape_yx is not None:
+        geometry["tomogram_px"] = pyp_tomogram_px(image_shape_yx, int(params.get("tomo_rec_thickness",
+                                                                                  PYP_THICKNESS_PX)),
+                                                  float(params["tomo_rec_binning"]))
+    return geometry
 
 
 class Parameters:
@@ -53,8 +66,9 @@ class Parameters:
     ``column("TIND")`` is pyp's acquisition-order tilt index, ``column("X_SHIFT")`` is in Å)."""
 
     def __init__(self, main: cistem.CistemTable, extended: ExtendedParameters | None = None, *,
-                 path: str | os.PathLike[str] | None = None) -> None:
+                 path: str | os.PathLike[str] | None = None, geometry: Mapping[str, Any] | None = None) -> None:
         self.path = None if path is None else Path(path)
+        self.geometry = dict(geometry or {})  # extract_bin, tomogram_px it was written with (when known)
         cistem.check_tables(main, None if extended is None else extended.particles,
                             None if extended is None else extended.tilts, self.path)
         self.main = main
@@ -81,13 +95,15 @@ class Parameters:
     @classmethod
     def from_trackset(cls, tracks: TrackSet, parameters: Mapping[str, Any], *,
                       tilt_shift_px: ArrayLike | None = None) -> Parameters:
-        """Parameter tables for ``tracks`` (pixel size, voltage, Cs and amplitude contrast from ``parameters``;
-        ``tilt_shift_px`` (T, 2) the refined per-tilt shifts; column meanings in :mod:`napari_cspt2d.io.cistem`)."""
+        """Parameter tables for ``tracks`` (pixel size, voltage, Cs, amplitude contrast, ``extract_bin`` and the
+        reconstruction's size from ``parameters``, :func:`cistem_geometry`; ``tilt_shift_px`` (T, 2) the refined
+        per-tilt shifts; column meanings in :mod:`napari_cspt2d.io.cistem`)."""
         params = as_parameters(parameters, strict=False)
+        geometry = cistem_geometry(params, tracks.image_shape_yx)
         main, particles, tilts = cistem.tables_from_tracks(
             tracks, pixel_A=params.stack_pixel_A, voltage_kV=params["scope_voltage"], cs_mm=params["scope_cs"],
-            amp_contrast=params["scope_wgh"], tilt_shift_px=tilt_shift_px)
-        return cls(main, ExtendedParameters(particles, tilts))
+            amp_contrast=params["scope_wgh"], tilt_shift_px=tilt_shift_px, **geometry)
+        return cls(main, ExtendedParameters(particles, tilts), geometry=geometry)
 
     # ---------------------------------------------------------------- access
     @property
@@ -111,14 +127,24 @@ class Parameters:
         return int(self.main["FIND"].max()) + 1 if len(self) and "FIND" in self.main else (1 if len(self) else 0)
 
     def to_trackset(self, image_shape_yx: tuple[int, int] | None = None, *, tilts: TiltTable | None = None,
-                    dose_per_tilt: float = 0.0) -> TrackSet:
+                    dose_per_tilt: float = 0.0, parameters: Mapping[str, Any] | None = None,
+                    tomogram_px: Sequence[float] | None = None) -> TrackSet:
         """The projections as a :class:`TrackSet` (needs the extended file); see
-        :func:`napari_cspt2d.io.cistem.tracks_from_tables` for how tilts are rebuilt when ``tilts`` is not given."""
+        :func:`napari_cspt2d.io.cistem.tracks_from_tables` for how tilts are rebuilt when ``tilts`` is not given.
+        pyp's ``extract_bin`` and the reconstruction's size (which its box positions need) come from ``parameters``
+        (:func:`cistem_geometry`; ``tomogram_px`` overrides the size, e.g. from ``{name}.pkl``), else from the
+        parameters this was written with, else 1 and pyp's defaults."""
         if self.extended is None:
             raise CsptInputError("has no _extended.cistem beside it", file=self.path, field="extended",
                                  expected="the particles and tilts of the tracks")
+        geometry = dict(self.geometry)
+        if parameters is not None and image_shape_yx is not None:
+            geometry = cistem_geometry(as_parameters(parameters, strict=False), image_shape_yx)
+        if tomogram_px is not None:
+            geometry["tomogram_px"] = tomogram_px
         return cistem.tracks_from_tables(self.main, self.extended.particles, self.extended.tilts, path=self.path,
-                                         image_shape_yx=image_shape_yx, tilt_table=tilts, dose_per_tilt=dose_per_tilt)
+                                         image_shape_yx=image_shape_yx, tilt_table=tilts, dose_per_tilt=dose_per_tilt,
+                                         **geometry)
 
     def write(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
         """Write ``path`` (``.cistem``) and ``{stem}_extended.cistem``, each atomically, as a pair

@@ -293,7 +293,7 @@ def run_cspt(
            + (f"; removed {len(stale)} temporary file(s) of interrupted writes" if stale else ""))
     picks = {s.name: s.tracks for s in series}
     current = {s.name: (s.tracks if first == 2 else read_tracks(paths.parameters(s.name, first - 1),
-                                                                 s.tracks.image_shape_yx, s.tracks.tilts))
+                                                                 s.tracks.image_shape_yx, s.tracks.tilts, params))
                for s in series}
     states = csp_run.prepare(picks, current, params,
                              {} if first == 2 else {s.name: paths.parameters(s.name, first - 1) for s in series})

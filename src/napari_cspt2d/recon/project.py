@@ -43,7 +43,7 @@ from numpy.typing import NDArray
 from ..errors import CsptInputError
 from ..io.atomic import atomic_open
 from ..io.cistem import read_pair
-from ..io.metadata import metadata_shape, read_metadata, read_metadata_tilts
+from ..io.metadata import metadata_shape, metadata_tomogram_px, read_metadata, read_metadata_tilts
 from ..io.mrc import open_stack
 from ..io.pyp_parameters import Parameters
 from ..io.toml import CONFIG_NAME, load_params
@@ -52,6 +52,7 @@ from ..model.tracks import TiltTable, TrackSet
 
 __all__ = [
     "ProjectPaths", "Series", "PENDING", "tilt_series_names", "data_set_name", "load_project", "tracks_with_metadata",
+    "parameter_files",
     "load_series", "read_tracks", "write_tracks", "particle_rows", "split_regions", "file_digest", "write_record",
     "initial_map_record", "writing_marker", "unfinished", "initial_map_needed", "initial_map_inputs",
 ]
@@ -132,8 +133,24 @@ def load_project(
     paths = ProjectPaths(Path(project_dir), name)
     params = load_params(paths.root / CONFIG_NAME, strict=False)
     metadata = read_metadata(paths.metadata(name))
-    par = Parameters.from_file(paths.parameters(name, int(iteration)))
+    par = Parameters.from_file(parameter_files(paths.root, name, params["data_set"]).get(
+        int(iteration), paths.parameters(name, int(iteration))))
     return params, tracks_with_metadata(par, paths.metadata(name), metadata, params), metadata
+
+
+def parameter_files(root: str | os.PathLike[str], name: str, data_set: str = "") -> dict[int, Path]:
+    """The parameter files of tilt series ``name`` by iteration: this project's ``frealign/maps/{name}_r01.cistem``
+    (1) and ``{name}_r01_NN.cistem``, and pyp's ``frealign/maps/{data_set}_r01_NN/{name}_r01.cistem`` (the
+    parameters after iteration NN, which pyp's ``csp_extract_coordinates`` reads at iteration NN + 1;
+    ``pyp/inout/metadata/core.py``) where this project has none."""
+    maps = Path(root) / "frealign" / "maps"
+    found = {1: maps / f"{name}_r01.cistem"} if (maps / f"{name}_r01.cistem").is_file() else {}
+    for path in maps.glob(f"{name}_r01_[0-9][0-9].cistem"):
+        found[int(path.stem[-2:])] = path
+    prefix = f"{data_set}_r01_" if data_set else "*_r01_"
+    for path in maps.glob(f"{prefix}[0-9][0-9]/{name}_r01.cistem"):
+        found.setdefault(int(path.parent.name[-2:]), path)
+    return dict(sorted(found.items()))
 
 
 def tracks_with_metadata(par: Parameters, meta_path: Path, metadata: Mapping[str, Any],
@@ -144,7 +161,8 @@ def tracks_with_metadata(par: Parameters, meta_path: Path, metadata: Mapping[str
     dose = params["scope_dose_rate"]
     has_tilts = "tlt" in metadata or "cspt2d_tilts" in metadata
     tilts = read_metadata_tilts(meta_path, dose_per_tilt=dose) if has_tilts else None
-    return par.to_trackset((ny, nx), tilts=tilts, dose_per_tilt=dose)
+    return par.to_trackset((ny, nx), tilts=tilts, dose_per_tilt=dose, parameters=params,
+                           tomogram_px=metadata_tomogram_px(metadata, params["tomo_rec_binning"]))
 
 
 # ==================================================================================================== series
@@ -175,9 +193,9 @@ def load_series(paths: ProjectPaths, name: str, params: Mapping[str, Any]) -> Se
     return Series(name, tracks, stack)
 
 
-def read_tracks(path: Path, image_shape_yx: tuple[int, int], tilts: TiltTable) -> TrackSet:
+def read_tracks(path: Path, image_shape_yx: tuple[int, int], tilts: TiltTable, params: PypParameters) -> TrackSet:
     """An iteration's parameter file of a tilt series as a TrackSet with the series' tilt table."""
-    return Parameters.from_file(path).to_trackset(image_shape_yx, tilts=tilts)
+    return Parameters.from_file(path).to_trackset(image_shape_yx, tilts=tilts, parameters=params)
 
 
 def write_tracks(path: Path, tracks: TrackSet, params: PypParameters) -> Path:
@@ -262,7 +280,7 @@ def unfinished(paths: ProjectPaths, names: Sequence[str], iteration: int) -> boo
         return False
     try:
         for pair in pairs:
-            read_pair(pair)
+            read_pair(pair, strict=True)
     except CsptInputError:
         return True
     stem = paths.map(iteration).with_suffix("")
