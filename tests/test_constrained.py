@@ -328,3 +328,20 @@ def test_constrained_run_resumes_from_its_tilt_geometry(constrained_run):
     change = np.abs(after["TILTANG"] - before["TILTANG"])
     assert change.max() <= params["csp_ToleranceMicrographTiltAngles"] + 1e-4  # from iteration 3's, not the pkl's
     assert np.abs(after["TSHIFT_X"] - before["TSHIFT_X"]).max() < 2.0 * params["scope_pixel"]
+
+
+@pytest.mark.slow
+def test_constrained_run_on_a_local_cluster_equals_the_serial_run(constrained_run, small_sample, tmp_path):
+    """Bundles on dask workers return measurements; the main process solves: the same files as in one process."""
+    serial_root, params, _ = constrained_run
+    root = tmp_path / "project"
+    write_sample(small_sample, root, name="sample")
+    pyp.save_parameters(params, root)
+    pipeline.run_cspt(params, project_dir=root, workers=2, last_iteration=2, stop_when_converged=False)
+    name = "frealign/maps/sample_r01_02"
+    ours, theirs = (pyp.Parameters.from_file(r / f"{name}.cistem") for r in (root, serial_root))
+    np.testing.assert_allclose(ours.data, theirs.data, atol=1e-4)
+    for column in ("TILTANG", "TILTAXIS", "TSHIFT_X", "TSHIFT_Y"):
+        np.testing.assert_allclose(ours.extended.tilts[column], theirs.extended.tilts[column], atol=1e-4)
+    a, b = (read_image(r / f"{name}.mrc") for r in (root, serial_root))
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
