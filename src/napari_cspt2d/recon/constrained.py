@@ -73,11 +73,13 @@ from typing import Any
 import numpy as np
 import scipy.ndimage
 import scipy.spatial
+import scipy.spatial.distance
 from numpy.typing import ArrayLike, NDArray
 
 from ..errors import CsptInputError
 from ..model.tracks import TrackSet
-from .trackfit import GeometryLimits, TiltGeometry, fit_tracks
+from .. import geometry
+from .trackfit import TiltGeometry, fit_tracks
 
 __all__ = ["CspModes", "CspState", "ConstrainedFit", "start_constrained", "constrained_round", "solve_constrained",
            "regularize_residuals", "place_projections"]
@@ -85,6 +87,12 @@ __all__ = ["CspModes", "CspState", "ConstrainedFit", "start_constrained", "const
 _MIN_NEIGHBOURS = 5  # pyp: "At a minimum, average this number of particles"
 _SIGMA_GROWTH = 1.25  # pyp's step when too few particles are within 2 sigma
 _CHUNK = 1024  # rows of the spatial weights computed at once (bounds memory)
+_MIN_PARTICLES_PER_TILT = 3  # as trackfit: a tilt's geometry needs at least three particles
+_MAX_STEPS = 15
+_CONVERGED_PX = 1e-3  # a step moving no point and no shift by more than this (and no angle by 1e-6 rad) ends the fit
+_DAMPING = 1e-3
+_HUBER_K = 2.0
+_RAYLEIGH_MEDIAN = float(np.sqrt(2.0 * np.log(2.0)))
 
 
 @dataclass(frozen=True)
@@ -148,11 +156,6 @@ class CspModes:
     def angle_range_deg(self) -> float:
         """Largest orientation change of a particle's local search (the largest of the three tolerances)."""
         return max(self.particle_phi_deg, self.particle_psi_deg, self.particle_theta_deg)
-
-    def limits(self, centre: TiltGeometry, pixel_A: float) -> GeometryLimits:
-        """The per-tilt tolerances as bounds around ``centre``; Å → px with ``pixel_A`` (the tilt-stack pixel)."""
-        return GeometryLimits(centre, angle_deg=self.tilt_angle_deg, axis_deg=self.tilt_axis_deg,
-                              shift_px=self.tilt_shift_A / pixel_A)
 
 
 @dataclass(frozen=True, eq=False)
@@ -225,22 +228,120 @@ def solve_constrained(measured: TrackSet, modes: CspModes, *, pixel_A: float, st
     if not (math.isfinite(pixel_A) and pixel_A > 0):
         raise CsptInputError(f"is {pixel_A!r}", field="pixel_A", expected="> 0 Å")
     obs = measured.positions_px()
-    fit = fit_tracks(measured, refine=("rotation", "shift", "tilt") if modes.refine_micrographs else (),
-                     robust="huber", use=use, start=start, limits=modes.limits(start, pixel_A))
+    used = np.ones(len(measured), bool) if use is None else np.asarray(use, dtype=bool).reshape(-1)
+    if used.shape != (len(measured),):
+        raise CsptInputError(f"has shape {used.shape}", field="use", expected=f"({len(measured)},) booleans")
+    prow, trow = measured.particle_rows(), measured.tilt_rows()
+    tolerance = (modes.tilt_angle_deg, modes.tilt_axis_deg, modes.tilt_shift_A / pixel_A)
+    geo, xyz, weight = _bundle_adjust(obs, prow, trow, start, measured.particles.xyz_px, used,
+                                      tolerance if modes.refine_micrographs else None)
     anchor = measured.particles.xyz_px
     if picks_px is not None:
         picks = np.asarray(picks_px, dtype=np.float64)
         if picks.shape != obs.shape:
             raise CsptInputError(f"has shape {picks.shape}", field="picks_px", expected=f"{obs.shape} positions")
         tracked = measured.with_positions(np.arange(len(measured)), picks)
-        anchor = fit_tracks(tracked, robust="huber", start=fit.geometry).xyz_px
-    tolerance = modes.particle_shift_A / pixel_A
-    xyz = np.clip(fit.xyz_px, anchor - tolerance, anchor + tolerance) if modes.refine_particles else anchor
-    predicted = fit.geometry.predict_px(xyz[measured.particle_rows()], measured.tilt_rows())
+        anchor = fit_tracks(tracked, robust="huber", start=geo).xyz_px
+    reach = modes.particle_shift_A / pixel_A
+    xyz = np.clip(xyz, anchor - reach, anchor + reach) if modes.refine_particles else anchor
+    predicted = geo.predict_px(xyz[prow], trow)
     length2 = np.sum((obs - predicted) ** 2, axis=1)
-    used = fit.weight > 0
-    rms = float(np.sqrt(np.average(length2[used], weights=fit.weight[used]))) if used.any() else math.nan
-    return ConstrainedFit(fit.geometry, np.array(xyz), predicted, obs, fit.weight, rms)
+    counted = weight > 0
+    rms = float(np.sqrt(np.average(length2[counted], weights=weight[counted]))) if counted.any() else math.nan
+    return ConstrainedFit(geo, np.array(xyz), predicted, obs, weight, rms)
+
+
+def _bundle_adjust(obs: NDArray, prow: NDArray, trow: NDArray, start: TiltGeometry, xyz0: NDArray, used: NDArray,
+                   tolerance: tuple[float, float, float] | None) -> tuple[TiltGeometry, NDArray, NDArray]:
+    """Robust Gauss-Newton fit of the points ``X_p`` and, with ``tolerance`` = (angle °, axis °, shift px), of each
+    tilt's angle, axis and shift within that box around ``start``; returns the geometry, the points (P, 3) and
+    the final robust weights (N,).
+
+    Each step solves the normal equations by the Schur complement on the points (3 × 3 blocks), leaving a dense
+    system of 4 unknowns per tilt, damped by 1e-3 × its diagonal (Levenberg-Marquardt): directions no measurement
+    can tell (a common translation of the points against the tilts' shifts) keep their starting values. The
+    reference tilt (smallest |angle|) keeps its tilt angle, which fixes the common turn of the points about the
+    tilt axis against all tilt angles (as in :mod:`~napari_cspt2d.recon.trackfit`). Tilts with fewer than 3
+    measured particles keep their parameters. Weights: Huber's on the residual lengths,
+    ``k = 2 sigma``, ``sigma = median |r| / sqrt(2 ln 2)`` (as :func:`~napari_cspt2d.recon.trackfit.fit_tracks`)."""
+    n_p, n_t = len(xyz0), len(start.angle_deg)
+    angle, axis, shift = start.angle_deg.copy(), start.axis_deg.copy(), start.shift_px.copy()
+    xyz = np.array(xyz0, dtype=np.float64)
+    free = np.bincount(trow[used], minlength=n_t) >= _MIN_PARTICLES_PER_TILT
+    reference = int(np.argmin(np.where(free, np.abs(start.angle_deg), np.inf)))
+    weight = used.astype(np.float64)
+    for _ in range(_MAX_STEPS):
+        design = geometry.tilt_matrices(angle, axis)[trow, :2, :]  # (N, 2, 3)
+        residual = obs - start.centre_px - shift[trow] - np.einsum("nij,nj->ni", design, xyz[prow])
+        weight = _huber(np.hypot(residual[:, 0], residual[:, 1]), used)
+        v = _per_group(np.einsum("n,nki,nkj->nij", weight, design, design), prow, n_p)  # (P, 3, 3)
+        v += (1e-6 * np.einsum("pii->p", v) + 1e-12)[:, None, None] * np.eye(3)
+        v_inv = np.linalg.inv(v)
+        b_x = _per_group(np.einsum("n,nki,nk->ni", weight, design, residual), prow, n_p)  # (P, 3)
+        if tolerance is None:
+            step_x, step_q = np.einsum("pij,pj->pi", v_inv, b_x), np.zeros((n_t, 4))
+        else:
+            jq = _tilt_jacobian(angle, axis, trow, xyz[prow])  # (N, 2, 4)
+            u = _per_group(np.einsum("n,nki,nkj->nij", weight, jq, jq), trow, n_t)  # (T, 4, 4)
+            b_q = _per_group(np.einsum("n,nki,nk->ni", weight, jq, residual), trow, n_t)  # (T, 4)
+            cross = np.zeros((n_p, n_t, 4, 3))
+            cross[prow, trow] = np.einsum("n,nki,nkj->nij", weight, jq, design)  # one projection per pair
+            cv = np.einsum("ptai,pij->ptaj", cross, v_inv)
+            schur = np.zeros((n_t, 4, n_t, 4))
+            schur[np.arange(n_t), :, np.arange(n_t), :] = u
+            flat_cv = cv.transpose(1, 2, 0, 3).reshape(4 * n_t, 3 * n_p)
+            flat_cross = cross.transpose(1, 2, 0, 3).reshape(4 * n_t, 3 * n_p)
+            schur = schur.reshape(4 * n_t, 4 * n_t) - flat_cv @ flat_cross.T
+            rhs = b_q.reshape(-1) - flat_cv @ b_x.reshape(-1)
+            keep = np.repeat(free, 4)
+            keep[4 * reference] = False  # the reference tilt's angle fixes the turn about the tilt axis
+            schur[np.diag_indices_from(schur)] *= 1.0 + _DAMPING
+            step_q = np.zeros(4 * n_t)
+            step_q[keep] = np.linalg.solve(schur[np.ix_(keep, keep)] + 1e-12 * np.eye(keep.sum()), rhs[keep])
+            step_q = step_q.reshape(n_t, 4)
+            step_x = np.einsum("pij,pj->pi", v_inv, b_x - np.einsum("ptai,ta->pi", cross, step_q))
+        xyz += step_x
+        angle = np.clip(angle + np.rad2deg(step_q[:, 0]), *_box(start.angle_deg, tolerance, 0))
+        axis = np.clip(axis + np.rad2deg(step_q[:, 1]), *_box(start.axis_deg, tolerance, 1))
+        shift = np.clip(shift + step_q[:, 2:], *_box(start.shift_px, tolerance, 2))
+        if np.max(np.abs(step_x), initial=0.0) < _CONVERGED_PX and np.max(np.abs(step_q), initial=0.0) < 1e-6:
+            break
+    return replace(start, angle_deg=angle, axis_deg=axis, shift_px=shift), xyz, weight
+
+
+def _box(centre: NDArray, tolerance: tuple[float, float, float] | None, k: int) -> tuple[NDArray, NDArray]:
+    reach = 0.0 if tolerance is None else tolerance[k]
+    return centre - reach, centre + reach
+
+
+def _tilt_jacobian(angle_deg: NDArray, axis_deg: NDArray, tilt_rows: NDArray, xyz: NDArray) -> NDArray[np.float64]:
+    """Derivatives (N, 2, 4) of the projected positions of points ``xyz`` (N, 3) in tilts ``tilt_rows`` by the
+    tilt angle and axis (per radian) and the shift."""
+    d_tilt = geometry.rotation_y(angle_deg + 90.0)  # d R_y / d angle: y unchanged
+    d_tilt[:, 1, 1] = 0.0
+    by_angle = (geometry.rotation_z(axis_deg) @ d_tilt)[tilt_rows, :2, :]
+    by_axis = geometry.tilt_matrices(angle_deg, axis_deg + 90.0)[tilt_rows, :2, :]
+    out = np.zeros((len(xyz), 2, 4))
+    out[:, :, 0] = np.einsum("nij,nj->ni", by_angle, xyz)
+    out[:, :, 1] = np.einsum("nij,nj->ni", by_axis, xyz)
+    out[:, 0, 2] = out[:, 1, 3] = 1.0
+    return out
+
+
+def _per_group(values: NDArray, group: NDArray, n: int) -> NDArray[np.float64]:
+    """Sums of ``values`` (N, ...) per group (N,) → (n, ...)."""
+    flat = values.reshape(len(values), -1)
+    out = np.stack([np.bincount(group, flat[:, k], n) for k in range(flat.shape[1])], axis=1)
+    return out.reshape((n,) + values.shape[1:])
+
+
+def _huber(length: NDArray, used: NDArray) -> NDArray[np.float64]:
+    """Huber weights of residual lengths (0 where not ``used``), scale from their median."""
+    if not used.any():
+        return np.zeros_like(length)
+    scale = float(np.median(length[used])) / _RAYLEIGH_MEDIAN
+    k = _HUBER_K * max(scale, 1e-9)
+    return np.where(used, np.minimum(1.0, k / np.maximum(length, 1e-300)), 0.0)
 
 
 def regularize_residuals(residual_px: ArrayLike, particle_rows: ArrayLike, tilt_rows: ArrayLike, order: ArrayLike,
@@ -282,19 +383,24 @@ def _spatial_sigmas(xyz: NDArray, sigma: float) -> NDArray[np.float64]:
 
 
 def _spatial_average(r: NDArray, prow: NDArray, trow: NDArray, xyz: NDArray, sigma: float, ok: NDArray) -> NDArray:
-    """Weighted mean of the residuals of each tilt's particles, ``exp(-d / sigma_i)``, in row chunks (the weights
-    are long-tailed, so every particle of the tilt counts, as in pyp)."""
+    """Weighted mean of the residuals of each tilt's particles, ``exp(-d / sigma_i)``. The weights do not depend
+    on the tilt, so each block of particles' weights is made once and applied to every tilt by one product; they
+    are long-tailed, so every particle of the tilt counts, as in pyp."""
     sigmas = _spatial_sigmas(xyz, sigma)
+    n_p, n_t = len(xyz), int(trow.max()) + 1 if trow.size else 0
+    values = np.zeros((n_p, n_t, 2))
+    present = np.zeros((n_p, n_t))
+    values[prow[ok], trow[ok]] = r[ok]
+    present[prow[ok], trow[ok]] = 1.0
+    total = np.zeros((n_p, n_t, 2))
+    norm = np.zeros((n_p, n_t))
+    for block in np.array_split(np.arange(n_p), max(1, -(-n_p // _CHUNK))):
+        w = np.exp(-scipy.spatial.distance.cdist(xyz[block], xyz) / sigmas[block][:, None])
+        total[block] = (w @ values.reshape(n_p, -1)).reshape(len(block), n_t, 2)
+        norm[block] = w @ present
+    has = norm[prow, trow] > 0
     out = r.copy()
-    for t in np.unique(trow):
-        rows = np.flatnonzero(trow == t)
-        donors = rows[ok[rows]]
-        if donors.size == 0:
-            continue
-        for chunk in np.array_split(rows, -(-rows.size // _CHUNK)):
-            d = np.linalg.norm(xyz[prow[chunk]][:, None, :] - xyz[prow[donors]][None, :, :], axis=2)
-            w = np.exp(-d / sigmas[prow[chunk]][:, None])
-            out[chunk] = (w @ r[donors]) / w.sum(axis=1, keepdims=True)
+    out[has] = total[prow, trow][has] / norm[prow, trow][has][:, None]
     return out
 
 

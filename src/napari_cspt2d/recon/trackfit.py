@@ -24,10 +24,6 @@ reference tilt is also held at its starting value (the remaining translation amb
 three particles keep their starting parameters. A particle seen at fewer than two distinct tilt angles has no defined
 height; it gets ``Z = 0`` in the reference frame's plane (a small ridge) and ``determined = False``.
 
-Bounded refinement (``limits=``, :class:`GeometryLimits`): every refined per-tilt parameter stays within a tolerance
-of a centre geometry (tilt angle, tilt-axis angle, each shift component); the bounded problem is solved by the same
-trust-region solver.
-
 Robust weighting: iteratively reweighted least squares on the residual *lengths* ``|r|``. The scale is
 ``sigma = median|r| / sqrt(2 ln 2)`` (the per-component standard deviation for Gaussian noise) unless ``scale_px`` is
 given; Huber weights ``min(1, k/|r|)`` with ``k = 2 sigma``, Tukey biweights ``(1 - (|r|/c)^2)^2`` with
@@ -72,7 +68,6 @@ from . import ctf
 __all__ = [
     "REFINABLE",
     "TiltGeometry",
-    "GeometryLimits",
     "TrackFit",
     "solve_points",
     "estimate_axis_deg",
@@ -119,24 +114,6 @@ class TiltGeometry:
         """Per-observation 2x3 matrices ``m R_z(axis) R_y(angle)`` restricted to x, y: shape (N, 2, 3)."""
         t = tilt_rows
         return self.mag[t][:, None, None] * geometry.tilt_matrices(self.angle_deg[t], self.axis_deg[t])[:, :2, :]
-
-
-@dataclass(frozen=True, eq=False)
-class GeometryLimits:
-    """Bounds of a refinement: each refined tilt's angle, axis and shift components stay within ``angle_deg``,
-    ``axis_deg`` and ``shift_px`` of ``centre``'s (a :class:`TiltGeometry` of the same tilts); ``inf`` leaves a
-    parameter unbounded."""
-
-    centre: TiltGeometry
-    angle_deg: float = np.inf
-    axis_deg: float = np.inf
-    shift_px: float = np.inf
-
-    def __post_init__(self) -> None:
-        for name in ("angle_deg", "axis_deg", "shift_px"):
-            value = float(getattr(self, name))
-            if not value >= 0:
-                raise CsptInputError(f"is {value}", field=f"limits.{name}", expected=">= 0 (inf = unbounded)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -355,39 +332,13 @@ class _Problem:
             (np.concatenate(parts_v), (np.concatenate(parts_r), np.concatenate(parts_c))), shape=shape
         )
 
-    def bounds(self, limits: GeometryLimits | None) -> tuple[NDArray, NDArray]:
-        """Lower and upper bounds of the parameter vector (increments from ``start``) under ``limits``."""
-        lay = self.layout()
-        size = max(s.stop for s in lay.values())
-        lo, hi = np.full(size, -np.inf), np.full(size, np.inf)
-        if limits is None:
-            return lo, hi
-        c, g = limits.centre, self.start
-
-        def put(key: str, rows: NDArray, centre: NDArray, start: NDArray, tol: float, scale: float) -> None:
-            if key in lay and np.isfinite(tol):
-                lo[lay[key]] = ((centre[rows] - tol - start[rows]) * scale).reshape(-1)
-                hi[lay[key]] = ((centre[rows] + tol - start[rows]) * scale).reshape(-1)
-
-        put("rotation", self.free_tilts, c.axis_deg, g.axis_deg, limits.axis_deg, np.pi / 180)
-        put("shift", self.non_ref, c.shift_px, g.shift_px, limits.shift_px, 1.0)
-        put("tilt", self.non_ref, c.angle_deg, g.angle_deg, limits.angle_deg, np.pi / 180)
-        if "axis" in lay and np.isfinite(limits.axis_deg):
-            gap = c.axis_deg[self.free_tilts] - g.axis_deg[self.free_tilts]
-            lo[lay["axis"]] = np.deg2rad(np.max(gap) - limits.axis_deg)
-            hi[lay["axis"]] = np.deg2rad(np.min(gap) + limits.axis_deg)
-        return lo, np.maximum(hi, lo + 1e-12)  # the solver needs lo < hi
-
-    def solve(self, xyz0: NDArray, weight: NDArray, max_nfev: int,
-              limits: GeometryLimits | None = None) -> tuple[NDArray, TiltGeometry]:
+    def solve(self, xyz0: NDArray, weight: NDArray, max_nfev: int) -> tuple[NDArray, TiltGeometry]:
         lay = self.layout()
         x0 = np.zeros(max(s.stop for s in lay.values()))
         x0[lay["xyz"]] = xyz0.reshape(-1)
-        lo, hi = self.bounds(limits)
         result = scipy.optimize.least_squares(
-            self.residuals, np.clip(x0, lo, hi), jac=self.jacobian, args=(np.sqrt(weight),), method="trf",
-            x_scale="jac", tr_solver="lsmr", max_nfev=max_nfev, xtol=1e-10, ftol=1e-10, gtol=1e-10,
-            bounds=(lo, hi),
+            self.residuals, x0, jac=self.jacobian, args=(np.sqrt(weight),), method="trf", x_scale="jac",
+            tr_solver="lsmr", max_nfev=max_nfev, xtol=1e-10, ftol=1e-10, gtol=1e-10,
         )
         return self.unpack(result.x)
 
@@ -460,7 +411,6 @@ def fit_tracks(
     max_reweight: int = 8,
     max_nfev: int = 200,
     start: TiltGeometry | None = None,
-    limits: GeometryLimits | None = None,
 ) -> TrackFit:
     """Fit every particle's 3D point (and, with ``refine``, the tilt geometry) to its 2D track.
 
@@ -469,9 +419,8 @@ def fit_tracks(
     estimated from the residuals), ``use`` a boolean mask or row indices of the projections that enter the fit (the
     others still get residuals, with weight 0). ``axis_search`` first replaces every tilt's axis by
     :func:`estimate_axis_deg` (for tracks whose axis is unknown). ``start`` is the geometry to start from (default:
-    the TrackSet's angles and axes, no shift, unit magnification; without ``refine`` it is the geometry the points
-    are fitted through), ``limits`` bounds the refined parameters (:class:`GeometryLimits`). Returns a
-    :class:`TrackFit`."""
+    the TrackSet's angles and axes, no shift, unit magnification; without ``refine`` the points are fitted through
+    it). Returns a :class:`TrackFit`."""
     if robust not in ("none", "huber", "tukey"):
         raise CsptInputError(f"is {robust!r}", field="robust", expected="'none', 'huber' or 'tukey'")
     if scale_px is not None and not (np.isfinite(scale_px) and scale_px > 0):
@@ -499,7 +448,7 @@ def fit_tracks(
         problem = _make_problem(obs, prow, trow, g, ref, chosen, det, weight, xyz_start)
         if problem is not None:
             sel = det[prow] & (weight > 0)
-            xyz_det, g = problem.solve(xyz_start[det], weight[sel], max_nfev, limits)
+            xyz_det, g = problem.solve(xyz_start[det], weight[sel], max_nfev)
             xyz_start = xyz_start.copy()
             xyz_start[det] = xyz_det
         return (g, *solve(xyz_start, g))
