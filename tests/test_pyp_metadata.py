@@ -19,10 +19,13 @@ pyp's rules encoded here (file names are in the public nextpyp/pyp repository):
 from __future__ import annotations
 
 import base64
+import warnings
 import copyreg
 import os
 import pickle
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +169,63 @@ def test_dataframes_only_where_the_format_needs_them(tmp_path):
     with pytest.raises(CsptInputError, match="pandas"):
         safe_loads(data)
     assert safe_loads(data, dataframes=True)["tomo"].equals(FRAME)
+
+
+def test_damaged_dataframe_pickles_are_refused_cleanly(tmp_path):
+    """pyp's own pickle with bytes flipped, cut or repeated: read, or refused with CsptInputError naming the file;
+    never another exception (pandas' reconstructors raise many kinds)."""
+    good = pyp_written_pickle(tmp_path).read_bytes()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "bad.pkl"
+    outcomes = {"read": 0, "refused": 0}
+    for trial in range(600):
+        data = bytearray(good)
+        if trial % 3 == 0:
+            data = data[: rng.integers(1, len(data))]
+        elif trial % 3 == 1:
+            at = int(rng.integers(0, len(data)))
+            data[at:at] = data[at:at + int(rng.integers(1, 40))]
+        for at in rng.integers(0, len(data), int(rng.integers(1, 4))):
+            data[at] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(data))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                read_metadata(path)
+                read_metadata_tilts(path)
+            outcomes["read"] += 1
+        except CsptInputError as exc:
+            assert exc.file == str(path), exc
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 200
+
+
+def test_array_states_that_crash_numpy_are_refused(tmp_path):
+    """Found by damaging pickles: an object array whose list is shorter than its shape, and an object dtype whose
+    pickled flags differ from numpy's, crash the process in numpy's ``__setstate__``. Run in a subprocess so that a
+    regression shows as a failed test."""
+    code = textwrap.dedent("""
+        import pickle, sys
+        import numpy as np
+        from napari_cspt2d.errors import CsptInputError
+        from napari_cspt2d.io.safe_pickle import safe_loads
+        rebuild = np.ndarray.__reduce__(np.zeros(1))[0]
+
+        class Short:
+            def __reduce__(self):
+                return rebuild, (np.ndarray, (0,), b"b"), (1, (116,), np.dtype("O"), False, ["x", "y", "z"])
+
+        class Flags:
+            def __reduce__(self):
+                return np.dtype, ("O8", False, True), (3, "|", None, None, None, -1, -1, 163)
+
+        for bad in (Short(), [Flags()]):
+            try:
+                safe_loads(pickle.dumps(bad, protocol=4), dataframes=True)
+                print("loaded")
+            except CsptInputError as exc:
+                print("refused:", exc.reason)
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"crashed (exit {run.returncode}): {run.stderr[-400:]}"
+    assert run.stdout.count("refused:") == 2, run.stdout

@@ -23,7 +23,8 @@ unpickler is the pure-Python one, whose memo is a dict (the C unpickler sizes it
 pickle names); array shapes and ``BYTEARRAY8`` lengths are checked before anything is allocated; ``set``,
 ``frozenset``, ``bytes`` and ``bytearray`` may only be called on data already in the pickle (not on
 ``range(10**12)``); ``numpy.dtype`` only with ``copy=True``; ``BUILD`` may only set the state of numpy arrays and
-dtypes; the opcodes that instantiate classes (``INST``, ``OBJ``, ``NEWOBJ``, ``NEWOBJ_EX``), which plain data never
+dtypes, an array's data must fill it exactly (a list of one object per element for object dtypes) and a dtype's
+state must give the flags and size numpy itself gives that dtype (numpy trusts both, and crashes otherwise); the opcodes that instantiate classes (``INST``, ``OBJ``, ``NEWOBJ``, ``NEWOBJ_EX``), which plain data never
 needs, are refused. Tuples may nest at most :data:`MAX_TUPLE_DEPTH` deep: hashing a deeper one (as a dict key or set
 item) overflows the C stack and kills the process.
 """
@@ -213,9 +214,49 @@ class SafeUnpickler(pickle._Unpickler):
             return
         if not isinstance(inst, (np.ndarray, np.dtype)):
             raise self._refuse(f"sets the state of a {type(inst).__name__}")
-        if isinstance(inst, np.ndarray) and isinstance(state, tuple) and len(state) in (4, 5):
-            self._check_array(state[-4], state[-3])
+        if isinstance(inst, np.ndarray):
+            self._check_array_state(state)
         pickle._Unpickler.load_build(self)
+        if isinstance(inst, np.dtype):
+            self._check_dtype(inst)
+
+    def _check_dtype(self, dtype: np.dtype) -> None:
+        """A dtype whose pickled state set flags or a layout numpy would not give it (arrays of such dtypes crash
+        the process) is refused; so are structured dtypes with object fields, which no format here needs."""
+        try:
+            if dtype.names is not None:
+                fields = [dtype.fields[n] for n in dtype.names]
+                if any(f[0].hasobject for f in fields):
+                    raise self._refuse("declares a structured dtype with object fields")
+                ref = np.dtype({"names": list(dtype.names), "formats": [f[0] for f in fields],
+                                "offsets": [f[1] for f in fields], "itemsize": dtype.itemsize},
+                               align=bool(dtype.flags & 0x80))
+            elif dtype.subdtype is not None:
+                ref = np.dtype(dtype.subdtype)
+            else:
+                ref = np.dtype(dtype.str)
+        except (TypeError, ValueError, KeyError, IndexError) as exc:
+            raise self._refuse(f"declares a malformed dtype ({exc})") from None
+        if (dtype.flags, dtype.itemsize, dtype.hasobject) != (ref.flags, ref.itemsize, ref.hasobject):
+            raise self._refuse(f"declares a dtype with flags {dtype.flags} and size {dtype.itemsize} where numpy "
+                               f"gives {ref.flags} and {ref.itemsize}")
+
+    def _check_array_state(self, state: Any) -> None:
+        """An array's state ``([version,] shape, dtype, is_fortran, data)``: ``data`` exactly fills the array, a
+        list of one object per element for object dtypes (numpy trusts a list's length there: a short one crashes
+        the process)."""
+        if not (isinstance(state, tuple) and len(state) in (4, 5)):
+            raise self._refuse("sets an array's state to something numpy does not pickle")
+        shape, dtype, data = state[-4], state[-3], state[-1]
+        self._check_array(shape, dtype)
+        count, dtype = math.prod(int(n) for n in shape), np.dtype(dtype)
+        if dtype.hasobject:
+            if not (isinstance(data, list) and len(data) == count):
+                raise self._refuse(f"gives an object array of {count} elements "
+                                   f"{len(data) if isinstance(data, list) else type(data).__name__} values")
+        elif not (isinstance(data, (bytes, bytearray)) and len(data) == count * dtype.itemsize):
+            raise self._refuse(f"gives an array of {count * dtype.itemsize} bytes "
+                               f"{len(data) if isinstance(data, (bytes, bytearray)) else type(data).__name__} bytes")
 
     def load_bytearray8(self) -> None:
         (size,) = struct.unpack("<Q", self.read(8))
@@ -283,7 +324,7 @@ def safe_loads(data: bytes, source: str | os.PathLike[str] | None = None, *, dat
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
             KeyError, UnicodeDecodeError, OverflowError, MemoryError, struct.error, RecursionError,
-            AssertionError, NotImplementedError) as exc:
+            AssertionError, NotImplementedError, SystemError) as exc:
         raise CsptInputError(f"is not a readable pickle ({type(exc).__name__}: {exc})", file=source,
                              field="pickle") from exc
 
