@@ -108,8 +108,8 @@ _SPECS = [
               "Electron dose of each exposure (tilt image), used for dose weighting (B = -4 x exposure index x dose).",
               unit="e/Å²", minimum=0, maximum=1000),
     ParamSpec("tomo_rec_binning", float, 1.0, "data", "Tomogram binning",
-              "pyp multiplies the tomogram size in {name}.pkl by this factor; {name}.pkl written here holds "
-              "unbinned sizes, so keep 1 (pyp's own default is 8 for its binned tomograms).",
+              "pyp's binning of its tomograms: {name}.pkl holds the tomogram size divided by it, and pyp "
+              "multiplies it back. pyp's default is 8; projects made here write 1 unless it is set.",
               unit="x", minimum=0, min_exclusive=True),
     # ---------------------------------------------------------------- extraction
     ParamSpec("extract_box", int, 256, "extraction", "Box size",
