@@ -144,3 +144,23 @@ def test_symmetry_makes_the_map_the_symmetrised_object(small_sample):
     assert corr(c2, averaged) > 0.95 and corr(c2, averaged) > corr(c2, truth) + 0.05
     with pytest.raises(CsptInputError, match="particle_sym"):
         _run(small_sample, symmetry="I5")
+
+
+
+def _high_frequency_power(vol):
+    """Mean |F|² of a map beyond half its Nyquist frequency."""
+    n = vol.shape[0]
+    k = np.fft.fftfreq(n)
+    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.fft.rfftfreq(n)[None, None, :] ** 2)
+    return float(np.mean(np.abs(np.fft.rfftn(vol)[(r > 0.25) & (r < 0.5)]) ** 2))
+
+
+def test_shell_damping_changes_the_maps_not_the_half_map_fsc(small_sample):
+    """Less of the Wiener low-pass (shell_damping < 1) scales whole shells of each map (shells of the padded grid,
+    so the box's shells only nearly): the half maps' resolution stays, the map keeps more high-frequency power; a
+    value outside 0..1 fails before any work."""
+    wiener, mild = _run(small_sample), _run(small_sample, shell_damping=0.25)
+    assert mild.resolution_A == pytest.approx(wiener.resolution_A, rel=0.05)
+    assert _high_frequency_power(mild.map) > 2 * _high_frequency_power(wiener.map)
+    with pytest.raises(CsptInputError, match="shell_damping"):
+        _run(small_sample, shell_damping=-0.1, progress=lambda *a: pytest.fail("work started"))
