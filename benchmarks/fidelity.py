@@ -12,9 +12,12 @@ box / noise variance. Picks are the true positions plus Gaussian error (``--pick
 
 Per box and SNR, from the same boxes (napari-cspt2d's extraction at the picks; true angles, true heights):
 
-* **ours (shipped)**: ``reconstruct_tracks``' map, what a user gets (gold-standard halves, Wiener filter);
+* **ours (shipped)**: ``reconstruct_tracks``' map, what a user gets (gold-standard halves, Wiener filter with τ²
+  from the FSC inside the default particle mask, solvent flattened outside it);
+* **ours (unmasked τ²)**: the same grids, Wiener filter with τ² from the unmasked FSC, no mask (the map as shipped
+  before the particle mask became the default);
 * **ours (unfiltered)**: the same grids divided by their weights with a tiny constant regulariser;
-* **ours (shell_damping 0.25)**: the same grids, keeping a quarter of the Wiener filter's shell attenuation;
+* **ours (shell_damping 0.25)**: as shipped, keeping only a quarter of the Wiener filter's shell attenuation;
 * **cryoDRGN**: ``cryodrgn backproject_voxel --ctf --uninvert-data`` on the same boxes, poses and per-projection CTF
   (run from its own venv, through ``backproject.cryodrgn_backproject``).
 
@@ -276,11 +279,14 @@ def reconstruct_ours(stack_path: Path, tracks, box: int) -> dict[str, np.ndarray
     try:
         insertion.insert(stack, tracks, half_split(tracks))
         shipped = insertion.finish()
-        unfiltered = insertion.backprojector.reconstruct_single()
-        mild = insertion.backprojector.reconstruct(shell_damping=0.25).full
+        bp = insertion.backprojector
+        unmasked = bp.reconstruct().full  # the map as shipped before the particle mask became the default
+        unfiltered = bp.reconstruct_single()
+        mild = bp.reconstruct(fsc_mask=settings.particle_mask(), shell_damping=0.25).full * settings.particle_mask()
     finally:
         insertion.close()
-    return {"shipped": shipped.map, "unfiltered": unfiltered, "mild": mild, "half_map_fsc_0143_A": shipped.resolution_A}
+    return {"shipped": shipped.map, "unmasked": unmasked, "unfiltered": unfiltered, "mild": mild,
+            "half_map_fsc_0143_A": shipped.resolution_A}
 
 
 def write_cryodrgn_inputs(stack_path: Path, tracks, series: Series, folder: Path) -> None:
@@ -428,7 +434,7 @@ def run_box(box: int, snrs: list[float], args: argparse.Namespace, tmp: Path) ->
         stack = noisy_stack(series, snr, folder / "stack.mrc")
         ours = reconstruct_ours(stack, picks, box)
         row = {"box": box, "snr": snr, "half_map_fsc_0143_A": ours["half_map_fsc_0143_A"]}
-        for key in ("shipped", "unfiltered", "mild"):
+        for key in ("shipped", "unmasked", "unfiltered", "mild"):
             row.update({f"ours_{key}_{k}": v for k, v in fsc_vs_truth(ours[key], series.truth_map).items()})
         if args.cryodrgn_exe is not None:
             write_cryodrgn_inputs(stack, picks, series, folder)
@@ -442,16 +448,17 @@ def run_box(box: int, snrs: list[float], args: argparse.Namespace, tmp: Path) ->
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| box | SNR | ours shipped: mean masked FSC / FSC-0.143 Å / masked correlation | ours unfiltered | "
-          "ours shell_damping 0.25 | cryoDRGN | half-map FSC-0.143 Å |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| box | SNR | ours shipped: mean masked FSC / FSC-0.143 Å / masked correlation | ours, unmasked τ² "
+          "(before) | ours unfiltered | ours shell_damping 0.25 | cryoDRGN | half-map FSC-0.143 Å |")
+    print("|---|---|---|---|---|---|---|---|")
 
     def cell(r: dict, key: str) -> str:
         return (f"{r[f'{key}_mean_fsc']:.3f} / {r[f'{key}_fsc_0143_A']:.1f} / {r[f'{key}_corr']:.3f}"
                 if f"{key}_mean_fsc" in r else "-")
 
     for r in rows:
-        print(f"| {r['box']} | {r['snr']:g} | {cell(r, 'ours_shipped')} | {cell(r, 'ours_unfiltered')} | "
+        print(f"| {r['box']} | {r['snr']:g} | {cell(r, 'ours_shipped')} | {cell(r, 'ours_unmasked')} | "
+              f"{cell(r, 'ours_unfiltered')} | "
               f"{cell(r, 'ours_mild')} | "
               f"{cell(r, 'cryodrgn')} | {r['half_map_fsc_0143_A']:.1f} |")
     refined = [r for r in rows if "free_shift_px" in r]

@@ -18,7 +18,7 @@ from numpy.typing import ArrayLike, NDArray
 from ..errors import CsptInputError
 from ..io.atomic import atomic_open, atomic_path
 
-__all__ = ["FscCurve", "fsc_curve", "write_fsc_table", "plot_fsc"]
+__all__ = ["FscCurve", "fsc_curve", "plot_fsc", "soft_sphere_mask", "write_fsc_table"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,6 +90,19 @@ def fsc_curve(map1: ArrayLike, map2: ArrayLike, voxel_A: float, *, mask: ArrayLi
         fsc = np.where(pa * pb > 0, cross / np.sqrt(pa * pb), 0.0)
     freq = np.arange(n_shells) / (n * voxel_A)
     return FscCurve(freq, fsc, count, float(voxel_A), n)
+
+
+def soft_sphere_mask(box: int, radius_px: float, edge_px: float = 4.0) -> NDArray[np.float32]:
+    """Soft spherical mask ``(box, box, box)`` centred on voxel ``box // 2``: 1 within ``radius_px``, a raised-cosine
+    edge to 0 at ``radius_px + edge_px`` (voxels); where that reaches the box edge it is cut there."""
+    if not (isinstance(box, (int, np.integer)) and box >= 2):
+        raise CsptInputError(f"is {box!r}", field="box", expected="an integer >= 2")
+    if not (np.isfinite(radius_px) and radius_px > 0 and np.isfinite(edge_px) and edge_px > 0):
+        raise CsptInputError(f"radius {radius_px}, edge {edge_px}", field="radius_px/edge_px", expected="> 0 voxels")
+    r = np.arange(box) - box // 2
+    dist = np.sqrt(r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2)
+    t = np.clip((dist - radius_px) / edge_px, 0.0, 1.0)
+    return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)
 
 
 def write_fsc_table(path: str | os.PathLike[str], curve: FscCurve) -> None:

@@ -33,7 +33,7 @@ from .. import geometry
 from . import ctf
 from .backproject import Backprojector, apply_bfactor, check_shell_damping
 from .extract import check_extraction, extract_particles, extracted_pixel_A
-from .fsc import FscCurve, plot_fsc, write_fsc_table
+from .fsc import FscCurve, plot_fsc, soft_sphere_mask, write_fsc_table
 
 __all__ = ["ReconstructionResult", "ReconstructionSettings", "InsertedGrids", "HalfMapInsertion",
            "reconstruct_tracks", "select_projections", "half_split"]
@@ -159,6 +159,10 @@ class ReconstructionSettings:
     def voxel_A(self) -> float:
         return extracted_pixel_A(self.pixel_A, self.extract_bin)
 
+    def particle_mask(self) -> NDArray[np.float32]:
+        """The map's default mask: a soft sphere of ``particle_rad_A`` (:func:`fsc.soft_sphere_mask`, 4-voxel edge)."""
+        return soft_sphere_mask(self.box, self.particle_rad_A / self.voxel_A)
+
     def select(self, tracks: TrackSet) -> tuple[NDArray[np.int64], dict]:
         """:func:`select_projections` of ``tracks`` with these settings."""
         return select_projections(tracks, score_cutoff=self.score_cutoff, min_tilt_deg=self.min_tilt_deg,
@@ -277,6 +281,8 @@ class HalfMapInsertion:
         n, bp = self.settings.box, self.backprojector
         _check_mask(mask, n)
         _check_halves(int(self.stats["n_used"]), bp.count)
+        if mask is None:
+            mask = self.settings.particle_mask()
         recon = bp.reconstruct(fsc_mask=mask, shell_damping=shell_damping, progress=progress)
         final = recon.full
         if mask is not None:
@@ -337,8 +343,11 @@ def reconstruct_tracks(
     ``cos_weighting`` weights images by cos(tilt). ``symmetry`` (``particle_sym``: C1, Cn, Dn, T, O, I) inserts
     every image once per operator of the point group (:func:`geometry.symmetry_matrices`). ``split``/``seed``:
     :func:`half_split`.
-    ``mask`` (n³, 0..1) is used for the FSC and applied to the final map, ``bfactor_A2`` (negative sharpens) to the
-    final map. ``shell_damping`` (0..1) is the fraction of the Wiener filter's per-shell attenuation the maps keep:
+    ``mask`` (n³, 0..1) is used for the FSC (and so for the Wiener filter's τ²) and applied to the final map; by
+    default it is a soft sphere of ``particle_rad_A`` (:meth:`ReconstructionSettings.particle_mask`): the half maps'
+    SNR inside the particle, not diluted by the solvent noise of the whole box, sets the filter (RELION's
+    solvent-corrected FSC), and the map's solvent is flat (README "Fidelity" has the measurements).
+    ``bfactor_A2`` (negative sharpens) is applied to the final map. ``shell_damping`` (0..1) is the fraction of the Wiener filter's per-shell attenuation the maps keep:
     1 (default) gives the Wiener-filtered maps, lower values less low-pass filtered ones (0.25 scores as well as a
     plain back-projection in FSC against a model inside a tight mask at low SNR; :class:`Backprojector`).
     ``progress(stage, done, total)`` is called between batches ("backproject") and reconstruction steps
