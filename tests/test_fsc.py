@@ -5,7 +5,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from napari_cspt2d.errors import CsptInputError
-from napari_cspt2d.recon.fsc import FscCurve, fsc_curve, plot_fsc, write_fsc_table
+from napari_cspt2d.recon.fsc import FscCurve, fsc_curve, plot_fsc, soft_sphere_mask, write_fsc_table
 
 
 def _signal(n=48, seed=0):
@@ -78,3 +78,13 @@ def test_input_validation():
         fsc_curve(a, a, 1.0, mask=np.ones((4, 4, 4)))
     with pytest.raises(CsptInputError):
         fsc_curve(a[0], a[0], 1.0)
+
+
+def test_soft_sphere_mask():
+    m = soft_sphere_mask(32, 8.0, 4.0)
+    assert m.shape == (32, 32, 32) and m.dtype == np.float32
+    assert m[16, 16, 16] == 1.0 and m[16, 16, 16 + 8] == 1.0 and m[16, 16, 16 + 12] == 0.0
+    assert m[16, 16, 16 + 10] == pytest.approx(0.5)
+    np.testing.assert_array_equal(m, m.transpose(2, 1, 0))
+    with pytest.raises(CsptInputError, match="radius"):
+        soft_sphere_mask(32, 0.0)
