@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import signal
 import socket
@@ -94,3 +96,14 @@ def test_a_missing_project_folder_is_named(tmp_path):
     with pytest.raises(CsptInputError, match="does not exist"):
         with project_lock(tmp_path / "nope"):
             pass
+
+
+def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(CsptInputWarning, match="does not support locks"):
+        with project_lock(tmp_path, "unlocked") as me:
+            assert me.what.startswith("unlocked")
+    assert not (tmp_path / LOCK_NAME).exists()

@@ -8,12 +8,14 @@ the same one (a second napari run) — is refused with :class:`ProjectBusyError`
 that holds the lock may take it again (a napari run that calls the pipeline), which nests.
 
 The lock is advisory and works on local file systems and on NFS with lock support (Linux emulates ``flock`` with
-POSIX locks there). A lock whose holder is on another host is reported with that host.
+POSIX locks there). A lock whose holder is on another host is reported with that host. On a file system without
+locks the run goes on with a warning; a project folder that cannot be written is bad input.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import json
@@ -87,6 +89,8 @@ def lock_holder(project_dir: str | os.PathLike[str]) -> LockHolder | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return _read_holder(fd)
+        except OSError:  # no locks on this file system: nobody can be seen holding one
+            return None
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
@@ -96,13 +100,24 @@ def lock_holder(project_dir: str | os.PathLike[str]) -> LockHolder | None:
 def _open_locked(path: Path) -> int:
     """A descriptor of ``path`` holding its exclusive lock (:class:`ProjectBusyError` when another run has it)."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError as exc:
+            raise CsptInputError(f"cannot be written ({exc.strerror})", file=path.parent,
+                                 expected="a project folder this user may write to") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
             raise ProjectBusyError(path, holder) from None
+        except OSError as exc:  # a file system without locks (some network mounts): run, but say so
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            warn_input(f"the file system does not support locks ({exc.strerror}): this run cannot keep a second "
+                       "one off the project", file=path, field="lock")
+            return fd
         try:
             same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
