@@ -35,9 +35,10 @@ import scipy.ndimage
 
 from napari_cspt2d.model.tracks import TiltTable, TrackSet
 from napari_cspt2d.recon.constrained import CspModes, constrained_round, start_constrained
-from napari_cspt2d.recon.pipeline import reconstruction_options
+from napari_cspt2d.model.settings import Settings
+from napari_cspt2d.recon import arguments
 from napari_cspt2d.recon.reconstruct import reconstruct_tracks
-from napari_cspt2d.recon.refine import Imaging, RefineOptions, TiltSelection, refine_tracks
+from napari_cspt2d.recon.refine import TiltSelection, refine_tracks
 from napari_cspt2d.sample import make_sample
 
 HERE = Path(__file__).resolve().parent
@@ -93,9 +94,10 @@ def position_rms(tracks, truth):
 
 
 def run(sample, stack, picks, truth, modes: CspModes, rounds: int):
-    imaging = Imaging.from_params(sample.params)
-    rec = reconstruction_options(sample.params)
-    options = RefineOptions.from_params(sample.params, 2, refine_angles=False, tilts=TiltSelection(-90.0, 90.0))
+    settings = Settings.parse(sample.params)
+    imaging = arguments.imaging(settings)
+    rec = arguments.reconstruction_options(settings)
+    options = arguments.refine_options(settings, 2, refine_angles=False, tilts=TiltSelection(-90.0, 90.0))
     origin = picks.positions_px()
     tracks, state = start_constrained(picks) if modes.constrained else (picks, None)
     errors = []

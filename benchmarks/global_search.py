@@ -5,7 +5,7 @@ SNR 0.1 and 2 px pick error, as the ±10° refinement test) has known orientatio
 low-passed to 30 Å (cosine edge 2 Fourier px wide, centred on 1/30 Å⁻¹); every particle starts with the "unknown"
 orientation (all Euler angles 0), which makes :func:`napari_cspt2d.recon.refine.refine_tracks` search globally.
 The rounds then follow pyp's schedule (``refine_rhref``, default ``"20:15:12"``, one round per entry; options from
-:meth:`RefineOptions.from_params` of iterations 2, 3, ...): round 1 refines against the low-passed reference, every
+:func:`arguments.refine_options` of iterations 2, 3, ...): round 1 refines against the low-passed reference, every
 later round against the map reconstructed from the previous round's tracks (local search from there on).
 
 Reported per round: the orientation error of each particle against the truth, the angle of ``R_est · R_trueᵀ``
@@ -31,9 +31,10 @@ import numpy as np
 
 from napari_cspt2d.model.tracks import ParticleTable, TrackSet
 from napari_cspt2d import geometry
-from napari_cspt2d.recon.pipeline import reconstruction_options
+from napari_cspt2d.model.settings import Settings
+from napari_cspt2d.recon import arguments
 from napari_cspt2d.recon.reconstruct import reconstruct_tracks
-from napari_cspt2d.recon.refine import Imaging, RefineOptions, refine_tracks, rotation_angle_deg
+from napari_cspt2d.recon.refine import RefineOptions, refine_tracks, rotation_angle_deg
 from napari_cspt2d.sample import make_sample
 
 HERE = Path(__file__).resolve().parent
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> dict:
                          pick_error_px=args.pick_error, seed=args.seed)
     sample_s = time.perf_counter() - t0
     params = dict(sample.params, refine_rhref=args.rhref)
-    imaging = Imaging.from_params(params)
+    settings = Settings.parse(params)
+    imaging = arguments.imaging(settings)
     truth = sample.truth_tracks
     reference = lowpass(sample.truth_map, sample.pixel_A, args.lowpass_A)
     start = without_angles(sample.tracks)
@@ -90,9 +92,9 @@ def run(args: argparse.Namespace) -> dict:
         recon_s = 0.0
         if i > 0:
             t0 = time.perf_counter()
-            reference = reconstruct_tracks(sample.stack, tracks, **reconstruction_options(params)).map
+            reference = reconstruct_tracks(sample.stack, tracks, **arguments.reconstruction_options(settings)).map
             recon_s = time.perf_counter() - t0
-        options = RefineOptions.from_params(params, 2 + i, global_step_deg=args.global_step)
+        options = arguments.refine_options(settings, 2 + i, global_step_deg=args.global_step)
         t0 = time.perf_counter()
         out = refine_tracks(sample.stack, tracks, reference, options, imaging, origin_px=start.positions_px())
         refine_s = time.perf_counter() - t0

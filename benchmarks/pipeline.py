@@ -79,12 +79,13 @@ def warm_up_main_process(template: Path, workdir: Path, sample) -> None:
     with its FSC plot."""
     from napari_cspt2d import pyp
     from napari_cspt2d.io.mrc import open_stack
-    from napari_cspt2d.recon.pipeline import reconstruction_options
+    from napari_cspt2d.model.settings import Settings
+    from napari_cspt2d.recon.arguments import reconstruction_options
     from napari_cspt2d.recon.reconstruct import reconstruct_tracks
 
     tracks = sample.tracks.select(np.isin(sample.tracks.particle, sample.tracks.particles.id[:4]))
     stack, _ = open_stack(template / "sample_stack.mrc")
-    result = reconstruct_tracks(stack, tracks, **reconstruction_options(pyp.load_parameters(template)))
+    result = reconstruct_tracks(stack, tracks, **reconstruction_options(Settings.parse(pyp.load_parameters(template))))
     result.write(workdir / "warm_up.mrc")
 
 

@@ -13,6 +13,8 @@ from napari_cspt2d.io import cistem
 from napari_cspt2d.io.mrc import open_stack, read_image
 from napari_cspt2d.io.toml import load_params, save_params
 from napari_cspt2d.model.params import PypParameters
+from napari_cspt2d.model.settings import Settings
+from napari_cspt2d.recon import arguments
 from napari_cspt2d.model.tracks import TiltTable, TrackSet
 from napari_cspt2d.recon.constrained import CspModes, place_projections, regularize_residuals, solve_constrained
 from napari_cspt2d.recon import pipeline
@@ -76,11 +78,12 @@ def rms(values):
 
 # ------------------------------------------------------------------------------------------------ modes
 def test_modes_from_params_free_for_the_seed_settings():
-    seed = CspModes.from_params(PypParameters({"csp_no_3d_points": True, "csp_frame_refinement": True}))
+    seed = arguments.csp_modes(Settings.parse(PypParameters({"csp_no_3d_points": True,
+                                                             "csp_frame_refinement": True})))
     assert not seed.constrained and seed.frame_refinement
-    on = CspModes.from_params({"csp_refine_micrographs": True, "csp_ToleranceMicrographTiltAngles": 2.0,
-                               "csp_ToleranceParticlesPhi": 5.0, "csp_ToleranceParticlesPsi": 12.0,
-                               "csp_ToleranceParticlesTheta": 3.0})
+    on = arguments.csp_modes(Settings.parse({"csp_refine_micrographs": True, "csp_ToleranceMicrographTiltAngles": 2.0,
+                                             "csp_ToleranceParticlesPhi": 5.0, "csp_ToleranceParticlesPsi": 12.0,
+                                             "csp_ToleranceParticlesTheta": 3.0}))
     assert on.constrained and on.tilt_angle_deg == 2.0 and on.angle_range_deg == 12.0
     assert CspModes(transreg=True).constrained
     with pytest.raises(CsptInputError, match="csp_time_sigma"):
@@ -96,7 +99,7 @@ def test_parameters_round_trip_through_pyp_config_toml(tmp_path):
     path = save_params(PypParameters(values), tmp_path / ".pyp_config.toml")
     back = load_params(path)
     assert {k: back[k] for k in values} == values
-    assert CspModes.from_params(back) == CspModes.from_params(values)
+    assert arguments.csp_modes(Settings.parse(back)) == arguments.csp_modes(Settings.parse(values))
     with pytest.raises(CsptInputError, match="csp_ToleranceMicrographTiltAngles"):
         PypParameters({"csp_ToleranceMicrographTiltAngles": -1.0})
 
@@ -311,7 +314,7 @@ def test_constrained_run_writes_the_model_and_its_map(constrained_run, small_sam
     assert np.all(np.isfinite(shifts)) and np.any(shifts != 0)
     assert np.all(np.any(tracks.particles.xyz_px != 0, axis=1))  # points fitted from the zero-filled tracks
     stack = open_stack(root / "sample_stack.mrc")[0]
-    expected = reconstruct_tracks(stack, tracks, **pipeline.reconstruction_options(params)).map
+    expected = reconstruct_tracks(stack, tracks, **arguments.reconstruction_options(Settings.parse(params))).map
     got = read_image(root / "frealign" / "maps" / "sample_r01_03.mrc")
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     error = np.linalg.norm(tracks.positions_px() - small_sample.truth_tracks.positions_px(), axis=1)

@@ -13,8 +13,9 @@ import pytest
 from napari_cspt2d import pyp
 from napari_cspt2d.errors import CsptInputError, CsptRunError
 from napari_cspt2d.io.mrc import open_stack, read_image, write_map
+from napari_cspt2d.model.settings import Settings
 from napari_cspt2d.recon import csp_run, executor, fsc, pipeline, refine
-from napari_cspt2d.recon.pipeline import reconstruction_options
+from napari_cspt2d.recon.arguments import reconstruction_options
 from napari_cspt2d.recon.project import tilt_series_names
 from napari_cspt2d.recon.reconstruct import HalfMapInsertion, ReconstructionSettings, half_split, reconstruct_tracks
 from napari_cspt2d.sample import make_sample, write_sample
@@ -60,9 +61,10 @@ def reconstruct_iteration(root, name, iteration):
     params, tracks, _ = pyp.load_project(root, name, iteration)
     if iteration == 1:
         picks = {name: tracks}
-        csp_run.prepare(picks, {}, params, {})
+        csp_run.prepare(picks, {}, Settings.parse(params), {})
         tracks = picks[name]
-    return reconstruct_tracks(open_stack(root / f"{name}_stack.mrc")[0], tracks, **reconstruction_options(params))
+    options = reconstruction_options(Settings.parse(params))
+    return reconstruct_tracks(open_stack(root / f"{name}_stack.mrc")[0], tracks, **options)
 
 
 # ------------------------------------------------------------------------------------------------ split
@@ -252,7 +254,7 @@ def test_every_tilt_series_is_refined_and_all_go_into_one_map(tmp_path, small_sa
         assert truth_error_px(refined, sample) < 0.5 * truth_error_px(sample.tracks, sample), name
 
     # the map is both series inserted together, each split into halves by its own particles
-    together = HalfMapInsertion(ReconstructionSettings(**reconstruction_options(params)))
+    together = HalfMapInsertion(ReconstructionSettings(**reconstruction_options(Settings.parse(params))))
     for name in ("tsA", "tsB"):
         _, tracks, _ = pyp.load_project(root, name, 2)
         together.insert(open_stack(root / f"{name}_stack.mrc")[0], tracks, half_split(tracks))

@@ -10,10 +10,10 @@ from scipy.spatial.transform import Rotation
 from napari_cspt2d.errors import CsptInputError
 from napari_cspt2d.model.tracks import ParticleTable, TiltTable
 from napari_cspt2d import geometry
-from napari_cspt2d.recon.pipeline import reconstruction_options
+from napari_cspt2d.model.settings import Settings
+from napari_cspt2d.recon import arguments
 from napari_cspt2d.recon.reconstruct import reconstruct_tracks
 from napari_cspt2d.recon.refine import (
-    Imaging,
     RefineOptions,
     TiltSelection,
     has_no_angles,
@@ -47,7 +47,8 @@ def rms(values):
 
 
 def reconstruct(sample, tracks):
-    return reconstruct_tracks(sample.stack, tracks, **reconstruction_options(sample.params)).map
+    options = arguments.reconstruction_options(Settings.parse(sample.params))
+    return reconstruct_tracks(sample.stack, tracks, **options).map
 
 
 # ------------------------------------------------------------------------------------------------ rules
@@ -61,8 +62,8 @@ def test_tilt_selection_degrees_when_min_is_negative_else_exposure_order():
     assert np.array_equal(np.sort(np.abs(tilts.angle_deg[pyp.mask(tilts)])).max(), 15.0)
     assert TiltSelection(5, -1).mask(tilts).sum() == 36  # -1 = up to the last exposure
     assert TiltSelection(0, 10, unit="degrees").mask(tilts).sum() == 4  # 0, 3, 6, 9 degrees
-    assert TiltSelection.from_params({"csp_UseImagesForRefinementMin": -60,
-                                      "csp_UseImagesForRefinementMax": 60}).resolved_unit == "degrees"
+    assert arguments.tilt_selection(Settings.parse({"csp_UseImagesForRefinementMin": -60,
+                                                    "csp_UseImagesForRefinementMax": 60})).resolved_unit == "degrees"
     with pytest.raises(CsptInputError, match="tilt unit"):
         TiltSelection(0, 1, unit="radians")
 
@@ -91,8 +92,9 @@ def test_options_from_params_follow_iteration_and_particle_radius():
     params = {"refine_rhref": "12:10:8", "refine_rlref": 200.0, "particle_rad": 80.0, "refine_shift_range_A": 0,
               "csp_RefineProjectionCutoff": 0.5, "csp_UseImagesForRefinementMin": -60,
               "csp_UseImagesForRefinementMax": 60, "refine_projection_score_cutoff": 2.0}
-    assert [RefineOptions.from_params(params, it).resolution_A for it in (2, 3, 4, 7)] == [12, 10, 8, 8]
-    opt = RefineOptions.from_params(params, 2)
+    settings = Settings.parse(params)
+    assert [arguments.refine_options(settings, it).resolution_A for it in (2, 3, 4, 7)] == [12, 10, 8, 8]
+    opt = arguments.refine_options(settings, 2)
     assert opt.shift_range_A == 20.0 and opt.tilts.resolved_unit == "degrees"
     assert opt.min_projections == 0.5 and opt.projection_cutoff == 2.0
     for bad in (1.5, -1):
@@ -130,7 +132,7 @@ def refined(noisy):
     """Two rounds of reconstruct → refine from the picks, with every orientation turned ±10° off the truth."""
     truth = noisy.truth_tracks
     start = with_matrices(noisy.tracks, turned(truth.n_particles, 10.0, seed=1) @ particle_matrices(truth))
-    imaging = Imaging.from_params(noisy.params)
+    imaging = arguments.imaging(Settings.parse(noisy.params))
     tracks = start
     for resolution in (12.0, 10.0):
         options = RefineOptions(resolution_A=resolution, shift_range_A=0.25 * noisy.params["particle_rad"])
@@ -172,7 +174,7 @@ def test_global_search_finds_particles_without_angles(small_sample):
     keep = np.isin(tracks.particle, tracks.particles.id[lost])
     tracks = tracks.select(keep)
     options = RefineOptions(resolution_A=12.0, refine_shifts=False, global_step_deg=20.0)
-    out = refine_tracks(s.stack, tracks, s.truth_map, options, Imaging.from_params(s.params))
+    out = refine_tracks(s.stack, tracks, s.truth_map, options, arguments.imaging(Settings.parse(s.params)))
     assert out.searched_globally.all()
     error = rotation_angle_deg(particle_matrices(out.tracks), particle_matrices(s.truth_tracks)[lost])
     assert np.all(error < 3.0), error
@@ -187,8 +189,8 @@ def test_global_search_from_a_low_resolution_reference():
     reference = gaussian_filter(s.truth_map, sigma_px)
     euler = np.zeros_like(s.tracks.particles.euler_deg)
     tracks = s.tracks.replace(particles=ParticleTable(s.tracks.particles.id, s.tracks.particles.xyz_px, euler))
-    options = RefineOptions.from_params(s.params, 2, global_step_deg=20.0)
-    out = refine_tracks(s.stack, tracks, reference, options, Imaging.from_params(s.params),
+    options = arguments.refine_options(Settings.parse(s.params), 2, global_step_deg=20.0)
+    out = refine_tracks(s.stack, tracks, reference, options, arguments.imaging(Settings.parse(s.params)),
                         origin_px=tracks.positions_px())
     assert out.searched_globally.all()
     error = rotation_angle_deg(particle_matrices(out.tracks), particle_matrices(s.truth_tracks))
@@ -204,7 +206,7 @@ def test_tilt_range_and_cutoff_are_applied(small_sample):
     tracks = tracks.replace(shift_px=shift)
     options = RefineOptions(resolution_A=12.0, refine_angles=False, projection_cutoff=0.5,
                             tilts=TiltSelection(-30, 30, unit="degrees"))
-    out = refine_tracks(s.stack, tracks, s.truth_map, options, Imaging.from_params(s.params))
+    out = refine_tracks(s.stack, tracks, s.truth_map, options, arguments.imaging(Settings.parse(s.params)))
     angle = tracks.tilts.angle_deg[tracks.tilt_rows()]
     outside = np.abs(angle) > 30
     assert np.array_equal(out.tracks.shift_px[outside], tracks.shift_px[outside])
@@ -224,7 +226,7 @@ def test_only_particles_with_enough_projections_are_refined(small_sample):
     rows = np.flatnonzero((s.tracks.particle != first) | (s.tracks.tilt < 6))  # particle `first` in 6 of 21 tilts
     tracks = s.tracks.select(rows)
     few = tracks.particle == first
-    imaging = Imaging.from_params(s.params)
+    imaging = arguments.imaging(Settings.parse(s.params))
     for cutoff, refined_few in ((0.5, False), (7, False), (6, True), (0, True)):  # 0.5 of 21 tilts = 11
         options = RefineOptions(resolution_A=12.0, refine_angles=False, min_projections=cutoff)
         out = refine_tracks(s.stack, tracks, s.truth_map, options, imaging)
@@ -239,14 +241,14 @@ def test_gold_standard_refines_each_half_against_its_own_map(small_sample):
     half = (s.tracks.particle % 2).astype(np.int64)  # odd ids: half 1, whose map is empty here
     options = RefineOptions(resolution_A=12.0, refine_angles=False)
     out = refine_tracks(s.stack, s.tracks, (s.truth_map, np.zeros_like(s.truth_map)), options,
-                        Imaging.from_params(s.params), half=half)
+                        arguments.imaging(Settings.parse(s.params)), half=half)
     assert np.median(out.tracks.score[half == 0]) > 0.2
     assert np.all(out.tracks.score[half == 1] == 0.0)
 
 
 def test_bad_inputs_are_named(small_sample):
     s = small_sample
-    imaging = Imaging.from_params(s.params)
+    imaging = arguments.imaging(Settings.parse(s.params))
     options = RefineOptions(resolution_A=12.0)
     with pytest.raises(CsptInputError, match="references"):
         refine_tracks(s.stack, s.tracks, np.zeros((32, 32, 32), np.float32), options, imaging)

@@ -37,7 +37,8 @@ from distributed.scheduler import KilledWorker
 from distributed.utils import format_dashboard_link
 
 from .errors import CsptInputError, CsptRunError
-from .model.params import PARAMS, PypParameters
+from .model.params import PARAMS
+from .model.settings import Settings
 
 __all__ = ["make_client", "bundle", "dashboard_link", "slurm_job_extra", "JOB_NAME"]
 
@@ -84,11 +85,11 @@ def dashboard_link(client: Client) -> str | None:
     return format_dashboard_link(host, port)
 
 
-def slurm_job_extra(params: Mapping[str, Any]) -> list[str]:
+def slurm_job_extra(settings: Settings | Mapping[str, Any]) -> list[str]:
     """The ``;``-separated ``slurm_job_extra`` as a list of sbatch options (each must start with ``-``; a leading
     ``#SBATCH`` is dropped)."""
     directives = []
-    for item in str(params["slurm_job_extra"]).split(";"):
+    for item in Settings.parse(settings).cluster.slurm_job_extra.split(";"):
         item = re.sub(r"^#SBATCH\s+", "", item.strip())
         if not item:
             continue
@@ -101,7 +102,7 @@ def slurm_job_extra(params: Mapping[str, Any]) -> list[str]:
 
 @contextmanager
 def make_client(
-    params: Mapping[str, Any],
+    settings: Settings | Mapping[str, Any],
     *,
     workers: int | None = None,
     scheduler_address: str | None = None,
@@ -109,14 +110,15 @@ def make_client(
     project_dir: str | os.PathLike[str] | None = None,
     dashboard: bool = True,
 ) -> Iterator[Client]:
-    """A dask ``Client`` for ``params``' cluster backend; the cluster it started is closed on exit.
+    """A dask ``Client`` for the settings' cluster backend; the cluster it started is closed on exit.
 
     Parameters
     ----------
-    params:
-        Project parameters (:class:`PypParameters` or a mapping of its keys; only the "cluster" keys are used).
+    settings:
+        The project's :class:`Settings` (or pyp keys, parsed by :meth:`Settings.parse`); its ``cluster`` group is
+        used, and ``data.data_set`` names SLURM jobs.
     workers:
-        Overrides ``params["workers"]``: local worker processes, or SLURM jobs (0 = automatic, see module doc).
+        Overrides ``cluster.workers``: local worker processes, or SLURM jobs (0 = automatic, see module doc).
     scheduler_address:
         Connect to this dask scheduler whatever ``cluster_backend`` says (same form as ``cluster_address``).
     tasks:
@@ -132,13 +134,13 @@ def make_client(
     Raises :class:`CsptInputError` naming the key for bad settings, and :class:`CsptRunError` (with the job's log
     path on SLURM) when a worker dies while running a task.
     """
-    params = params if isinstance(params, PypParameters) else PypParameters(dict(params), strict=False)
-    workers = _check_count(params["workers"] if workers is None else workers, "workers", 0)
+    settings = Settings.parse(settings)
+    workers = _check_count(settings.cluster.workers if workers is None else workers, "workers", 0)
     tasks = None if tasks is None else _check_count(tasks, "tasks", 1)
     if scheduler_address is not None:
         _check_address(scheduler_address, "scheduler_address")
-    backend = "address" if scheduler_address is not None else params["cluster_backend"]
-    with _start(backend, params, workers, tasks, scheduler_address, project_dir, dashboard) as (client, job_of):
+    backend = "address" if scheduler_address is not None else settings.cluster.cluster_backend
+    with _start(backend, settings, workers, tasks, scheduler_address, project_dir, dashboard) as (client, job_of):
         try:
             yield client
         except KilledWorker as exc:
@@ -172,7 +174,7 @@ JobLookup = Callable[[str], tuple[str, Path] | None]
 
 
 @contextmanager
-def _start(backend: str, params: PypParameters, workers: int, tasks: int | None, scheduler_address: str | None,
+def _start(backend: str, settings: Settings, workers: int, tasks: int | None, scheduler_address: str | None,
            project_dir: str | os.PathLike[str] | None, dashboard: bool) -> Iterator[tuple[Client, JobLookup]]:
     if backend == "local":
         n = _worker_count(workers, len(os.sched_getaffinity(0)), tasks)
@@ -182,7 +184,7 @@ def _start(backend: str, params: PypParameters, workers: int, tasks: int | None,
         with cluster, Client(cluster) as client:
             yield client, _no_job
     elif backend == "address":
-        address = scheduler_address or _check_address(params["cluster_address"], "cluster_address")
+        address = scheduler_address or _check_address(settings.cluster.cluster_address, "cluster_address")
         try:
             client = Client(address, timeout=_CONNECT_TIMEOUT_S)
         except OSError as exc:
@@ -192,9 +194,9 @@ def _start(backend: str, params: PypParameters, workers: int, tasks: int | None,
         with client:
             yield client, _no_job
     elif backend == "slurm":
-        with _slurm_client(params, workers, tasks, _log_dir(params, project_dir), dashboard) as started:
+        with _slurm_client(settings, workers, tasks, _log_dir(settings, project_dir), dashboard) as started:
             yield started
-    else:  # PypParameters only lets the three choices through; a plain dict could carry anything else
+    else:  # Settings only let the three choices through; kept as the last line of defence
         raise CsptInputError(f"is {backend!r}", field="cluster_backend", expected="'local', 'address' or 'slurm'")
 
 
@@ -219,18 +221,18 @@ def _local_start_method() -> str:
     return "forkserver"
 
 
-def _log_dir(params: PypParameters, project_dir: str | os.PathLike[str] | None) -> Path:
+def _log_dir(settings: Settings, project_dir: str | os.PathLike[str] | None) -> Path:
     if project_dir is not None:
         root = Path(project_dir)
-    elif params.source is not None:
-        root = Path(params.source).parent
+    elif settings.source is not None:
+        root = Path(settings.source).parent
     else:
         root = Path.cwd()
     return (root / "log").resolve()
 
 
 @contextmanager
-def _slurm_client(params: PypParameters, workers: int, tasks: int | None, log_dir: Path,
+def _slurm_client(settings: Settings, workers: int, tasks: int | None, log_dir: Path,
                   dashboard: bool) -> Iterator[tuple[Client, JobLookup]]:
     from dask_jobqueue import SLURMCluster
 
@@ -238,20 +240,21 @@ def _slurm_client(params: PypParameters, workers: int, tasks: int | None, log_di
         raise CsptInputError("is 'slurm' but sbatch is not on PATH", field="cluster_backend",
                              expected="a machine that can submit SLURM jobs, or 'local' / 'address'")
     n_jobs = _worker_count(workers, tasks or 1, tasks)
-    cores = params["slurm_tasks"]
-    name = f"{JOB_NAME}-{params['data_set']}" if params["data_set"] else JOB_NAME
+    cluster_settings, data_set = settings.cluster, settings.data.data_set
+    cores = cluster_settings.slurm_tasks
+    name = f"{JOB_NAME}-{data_set}" if data_set else JOB_NAME
     log_dir.mkdir(parents=True, exist_ok=True)
     # allowed-failures 0: a task whose job dies fails at once (KilledWorker -> CsptRunError with the job's log)
     # instead of being retried on the next job, which would hide why the job died.
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         cluster = SLURMCluster(
-            queue=params["slurm_queue"] or None,
-            account=params["slurm_account"] or None,
-            walltime=params["slurm_walltime"],
+            queue=cluster_settings.slurm_queue or None,
+            account=cluster_settings.slurm_account or None,
+            walltime=cluster_settings.slurm_walltime,
             cores=cores,
             processes=cores,
-            memory=f"{params['slurm_memory']}GiB",
-            job_extra_directives=slurm_job_extra(params),
+            memory=f"{cluster_settings.slurm_memory}GiB",
+            job_extra_directives=slurm_job_extra(settings),
             log_directory=str(log_dir),
             job_name=name,
             python=sys.executable,

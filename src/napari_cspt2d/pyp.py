@@ -31,7 +31,8 @@ from .io import mrc
 from .io.metadata import PYP_THICKNESS_PX, read_metadata, write_metadata
 from .io.pyp_parameters import ExtendedParameters, Parameters
 from .io.toml import CONFIG_NAME, load_params, save_params
-from .model.params import PypParameters, as_parameters, check_cspt_mode, check_name
+from .model.params import PypParameters, as_parameters, check_name
+from .model.settings import Settings
 from .model.tracks import TiltTable, TrackSet
 from .recon.project import ProjectPaths, load_project, split_regions, tracks_with_metadata
 from .run_lock import one_run_per_project
@@ -242,15 +243,15 @@ def prepare_particle_cspt(
     when the parameters are not in 2D tilt-series CSPT mode (``csp_no_3d_points``, "tomo", ``csp_frame_refinement``)."""
     check_name(name, "name")
     root = _project_root(project_dir)
-    params = as_parameters(parameters, strict=False)
+    settings = Settings.parse(parameters)
     metadata = read_metadata(root / f"{name}.pkl")
-    check_cspt_mode(params)
+    settings.check_cspt_mode()
     if not isinstance(alignment_parameters, Parameters):
         raise CsptInputError(f"is a {type(alignment_parameters).__name__}", field="alignment_parameters",
                              expected="Parameters.from_file(parameter_file)")
-    tracks = tracks_with_metadata(alignment_parameters, root / f"{name}.pkl", metadata, params)
+    tracks = tracks_with_metadata(alignment_parameters, root / f"{name}.pkl", metadata, settings)
     regions = sort_particles_regions(np.unique(tracks.particle), per_particle=True)
-    split = split_regions(tracks, regions, parameter_file, params, root / "frealign" / "scratch")
+    split = split_regions(tracks, regions, parameter_file, settings, root / "frealign" / "scratch")
     return [(str(path), ids, tilt_ids) for path, ids, tilt_ids in split]
 
 
@@ -276,8 +277,8 @@ def csp_split(
     ``timings``."""
     from .recon.pipeline import run_cspt
 
-    run = run_cspt(parameters, project_dir=project_dir, first_iteration=iteration, client=client, serial=serial,
-                   workers=workers, tilt_unit=tilt_unit, progress=progress, cancel=cancel)
+    run = run_cspt(Settings.parse(parameters), project_dir=project_dir, first_iteration=iteration, client=client,
+                   serial=serial, workers=workers, tilt_unit=tilt_unit, progress=progress, cancel=cancel)
     return run.outputs()
 
 
@@ -309,25 +310,25 @@ def run_reconstruction(
     parameter file is generated: <reason>" (wrong mode, or nothing to reconstruct)."""
     from .io.atomic import atomic_open
     from .recon.extract import write_particle_stack
-    from .recon.pipeline import reconstruction_options
+    from .recon.arguments import reconstruction_options
     from .recon.reconstruct import reconstruct_tracks
 
     check_name(name, "name")
     if int(ref) != 1:
         raise CsptInputError(f"is {ref}", field="ref", expected="1 (2D tilt-series CSPT has one class)")
     root = _project_root(project_dir)
-    params = as_parameters(mp, strict=False)
+    settings = Settings.parse(mp)
     meta_path = root / f"{name}.pkl"
     metadata = read_metadata(meta_path)
-    check_cspt_mode(params)
+    settings.check_cspt_mode()
     paths = ProjectPaths(root, name)
     candidates = [paths.parameters(name, it) for it in range(int(iteration), 0, -1)]
     source = next((p for p in candidates if p.is_file()), candidates[-1])
-    tracks = tracks_with_metadata(Parameters.from_file(source), meta_path, metadata, params)
+    tracks = tracks_with_metadata(Parameters.from_file(source), meta_path, metadata, settings)
     stack, _ = mrc.open_stack(paths.stack(name))
     stem = f"{name}_r01_{int(iteration):02d}"
     log_path = paths.logs / f"{stem}_reconstruct.log"
-    opts = reconstruction_options(params)
+    opts = reconstruction_options(settings)
     try:
         result = reconstruct_tracks(stack, tracks, **opts, progress=progress, cancel=cancel)
     except CsptInputError as exc:
@@ -337,7 +338,7 @@ def run_reconstruction(
     outputs.update(half_maps=written[1:3], fsc_table=written[3], fsc_plot=written[4])
     parameters_out = paths.parameters(name, int(iteration))
     if source != parameters_out:
-        Parameters.from_trackset(tracks, params).write(parameters_out)
+        Parameters.from_trackset(tracks, settings).write(parameters_out)
     outputs["parameters"] = parameters_out
     if save_stacks:
         particles = paths.scratch / f"{stem}_particles.mrcs"

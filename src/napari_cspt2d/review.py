@@ -25,11 +25,13 @@ from numpy.typing import ArrayLike, NDArray
 from .errors import CsptInputError
 from .model.editing import TrackDocument
 from .model.params import PypParameters, refine_rhref_for
+from .model.settings import Settings
 from .model.tracks import TrackSet
 from . import geometry
 from .recon import ctf
 from .recon.backproject import project_volume
 from .recon.extract import extract_particles
+from .recon.arguments import imaging as imaging_of
 from .recon.refine import Imaging
 
 __all__ = [
@@ -268,7 +270,7 @@ def gallery_images(stack, review: ShiftReview, particle: int, volume: NDArray[np
     rows = review.rows_of_particle(particle)
     if rows.size == 0:
         raise CsptInputError(f"particle {particle} was not refined", field="particle", expected="a refined particle")
-    imaging = Imaging.from_params(params)
+    imaging = imaging_of(Settings.parse(params))
     n = imaging.box
     if np.shape(volume) != (n, n, n):
         raise CsptInputError(f"has shape {np.shape(volume)}", field="map", expected=f"({n}, {n}, {n})")

@@ -37,9 +37,11 @@ from .io.mrc import read_image
 from .io.toml import CONFIG_NAME, save_params
 from .model.editing import TrackDocument
 from .model.params import PypParameters
+from .model.settings import Settings
 from .model.tracks import TrackSet
 from .recon.fsc import fsc_curve
-from .recon.pipeline import reconstruction_options, run_cspt
+from .recon.arguments import reconstruction_options
+from .recon.pipeline import run_cspt
 from .recon.project import ProjectPaths, data_set_name, tilt_series_names
 from .recon.reconstruct import ReconstructionResult, reconstruct_tracks
 from .recon.trackfit import fit_tracks
@@ -178,7 +180,7 @@ def _run_job(s: Session, mode: RunMode, progress: ProgressFn, cancel: Callable[[
         remove_stale_temp_files(paths.root)  # what interrupted writes left (the refinement's run_cspt does the same)
         written += [save_params(p, paths.root / CONFIG_NAME)]
         written += [Path(f) for f in pyp.create_cistem_from_2d_tracks(names[0], s.tracks, p, paths.maps)]
-    result = reconstruct_tracks(s.stack, s.tracks, **reconstruction_options(p), batch_size=BATCH_SIZE,
+    result = reconstruct_tracks(s.stack, s.tracks, **reconstruction_options(Settings.parse(p)), batch_size=BATCH_SIZE,
                                 progress=stage_progress(1), cancel=cancel)
     if paths is not None:
         written += result.write(paths.map(1))
@@ -214,7 +216,7 @@ def preview_bin(params: PypParameters, *, min_box: int = 24) -> int:
 def preview_reconstruction(s: Session, cancel: Callable[[], bool]) -> ReconstructionResult:
     """The live preview: :func:`reconstruct_tracks` of the session's tracks at :func:`preview_bin`, no refinement,
     nothing written."""
-    kwargs = reconstruction_options(s.params) | {"extract_bin": preview_bin(s.params)}
+    kwargs = reconstruction_options(Settings.parse(s.params)) | {"extract_bin": preview_bin(s.params)}
     return reconstruct_tracks(s.stack, s.tracks, **kwargs, batch_size=BATCH_SIZE, cancel=cancel)
 
 

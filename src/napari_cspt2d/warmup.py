@@ -16,18 +16,18 @@ __all__ = ["warm_kernels"]
 def warm_kernels() -> None:
     """Reconstruct and refine a tiny synthetic tilt series (2 particles × 3 tilts, box 16) through the public
     functions a run calls, so that every kernel is compiled (or loaded from numba's cache) with a run's types."""
-    from .model.params import PypParameters
+    from .model.settings import Settings
+    from .recon import arguments
     from .recon.backproject import Projector
-    from .recon.pipeline import reconstruction_options
     from .recon.reconstruct import reconstruct_tracks
-    from .recon.refine import Imaging, RefineOptions, refine_tracks
+    from .recon.refine import RefineOptions, refine_tracks
     from .sample import make_sample
 
     sample = make_sample(n_particles=2, n_tilts=3, shape_yx=(64, 64), box=16, thickness_px=4.0, snr=10.0)
-    params = PypParameters(sample.params)
-    result = reconstruct_tracks(sample.stack, sample.tracks, **reconstruction_options(params))
+    settings = Settings.parse(sample.params)
+    result = reconstruct_tracks(sample.stack, sample.tracks, **arguments.reconstruction_options(settings))
     refine_tracks(sample.stack, sample.tracks, Projector(result.map), RefineOptions(resolution_A=20.0),
-                  Imaging.from_params(params))
+                  arguments.imaging(settings))
 
 
 if __name__ == "__main__":  # pragma: no cover - run by the cockpit in a child process

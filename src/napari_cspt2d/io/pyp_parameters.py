@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ..errors import CsptInputError
-from ..model.params import as_parameters
+from ..model.settings import Settings
 from ..model.tracks import TiltTable, TrackSet
 from . import cistem
 from .metadata import PYP_THICKNESS_PX, pyp_tomogram_px
@@ -33,15 +33,17 @@ class ExtendedParameters:
     tilts: cistem.CistemTable
 
 
-def cistem_geometry(params: Mapping[str, Any], image_shape_yx: tuple[int, int] | None) -> dict[str, Any]:
-    """How pyp's box positions are written and read for ``params``: ``extract_bin`` (it scales the sub-pixel
-    shifts' Å) and ``tomogram_px``, the unbinned reconstruction pyp's 3D positions are absolute in (the image, the
-    thickness ``tomo_rec_thickness`` (pyp's default 2048) and ``tomo_rec_binning``, as ``{name}.pkl`` records it)."""
-    geometry: dict[str, Any] = {"extract_bin": int(params["extract_bin"])}
+def cistem_geometry(parameters: Settings | Mapping[str, Any], image_shape_yx: tuple[int, int] | None
+                    ) -> dict[str, Any]:
+    """How pyp's box positions are written and read for ``parameters`` (:class:`Settings`, or pyp keys parsed by
+    :meth:`Settings.parse`): ``extract_bin`` (it scales the sub-pixel shifts' Å) and ``tomogram_px``, the unbinned
+    reconstruction pyp's 3D positions are absolute in (the image, the thickness ``tomo_rec_thickness`` (pyp's
+    default 2048) and ``tomo_rec_binning``, as ``{name}.pkl`` records it)."""
+    settings = Settings.parse(parameters)
+    geometry: dict[str, Any] = {"extract_bin": settings.extraction.extract_bin}
     if image_shape_yx is not None:
-        geometry["tomogram_px"] = pyp_tomogram_px(image_shape_yx, int(params.get("tomo_rec_thickness",
-                                                                                  PYP_THICKNESS_PX)),
-                                                  float(params["tomo_rec_binning"]))
+        thickness_px = int(settings.pyp_value("tomo_rec_thickness", PYP_THICKNESS_PX))
+        geometry["tomogram_px"] = pyp_tomogram_px(image_shape_yx, thickness_px, settings.data.tomo_rec_binning)
     return geometry
 
 
@@ -93,16 +95,18 @@ class Parameters:
         return cls(main, ExtendedParameters(particles, tilts), path=path)
 
     @classmethod
-    def from_trackset(cls, tracks: TrackSet, parameters: Mapping[str, Any], *,
+    def from_trackset(cls, tracks: TrackSet, parameters: Settings | Mapping[str, Any], *,
                       tilt_shift_px: ArrayLike | None = None) -> Parameters:
         """Parameter tables for ``tracks`` (pixel size, voltage, Cs, amplitude contrast, ``extract_bin`` and the
-        reconstruction's size from ``parameters``, :func:`cistem_geometry`; ``tilt_shift_px`` (T, 2) the refined
-        per-tilt shifts; column meanings in :mod:`napari_cspt2d.io.cistem`)."""
-        params = as_parameters(parameters, strict=False)
-        geometry = cistem_geometry(params, tracks.image_shape_yx)
+        reconstruction's size from ``parameters``: :class:`Settings`, or pyp keys parsed by :meth:`Settings.parse`;
+        :func:`cistem_geometry`; ``tilt_shift_px`` (T, 2) the refined per-tilt shifts; column meanings in
+        :mod:`napari_cspt2d.io.cistem`)."""
+        settings = Settings.parse(parameters)
+        optics = settings.data
+        geometry = cistem_geometry(settings, tracks.image_shape_yx)
         main, particles, tilts = cistem.tables_from_tracks(
-            tracks, pixel_A=params.stack_pixel_A, voltage_kV=params["scope_voltage"], cs_mm=params["scope_cs"],
-            amp_contrast=params["scope_wgh"], tilt_shift_px=tilt_shift_px, **geometry)
+            tracks, pixel_A=settings.stack_pixel_A, voltage_kV=optics.scope_voltage, cs_mm=optics.scope_cs,
+            amp_contrast=optics.scope_wgh, tilt_shift_px=tilt_shift_px, **geometry)
         return cls(main, ExtendedParameters(particles, tilts), geometry=geometry)
 
     # ---------------------------------------------------------------- access
@@ -127,7 +131,7 @@ class Parameters:
         return int(self.main["FIND"].max()) + 1 if len(self) and "FIND" in self.main else (1 if len(self) else 0)
 
     def to_trackset(self, image_shape_yx: tuple[int, int] | None = None, *, tilts: TiltTable | None = None,
-                    dose_per_tilt: float = 0.0, parameters: Mapping[str, Any] | None = None,
+                    dose_per_tilt: float = 0.0, parameters: Settings | Mapping[str, Any] | None = None,
                     tomogram_px: Sequence[float] | None = None) -> TrackSet:
         """The projections as a :class:`TrackSet` (needs the extended file); see
         :func:`napari_cspt2d.io.cistem.tracks_from_tables` for how tilts are rebuilt when ``tilts`` is not given.
@@ -139,7 +143,7 @@ class Parameters:
                                  expected="the particles and tilts of the tracks")
         geometry = dict(self.geometry)
         if parameters is not None and image_shape_yx is not None:
-            geometry = cistem_geometry(as_parameters(parameters, strict=False), image_shape_yx)
+            geometry = cistem_geometry(parameters, image_shape_yx)
         if tomogram_px is not None:
             geometry["tomogram_px"] = tomogram_px
         return cistem.tracks_from_tables(self.main, self.extended.particles, self.extended.tilts, path=self.path,

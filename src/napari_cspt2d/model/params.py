@@ -560,10 +560,10 @@ def as_parameters(parameters: Mapping[str, Any], *, strict: bool) -> PypParamete
     return PypParameters(parameters, strict=strict)
 
 
-def check_cspt_mode(params: Mapping[str, Any]) -> None:
+def check_cspt_mode(params: Mapping[str, Any], source: str | None = None) -> None:
     """Raise ONE :class:`CsptInputError` "No output parameter file is generated: ..." listing every condition of
     2D tilt-series CSPT that ``params`` fails: ``csp_no_3d_points`` true, ``data_mode`` containing "tomo",
-    ``csp_frame_refinement`` true."""
+    ``csp_frame_refinement`` true. ``source`` (default: ``params.source``, if any) is the file they came from."""
     failures = []
     if params.get("csp_no_3d_points") is not True:
         failures.append(f"csp_no_3d_points is {params.get('csp_no_3d_points')!r} (must be true)")
@@ -573,7 +573,7 @@ def check_cspt_mode(params: Mapping[str, Any]) -> None:
     if params.get("csp_frame_refinement") is not True:
         failures.append(f"csp_frame_refinement is {params.get('csp_frame_refinement')!r} (must be true)")
     if failures:
-        source = getattr(params, "source", None)
+        source = source or getattr(params, "source", None)
         exc = CsptInputError("No output parameter file is generated: " + "; ".join(failures)
                              + (f" (parameters from {source})" if source else ""))
         # file and field set after construction, so that the message keeps the seed's wording at its start

@@ -66,9 +66,7 @@ per-frame refinement without regularisation does. Any of ``csp_refine_micrograph
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 import scipy.ndimage
@@ -125,27 +123,6 @@ class CspModes:
                 raise CsptInputError(f"is {value!r}", field=name, expected="a finite number >= 0")
         if isinstance(self.time_sigma, bool) or not isinstance(self.time_sigma, int) or self.time_sigma < 0:
             raise CsptInputError(f"is {self.time_sigma!r}", field="csp_time_sigma", expected="an integer >= 0")
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> CspModes:
-        """From pyp's ``csp_*`` keys (missing keys: pyp's defaults, except ``csp_frame_refinement``: on)."""
-        defaults = cls()
-        get = params.get
-        return cls(
-            refine_micrographs=bool(get("csp_refine_micrographs", False)),
-            refine_particles=bool(get("csp_refine_particles", False)),
-            frame_refinement=bool(get("csp_frame_refinement", True)),
-            transreg=bool(get("csp_transreg", False)),
-            spatial_sigma_px=float(get("csp_spatial_sigma", defaults.spatial_sigma_px)),
-            time_sigma=int(get("csp_time_sigma", defaults.time_sigma)),
-            tilt_angle_deg=float(get("csp_ToleranceMicrographTiltAngles", defaults.tilt_angle_deg)),
-            tilt_axis_deg=float(get("csp_ToleranceMicrographTiltAxisAngles", defaults.tilt_axis_deg)),
-            tilt_shift_A=float(get("csp_ToleranceMicrographShifts", defaults.tilt_shift_A)),
-            particle_shift_A=float(get("csp_ToleranceParticlesShifts", defaults.particle_shift_A)),
-            particle_phi_deg=float(get("csp_ToleranceParticlesPhi", defaults.particle_phi_deg)),
-            particle_psi_deg=float(get("csp_ToleranceParticlesPsi", defaults.particle_psi_deg)),
-            particle_theta_deg=float(get("csp_ToleranceParticlesTheta", defaults.particle_theta_deg)),
-        )
 
     @property
     def constrained(self) -> bool:

@@ -25,32 +25,34 @@ from numpy.typing import NDArray
 
 from ..io import cistem
 from ..io.pyp_parameters import Parameters
-from ..model.params import PypParameters
+from ..model.settings import Settings
 from ..model.tracks import TrackSet
-from .constrained import CspModes, CspState, constrained_round, start_constrained
+from .arguments import csp_modes
+from .constrained import CspState, constrained_round, start_constrained
 from .heights import fit_heights, has_heights, with_fitted_heights
 from .jobs import pair_key
 from .refine import RefineOptions
 
-__all__ = ["prepare", "refine_options", "place", "tilt_shifts"]
+__all__ = ["prepare", "place", "tilt_shifts"]
 
 
-def prepare(picks: MutableMapping[str, TrackSet], current: MutableMapping[str, TrackSet], params: PypParameters,
+def prepare(picks: MutableMapping[str, TrackSet], current: MutableMapping[str, TrackSet], settings: Settings,
             resumed_from: Mapping[str, str | os.PathLike[str]]) -> dict[str, CspState]:
     """Put the fitted points into ``picks`` and ``current`` (per tilt series, in place; every projection keeps its
     position) and return the constrained state of each series (empty in free mode). ``resumed_from``: the
     parameter file each resumed series' ``current`` was read from (the other series start from their picks)."""
-    modes = CspModes.from_params(params)
+    modes = csp_modes(settings)
     states: dict[str, CspState] = {}
     for name, tracks in picks.items():
         if modes.constrained:
             picks[name], states[name] = start_constrained(tracks)
             if name in resumed_from:
-                states[name] = _resumed(current[name], states[name], resumed_from[name], params.stack_pixel_A)
+                states[name] = _resumed(current[name], states[name], resumed_from[name], settings.stack_pixel_A)
             else:
                 current[name] = picks[name]
-        elif params["fitted_heights_ctf"] and not has_heights(tracks):
-            fit = fit_heights(tracks, pixel_A=params.stack_pixel_A, max_error_A=params["fitted_heights_max_error_A"])
+        elif settings.refinement.fitted_heights_ctf and not has_heights(tracks):
+            fit = fit_heights(tracks, pixel_A=settings.stack_pixel_A,
+                              max_error_A=settings.refinement.fitted_heights_max_error_A)
             picks[name] = with_fitted_heights(tracks, fit)
             if name not in resumed_from:
                 current[name] = picks[name]
@@ -66,20 +68,13 @@ def _resumed(tracks: TrackSet, state: CspState, path: str | os.PathLike[str], pi
                                            shift_px=cistem.tilt_shifts_px(tilts, tracks.tilts.order, pixel_A)))
 
 
-def refine_options(options: RefineOptions, params: PypParameters) -> RefineOptions:
-    """The iteration's refinement options under the CSP modes: with ``csp_refine_particles`` the orientation search
-    stays within the particle tolerances (:attr:`CspModes.angle_range_deg`)."""
-    modes = CspModes.from_params(params)
-    return replace(options, angle_range_deg=modes.angle_range_deg) if modes.refine_particles else options
-
-
-def place(merged: TrackSet, state: CspState, picks: TrackSet, options: RefineOptions, params: PypParameters
+def place(merged: TrackSet, state: CspState, picks: TrackSet, options: RefineOptions, settings: Settings
           ) -> tuple[TrackSet, CspState]:
     """The merged measurements of one tilt series placed by the constrained model (:func:`constrained_round`):
     the picks anchor the particles, the measurements in the refinement tilt range with occupancy > 0 count."""
     rows = _rows_of(picks, merged)
     use = options.tilts.mask(merged.tilts)[merged.tilt_rows()] & (merged.occupancy > 0)
-    placed, state, _ = constrained_round(merged, state, CspModes.from_params(params), pixel_A=params.stack_pixel_A,
+    placed, state, _ = constrained_round(merged, state, csp_modes(settings), pixel_A=settings.stack_pixel_A,
                                          picks_px=picks.positions_px()[rows], use=use)
     return placed, state
 

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..model.params import PypParameters
+from ..model.settings import Settings
 from . import refine
 from .jobs import BundleJob, InsertJob, take_inserted_grids
 from .reconstruct import InsertedGrids
@@ -145,7 +145,7 @@ class EarlyClose:
 
 
 @contextlib.contextmanager
-def run_client(client: Any, serial: bool, params: PypParameters, workers: int | None, n_jobs: int,
+def run_client(client: Any, serial: bool, settings: Settings, workers: int | None, n_jobs: int,
                root: Path) -> Iterator[tuple[Any, Callable[[], None]]]:
     """``(client, release)``: the dask client to use (None: run in this process) and the function that closes a
     cluster started here early (:class:`EarlyClose`); it is closed on exit at the latest."""
@@ -157,7 +157,7 @@ def run_client(client: Any, serial: bool, params: PypParameters, workers: int | 
     from ..cluster import make_client
 
     with dask.config.set(QUIET_WORKERS):
-        context = make_client(params, workers=workers, tasks=max(1, n_jobs), project_dir=root, dashboard=False)
+        context = make_client(settings, workers=workers, tasks=max(1, n_jobs), project_dir=root, dashboard=False)
         started = context.__enter__()
         closer = EarlyClose(context, started)
         try:

@@ -36,7 +36,7 @@ from numpy.typing import NDArray
 from ..errors import CsptInputError
 from ..io.atomic import atomic_open
 from ..io.mrc import open_stack, read_image
-from ..model.params import PypParameters
+from ..model.settings import Settings
 from ..model.tracks import ParticleTable, TrackSet
 from . import refine
 from .project import ProjectPaths, Series, file_digest, particle_rows, split_regions
@@ -48,11 +48,11 @@ __all__ = [
 ]
 
 
-def bundle_ids(particle_ids: NDArray[np.int64], params: PypParameters) -> list[NDArray[np.int64]]:
-    """``particle_ids`` in bundles of ``slurm_bundle_size`` (:func:`napari_cspt2d.cluster.bundle`)."""
+def bundle_ids(particle_ids: NDArray[np.int64], bundle_size: int) -> list[NDArray[np.int64]]:
+    """``particle_ids`` in bundles of ``bundle_size`` (``slurm_bundle_size``, :func:`napari_cspt2d.cluster.bundle`)."""
     from ..cluster import bundle
 
-    return [np.asarray(b, dtype=np.int64) for b in bundle(particle_ids.tolist(), int(params["slurm_bundle_size"]))]
+    return [np.asarray(b, dtype=np.int64) for b in bundle(particle_ids.tolist(), bundle_size)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,7 +99,7 @@ class _TracksJob:
 class BundleJob(_TracksJob):
     """Everything one bundle job needs (picklable, no open files): the ``tracks`` of its particles as the
     iteration's input parameter file ``source`` holds them, where and how to write their per-particle split files
-    (``split_dir``, ``params``; regions numbered from ``first_region``), the tilt series' ``stack``, the reference
+    (``split_dir``, ``settings``; regions numbered from ``first_region``), the tilt series' ``stack``, the reference
     map(s) (and a digest of their content), the particles' picks (``origin_keys`` = particle id × 2³² + tilt id,
     ``origin_px`` positions), whether to refine each particle against its half map (``gold_standard``) and the
     ``share`` of the iteration's map it inserts its refined projections into (unless ``insert`` is False: the
@@ -113,7 +113,7 @@ class BundleJob(_TracksJob):
     source: str
     first_region: int
     split_dir: str
-    params: PypParameters
+    settings: Settings
     stack: str
     references: tuple[str, ...]
     reference_digest: str
@@ -169,8 +169,8 @@ def _fingerprint(job_fields: Sequence[Any], reference_digest: str) -> str:
 
 
 def bundle_jobs(paths: ProjectPaths, iteration: int, series: Sequence[Series], picks: Mapping[str, TrackSet],
-                current: Mapping[str, TrackSet], params: PypParameters, options: refine.RefineOptions,
-                imaging: refine.Imaging, settings: ReconstructionSettings, references: Sequence[Path], key: str,
+                current: Mapping[str, TrackSet], settings: Settings, options: refine.RefineOptions,
+                imaging: refine.Imaging, map_settings: ReconstructionSettings, references: Sequence[Path], key: str,
                 gold_standard: bool, insert: bool = True) -> list[BundleJob]:
     """The bundle jobs of ``iteration``: the ``current`` tracks of every tilt series (its parameters of iteration
     ``iteration − 1``) in bundles of ``slurm_bundle_size`` particles, refined against ``references`` (the map, or
@@ -182,12 +182,12 @@ def bundle_jobs(paths: ProjectPaths, iteration: int, series: Sequence[Series], p
         tracks = current[s.name]
         pick_keys = pair_key(picks[s.name].particle, picks[s.name].tilt)
         pick_pos = picks[s.name].positions_px()
-        share = map_share(key, settings, tracks)
+        share = map_share(key, map_settings, tracks)
         stat = os.stat(s.stack)
         stack_id = (str(s.stack), stat.st_size, stat.st_mtime_ns)
         pick_rows, rows_of = particle_rows(picks[s.name]), particle_rows(tracks)
         first_region = 0
-        for k, ids in enumerate(bundle_ids(np.unique(tracks.particle), params)):
+        for k, ids in enumerate(bundle_ids(np.unique(tracks.particle), settings.cluster.slurm_bundle_size)):
             own_tracks, rows = tracks.select(rows_of(ids)), pick_rows(ids)
             result, log = paths.bundle(s.name, iteration, k)
             own = share.subset(ids)
@@ -195,7 +195,7 @@ def bundle_jobs(paths: ProjectPaths, iteration: int, series: Sequence[Series], p
             fields = (options, imaging, [str(r) for r in references], pick_keys[rows], pick_pos[rows], *half_args,
                       *stack_id, *_track_arrays(own_tracks))
             jobs.append(BundleJob(s.name, iteration, k, own_tracks, str(paths.parameters(s.name, iteration - 1)),
-                                  first_region, str(paths.scratch), params, str(s.stack),
+                                  first_region, str(paths.scratch), settings, str(s.stack),
                                   tuple(str(r) for r in references), ref_digest, options, imaging, pick_keys[rows],
                                   pick_pos[rows], gold_standard, own, fingerprint=_fingerprint(fields, ref_digest),
                                   result=str(result), log=str(log), insert=insert))
@@ -203,16 +203,16 @@ def bundle_jobs(paths: ProjectPaths, iteration: int, series: Sequence[Series], p
     return jobs
 
 
-def insert_jobs(series: Sequence[Series], tracks: Mapping[str, TrackSet], params: PypParameters,
-                settings: ReconstructionSettings, key: str) -> list[InsertJob]:
-    """Insertion-only jobs of ``slurm_bundle_size`` particles of the ``tracks`` of every tilt series into the grids
-    of map ``key`` (the initial map's jobs)."""
+def insert_jobs(series: Sequence[Series], tracks: Mapping[str, TrackSet], bundle_size: int,
+                map_settings: ReconstructionSettings, key: str) -> list[InsertJob]:
+    """Insertion-only jobs of ``bundle_size`` particles of the ``tracks`` of every tilt series into the grids of map
+    ``key`` (the initial map's jobs)."""
     jobs = []
     for s in series:
         t = tracks[s.name].sorted()
-        share = map_share(key, settings, t)
+        share = map_share(key, map_settings, t)
         rows_of = particle_rows(t)
-        for k, ids in enumerate(bundle_ids(np.unique(t.particle), params)):
+        for k, ids in enumerate(bundle_ids(np.unique(t.particle), bundle_size)):
             jobs.append(InsertJob(s.name, k, str(s.stack), t.select(rows_of(ids)), share.subset(ids)))
     return jobs
 
@@ -346,7 +346,7 @@ def run_bundle(job: BundleJob) -> dict[str, Any]:
                                                           != pair_key(tracks.particle, tracks.tilt)):
             raise CsptInputError("has projections that are not in the input parameters", file=job.source,
                                  field="PIND/IMIND", expected="the projections of the input tracks")
-        split_regions(tracks, [[i] for i in tracks.particles.id], job.source, job.params,
+        split_regions(tracks, [[i] for i in tracks.particles.id], job.source, job.settings,
                       job.split_dir, first_index=job.first_region)
         stack, _ = open_stack(job.stack)
         refs = _projectors(job.references, job.reference_digest)

@@ -13,7 +13,7 @@ Iterations
     ``refine_iter`` .. ``refine_maxiter`` refine against the previous iteration's map. Iteration ``i``:
 
     1. bundle the particles of every tilt series' parameters of iteration ``i − 1``, ``slurm_bundle_size``
-       particles per job (:func:`jobs.bundle_jobs`, with :meth:`RefineOptions.from_params` of iteration ``i``);
+       particles per job (:func:`jobs.bundle_jobs`, with :func:`arguments.refine_options` of iteration ``i``);
     2. run the jobs on dask (:func:`jobs.run_bundle`): each writes its particles' split files, refines them and
        inserts them into its process's half-map grids;
     3. merge the bundles into ``frealign/maps/{name}_r01_{i:02d}.cistem`` (+ ``_extended.cistem``) per tilt series;
@@ -66,10 +66,10 @@ from ..errors import CsptInputError, CsptRunError
 from ..io.atomic import remove_stale_temp_files
 from ..io.mrc import open_stack
 from ..io.pyp_parameters import Parameters
-from ..model.params import PypParameters, as_parameters, check_cspt_mode
+from ..model.settings import Settings
 from ..model.tracks import TrackSet
 from ..run_lock import one_run_per_project
-from . import csp_run, refine
+from . import arguments, csp_run, refine
 from .constrained import CspState
 from .executor import Background, Executor, run_client
 from .jobs import BundleJob, InsertJob, bundle_ids, bundle_jobs, insert_jobs, merge_results, run_bundle, run_insert
@@ -78,46 +78,33 @@ from .project import (PENDING, ProjectPaths, Series, data_set_name, initial_map_
                       writing_marker)
 from .reconstruct import HalfMapInsertion, InsertedGrids, ReconstructionResult, ReconstructionSettings
 
-__all__ = ["CONVERGED_SHIFT_PX", "CONVERGED_ANGLE_DEG", "CsptRun", "run_cspt", "plan_cspt", "reconstruction_options"]
+__all__ = ["CONVERGED_SHIFT_PX", "CONVERGED_ANGLE_DEG", "CsptRun", "run_cspt", "plan_cspt"]
 
 #: Convergence: RMS change of the projection positions (unbinned px) below this ...
 CONVERGED_SHIFT_PX = 0.1
-
-
 #: ... and median change of the particle orientations (°) below this.
 CONVERGED_ANGLE_DEG = 0.25
-
 
 Progress = Callable[[str, int, int], None]
 
 
-def reconstruction_options(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of :func:`reconstruct.reconstruct_tracks` for a project's parameters (stack pixel, box in
-    tilt-stack px, binning, particle radius, optics, tilt range, dose weighting, symmetry)."""
-    p = as_parameters(params, strict=False)
-    return dict(pixel_A=p.stack_pixel_A, extract_box=p.box_unbinned_px, extract_bin=p["extract_bin"],
-                particle_rad_A=p["particle_rad"], voltage_kV=p["scope_voltage"], cs_mm=p["scope_cs"],
-                amp_contrast=p["scope_wgh"], min_tilt_deg=p["reconstruct_mintilt"],
-                max_tilt_deg=p["reconstruct_maxtilt"], dose_weighting=p["reconstruct_dose_weighting_enable"],
-                symmetry=p["particle_sym"])
-
-
-def _check_project(paths: ProjectPaths, params: PypParameters, first: int, last: int, names: Sequence[str],
+def _check_project(paths: ProjectPaths, settings: Settings, first: int, last: int, names: Sequence[str],
                    tilt_unit: refine.TiltUnit) -> list[Series]:
     """Every check that can fail on the inputs, before any work (module docstring)."""
     from .extract import check_extraction
 
-    check_cspt_mode(params)
+    settings.check_cspt_mode()
     if not names:
         raise CsptInputError("has no tilt series", file=paths.maps, field="frealign/maps",
                              expected="{name}_r01.cistem files with {name}_stack.mrc in the project folder")
-    if not (params["refine_iter"] <= first <= last):
-        raise CsptInputError(f"is {first} with refine_iter {params['refine_iter']} and refine_maxiter {last}",
+    if not (settings.refinement.refine_iter <= first <= last):
+        raise CsptInputError(f"is {first} with refine_iter {settings.refinement.refine_iter} and refine_maxiter "
+                             f"{last}",
                              field="iteration", expected="refine_iter <= iteration <= refine_maxiter")
-    check_extraction(params.box_unbinned_px, params["extract_bin"], params["particle_rad"], params.stack_pixel_A)
-    imaging = refine.Imaging.from_params(params)
-    options = [refine.RefineOptions.from_params(params, it, tilt_unit=tilt_unit) for it in range(first, last + 1)]
-    series = [load_series(paths, name, params) for name in names]
+    extraction = settings.extraction
+    check_extraction(settings.box_unbinned_px, extraction.extract_bin, extraction.particle_rad, settings.stack_pixel_A)
+    options = [arguments.refine_options(settings, it, tilt_unit=tilt_unit) for it in range(first, last + 1)]
+    series = [load_series(paths, name, settings) for name in names]
     for s in series:
         for opt in options:
             if not opt.tilts.mask(s.tracks.tilts).any():
@@ -130,19 +117,19 @@ def _check_project(paths: ProjectPaths, params: PypParameters, first: int, last:
     previous = paths.map(first - 1)
     if first > 2 and not previous.is_file():
         raise CsptInputError("does not exist", file=previous, expected=f"the map of iteration {first - 1}")
-    settings = ReconstructionSettings(**reconstruction_options(params))
-    if previous.is_file() and not initial_map_needed(paths, series, first, settings):
+    if previous.is_file() and not initial_map_needed(paths, series, first,
+                                                     arguments.reconstruction_settings(settings)):
         data, _ = open_stack(previous)
-        if data.shape != (imaging.box,) * 3:
-            raise _map_size_error(previous, data.shape, params, first)
+        if data.shape != (extraction.extract_box,) * 3:
+            raise _map_size_error(previous, data.shape, settings, first)
     return series
 
 
-def _map_size_error(path: Path, shape: tuple[int, ...], params: PypParameters, first: int) -> CsptInputError:
+def _map_size_error(path: Path, shape: tuple[int, ...], settings: Settings, first: int) -> CsptInputError:
     """The map ``path`` that iteration ``first`` refines against has another size than the box: say how to go on."""
     size = "x".join(map(str, shape))
-    box = params["extract_box"]
-    now = f"extract_box = {box} (extract_bin = {params['extract_bin']}) needs a {box}³ map"
+    box = settings.extraction.extract_box
+    now = f"extract_box = {box} (extract_bin = {settings.extraction.extract_bin}) needs a {box}³ map"
     if first > 2:
         how = (f"the box or binning changed after iteration {first - 1}: start again from iteration 2 (cspt2d run "
                "PROJECT --iteration 2, or csp_split(parameters, iteration=2)), which rebuilds iteration 1's map at "
@@ -153,24 +140,24 @@ def _map_size_error(path: Path, shape: tuple[int, ...], params: PypParameters, f
     return CsptInputError(f"is a {size} map, but {now}; {how}", file=path, field="extract_box/extract_bin")
 
 
-def _prepare(parameters: Mapping[str, Any], project_dir: str | os.PathLike[str] | None,
+def _prepare(parameters: Settings | Mapping[str, Any], project_dir: str | os.PathLike[str] | None,
              first_iteration: int | None, last_iteration: int | None, tilt_unit: refine.TiltUnit
-             ) -> tuple[PypParameters, ProjectPaths, int, int, list[str], list[Series]]:
-    """Parameters, paths, iteration range, tilt-series names and loaded series of a run, after every check."""
-    params = as_parameters(parameters, strict=False)
+             ) -> tuple[Settings, ProjectPaths, int, int, list[str], list[Series]]:
+    """Settings, paths, iteration range, tilt-series names and loaded series of a run, after every check."""
+    settings = Settings.parse(parameters)
     root = (Path.cwd() if project_dir is None else Path(project_dir)).resolve()
     names = tilt_series_names(root)
-    paths = ProjectPaths(root, data_set_name(params["data_set"], root, names))
-    first = params["refine_iter"] if first_iteration is None else int(first_iteration)
-    last = params["refine_maxiter"] if last_iteration is None else int(last_iteration)
+    paths = ProjectPaths(root, data_set_name(settings.data.data_set, root, names))
+    first = settings.refinement.refine_iter if first_iteration is None else int(first_iteration)
+    last = settings.refinement.refine_maxiter if last_iteration is None else int(last_iteration)
     while first > 2 and unfinished(paths, names, first - 1):  # an interrupted run left it half-written: redo it
         first -= 1
-    series = _check_project(paths, params, first, last, names, tilt_unit)
-    return params, paths, first, last, names, series
+    series = _check_project(paths, settings, first, last, names, tilt_unit)
+    return settings, paths, first, last, names, series
 
 
 def plan_cspt(
-    parameters: Mapping[str, Any],
+    parameters: Settings | Mapping[str, Any],
     *,
     project_dir: str | os.PathLike[str] | None = None,
     first_iteration: int | None = None,
@@ -179,18 +166,18 @@ def plan_cspt(
 ) -> str:
     """Check a project exactly as :func:`run_cspt` does before any work and describe what it would run (tilt series,
     particles, projections, iterations, bundles, cluster backend), without running anything."""
-    params, paths, first, last, names, series = _prepare(parameters, project_dir, first_iteration, last_iteration,
-                                                          tilt_unit)
+    settings, paths, first, last, names, series = _prepare(parameters, project_dir, first_iteration,
+                                                            last_iteration, tilt_unit)
     lines = [f"project {paths.root} (data set {paths.data_set}): iterations {first}..{last}"]
-    settings = ReconstructionSettings(**reconstruction_options(params))
-    if initial_map_needed(paths, series, first, settings):
+    if initial_map_needed(paths, series, first, arguments.reconstruction_settings(settings)):
         why = "missing" if not paths.map(1).is_file() else "its input parameters, box or binning changed"
         lines.append(f"  iteration 1: {paths.map(1).name} is built first ({why})")
+    cluster = settings.cluster
     for s in series:
-        n_bundles = len(bundle_ids(np.unique(s.tracks.particle), params))
+        n_bundles = len(bundle_ids(np.unique(s.tracks.particle), cluster.slurm_bundle_size))
         lines.append(f"  {s.name}: {s.tracks.n_particles} particles, {s.tracks.n_tilts} tilts, {len(s.tracks)} "
-                     f"projections -> {n_bundles} bundles of <= {params['slurm_bundle_size']} particles")
-    lines.append(f"  cluster: {params['cluster_backend']}, workers {params['workers'] or 'auto'}; outputs "
+                     f"projections -> {n_bundles} bundles of <= {cluster.slurm_bundle_size} particles")
+    lines.append(f"  cluster: {cluster.cluster_backend}, workers {cluster.workers or 'auto'}; outputs "
                  f"{paths.map(first).name} .. {paths.map(last).name} in {paths.maps}")
     return "\n".join(lines)
 
@@ -233,7 +220,7 @@ class _RunLog:
 
 @one_run_per_project("CSPT refinement")
 def run_cspt(
-    parameters: Mapping[str, Any],
+    parameters: Settings | Mapping[str, Any],
     *,
     project_dir: str | os.PathLike[str] | None = None,
     first_iteration: int | None = None,
@@ -252,7 +239,7 @@ def run_cspt(
     Parameters
     ----------
     parameters:
-        The project's pyp parameters (a dict or :class:`PypParameters`; ``.pyp_config.toml``'s content).
+        The project's :class:`Settings` (or a dict or :class:`PypParameters`, parsed once by :meth:`Settings.parse`).
     project_dir:
         The project folder; default the current folder (as the seed's scripts run).
     first_iteration, last_iteration:
@@ -276,11 +263,11 @@ def run_cspt(
     when another run works on the project — and :class:`CsptRunError` naming the failed bundles and the log of the
     first one when jobs fail; rerunning resumes (module docstring)."""
     t0, started = time.perf_counter(), time.time()
-    params, paths, first, last, names, series = _prepare(parameters, project_dir, first_iteration, last_iteration,
-                                                          tilt_unit)
+    settings, paths, first, last, names, series = _prepare(parameters, project_dir, first_iteration,
+                                                            last_iteration, tilt_unit)
     root, data_set = paths.root, paths.data_set
     stale = remove_stale_temp_files(root, started=started)
-    settings = ReconstructionSettings(**reconstruction_options(params))
+    map_settings = arguments.reconstruction_settings(settings)
     stage = refine._Stage(progress, cancel)
     runlog = _RunLog(paths.run_log)
     timings: dict[str, float] = {}
@@ -293,32 +280,32 @@ def run_cspt(
            + (f"; removed {len(stale)} temporary file(s) of interrupted writes" if stale else ""))
     picks = {s.name: s.tracks for s in series}
     current = {s.name: (s.tracks if first == 2 else read_tracks(paths.parameters(s.name, first - 1),
-                                                                 s.tracks.image_shape_yx, s.tracks.tilts, params))
+                                                                 s.tracks.image_shape_yx, s.tracks.tilts, settings))
                for s in series}
-    states = csp_run.prepare(picks, current, params,
+    states = csp_run.prepare(picks, current, settings,
                              {} if first == 2 else {s.name: paths.parameters(s.name, first - 1) for s in series})
     run = CsptRun(root, paths.map(first - 1), [paths.parameters(s.name, first - 1) for s in series], paths.run_log,
                   timings=timings)
-    imaging = refine.Imaging.from_params(params)
-    n_jobs = sum(len(bundle_ids(np.unique(t.particle), params)) for t in current.values())
+    imaging = arguments.imaging(settings)
+    bundle_size = settings.cluster.slurm_bundle_size
+    n_jobs = sum(len(bundle_ids(np.unique(t.particle), bundle_size)) for t in current.values())
     t0 = time.perf_counter()
     with Background() as background:
-        with run_client(client, serial, params, workers, n_jobs, root) as (dask_client, release):
+        with run_client(client, serial, settings, workers, n_jobs, root) as (dask_client, release):
             timed("cluster start", t0)
             executor = Executor(dask_client, stage, release)
-            if initial_map_needed(paths, series, first, settings):
+            if initial_map_needed(paths, series, first, map_settings):
                 t0 = time.perf_counter()
                 write_record(initial_map_record(paths), PENDING)
-                rec = _initial_map(paths, series, current, params, settings, executor, stage, background)
-                write_record(initial_map_record(paths), initial_map_inputs(paths, series, settings))
+                rec = _initial_map(paths, series, current, settings, map_settings, executor, stage, background)
+                write_record(initial_map_record(paths), initial_map_inputs(paths, series, map_settings))
                 timed("reconstruct", t0)
                 runlog(f"iteration 1: map {paths.map(1)} at {rec.resolution_A:.1f} Å (FSC 0.143) from "
                        f"{rec.stats['n_used']} projections")
             for it in range(first, last + 1):
-                options = csp_run.refine_options(refine.RefineOptions.from_params(params, it, tilt_unit=tilt_unit),
-                                                 params)
-                summary = _iteration(it, paths, series, picks, current, states, params, options, imaging, settings,
-                                     executor, gold_standard, stage, timed, runlog, background,
+                options = arguments.refine_options(settings, it, tilt_unit=tilt_unit)
+                summary = _iteration(it, paths, series, picks, current, states, settings, options, imaging,
+                                     map_settings, executor, gold_standard, stage, timed, runlog, background,
                                      last=it == last, stop_when_converged=stop_when_converged)
                 run.iterations.append(summary)
                 run.map, run.parameters = paths.map(it), [paths.parameters(s.name, it) for s in series]
@@ -338,9 +325,9 @@ def _converged(shift_change_px: float, angle_change_deg: float) -> bool:
 
 
 def _iteration(it: int, paths: ProjectPaths, series: Sequence[Series], picks: Mapping[str, TrackSet],
-               current: dict[str, TrackSet], states: dict[str, CspState], params: PypParameters,
-               options: refine.RefineOptions,
-               imaging: refine.Imaging, settings: ReconstructionSettings, executor: Executor, gold_standard: bool,
+               current: dict[str, TrackSet], states: dict[str, CspState], settings: Settings,
+               options: refine.RefineOptions, imaging: refine.Imaging, map_settings: ReconstructionSettings,
+               executor: Executor, gold_standard: bool,
                stage: refine._Stage, timed: Callable[[str, float], None], runlog: _RunLog,
                background: Background, *, last: bool, stop_when_converged: bool) -> dict[str, Any]:
     """One iteration (module docstring, steps 1-5); updates ``current`` (and the constrained ``states``, see
@@ -352,7 +339,7 @@ def _iteration(it: int, paths: ProjectPaths, series: Sequence[Series], picks: Ma
     references = (reference,) if not gold_standard else tuple(
         reference.with_name(f"{reference.stem}_half{h}.mrc") for h in (1, 2))
     key = f"{paths.data_set}-{it:02d}-{os.urandom(4).hex()}"
-    jobs = bundle_jobs(paths, it, series, picks, current, params, options, imaging, settings, references, key,
+    jobs = bundle_jobs(paths, it, series, picks, current, settings, options, imaging, map_settings, references, key,
                        gold_standard, insert=not states)
     timed("prepare", t0)
 
@@ -374,10 +361,10 @@ def _iteration(it: int, paths: ProjectPaths, series: Sequence[Series], picks: Ma
     for s in series:
         merged = merge_results(current[s.name], [Path(j.result) for j in jobs if j.name == s.name])
         if s.name in states:
-            merged, states[s.name] = csp_run.place(merged, states[s.name], picks[s.name], options, params)
+            merged, states[s.name] = csp_run.place(merged, states[s.name], picks[s.name], options, settings)
         change = refine.parameter_change(current[s.name], merged)
         shift_change, angle_change = max(shift_change, change[0]), max(angle_change, change[1])
-        written = Parameters.from_trackset(merged, params, tilt_shift_px=csp_run.tilt_shifts(states, s.name))
+        written = Parameters.from_trackset(merged, settings, tilt_shift_px=csp_run.tilt_shifts(states, s.name))
         written.write(paths.parameters(s.name, it))
         # the values as the file holds them (float32 columns, its tilt geometry), which is what a resumed run reads
         current[s.name] = written.to_trackset(merged.image_shape_yx, tilts=s.tracks.tilts)
@@ -390,11 +377,11 @@ def _iteration(it: int, paths: ProjectPaths, series: Sequence[Series], picks: Ma
     map_jobs: Sequence[BundleJob | InsertJob] = jobs
     if states:  # constrained: the map from the placed projections
         key = f"{paths.data_set}-{it:02d}-{os.urandom(4).hex()}"
-        map_jobs = insert_jobs(series, current, params, settings, key)
+        map_jobs = insert_jobs(series, current, settings.cluster.slurm_bundle_size, map_settings, key)
         _, grids = executor.run_into_map(run_insert, map_jobs, f"iteration {it}: reconstruct", key)
         if finishing:
             executor.release()
-    rec = _finish_map(paths, it, settings, map_jobs, grids, current, stage, background)
+    rec = _finish_map(paths, it, map_settings, map_jobs, grids, current, stage, background)
     writing_marker(paths, it).unlink()
     timed("reconstruct", t0)
     summary = {"iteration": it, "resolution_A": rec.resolution_A, "resolution_05_A": rec.resolution_05_A,
@@ -438,11 +425,11 @@ def _finish_map(paths: ProjectPaths, iteration: int, settings: ReconstructionSet
 
 
 def _initial_map(paths: ProjectPaths, series: Sequence[Series], tracks: Mapping[str, TrackSet],
-                 params: PypParameters, settings: ReconstructionSettings, executor: Executor,
+                 settings: Settings, map_settings: ReconstructionSettings, executor: Executor,
                  stage: refine._Stage, background: Background) -> ReconstructionResult:
     """Iteration 1's map from the input ``tracks`` of every tilt series, by insertion-only jobs of
     ``slurm_bundle_size`` particles."""
     key = f"{paths.data_set}-01-{os.urandom(4).hex()}"
-    jobs = insert_jobs(series, tracks, params, settings, key)
+    jobs = insert_jobs(series, tracks, settings.cluster.slurm_bundle_size, map_settings, key)
     _, grids = executor.run_into_map(run_insert, jobs, "iteration 1: reconstruct", key)
-    return _finish_map(paths, 1, settings, jobs, grids, tracks, stage, background)
+    return _finish_map(paths, 1, map_settings, jobs, grids, tracks, stage, background)

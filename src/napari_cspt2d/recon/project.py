@@ -47,7 +47,8 @@ from ..io.metadata import metadata_shape, metadata_tomogram_px, read_metadata, r
 from ..io.mrc import open_stack
 from ..io.pyp_parameters import Parameters
 from ..io.toml import CONFIG_NAME, load_params
-from ..model.params import PypParameters, as_parameters, check_name
+from ..model.params import PypParameters, check_name
+from ..model.settings import Settings
 from ..model.tracks import TiltTable, TrackSet
 
 __all__ = [
@@ -133,9 +134,10 @@ def load_project(
     paths = ProjectPaths(Path(project_dir), name)
     params = load_params(paths.root / CONFIG_NAME, strict=False)
     metadata = read_metadata(paths.metadata(name))
-    par = Parameters.from_file(parameter_files(paths.root, name, params["data_set"]).get(
+    settings = Settings.parse(params)
+    par = Parameters.from_file(parameter_files(paths.root, name, settings.data.data_set).get(
         int(iteration), paths.parameters(name, int(iteration))))
-    return params, tracks_with_metadata(par, paths.metadata(name), metadata, params), metadata
+    return params, tracks_with_metadata(par, paths.metadata(name), metadata, settings), metadata
 
 
 def parameter_files(root: str | os.PathLike[str], name: str, data_set: str = "") -> dict[int, Path]:
@@ -154,15 +156,15 @@ def parameter_files(root: str | os.PathLike[str], name: str, data_set: str = "")
 
 
 def tracks_with_metadata(par: Parameters, meta_path: Path, metadata: Mapping[str, Any],
-                         params: Mapping[str, Any]) -> TrackSet:
+                         settings: Settings) -> TrackSet:
     """``par`` as a TrackSet with the image shape and (when stored) tilt table of ``{name}.pkl`` (``meta_path``,
     read as ``metadata``); dose per tilt ``scope_dose_rate`` when the metadata has no tilt table."""
     ny, nx, _ = metadata_shape(metadata)
-    dose = params["scope_dose_rate"]
+    dose = settings.data.scope_dose_rate
     has_tilts = "tlt" in metadata or "cspt2d_tilts" in metadata
     tilts = read_metadata_tilts(meta_path, dose_per_tilt=dose) if has_tilts else None
-    return par.to_trackset((ny, nx), tilts=tilts, dose_per_tilt=dose, parameters=params,
-                           tomogram_px=metadata_tomogram_px(metadata, params["tomo_rec_binning"]))
+    return par.to_trackset((ny, nx), tilts=tilts, dose_per_tilt=dose, parameters=settings,
+                           tomogram_px=metadata_tomogram_px(metadata, settings.data.tomo_rec_binning))
 
 
 # ==================================================================================================== series
@@ -175,13 +177,13 @@ class Series:
     stack: Path
 
 
-def load_series(paths: ProjectPaths, name: str, params: Mapping[str, Any]) -> Series:
-    """Tilt series ``name`` of the project (read with the run's ``params``), its stack checked against its metadata
-    (image shape, sections)."""
+def load_series(paths: ProjectPaths, name: str, settings: Settings) -> Series:
+    """Tilt series ``name`` of the project (read with the run's ``settings``), its stack checked against its
+    metadata (image shape, sections)."""
     check_name(name, "name")
     metadata = read_metadata(paths.metadata(name))
     tracks = tracks_with_metadata(Parameters.from_file(paths.parameters(name, 1)), paths.metadata(name), metadata,
-                                  params)
+                                  settings)
     stack = paths.stack(name)
     data, _ = open_stack(stack)
     if tuple(data.shape[1:]) != tuple(tracks.image_shape_yx):
@@ -193,14 +195,14 @@ def load_series(paths: ProjectPaths, name: str, params: Mapping[str, Any]) -> Se
     return Series(name, tracks, stack)
 
 
-def read_tracks(path: Path, image_shape_yx: tuple[int, int], tilts: TiltTable, params: PypParameters) -> TrackSet:
+def read_tracks(path: Path, image_shape_yx: tuple[int, int], tilts: TiltTable, settings: Settings) -> TrackSet:
     """An iteration's parameter file of a tilt series as a TrackSet with the series' tilt table."""
-    return Parameters.from_file(path).to_trackset(image_shape_yx, tilts=tilts, parameters=params)
+    return Parameters.from_file(path).to_trackset(image_shape_yx, tilts=tilts, parameters=settings)
 
 
-def write_tracks(path: Path, tracks: TrackSet, params: PypParameters) -> Path:
+def write_tracks(path: Path, tracks: TrackSet, settings: Settings) -> Path:
     """Write ``tracks`` as the parameter file pair ``path`` (+ ``_extended``); returns ``path``."""
-    return Parameters.from_trackset(tracks, params).write(path)[0]
+    return Parameters.from_trackset(tracks, settings).write(path)[0]
 
 
 # ==================================================================================================== split
@@ -220,13 +222,12 @@ def particle_rows(tracks: TrackSet) -> Callable[[Sequence[int] | NDArray[np.int6
 
 
 def split_regions(tracks: TrackSet, regions: Sequence[Sequence[int]], parameter_file: str | os.PathLike[str],
-                  params: Mapping[str, Any], out_dir: str | os.PathLike[str], first_index: int = 0
+                  settings: Settings, out_dir: str | os.PathLike[str], first_index: int = 0
                   ) -> list[tuple[Path, NDArray[np.int64], NDArray[np.int64]]]:
     """Write one parameter file per region (a list of particle ids), ``{out_dir}/{stem}_region{k:04d}.cistem``
     (+ ``_extended``) with ``stem`` = ``parameter_file``'s; returns pyp's ``split_parx_list``: ``(path, particle
     ids, tilt ids)`` per non-empty region, numbered in order from ``first_index`` (a bundle job writes the regions
     of its own particles, numbered as in the whole split)."""
-    params = as_parameters(params, strict=False)
     tracks = tracks.sorted()
     rows_of = particle_rows(tracks)
     out = []
@@ -236,7 +237,7 @@ def split_regions(tracks: TrackSet, regions: Sequence[Sequence[int]], parameter_
             continue
         sub = tracks.select(rows)
         k = first_index + len(out)
-        path = write_tracks(Path(out_dir) / f"{Path(parameter_file).stem}_region{k:04d}.cistem", sub, params)
+        path = write_tracks(Path(out_dir) / f"{Path(parameter_file).stem}_region{k:04d}.cistem", sub, settings)
         out.append((path, sub.particles.id.copy(), np.unique(sub.tilt)))
     return out
 

@@ -75,7 +75,7 @@ Scores, occupancy and convergence
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -126,13 +126,6 @@ class TiltSelection:
             if math.isnan(getattr(self, name)):
                 raise CsptInputError("is NaN", field=f"csp_UseImagesForRefinement{name[:3].title()}",
                                      expected="a number")
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any], unit: TiltUnit = "auto") -> TiltSelection:
-        """From ``csp_UseImagesForRefinementMin/Max`` (missing keys: every tilt)."""
-        lo = params.get("csp_UseImagesForRefinementMin", -math.inf)
-        hi = params.get("csp_UseImagesForRefinementMax", math.inf)
-        return cls(float(lo), float(hi), unit)
 
     @property
     def resolved_unit(self) -> Literal["degrees", "order"]:
@@ -315,29 +308,6 @@ class RefineOptions:
             raise CsptInputError(f"is {self.min_projections!r}", field="csp_RefineProjectionCutoff",
                                  expected="an integer >= 0 or a fraction between 0 and 1")
 
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any], iteration: int, *, tilt_unit: TiltUnit = "auto",
-                    **overrides: Any) -> RefineOptions:
-        """Options of ``iteration`` from pyp parameters: ``refine_rhref`` (colon list), ``refine_rlref``,
-        ``refine_shift_range_A`` (0 or missing: a quarter of ``particle_rad``), ``csp_UseImagesForRefinementMin/
-        Max``, ``csp_RefineProjectionCutoff``, ``refine_projection_score_cutoff``; ``overrides`` replace any
-        field."""
-        from ..model.params import refine_rhref_for
-
-        shift_range = float(params.get("refine_shift_range_A", 0.0) or 0.0)
-        if shift_range <= 0:
-            shift_range = 0.25 * float(params.get("particle_rad", 100.0))
-        values: dict[str, Any] = dict(
-            resolution_A=refine_rhref_for(params, iteration),
-            low_resolution_A=float(params.get("refine_rlref", 100.0)),
-            shift_range_A=shift_range,
-            tilts=TiltSelection.from_params(params, tilt_unit),
-            min_projections=params.get("csp_RefineProjectionCutoff", 0),
-            projection_cutoff=float(params.get("refine_projection_score_cutoff", 0.0)),
-        )
-        values.update(overrides)
-        return cls(**values)
-
 
 @dataclass(frozen=True, eq=False)
 class RefineResult:
@@ -371,13 +341,6 @@ class Imaging:
     def pixel_A(self) -> float:
         """Pixel of the extracted particle images (Å)."""
         return self.stack_pixel_A * self.bin
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> Imaging:
-        return cls(int(params["extract_box"]), int(params.get("extract_bin", 1)),
-                   float(params["scope_pixel"]) * int(params.get("data_bin", 1)), float(params["particle_rad"]),
-                   float(params.get("scope_voltage", 300.0)), float(params.get("scope_cs", 2.7)),
-                   float(params.get("scope_wgh", 0.07)), bool(params.get("reconstruct_dose_weighting_enable", False)))
 
 
 # ==================================================================================================== machinery
