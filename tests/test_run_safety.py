@@ -100,6 +100,14 @@ def test_a_changed_box_rebuilds_the_initial_map_and_resolutions_are_printed(proj
     assert "taken as your initial reference: resample it" in err and "ts1_r01_01.mrc" in err, err
 
 
+def test_reconstruct_prints_the_resolution(project, capsys):
+    assert main(["reconstruct", str(project)]) == EXIT_OK
+    out = capsys.readouterr().out
+    found = re.search(r"resolution at FSC 0.143: (\d+\.\d+) Å; at 0.5: (\d+\.\d+) Å", out)
+    assert found and float(found.group(1)) <= float(found.group(2)), out
+    assert (project / "frealign" / "maps" / "ts1_r01_02_fsc.png").is_file() and "fsc_plot" in out
+
+
 @pytest.fixture
 def running(project):
     """Another process holding ``project``'s lock, as a run does."""

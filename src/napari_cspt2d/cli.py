@@ -346,6 +346,8 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
                                      iteration=args.iteration, project_dir=args.project, progress=progress)
     finally:
         progress.stop()
+    print(f"resolution at FSC 0.143: {outputs.pop('resolution_A'):.2f} Å; "
+          f"at 0.5: {outputs.pop('resolution_05_A'):.2f} Å")
     print_outputs(outputs)
     return EXIT_OK
 

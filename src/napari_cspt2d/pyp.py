@@ -295,8 +295,10 @@ def run_reconstruction(
     project_dir: str | os.PathLike[str] | None = None,
     progress: Any = None,
     cancel: Any = None,
-) -> dict[str, Path]:
-    """The seed's Option B reconstruction of tilt series ``name`` at ``iteration``.
+) -> dict[str, Any]:
+    """The seed's Option B reconstruction of tilt series ``name`` at ``iteration``; returns the paths written
+    (``map``, ``half_maps``, ``fsc_table``, ``fsc_plot``, ``parameters``, ``log``, ``particles``) and the half maps'
+    ``resolution_A`` at FSC 0.143 and ``resolution_05_A`` at 0.5.
 
     Reads the iteration's parameters ``frealign/maps/{name}_r01_{iteration:02d}.cistem`` when a refinement wrote
     them, else the previous iteration's, else the input ``{name}_r01.cistem`` (via :meth:`Parameters.from_file`),
@@ -307,7 +309,8 @@ def run_reconstruction(
     projection row). Tilts outside ``reconstruct_mintilt``/``maxtilt`` are left out. ``merged_recon_dir`` and
     ``output_folder`` are pyp's cluster staging folders and have no use here; ``ref`` is the class (``r01``), only
     1 exists in this mode. Raises "Metadata is required" (missing/incomplete ``{name}.pkl``) and "No output
-    parameter file is generated: <reason>" (wrong mode, or nothing to reconstruct)."""
+    parameter file is generated: <reason>" (wrong mode, or nothing to reconstruct); another run working on the
+    project raises :class:`~napari_cspt2d.run_lock.ProjectBusyError`."""
     from .io.atomic import atomic_open
     from .recon.extract import write_particle_stack
     from .recon.arguments import reconstruction_options
@@ -354,4 +357,5 @@ def run_reconstruction(
             fh.write(f"{key}: {value}\n")
         fh.write(f"resolution (FSC 0.143): {result.resolution_A:.2f} A; (FSC 0.5): {result.resolution_05_A:.2f} A\n")
     outputs["log"] = log_path
+    outputs.update(resolution_A=result.resolution_A, resolution_05_A=result.resolution_05_A)
     return outputs
