@@ -6,20 +6,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_cspt2d import geometry
-from napari_cspt2d import pyp
+from napari_cspt2d import geometry, pyp
 from napari_cspt2d.errors import CsptInputError
 from napari_cspt2d.io import cistem
 from napari_cspt2d.io.mrc import open_stack, read_image
 from napari_cspt2d.io.toml import load_params, save_params
 from napari_cspt2d.model.params import PypParameters
 from napari_cspt2d.model.settings import Settings
-from napari_cspt2d.recon import arguments
 from napari_cspt2d.model.tracks import TiltTable, TrackSet
-from napari_cspt2d.recon.constrained import CspModes, place_projections, regularize_residuals, solve_constrained
-from napari_cspt2d.recon import pipeline
+from napari_cspt2d.recon import arguments, csp_run, pipeline
+from napari_cspt2d.recon.constrained import (
+    CspModes,
+    place_projections,
+    regularize_residuals,
+    solve_constrained,
+    start_constrained,
+)
 from napari_cspt2d.recon.heights import fit_heights, has_heights, with_fitted_heights
 from napari_cspt2d.recon.reconstruct import reconstruct_tracks
+from napari_cspt2d.recon.refine import RefineOptions, TiltSelection
 from napari_cspt2d.recon.trackfit import TiltGeometry, fit_tracks
 from napari_cspt2d.sample import write_sample
 
@@ -348,3 +353,22 @@ def test_constrained_run_on_a_local_cluster_equals_the_serial_run(constrained_ru
         np.testing.assert_allclose(ours.extended.tilts[column], theirs.extended.tilts[column], atol=1e-4)
     a, b = (read_image(r / f"{name}.mrc") for r in (root, serial_root))
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+
+
+def test_tilts_outside_the_refinement_range_are_fitted_to_the_tracks():
+    """The map measures no projection of a tilt outside csp_UseImagesForRefinementMin/Max: its picks stand in, so
+    its wrong angle and shift are still corrected (here the +60° tilt, given as +61°, outside -60..60)."""
+    series = Series(n_particles=30, n_tilts=21, seed=6, tilt_shift_px=3.0)
+    angles = series.angles.copy()
+    angles[-1] += 1.0
+    tilts = TiltTable.from_angles(angles, axis_deg=5.0)
+    picks = TrackSet.from_positions(series.pid, series.tid, series.positions, tilts, SHAPE)
+    picks, state = start_constrained(picks)
+    measured = picks.with_positions(np.flatnonzero(picks.tilt == 20), picks.positions_px()[picks.tilt == 20] + 9.0)
+    options = RefineOptions(resolution_A=10.0, tilts=TiltSelection(-60.0, 60.0))
+    settings = Settings.parse({"csp_refine_micrographs": True, "csp_refine_particles": True, "scope_pixel": PIXEL_A,
+                               "csp_ToleranceMicrographShifts": 10 * PIXEL_A})
+    placed, state = csp_run.place(measured, state, picks, options, settings)
+    assert abs(state.geometry.angle_deg[-1] - 60.0) < 0.1
+    last = placed.tilt == 20
+    assert rms(np.linalg.norm(placed.positions_px()[last] - series.positions[last], axis=1)) < 0.3
