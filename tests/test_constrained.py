@@ -372,3 +372,17 @@ def test_tilts_outside_the_refinement_range_are_fitted_to_the_tracks():
     assert abs(state.geometry.angle_deg[-1] - 60.0) < 0.1
     last = placed.tilt == 20
     assert rms(np.linalg.norm(placed.positions_px()[last] - series.positions[last], axis=1)) < 0.3
+
+
+def test_changing_how_points_are_fitted_rebuilds_the_initial_map(constrained_run):
+    """Iteration 1's map was made with every particle's fitted height in its CTF: without the constrained modes
+    (trusted heights only) or without fitted heights it is another map, so a run builds it again."""
+    root, params, _ = constrained_run
+    assert "iteration 1" not in pipeline.plan_cspt(params, project_dir=root)
+    free = params.copy()
+    for key in ("csp_refine_micrographs", "csp_refine_particles", "csp_transreg"):
+        free[key] = False
+    assert "iteration 1: sample_r01_01.mrc is built first" in pipeline.plan_cspt(free, project_dir=root)
+    assert csp_run.fitted_points(Settings.parse(free)) == ("heights", 100.0)
+    free["fitted_heights_ctf"] = False
+    assert csp_run.fitted_points(Settings.parse(free)) == ("none", 0.0)

@@ -33,7 +33,7 @@ from .heights import fit_heights, has_heights, with_fitted_heights
 from .jobs import pair_key
 from .refine import RefineOptions
 
-__all__ = ["prepare", "place", "tilt_shifts"]
+__all__ = ["prepare", "fitted_points", "place", "tilt_shifts"]
 
 
 def prepare(picks: MutableMapping[str, TrackSet], current: MutableMapping[str, TrackSet], settings: Settings,
@@ -57,6 +57,16 @@ def prepare(picks: MutableMapping[str, TrackSet], current: MutableMapping[str, T
             if name not in resumed_from:
                 current[name] = picks[name]
     return states
+
+
+def fitted_points(settings: Settings) -> tuple[str, float]:
+    """Which 3D points :func:`prepare` fits into tracks without them: ``("constrained", 0)`` every particle's,
+    ``("heights", max_error_A)`` the trustworthy ones, ``("none", 0)`` none."""
+    if csp_modes(settings).constrained:
+        return "constrained", 0.0
+    if settings.refinement.fitted_heights_ctf:
+        return "heights", float(settings.refinement.fitted_heights_max_error_A)
+    return "none", 0.0
 
 
 def _resumed(tracks: TrackSet, state: CspState, path: str | os.PathLike[str], pixel_A: float) -> CspState:

@@ -117,8 +117,7 @@ def _check_project(paths: ProjectPaths, settings: Settings, first: int, last: in
     previous = paths.map(first - 1)
     if first > 2 and not previous.is_file():
         raise CsptInputError("does not exist", file=previous, expected=f"the map of iteration {first - 1}")
-    if previous.is_file() and not initial_map_needed(paths, series, first,
-                                                     arguments.reconstruction_settings(settings)):
+    if previous.is_file() and not initial_map_needed(paths, series, first, _initial_map_key(settings)):
         data, _ = open_stack(previous)
         if data.shape != (extraction.extract_box,) * 3:
             raise _map_size_error(previous, data.shape, settings, first)
@@ -169,7 +168,7 @@ def plan_cspt(
     settings, paths, first, last, names, series = _prepare(parameters, project_dir, first_iteration,
                                                             last_iteration, tilt_unit)
     lines = [f"project {paths.root} (data set {paths.data_set}): iterations {first}..{last}"]
-    if initial_map_needed(paths, series, first, arguments.reconstruction_settings(settings)):
+    if initial_map_needed(paths, series, first, _initial_map_key(settings)):
         why = "missing" if not paths.map(1).is_file() else "its input parameters, box or binning changed"
         lines.append(f"  iteration 1: {paths.map(1).name} is built first ({why})")
     cluster = settings.cluster
@@ -294,11 +293,11 @@ def run_cspt(
         with run_client(client, serial, settings, workers, n_jobs, root) as (dask_client, release):
             timed("cluster start", t0)
             executor = Executor(dask_client, stage, release)
-            if initial_map_needed(paths, series, first, map_settings):
+            if initial_map_needed(paths, series, first, _initial_map_key(settings)):
                 t0 = time.perf_counter()
                 write_record(initial_map_record(paths), PENDING)
                 rec = _initial_map(paths, series, current, settings, map_settings, executor, stage, background)
-                write_record(initial_map_record(paths), initial_map_inputs(paths, series, map_settings))
+                write_record(initial_map_record(paths), initial_map_inputs(paths, series, _initial_map_key(settings)))
                 timed("reconstruct", t0)
                 runlog(f"iteration 1: map {paths.map(1)} at {rec.resolution_A:.1f} Å (FSC 0.143) from "
                        f"{rec.stats['n_used']} projections")
@@ -317,6 +316,12 @@ def run_cspt(
             t0 = time.perf_counter()
     timed("close", t0)  # the cluster stopped, the last FSC plot written
     return run
+
+
+def _initial_map_key(settings: Settings) -> tuple[Any, ...]:
+    """What iteration 1's map depends on besides its input files: the reconstruction settings and the 3D points the
+    run fits into the input tracks (:func:`csp_run.fitted_points`), whose heights set each projection's CTF."""
+    return arguments.reconstruction_settings(settings), csp_run.fitted_points(settings)
 
 
 def _converged(shift_change_px: float, angle_change_deg: float) -> bool:
