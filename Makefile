@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test system-deps slurm bench clean
+.PHONY: demo test system-deps slurm slurm-stop bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,15 +15,23 @@ $(STAMP): pyproject.toml
 system-deps:
 	bash .ci/system-deps
 
-# a one-node SLURM on localhost for the tests marked `slurm` (skipped, with the reason, when it cannot start)
+# a one-node SLURM on localhost for the tests marked `slurm` (skipped, with the reason, when it cannot start);
+# `make slurm-stop` ends the daemons it launched (never ones that were running before)
 slurm:
 	bash .ci/slurm start || echo "SLURM did not start: tests marked slurm will be skipped" >&2
+
+slurm-stop:
+	bash .ci/slurm stop
 
 demo: system-deps $(STAMP)
 	$(VENV)/bin/cspt2d demo
 
-test: system-deps slurm $(STAMP)
-	$(PY) -m pytest -q
+# style first (ruff, rules in pyproject.toml), then the tests with SLURM up; the SLURM daemons started for the tests
+# are stopped afterwards whatever the tests' outcome, and the tests' exit status is kept
+test: system-deps $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(MAKE) --no-print-directory slurm
+	status=0; $(PY) -m pytest -q || status=$$?; bash .ci/slurm stop; exit $$status
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[test,bench]"

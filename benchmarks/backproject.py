@@ -232,7 +232,8 @@ def main() -> None:
                       flush=True)
 
     print("\n| box | method | images | images/s | insert s | total s | peak RSS MB | FSC vs truth 0.143 / 0.5 (Å) |"
-          " masked 0.143 / 0.5 (Å) | unfiltered map, masked 0.143 / 0.5 (Å) | unfiltered × cryoDRGN's taper 0.143 (Å) |")
+          " masked 0.143 / 0.5 (Å) | unfiltered map, masked 0.143 / 0.5 (Å) |"
+          " unfiltered × cryoDRGN's taper 0.143 (Å) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         unfiltered = (f"{r['unfiltered_masked_fsc_truth_0143_A']:.2f} / {r['unfiltered_masked_fsc_truth_05_A']:.2f} | "

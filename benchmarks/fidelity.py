@@ -21,9 +21,10 @@ Per box and SNR, from the same boxes (napari-cspt2d's extraction at the picks; t
 * **cryoDRGN**: ``cryodrgn backproject_voxel --ctf --uninvert-data`` on the same boxes, poses and per-projection CTF
   (run from its own venv, through ``backproject.cryodrgn_backproject``).
 
-Reported: mean FSC vs the truth over shells 1..Nyquist inside a soft mask around the object (``backproject.truth_mask``),
-the FSC-0.143 resolution vs truth (masked) and the real-space correlation with the truth inside the mask (what the
-eye sees). With ``--refine``: the shift error (RMS per axis, stack px) of the picks and after refinement (seed Option A through ``pyp.csp_split``, 3 iterations, serial) in free mode (the seed's
+Reported: mean FSC vs the truth over shells 1..Nyquist inside a soft mask around the object
+(``backproject.truth_mask``), the FSC-0.143 resolution vs truth (masked) and the real-space correlation with the truth
+inside the mask (what the eye sees). With ``--refine``: the shift error (RMS per axis, stack px) of the picks and
+after refinement (seed Option A through ``pyp.csp_split``, 3 iterations, serial) in free mode (the seed's
 settings) and constrained mode (``csp_refine_micrographs`` + ``csp_refine_particles``), and the particles'
 orientation error; with ``--geometry-errors`` also from a stack whose tilt images are shifted by 3 px each (a
 misalignment; the picks follow the images) with a tilt table whose angles are off by ±1° and axis by 1°, and how
@@ -53,7 +54,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from backproject import CRYODRGN, cryodrgn_backproject, truth_mask
+from backproject import CRYODRGN, cryodrgn_backproject, truth_mask  # noqa: E402 - the sibling benchmark, found above
 
 PIXEL_A = 2.7
 VOLTAGE_KV, CS_MM, AMP_CONTRAST = 300.0, 2.7, 0.07
@@ -233,7 +234,8 @@ def track_set(series: Series, positions_px: np.ndarray, *, with_xyz: bool, angle
     ids = np.arange(1, n_p + 1)
     tilts = TiltTable.from_angles(series.angles_deg if angle_deg is None else angle_deg,
                                   defocus_um=series.tilt_defocus_um, axis_deg=axis_deg)
-    particles = ParticleTable(ids, series.xyz_px if with_xyz else np.zeros((n_p, 3)), np.column_stack([psi, theta, phi]))
+    particles = ParticleTable(ids, series.xyz_px if with_xyz else np.zeros((n_p, 3)),
+                              np.column_stack([psi, theta, phi]))
     pid, tid = np.repeat(ids, n_t), np.tile(np.arange(n_t), n_p)
     tracks = TrackSet.from_positions(pid, tid, positions_px, tilts, series.clean.shape[1:], particles=particles)
     return tracks
@@ -471,8 +473,8 @@ def print_table(rows: list[dict]) -> None:
                 geo = (f"{r[f'{name}_geometry_tilt_angle_left']:.2f} / {r[f'{name}_geometry_tilt_axis_left']:.2f} / "
                        f"{r[f'{name}_geometry_tilt_shift_left']:.2f} | {r[f'{name}_geometry_shift_px']:.2f}"
                        if f"{name}_geometry_tilt_angle_left" in r else "- | -")
-                print(f"| {r['box']} | {r['snr']:g} | {r['shift_picks_px']:.2f} | {name} | {r[f'{name}_shift_px']:.2f} | "
-                      f"{r[f'{name}_angle_deg']:.2f} | {geo} |")
+                print(f"| {r['box']} | {r['snr']:g} | {r['shift_picks_px']:.2f} | {name} | "
+                      f"{r[f'{name}_shift_px']:.2f} | {r[f'{name}_angle_deg']:.2f} | {geo} |")
 
 
 def main() -> None:

@@ -361,10 +361,10 @@ def run_cockpit(tmp: Path) -> dict:
         steps = len(state.history)
         run.refine_button.click()
         if when == "while refining particles":
-            _wait(lambda: len(state.history) > steps and "refin" in run.stage_label.text(), 900)
+            _wait(lambda steps=steps: len(state.history) > steps and "refin" in run.stage_label.text(), 900)
             time.sleep(0.5)
         else:
-            _wait(lambda: len(state.history) > steps and "reconstruct" in run.stage_label.text(), 900)
+            _wait(lambda steps=steps: len(state.history) > steps and "reconstruct" in run.stage_label.text(), 900)
         run.cancel_button.click()
         _wait(lambda: not run.busy, 120)
         cancels.append(run.cancel_latency_s)
@@ -383,7 +383,8 @@ def run_cockpit(tmp: Path) -> dict:
 
 
 def print_cockpit(results: dict) -> None:
-    print(f"{'phase':<36} {'max late (ms)':>14} {'p99 late (ms)':>14}  goal max <= {COCKPIT_GOALS['max_lateness_ms']:g}")
+    goal = COCKPIT_GOALS["max_lateness_ms"]
+    print(f"{'phase':<36} {'max late (ms)':>14} {'p99 late (ms)':>14}  goal max <= {goal:g}")
     for name, row in results["phases"].items():
         ok = "ok" if row["max_lateness_ms"] <= COCKPIT_GOALS["max_lateness_ms"] else "MISSED"
         print(f"{name:<36} {row['max_lateness_ms']:>14} {row['p99_lateness_ms']:>14}  {ok}")

@@ -1,4 +1,5 @@
-"""recon/autotrack.py on a synthetic tilt series: Gaussian beads on noise, known 3D positions, geometry.py projection."""
+"""recon/autotrack.py on a synthetic tilt series: Gaussian beads on noise, known 3D positions, geometry.py
+projection."""
 
 from __future__ import annotations
 

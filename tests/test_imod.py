@@ -49,7 +49,8 @@ def test_tltxf_maps_observations_onto_imod_projection(shared_data):
     angles = imod.read_tlt(folder / "BBa.tlt")
     xyz = imod.read_fid_xyz(folder / "BBafid.xyz").xyz_px()
     aligned = imod.apply_xf(xf[res.view], res.position_px, (512, 512))
-    predicted = geometry.image_center_px((512, 512)) + geometry.project_points(xyz[res.contour], angles[res.view])[:, :2]
+    projected = geometry.project_points(xyz[res.contour], angles[res.view])[:, :2]
+    predicted = geometry.image_center_px((512, 512)) + projected
     rms = np.sqrt(((aligned - predicted) ** 2).mean(axis=0))
     assert np.all(rms < 0.3)
     flipped = geometry.project_points(xyz[res.contour], -angles[res.view])[:, :2]

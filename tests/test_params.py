@@ -113,7 +113,8 @@ def test_pyp_key_list_holds_pyp_names_only():
     assert {k for k, spec in PARAMS.items() if spec.pyp} - names == {"csp_no_3d_points"}  # the seed's own mode key
 
 
-@pytest.mark.parametrize("old, new, value", [("slurm_partition", "slurm_queue", "cpu"), ("slurm_cores", "slurm_tasks", 4)])
+@pytest.mark.parametrize("old, new, value",
+                         [("slurm_partition", "slurm_queue", "cpu"), ("slurm_cores", "slurm_tasks", 4)])
 def test_old_names_are_read_as_pyps_with_one_notice(old, new, value, tmp_path, fresh_notices):
     (tmp_path / ".pyp_config.toml").write_text(f"{old} = {value!r}\n".replace("'", '"'))
     with pytest.warns(CsptInputWarning, match=f"now called '{new}'"):

@@ -131,7 +131,8 @@ def test_the_whole_loop_with_real_input(make_napari_viewer, qtbot, tmp_path):
     wait_run(qtbot, cockpit)
     assert run.state == "done", run.log_view.toPlainText()
     assert [(e.run, e.iteration) for e in state.history][-3:] == [(3, 1), (3, 2), (3, 3)]
-    assert run.history.rowCount() == len(state.history) and run.history.item(len(state.history) - 1, 3).text() == "finished"
+    assert run.history.rowCount() == len(state.history)
+    assert run.history.item(len(state.history) - 1, 3).text() == "finished"
     assert len(run.fsc_plot.curves) == len(state.history)
     assert run.map_panel.shown is state.history[-1].result.map and run.map_panel.layer.visible
 

@@ -12,7 +12,6 @@ tutorial's image size with one section per tilt-series star row (no pixels are r
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import mrcfile
 import numpy as np

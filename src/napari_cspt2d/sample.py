@@ -1,11 +1,11 @@
 """Deterministic synthetic tilt series with ground truth, for tests, ``cspt2d sample OUT`` and napari's sample data.
 
 The test object is a chiral cluster of isotropic 3D Gaussian blobs; copies of it sit at random positions and heights in
-a slab, in random orientations, as particles do in a tomogram (:func:`slab_positions`). Its projections are rendered *analytically* (a 3D
-Gaussian projects to a 2D Gaussian at the projected centre), which is independent of the Fourier machinery in
-``recon/``, so reconstructions can be checked against ``truth_map`` honestly. Each particle's box gets the CTF at the
-particle's own defocus (tilt defocus minus its height along the beam), is pasted into the tilt image (protein dark),
-and Gaussian noise is added at the requested SNR.
+a slab, in random orientations, as particles do in a tomogram (:func:`slab_positions`). Its projections are rendered
+*analytically* (a 3D Gaussian projects to a 2D Gaussian at the projected centre), which is independent of the
+Fourier machinery in ``recon/``, so reconstructions can be checked against ``truth_map`` honestly. Each particle's box
+gets the CTF at the particle's own defocus (tilt defocus minus its height along the beam), is pasted into the tilt
+image (protein dark), and Gaussian noise is added at the requested SNR.
 """
 
 from __future__ import annotations

@@ -85,8 +85,8 @@ from .metadata import pyp_tomogram_px
 __all__ = [
     "INTEGER", "FLOAT", "LONG", "DOUBLE", "CHAR", "VARLEN", "UINT",
     "COLUMNS", "MAIN_LAYOUT", "PARTICLE_LAYOUT", "TILT_LAYOUT", "PARTICLES_BLOCK", "TILTS_BLOCK", "DATA_COLUMNS",
-    "PAIR_MAGIC", "PAIR_WRITING", "CistemTable", "column_code", "column_name", "read_cistem", "write_cistem", "read_extended",
-    "write_extended", "read_pair", "write_pair", "extended_path",
+    "PAIR_MAGIC", "PAIR_WRITING", "CistemTable", "column_code", "column_name", "read_cistem", "write_cistem",
+    "read_extended", "write_extended", "read_pair", "write_pair", "extended_path",
     "tables_from_tracks", "tracks_from_tables", "tilt_shifts_px", "check_tables", "projection_data",
 ]
 

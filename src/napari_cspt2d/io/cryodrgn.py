@@ -136,7 +136,8 @@ def read_poses(path: str | os.PathLike[str]) -> tuple[NDArray[np.float64], NDArr
     """Read a cryoDRGN pose pickle ``(rot, trans)``; denormal translations (seen in real files) become 0."""
     data = safe_load(path)
     if not (isinstance(data, tuple) and len(data) == 2):
-        raise CsptInputError(f"holds a {type(data).__name__}", file=path, field="poses", expected="a (rot, trans) tuple")
+        raise CsptInputError(f"holds a {type(data).__name__}", file=path, field="poses",
+                             expected="a (rot, trans) tuple")
     rot, trans = (_numbers(v, path, "poses", "(N, 3, 3) and (N, 2) number arrays") for v in data)
     if rot.ndim != 3 or rot.shape[1:] != (3, 3) or trans.shape != (len(rot), 2):
         raise CsptInputError(f"has shapes {rot.shape}, {trans.shape}", file=path, field="poses",

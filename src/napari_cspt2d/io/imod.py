@@ -102,7 +102,8 @@ def write_tlt(path: str | os.PathLike[str], angles_deg: ArrayLike) -> None:
 
 # ---------------------------------------------------------------------------------------------- .xf / .tltxf
 def read_xf(path: str | os.PathLike[str]) -> NDArray[np.float64]:
-    """IMOD transforms ``(T, 2, 3)``: ``[[A11, A12, DX], [A21, A22, DY]]`` per view (``.xf``, ``.tltxf``, ``.prexg``)."""
+    """IMOD transforms ``(T, 2, 3)``: ``[[A11, A12, DX], [A21, A22, DY]]`` per view (``.xf``, ``.tltxf``,
+    ``.prexg``)."""
     path = _existing(path)
     rows = np.array(_numeric_rows(path, 6, "transform"), dtype=np.float64).reshape(-1, 6)
     if not len(rows):
@@ -176,7 +177,8 @@ class ImodFidXYZ:
     size_xy: tuple[int, int] | None
 
     def xyz_px(self) -> NDArray[np.float64]:
-        """3D points in napari-cspt2d's convention (relative to the tomogram centre, px): ``(X - nx/2, Y - ny/2, Z)``."""
+        """3D points in napari-cspt2d's convention (relative to the tomogram centre, px):
+        ``(X - nx/2, Y - ny/2, Z)``."""
         if self.size_xy is None:
             raise CsptInputError("is unknown", field="Dim", expected="the 'Dim: nx ny' entry of the first line")
         return self.xyz_imod - np.array([self.size_xy[0] / 2.0, self.size_xy[1] / 2.0, 0.0])

@@ -24,8 +24,9 @@ pickle names); array shapes and ``BYTEARRAY8`` lengths are checked before anythi
 ``frozenset``, ``bytes`` and ``bytearray`` may only be called on data already in the pickle (not on
 ``range(10**12)``); ``numpy.dtype`` only with ``copy=True``; ``BUILD`` may only set the state of numpy arrays and
 dtypes, an array's data must fill it exactly (a list of one object per element for object dtypes) and a dtype's
-state must give the flags and size numpy itself gives that dtype (numpy trusts both, and crashes otherwise); the opcodes that instantiate classes (``INST``, ``OBJ``, ``NEWOBJ``, ``NEWOBJ_EX``), which plain data never
-needs, are refused. Tuples may nest at most :data:`MAX_TUPLE_DEPTH` deep: hashing a deeper one (as a dict key or set
+state must give the flags and size numpy itself gives that dtype (numpy trusts both, and crashes otherwise); the
+opcodes that instantiate classes (``INST``, ``OBJ``, ``NEWOBJ``, ``NEWOBJ_EX``), which plain data never needs, are
+refused. Tuples may nest at most :data:`MAX_TUPLE_DEPTH` deep: hashing a deeper one (as a dict key or set
 item) overflows the C stack and kills the process.
 """
 
@@ -70,7 +71,8 @@ DATAFRAME_GLOBALS: frozenset[tuple[str, str]] = frozenset([
     ("builtins", "slice"),
 ])
 _FRAME_STATE_KEYS = frozenset({"_mgr", "_typ", "_metadata", "attrs", "_attrs", "_flags"})
-_INDEX_KEYS = {"Index": frozenset({"data", "name", "dtype"}), "RangeIndex": frozenset({"start", "stop", "step", "name"})}
+_INDEX_KEYS = {"Index": frozenset({"data", "name", "dtype"}),
+               "RangeIndex": frozenset({"start", "stop", "step", "name"})}
 
 
 def _numpy_core_module(sub: str) -> Any:

@@ -131,7 +131,8 @@ class TiltTable:
         return int(self.id.size)
 
     def take(self, rows: ArrayLike) -> TiltTable:
-        return TiltTable(*(getattr(self, f)[rows] for f in ("id", "angle_deg", "defocus_um", "axis_deg", "dose", "order")))
+        fields = ("id", "angle_deg", "defocus_um", "axis_deg", "dose", "order")
+        return TiltTable(*(getattr(self, f)[rows] for f in fields))
 
     def accumulated_dose(self) -> NDArray[np.float64]:
         """Dose (e/Å²) received *before* each tilt image, from the acquisition order and the per-tilt dose."""
