@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("napari")
-pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("cache_home")]
+pytestmark = pytest.mark.gui
 
 from qtpy.QtCore import QPoint, Qt  # noqa: E402
 from qtpy.QtWidgets import QAbstractButton, QApplication, QPushButton  # noqa: E402
@@ -24,6 +24,15 @@ from napari_cspt2d.review import ACCEPTED, REJECTED  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SCREENS = [(1366, 768), (1920, 1080)]
+SAVE_SCREENSHOTS = bool(os.environ.get("CSPT2D_SAVE_SCREENSHOT"))
+
+
+@pytest.fixture
+def cache_for_screens(request):
+    """A private cache folder, except when screenshots are saved: napari keeps its theme's icons in the user cache
+    folder, and a screenshot without them shows empty buttons."""
+    if not SAVE_SCREENSHOTS:
+        request.getfixturevalue("cache_home")
 
 
 def open_cockpit(make_napari_viewer, qtbot, size=(1366, 768)):
@@ -61,7 +70,7 @@ def wait_run(qtbot, cockpit, timeout_s: float = 240) -> None:
     qtbot.waitUntil(lambda: not cockpit.run.busy, timeout=int(timeout_s * 1000))
 
 
-def test_the_whole_loop_with_real_input(make_napari_viewer, qtbot, tmp_path):
+def test_the_whole_loop_with_real_input(make_napari_viewer, qtbot, tmp_path, cache_home):
     viewer, cockpit = open_cockpit(make_napari_viewer, qtbot)
     state, curate = cockpit.state, cockpit.curate
     doc, ctl = state.document, curate.controller
@@ -193,7 +202,8 @@ def _check_fits(qtbot, viewer, cockpit, size) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("size", SCREENS, ids=[f"{w}x{h}" for w, h in SCREENS])
-def test_fits_the_screen_with_the_sample_and_after_a_refine(make_napari_viewer, qtbot, tmp_path, size):
+def test_fits_the_screen_with_the_sample_and_after_a_refine(make_napari_viewer, qtbot, tmp_path, size,
+                                                            cache_for_screens):
     screen = QApplication.primaryScreen().availableGeometry()
     if screen.width() < size[0] or screen.height() < size[1]:
         pytest.skip(f"the display is {screen.width()}×{screen.height()}, smaller than {size}")
@@ -205,7 +215,7 @@ def test_fits_the_screen_with_the_sample_and_after_a_refine(make_napari_viewer, 
     wait_run(qtbot, cockpit)
     assert cockpit.run.state == "done", cockpit.run.log_view.toPlainText()
     _check_fits(qtbot, viewer, cockpit, size)
-    if os.environ.get("CSPT2D_SAVE_SCREENSHOT"):
+    if SAVE_SCREENSHOTS:
         from imageio.v3 import imwrite
 
         DOCS.mkdir(exist_ok=True)

@@ -288,7 +288,9 @@ def test_autosave_and_recovery_after_closing_without_saving(make_napari_viewer, 
     assert autosave_path(out[0]).parent == cache_home
 
 
-def test_screenshot_of_curated_sample(make_napari_viewer, cache_home, qtbot):
+def test_screenshot_of_curated_sample(make_napari_viewer, qtbot, request):
+    if not os.environ.get("CSPT2D_SAVE_SCREENSHOT"):  # napari's theme icons live in the user cache folder
+        request.getfixturevalue("cache_home")
     layers = make_sample_data(n_particles=20, n_tilts=31, shape_yx=(512, 512), box=48, thickness_px=60.0)
     viewer, widget = open_curation(make_napari_viewer, layers)
     viewer.window._qt_window.resize(1366, 768)  # a laptop screen

@@ -28,7 +28,9 @@ __all__ = ["FscPlot", "MapPanel", "HistoryTable", "FSC_THRESHOLD"]
 MAP_AXES = ("z", "y", "x")
 #: Initial 3D view of a map (napari camera angles, degrees): tilted so that its depth shows.
 MAP_VIEW_ANGLES = (20.0, 30.0, 140.0)
-MAP_HEIGHT_PX = 260
+MAP_HEIGHT_PX = 280
+#: Zoom over napari's fit-the-box view (a particle fills about half of its box).
+MAP_ZOOM = 1.8
 _BG, _FG = "#262930", "#d6d6d6"  # napari's dark theme
 _LATEST = "#4fc3f7"
 
@@ -114,8 +116,12 @@ class MapPanel(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.title)
-        layout.addWidget(self.qt_viewer, 1)
-        self.qt_viewer.setMinimumHeight(MAP_HEIGHT_PX)
+        frame = QWidget()  # fixes the viewer's height (napari resets the QtViewer's own limits)
+        frame.setFixedHeight(MAP_HEIGHT_PX)
+        inner = QVBoxLayout(frame)
+        inner.setContentsMargins(0, 0, 0, 0)
+        inner.addWidget(self.qt_viewer)
+        layout.addWidget(frame)
         self.layer = None
         self.shown: MapDisplay | None = None
 
@@ -129,6 +135,7 @@ class MapPanel(QWidget):
                                               iso_threshold=display.iso_level, metadata={"cspt2d": {"role": "map"}})
             self.model.reset_view()
             self.model.camera.angles = MAP_VIEW_ANGLES
+            self.model.camera.zoom *= MAP_ZOOM
         else:
             layer = self.layer
             if tuple(layer.scale) != scale:

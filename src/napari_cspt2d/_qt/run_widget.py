@@ -256,8 +256,9 @@ class RunWidget(QWidget):
     def _show(self, index: int) -> None:
         entry = self.state_owner.history[index]
         prepared = entry.result
-        self.map_panel.show_map(prepared.map, f"Map: run {entry.run}, iteration {entry.iteration} "
-                                f"({prepared.item.label}), {entry.resolution_A:.1f} Å at FSC 0.143")
+        kind = " (curated tracks)" if entry.iteration == 1 else ""
+        self.map_panel.show_map(prepared.map, f"Map: run {entry.run}, iteration {entry.iteration}{kind}, "
+                                f"{entry.resolution_A:.1f} Å at FSC 0.143")
         self.fsc_plot.highlight(index)
         self.history.mark_current(index)
         if prepared.review is not None:

@@ -161,7 +161,9 @@ class ParticleGallery(QWidget):
 class ProjectionTableModel(ParticleTableModel):
     """Columns: particle, tilt, angle, shift length, score, residual; row background = status."""
 
-    HEADERS = ("Particle", "Tilt", "Angle (°)", "Shift (px)", "Score", "Resid. (px)")
+    HEADERS = ("Part.", "Tilt", "Angle", "Shift", "Score", "Resid.")
+    TOOLTIPS = ("Particle id", "Tilt (stack section, from 0)", "Tilt angle (°)", "Refined minus picked position (px)",
+                "Refinement score (NCC)", "Distance from the particle's fitted 3D track (px)")
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
