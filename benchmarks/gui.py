@@ -311,10 +311,10 @@ def run_cockpit(tmp: Path) -> dict:
     os.environ["XDG_CACHE_HOME"] = str(tmp / "cache")  # no sample in the cache yet
     os.environ["NUMBA_CACHE_DIR"] = str(tmp / "numba")  # cold kernels: nothing compiled yet
     results: dict = {"load_average_start": round(os.getloadavg()[0], 2), "window": "1366x768"}
-    probe = LatenessProbe()
-    probe.phase("open cockpit")
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1366, 768)
+    probe = LatenessProbe()  # (a QTimer needs the application napari made)
+    probe.phase("open cockpit")
     _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
     _settle(1.0)
     state, run = cockpit.state, cockpit.run

@@ -14,7 +14,7 @@ from typing import Any
 from napari.layers import Layer
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
@@ -49,6 +49,12 @@ def load_series_layers(stack: str | os.PathLike[str], angles: str | os.PathLike[
     track_set = None if not tracks else read_trackset(tracks, series.shape_yx)
     return series_layer_data(series, track_set, bin_factor=bin_factor, radius_px=radius_A / series.pixel_A,
                              source=None if not tracks else os.fspath(tracks))
+
+
+def _layers_of(func, *args: Any, **kwargs: Any) -> list[Layer]:
+    """The napari layers of reader-style layer data ``func(*args, **kwargs)``, made in the worker thread (a layer's
+    model, its features and contrast, cost hundreds of ms for large tracks; only adding it is left to the GUI)."""
+    return [Layer.create(data, kw, kind) for data, kw, kind in func(*args, **kwargs)]
 
 
 def add_layers(viewer, layers: list[tuple[Any, dict, str]]) -> list[Layer]:
@@ -169,10 +175,9 @@ class TiltSeriesLoader(QWidget):
     def _run(self, func, *args: Any, message: str = "Loading…", **kwargs: Any) -> None:
         if self._worker is not None:
             raise CsptInputError("still loading", field="loader", expected="the current load to finish")
-        worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True, **kwargs)
+        worker = create_worker(_layers_of, func, *args, _start_thread=False, _ignore_errors=True, **kwargs)
         worker.returned.connect(self._add)
         worker.errored.connect(self._failed)
-        worker.finished.connect(self._done)
         self._worker = worker
         self.open_button.setEnabled(False)
         self.sample_button.setEnabled(False)
@@ -187,14 +192,29 @@ class TiltSeriesLoader(QWidget):
         self.sample_button.setEnabled(True)
 
     def _failed(self, exc: BaseException) -> None:
+        self._done()
         self.info.setText("")
         message = str(exc) if isinstance(exc, CsptError) else f"failed: {type(exc).__name__}: {exc}"
         show_error(f"Open tilt series: {message}")
 
     @report_errors("Open tilt series")
-    def _add(self, layers: list[tuple[Any, dict, str]]) -> None:
-        added = add_layers(self.viewer, layers)
-        image = added[0]
+    def _add(self, layers: list[Layer]) -> None:
+        """Show the image at once; the tracks layers follow in the next turn of the event loop (the user sees the
+        first image while they are added)."""
+        try:
+            image = self.viewer.add_layer(layers[0])
+            self.viewer.reset_view()
+        except BaseException:
+            self._done()
+            raise
+        QTimer.singleShot(0, lambda: self._add_rest(image, layers[1:]))
+
+    @report_errors("Open tilt series")
+    def _add_rest(self, image: Layer, rest: list[Layer]) -> None:
+        try:
+            added = [image] + [self.viewer.add_layer(layer) for layer in rest]
+        finally:
+            self._done()
         meta = image.metadata["cspt2d"]
         ny, nx = meta["shape_yx"]
         text = f"{meta['name']}: {image.data.shape[0]} sections, {nx}×{ny} px, {meta['pixel_A']:.3g} Å/px"
