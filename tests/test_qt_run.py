@@ -82,8 +82,9 @@ def test_reconstruct_runs_in_a_worker_and_shows_map_and_fsc(make_napari_viewer, 
     run.reconstruct_button.click()
     wait_done(qtbot, run)
     assert panel.layer is layer and len(panel.model.layers) == 1
-    assert [c[0] for c in run.fsc_plot.curves] == ["run 1 · it 1", "run 2 · it 1"]
-    assert [t.get_text() for t in run.fsc_plot.axes.get_legend().get_texts()] == ["run 1 · it 1", "run 2 · it 1"]
+    assert [c.label for c in run.fsc_plot.curves] == ["run 1 · it 1", "run 2 · it 1"]
+    qtbot.waitUntil(lambda: run.fsc_plot.legend_labels == ["run 1 · it 1", "run 2 · it 1"], timeout=20000)
+    assert not run.fsc_plot.image.pixmap().isNull()  # drawn in a worker, shown as an image
     # a history row shows its map again
     rect = run.history.visualItemRect(run.history.item(0, 0))
     qtbot.mouseClick(run.history.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())

@@ -30,8 +30,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import pyp
-from .cluster import make_client
 from .errors import CsptInputError, CsptRunError
+from .fsc_plot import FSC_THRESHOLD
 from .io.atomic import remove_stale_temp_files
 from .io.mrc import read_image
 from .io.toml import CONFIG_NAME, save_params
@@ -188,6 +188,8 @@ def _run_job(s: Session, mode: RunMode, progress: ProgressFn, cancel: Callable[[
     if not iterations:
         return
     serial = p["cluster_backend"] == "local"
+    if not serial:
+        from .cluster import make_client  # dask.distributed: imported only when a cluster is used
     with contextlib.nullcontext(None) if serial else make_client(p, tasks=s.tracks.n_particles,
                                                                  project_dir=s.project_dir) as client:
         for step, iteration in enumerate(iterations, start=2):
@@ -229,8 +231,6 @@ def log_folder(project_dir: Path | None) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- what views show
-FSC_THRESHOLD = 0.143
-
 
 def iso_level(volume: NDArray[np.floating], fraction: float = 0.01) -> float:
     """Density above which the brightest ``fraction`` of the voxels lie: the first iso-surface threshold (1 %, the

@@ -8,7 +8,8 @@ made once and updated in place with arrays, contrast limits and iso level prepar
 (:func:`napari_cspt2d.runs.map_display`).
 
 The FSC plot accumulates: every map of the session keeps its curve, named in the legend (``run 2 · it 3``); the
-latest is drawn in colour with its 0.143 resolution marked, earlier ones fade. Only the new line is added per map.
+latest is drawn in colour with its 0.143 resolution marked, earlier ones fade. It is drawn in a worker thread and
+shown as an image.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
-from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-from matplotlib.figure import Figure
+from napari.qt.threading import create_worker
 from qtpy.QtCore import Qt, Signal
+from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import QAbstractItemView, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
-from ..runs import FSC_THRESHOLD, MapDisplay
+from ..fsc_plot import FSC_THRESHOLD, FscEntry, render_fsc_plot
+from ..runs import MapDisplay
 
 __all__ = ["FscPlot", "MapPanel", "HistoryTable", "FSC_THRESHOLD"]
 
@@ -31,74 +33,69 @@ MAP_VIEW_ANGLES = (20.0, 30.0, 140.0)
 MAP_HEIGHT_PX = 280
 #: Zoom over napari's fit-the-box view (a particle fills about half of its box).
 MAP_ZOOM = 1.8
-_BG, _FG = "#262930", "#d6d6d6"  # napari's dark theme
-_LATEST = "#4fc3f7"
 
 
 class FscPlot(QWidget):
-    """FSC curves of every map of the session, with a legend; the latest in colour with its 0.143 resolution."""
+    """FSC curves of every map of the session, with a legend; the highlighted one in colour with its 0.143
+    resolution. The plot is drawn in a worker (:func:`napari_cspt2d.fsc_plot.render_fsc_plot`); the GUI thread only
+    shows the finished pixels (a newer request supersedes one still drawing)."""
+
+    SIZE_PX = (360, 240)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self.curves: list[tuple[str, np.ndarray, np.ndarray, float]] = []
-        self._lines: list = []
-        self.figure = Figure(figsize=(3.6, 2.4), dpi=100, facecolor=_BG)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.axes = self.figure.add_subplot(1, 1, 1)
+        self.entries: list[FscEntry] = []
+        self.highlighted: int | None = None
+        self.legend_labels: list[str] = []  # the labels of the image shown
+        self._request = 0
+        self._buffer = None
+        self.image = QLabel()
+        self.image.setFixedSize(*self.SIZE_PX)
         self.label = QLabel("No map yet.")
         self.label.setWordWrap(True)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.canvas, 1)
+        layout.addWidget(self.image)
         layout.addWidget(self.label)
-        self.canvas.setMinimumHeight(200)
-        self._setup_axes()
 
-    def _setup_axes(self) -> None:
-        ax = self.axes
-        ax.set_facecolor(_BG)
-        for spine in ax.spines.values():
-            spine.set_color(_FG)
-        ax.tick_params(colors=_FG, labelsize=7)
-        ax.axhline(FSC_THRESHOLD, color="#888888", ls="--", lw=1)
-        ax.axhline(0.0, color="#555555", lw=0.8)
-        ax.set_ylim(-0.1, 1.05)
-        ax.set_xlabel("spatial frequency (1/Å)", color=_FG, fontsize=8)
-        ax.set_ylabel("FSC", color=_FG, fontsize=8)
-        self._marker = ax.axvline(0.0, color="#ff8a65", lw=1.2, visible=False)
-        self._note = ax.annotate("", (0.0, FSC_THRESHOLD), xytext=(6, 8), textcoords="offset points",
-                                 color="#ff8a65", fontsize=8)
-        self.figure.tight_layout()
+    @property
+    def curves(self) -> list[FscEntry]:
+        return self.entries
 
     def add_curve(self, frequency_A_inv: np.ndarray, fsc: np.ndarray, resolution_A: float, label: str) -> None:
-        """Add one map's curve (prepared in the worker) named ``label``; earlier curves fade."""
-        self.curves.append((label, frequency_A_inv, fsc, resolution_A))
-        for i, line in enumerate(self._lines):
-            line.set_color("#8a8a8a")
-            line.set_linewidth(1.0)
-            line.set_alpha(0.3 + 0.5 * (i + 1) / (len(self._lines) + 1))
-        (line,) = self.axes.plot(frequency_A_inv, fsc, lw=2.0, color=_LATEST, label=label)
-        self._lines.append(line)
-        self.highlight(len(self.curves) - 1)
+        """Add one map's curve (prepared in the worker) named ``label`` and show it highlighted."""
+        self.entries.append(FscEntry(label, frequency_A_inv, fsc, resolution_A))
+        self.highlight(len(self.entries) - 1)
 
     def highlight(self, index: int) -> None:
-        """Mark curve ``index`` (its 0.143 resolution) and say it under the plot."""
-        label, freq, _, res = self.curves[index]
-        for i, line in enumerate(self._lines):
-            line.set_zorder(3 if i == index else 2)
-        self._marker.set_xdata([1.0 / res, 1.0 / res])
-        self._marker.set_visible(True)
-        self._note.xy = (1.0 / res, FSC_THRESHOLD)
-        self._note.set_text(f"{res:.1f} Å")
-        self.axes.set_xlim(0, max(float(c[1][-1]) for c in self.curves))
-        self.axes.legend(loc="upper right", fontsize=7, facecolor=_BG, edgecolor="#555555", labelcolor=_FG)
-        self.label.setText(f"{label}: {res:.2f} Å at FSC {FSC_THRESHOLD}; {len(self.curves)} map(s) this session")
-        self.canvas.draw_idle()
+        """Mark curve ``index`` (its 0.143 resolution), say it under the plot, redraw in a worker."""
+        entry = self.entries[index]
+        self.highlighted = index
+        self.label.setText(f"{entry.label}: {entry.resolution_A:.2f} Å at FSC {FSC_THRESHOLD}; "
+                           f"{len(self.entries)} map(s) this session")
+        self._request += 1
+        request, entries = self._request, list(self.entries)
+        worker = create_worker(render_fsc_plot, entries, index, self.SIZE_PX, _start_thread=False,
+                               _ignore_errors=True)
+        worker.returned.connect(lambda rgba: self._show(request, rgba, [e.label for e in entries]))
+        worker.start()
+
+    def _show(self, request: int, rgba: np.ndarray, labels: list[str]) -> None:
+        if request != self._request:
+            return  # superseded, or the plot was closed
+        self._buffer = np.ascontiguousarray(rgba)
+        h, w = self._buffer.shape[:2]
+        self.image.setPixmap(QPixmap.fromImage(QImage(self._buffer.data, w, h, 4 * w, QImage.Format.Format_RGBA8888)))
+        self.legend_labels = labels
 
     @property
     def resolution_A(self) -> float | None:
         """Resolution at FSC 0.143 of the latest curve (Å), None without curves."""
-        return self.curves[-1][3] if self.curves else None
+        return self.entries[-1].resolution_A if self.entries else None
+
+    def stop(self) -> None:
+        """Drop the drawings still under way (the window closes)."""
+        self._request = -1
 
 
 class MapPanel(QWidget):

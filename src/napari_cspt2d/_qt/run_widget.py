@@ -342,4 +342,5 @@ class RunWidget(QWidget):
         if self.worker is not None:
             self.worker.await_workers(msecs=5000)
         self.preview.close()
+        self.fsc_plot.stop()
         self.map_panel.close_viewer()

@@ -1,0 +1,20 @@
+"""The FSC plot drawn without Qt (in the cockpit's worker threads)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from napari_cspt2d.fsc_plot import FscEntry, render_fsc_plot
+
+
+def test_render_fsc_plot_marks_the_highlighted_curve():
+    freq = np.linspace(0.0, 0.125, 33)
+    entries = [FscEntry(f"run 1 · it {i}", freq, np.exp(-freq * (60 - 20 * i)), 20.0 - 3 * i) for i in (1, 2)]
+    image = render_fsc_plot(entries, 1, (360, 240))
+    assert image.shape == (240, 360, 4) and image.dtype == np.uint8
+    rgb = image[..., :3].astype(int)
+    blue = (rgb[..., 2] > 200) & (rgb[..., 0] < 120)  # the highlighted curve (#4fc3f7)
+    orange = (rgb[..., 0] > 150) & (rgb[..., 0] - rgb[..., 2] > 80)  # its 0.143 marker (#ff8a65)
+    assert blue.sum() > 100 and orange.sum() > 50
+    empty = render_fsc_plot([], 0, (360, 240))[..., :3].astype(int)
+    assert not ((empty[..., 0] > 150) & (empty[..., 0] - empty[..., 2] > 80)).any()  # nothing marked
