@@ -380,17 +380,13 @@ def run_cockpit(tmp: Path) -> dict:
     results["refine_3_iterations_s"] = round(time.perf_counter() - t0, 1)
     results["refine_state"] = run.state
 
-    cancels = []
-    for when in ("while refining particles", "while a map is finished"):
+    for when, word in (("while refining particles", "refining"), ("while a map is finished", "reconstructing")):
         probe.phase(f"cancel {when}")
-        steps = len(state.history)
         run.refine_button.click()
-        word = "refining" if when == "while refining particles" else "reconstructing"
         # a refinement iteration's stage ("Step 2/4: iteration 2: ..."), not the first map's
         _wait(lambda w=word: "iteration" in run.stage_label.text() and w in run.stage_label.text(), 900)
         run.cancel_button.click()
         _wait(lambda: not run.busy, 120)
-        cancels.append(run.cancel_latency_s)
         results[f"cancel_s, {when}"] = round(run.cancel_latency_s, 3) if run.cancel_latency_s else None
     probe.phase("re-run (reconstruct)")
     t0 = time.perf_counter()

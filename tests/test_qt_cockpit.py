@@ -15,12 +15,12 @@ import pytest
 pytest.importorskip("napari")
 pytestmark = pytest.mark.gui
 
-from qtpy.QtCore import QPoint, Qt  # noqa: E402
-from qtpy.QtWidgets import QAbstractButton, QApplication, QPushButton  # noqa: E402
+from conftest import GUI_SAMPLE as SMALL
+from qtpy.QtCore import QPoint, Qt
+from qtpy.QtWidgets import QAbstractButton, QApplication, QPushButton
 
-from conftest import GUI_SAMPLE as SMALL  # noqa: E402
-from napari_cspt2d.model.params import PARAMS  # noqa: E402
-from napari_cspt2d.review import ACCEPTED, REJECTED  # noqa: E402
+from napari_cspt2d.model.params import PARAMS
+from napari_cspt2d.review import ACCEPTED, REJECTED
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SCREENS = [(1366, 768), (1920, 1080)]
@@ -44,7 +44,7 @@ def open_cockpit(make_napari_viewer, qtbot, size=(1366, 768)):
     cockpit.data.sample_kwargs = SMALL
     qtbot.mouseClick(cockpit.data.sample_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: cockpit.state.document is not None and not cockpit.data.busy, timeout=60000)
-    qtbot.wait(300)  # the cockpit has taken its width: the canvas no longer moves
+    qtbot.wait(1000)  # the cockpit has taken its width: the canvas no longer moves
     return viewer, cockpit
 
 
@@ -175,7 +175,7 @@ def _elided_buttons(root) -> list[str]:
 def _check_fits(qtbot, viewer, cockpit, size) -> dict:
     width, height = size
     window = viewer.window._qt_window
-    qtbot.wait(300)  # the docks are laid out
+    qtbot.wait(1000)  # the docks are laid out
     hint = window.minimumSizeHint().expandedTo(window.minimumSize())
     assert hint.width() <= width and hint.height() <= height, (hint, size)
     assert (window.width(), window.height()) == size

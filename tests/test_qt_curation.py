@@ -44,6 +44,7 @@ def open_curation(make_napari_viewer, layers):
     viewer = make_napari_viewer(show=True)
     add_layers(viewer, layers)
     _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    cockpit.show_tab("Curate")
     widget = cockpit.curate
     assert isinstance(widget, CurationWidget) and widget.controller is not None
     return viewer, widget
@@ -299,7 +300,7 @@ def test_screenshot_of_curated_sample(make_napari_viewer, qtbot, request):
     widget.fit_residuals()
     widget.refresh_table()
     widget.controller.flush()
-    qtbot.wait(300)  # let the window lay out its docks at the new size
+    qtbot.wait(1000)  # let the window lay out its docks at the new size (the cockpit fits its width)
     viewer.reset_view()
     shot = viewer.screenshot(canvas_only=False, flash=False)
     assert shot.ndim == 3 and shot.shape[0] > 300 and shot.shape[1] > 500

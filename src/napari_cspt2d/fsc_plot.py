@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["FscEntry", "render_fsc_plot", "FSC_THRESHOLD"]
+__all__ = ["FSC_THRESHOLD", "FscEntry", "render_fsc_plot"]
 
 FSC_THRESHOLD = 0.143
 _BG, _FG, _LATEST, _MARK = "#262930", "#d6d6d6", "#4fc3f7", "#ff8a65"  # napari's dark theme

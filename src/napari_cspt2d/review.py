@@ -22,12 +22,12 @@ import numpy as np
 import scipy.fft
 from numpy.typing import ArrayLike, NDArray
 
+from . import geometry
 from .errors import CsptInputError
 from .model.editing import TrackDocument
 from .model.params import PypParameters, refine_rhref_for
 from .model.settings import Settings
 from .model.tracks import TrackSet
-from . import geometry
 from .recon import ctf
 from .recon.backproject import project_volume
 from .recon.extract import extract_particles
@@ -35,9 +35,23 @@ from .recon.arguments import imaging as imaging_of
 from .recon.refine import Imaging
 
 __all__ = [
-    "ShiftReview", "ShiftVectors", "GalleryImages", "shift_vectors", "worst_first", "arrow_factor", "score_limits",
-    "ARROW_FACTORS", "ARROW_TARGET_FRACTION",
-    "gallery_images", "PENDING", "ACCEPTED", "REJECTED", "EDITED", "UNCHANGED", "STATUS_NAMES", "SAME_POSITION_PX",
+    "ACCEPTED",
+    "ARROW_FACTORS",
+    "ARROW_TARGET_FRACTION",
+    "EDITED",
+    "PENDING",
+    "REJECTED",
+    "SAME_POSITION_PX",
+    "STATUS_NAMES",
+    "UNCHANGED",
+    "GalleryImages",
+    "ShiftReview",
+    "ShiftVectors",
+    "arrow_factor",
+    "gallery_images",
+    "score_limits",
+    "shift_vectors",
+    "worst_first",
 ]
 
 PENDING, ACCEPTED, REJECTED, EDITED, UNCHANGED = 0, 1, 2, 3, 4

@@ -47,9 +47,23 @@ from .recon.reconstruct import ReconstructionResult, reconstruct_tracks
 from .recon.trackfit import fit_tracks
 from .run_lock import project_lock
 
-__all__ = ["Session", "IterationResult", "RunMode", "run_job", "preview_reconstruction", "preview_bin", "log_folder",
-           "no_project_error", "BATCH_SIZE", "MapDisplay", "map_display", "iso_level", "PreparedIteration",
-           "prepare_iteration", "FSC_THRESHOLD"]
+__all__ = [
+    "BATCH_SIZE",
+    "FSC_THRESHOLD",
+    "IterationResult",
+    "MapDisplay",
+    "PreparedIteration",
+    "RunMode",
+    "Session",
+    "iso_level",
+    "log_folder",
+    "map_display",
+    "no_project_error",
+    "prepare_iteration",
+    "preview_bin",
+    "preview_reconstruction",
+    "run_job",
+]
 
 RunMode = Literal["reconstruct", "refine"]
 ProgressFn = Callable[[str, int, int], None]

@@ -21,7 +21,7 @@ from .params_widget import ParametersWidget
 from .run_widget import RunWidget
 from .validation import ShiftValidation
 
-__all__ = ["Cockpit", "TABS", "MIN_WIDTH_PX", "PREFERRED_WIDTH_PX"]
+__all__ = ["MIN_WIDTH_PX", "PREFERRED_WIDTH_PX", "TABS", "Cockpit"]
 
 TABS = ("Data", "Curate", "Parameters", "Run", "Validate")
 #: The cockpit's narrowest width: beside napari's layer docks (320 px) it leaves half of a 1366 px window to the canvas.
@@ -29,7 +29,7 @@ MIN_WIDTH_PX = 320
 #: The width it takes when the window has room (the canvas keeps at least half the window).
 PREFERRED_WIDTH_PX = 480
 _MARGIN_PX = 32  # dock separators and frames
-FIT_DELAY_MS = 50  # the docks are laid out by then
+FIT_DELAY_MS = 100  # the docks are laid out by then (else tried again)
 #: napari's layer docks grow to this width once a Points layer's controls show.
 LAYER_DOCKS_PX = 320
 
@@ -74,7 +74,7 @@ class Cockpit(QWidget):
         self.warmer = warm_once()
         self._close_watcher = WindowCloseWatcher(self, self.close_session)
 
-    def sizeHint(self) -> QSize:  # noqa: N802 - Qt API
+    def sizeHint(self) -> QSize:
         return QSize(PREFERRED_WIDTH_PX, super().sizeHint().height())
 
     # ------------------------------------------------------------------ fitting the window
@@ -84,7 +84,7 @@ class Cockpit(QWidget):
             parent = parent.parentWidget()
         return parent
 
-    def fit_width(self) -> None:
+    def fit_width(self, attempts: int = 5) -> None:
         """Give the cockpit the width that leaves the canvas at least half of the window (between
         :data:`MIN_WIDTH_PX` and :data:`PREFERRED_WIDTH_PX`), when it is docked on the side."""
         dock, window = self._dock(), self._window
@@ -101,8 +101,10 @@ class Cockpit(QWidget):
         target = max(MIN_WIDTH_PX, min(PREFERRED_WIDTH_PX, room))
         if abs(dock.width() - target) > 2:
             window.resizeDocks([dock], [target], Qt.Orientation.Horizontal)
+            if attempts > 1:  # a window still being laid out may ignore it: look again
+                QTimer.singleShot(FIT_DELAY_MS * 2, lambda: self.fit_width(attempts - 1))
 
-    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
+    def showEvent(self, event) -> None:
         super().showEvent(event)
         window = self.window()
         if isinstance(window, QMainWindow) and window is not self._window:
@@ -110,7 +112,7 @@ class Cockpit(QWidget):
             window.installEventFilter(self)
         QTimer.singleShot(FIT_DELAY_MS, self.fit_width)  # once the docks are laid out
 
-    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt API
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:
         window = getattr(self, "_window", None)  # None while the widget is being torn down
         if window is not None and obj is window and event.type() == QEvent.Type.Resize:
             QTimer.singleShot(FIT_DELAY_MS, self.fit_width)

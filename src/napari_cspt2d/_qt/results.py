@@ -25,7 +25,7 @@ from qtpy.QtWidgets import QAbstractItemView, QLabel, QTableWidget, QTableWidget
 from ..fsc_plot import FSC_THRESHOLD, FscEntry, render_fsc_plot
 from ..runs import MapDisplay
 
-__all__ = ["FscPlot", "MapPanel", "HistoryTable", "FSC_THRESHOLD"]
+__all__ = ["FSC_THRESHOLD", "FscPlot", "HistoryTable", "MapPanel"]
 
 MAP_AXES = ("z", "y", "x")
 #: Initial 3D view of a map (napari camera angles, degrees): tilted so that its depth shows.
