@@ -68,6 +68,10 @@ class Cockpit(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.tabs)
         self.setMinimumWidth(MIN_WIDTH_PX)
+        self._fit_attempts = 5
+        self._fit_timer = QTimer(self)
+        self._fit_timer.setSingleShot(True)
+        self._fit_timer.timeout.connect(lambda: self.fit_width(self._fit_attempts))
         self.data.loaded.connect(self._on_loaded)
         self.run.review_shown.connect(self.validate.show_entry)
         self.run.run_finished.connect(self._on_run_finished)
@@ -102,7 +106,12 @@ class Cockpit(QWidget):
         if abs(dock.width() - target) > 2:
             window.resizeDocks([dock], [target], Qt.Orientation.Horizontal)
             if attempts > 1:  # a window still being laid out may ignore it: look again
-                QTimer.singleShot(FIT_DELAY_MS * 2, lambda: self.fit_width(attempts - 1))
+                self._fit_later(attempts - 1)
+
+    def _fit_later(self, attempts: int = 5) -> None:
+        """:meth:`fit_width` after :data:`FIT_DELAY_MS` (the timer is the cockpit's child: it dies with it)."""
+        self._fit_attempts = attempts
+        self._fit_timer.start(FIT_DELAY_MS)
 
     def showEvent(self, event) -> None:
         super().showEvent(event)
@@ -110,12 +119,12 @@ class Cockpit(QWidget):
         if isinstance(window, QMainWindow) and window is not self._window:
             self._window = window
             window.installEventFilter(self)
-        QTimer.singleShot(FIT_DELAY_MS, self.fit_width)  # once the docks are laid out
+        self._fit_later()  # once the docks are laid out
 
     def eventFilter(self, obj: QObject, event: QEvent) -> bool:
         window = getattr(self, "_window", None)  # None while the widget is being torn down
         if window is not None and obj is window and event.type() == QEvent.Type.Resize:
-            QTimer.singleShot(FIT_DELAY_MS, self.fit_width)
+            self._fit_later()
         return False
 
     def show_tab(self, name: str) -> None:
@@ -134,6 +143,7 @@ class Cockpit(QWidget):
         """The window closes: every tab stops (a run, the preview, autosave flushed, the map viewer freed)."""
         for tab in (self.curate, self.run, self.validate):
             tab.close_session()
+        self._fit_timer.stop()
         if self._window is not None:
             self._window.removeEventFilter(self)
             self._window = None
