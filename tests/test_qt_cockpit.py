@@ -15,12 +15,12 @@ import pytest
 pytest.importorskip("napari")
 pytestmark = pytest.mark.gui
 
-from conftest import GUI_SAMPLE as SMALL
-from qtpy.QtCore import QPoint, Qt
-from qtpy.QtWidgets import QAbstractButton, QApplication, QPushButton
+from conftest import GUI_SAMPLE as SMALL  # noqa: E402
+from qtpy.QtCore import QPoint, Qt  # noqa: E402
+from qtpy.QtWidgets import QAbstractButton, QApplication, QPushButton  # noqa: E402
 
-from napari_cspt2d.model.params import PARAMS
-from napari_cspt2d.review import ACCEPTED, REJECTED
+from napari_cspt2d.model.params import PARAMS  # noqa: E402
+from napari_cspt2d.review import ACCEPTED, REJECTED  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SCREENS = [(1366, 768), (1920, 1080)]

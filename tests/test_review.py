@@ -81,7 +81,7 @@ def test_shift_vectors_match_the_refined_shifts_and_show_at_full_view(refined):
     refined_file = pyp.Parameters.from_file(root / "frealign" / "maps" / "sample_r01_02.cistem")
     on_file = refined_file.to_trackset(sample.tracks.image_shape_yx, tilts=sample.tracks.tilts)
     picked = sample.tracks.positions_px()
-    key = lambda t: t.particle * 1000 + t.tilt
+    key = lambda t: t.particle * 1000 + t.tilt  # noqa: E731
     order = np.argsort(key(on_file))[np.searchsorted(np.sort(key(on_file)), key(sample.tracks))]
     expected = on_file.positions_px()[order] - picked
     start, direction = vectors.data[:, 0], vectors.data[:, 1]
