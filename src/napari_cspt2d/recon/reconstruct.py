@@ -348,9 +348,9 @@ def reconstruct_tracks(
     SNR inside the particle, not diluted by the solvent noise of the whole box, sets the filter (RELION's
     solvent-corrected FSC), and the map's solvent is flat (README "Fidelity" has the measurements).
     ``bfactor_A2`` (negative sharpens) is applied to the final map. ``shell_damping`` (0..1) is the fraction of the
-    Wiener filter's per-shell attenuation the maps keep:
-    1 (default) gives the Wiener-filtered maps, lower values less low-pass filtered ones (0.25 scores as well as a
-    plain back-projection in FSC against a model inside a tight mask at low SNR; :class:`Backprojector`).
+    Wiener filter's per-shell attenuation the maps keep: 1 (default) gives the Wiener-filtered maps, lower values
+    less low-pass filtered ones (higher FSC against a model inside a tight mask, lower real-space correlation at low
+    SNR; :class:`Backprojector`, README "Fidelity").
     ``progress(stage, done, total)`` is called between batches ("backproject") and reconstruction steps
     ("reconstruct"); ``cancel()`` returning True raises :class:`CsptCancelled` at the next batch."""
     settings = ReconstructionSettings(
