@@ -245,7 +245,9 @@ def worst_first(review: ShiftReview) -> NDArray[np.int64]:
 @dataclass(frozen=True, eq=False)
 class GalleryImages:
     """Boxes of one particle through its tilts (ordered by angle): review ``rows`` (T,), ``angle_deg`` (T,), and
-    ``picked``, ``refined``, ``reference`` (T, n, n) float32, each box normalised (zero mean, unit deviation)."""
+    ``picked``, ``refined``, ``reference`` (T, n, n) float32, each box normalised (zero mean, unit deviation), and
+    ``grey`` (3, T, n, n) uint8: the three rows as 8-bit grey (±3 deviations), made in the worker so that the GUI
+    thread only wraps them as images."""
 
     particle: int
     rows: NDArray[np.int64]
@@ -253,6 +255,12 @@ class GalleryImages:
     picked: NDArray[np.float32]
     refined: NDArray[np.float32]
     reference: NDArray[np.float32]
+    grey: NDArray[np.uint8]
+
+
+def grey_uint8(boxes: NDArray[np.float32]) -> NDArray[np.uint8]:
+    """Normalised boxes (any shape) as 8-bit grey: −3 deviations black, +3 white, C-contiguous."""
+    return np.ascontiguousarray(np.clip((boxes + 3.0) * (255.0 / 6.0), 0, 255).astype(np.uint8))
 
 
 def _boxes(stack, tracks: TrackSet, rows: NDArray[np.int64], imaging: Imaging, radius_A: float) -> NDArray[np.float32]:
@@ -304,5 +312,5 @@ def gallery_images(stack, review: ShiftReview, particle: int, volume: NDArray[np
     reference = scipy.fft.irfft2(scipy.fft.rfft2(projections) * model, s=(n, n)).astype(np.float32)
     last = params["refine_maxiter"] if iteration is None else iteration
     resolution_px = max(refine_rhref_for(params, max(last, 2)) / imaging.pixel_A, 2.0)
-    return GalleryImages(int(particle), rows, after.tilts.angle_deg[trow],
-                         *(_lowpass_normalise(x, resolution_px) for x in (picked, refined, reference)))
+    boxes = [_lowpass_normalise(x, resolution_px) for x in (picked, refined, reference)]
+    return GalleryImages(int(particle), rows, after.tilts.angle_deg[trow], *boxes, grey_uint8(np.stack(boxes)))

@@ -50,6 +50,7 @@ from ._lifecycle import WindowCloseWatcher
 from ._owner import CockpitState, HistoryEntry, state_of
 from .preview import LivePreview
 from .results import FscPlot, HistoryTable, MapPanel
+from ._ticks import TickQueue
 
 __all__ = ["RunWidget"]
 
@@ -103,6 +104,7 @@ class RunWidget(QWidget):
         self.log_path: Path | None = None
         self.state = "idle"
         self._cancel = threading.Event()
+        self._ticks = TickQueue(self)
         self._cancel_time: float | None = None
         self.cancel_latency_s: float | None = None
         self._session: Session | None = None
@@ -190,9 +192,10 @@ class RunWidget(QWidget):
                   + (f"; outputs in {s.project_dir}" if s.project_dir else "; no project folder (results in viewer)"))
         worker = create_worker(_prepared_run, s, mode, self._relay.progress.emit, self._cancel.is_set,
                                _start_thread=False, _ignore_errors=True)
-        worker.yielded.connect(self._on_iteration)
-        worker.returned.connect(self._on_returned)
-        worker.finished.connect(self._on_finished)
+        # one piece of GUI work per event-loop tick, in the order the worker sent them (see _ticks)
+        worker.yielded.connect(lambda prepared: self._ticks.add(lambda: self._on_iteration(prepared)))
+        worker.returned.connect(lambda value: self._ticks.add(lambda: self._on_returned(value)))
+        worker.finished.connect(lambda: self._ticks.add(self._on_finished))
         self.worker = worker
         self.state = "running"
         self._started = time.perf_counter()
@@ -246,23 +249,34 @@ class RunWidget(QWidget):
         self.fsc_plot.add_curve(prepared.fsc_frequency_A_inv, prepared.fsc, prepared.resolution_A,
                                 f"run {entry.run} · it {entry.iteration}")
         self._show(len(self.state_owner.history) - 1)
-        self.iteration_done.emit(prepared)
+        self._ticks.add(lambda: self.iteration_done.emit(prepared))
 
     def show_entry(self, index: int) -> None:
-        """Show history entry ``index`` again: its map, its FSC curve marked, its shift review (refinements)."""
-        self._show(index)
+        """Show history entry ``index`` again: its map at once; its FSC curve marked and its shift review
+        (refinements) in the next event-loop ticks."""
+        self._show(index, map_now=True)
+
+    def _show(self, index: int, map_now: bool = False) -> None:
+        """Queue history entry ``index``'s views, one per event-loop tick: its map (at once if ``map_now``), its FSC
+        curve and history row marked, its shift review (refinements)."""
+        if map_now:
+            self._show_map(index)
+        else:
+            self._ticks.add(lambda: self._show_map(index))
+        self._ticks.add(lambda: self._mark(index))
+        if self.state_owner.history[index].result.review is not None:
+            self._ticks.add(lambda: self.review_shown.emit(self.state_owner.history[index]))
 
     @report_errors("Show map")
-    def _show(self, index: int) -> None:
+    def _show_map(self, index: int) -> None:
         entry = self.state_owner.history[index]
-        prepared = entry.result
         kind = " (curated tracks)" if entry.iteration == 1 else ""
-        self.map_panel.show_map(prepared.map, f"Map: run {entry.run}, iteration {entry.iteration}{kind}, "
+        self.map_panel.show_map(entry.result.map, f"Map: run {entry.run}, iteration {entry.iteration}{kind}, "
                                 f"{entry.resolution_A:.1f} Å at FSC 0.143")
+
+    def _mark(self, index: int) -> None:
         self.fsc_plot.highlight(index)
         self.history.mark_current(index)
-        if prepared.review is not None:
-            self.review_shown.emit(entry)
 
     def _finished_entries(self) -> list[int]:
         kinds = [self.history.item(i, 3).text() for i in range(self.history.rowCount())]
@@ -304,6 +318,9 @@ class RunWidget(QWidget):
         show_error(f"{what} failed: {detail} (log: {self.log_path})")
 
     def _on_finished(self) -> None:
+        if len(self._ticks):  # views queued by the last pieces (e.g. the finished map back after a cancel) go first
+            self._ticks.add(self._on_finished)
+            return
         self.worker = None
         self._set_running(False)
         self.progress_bar.setRange(0, 1)
@@ -339,6 +356,7 @@ class RunWidget(QWidget):
     def close_session(self) -> None:
         """Stop a run and the preview, free the map viewer (called when the napari window closes)."""
         self._cancel.set()
+        self._ticks.clear()
         if self.worker is not None:
             self.worker.await_workers(msecs=5000)
         self.preview.close()

@@ -53,9 +53,8 @@ VECTORS_LAYER = "refined shifts"
 SCORE_COLORMAP = "RdYlGn"
 
 
-def _to_qimage(box: NDArray[np.float32]) -> tuple[QImage, NDArray[np.uint8]]:
-    """8-bit grey image of a normalised box (±3 deviations), and the buffer it points into (keep it alive)."""
-    grey = np.ascontiguousarray(np.clip((box + 3.0) * (255.0 / 6.0), 0, 255).astype(np.uint8))
+def _to_qimage(grey: NDArray[np.uint8]) -> tuple[QImage, NDArray[np.uint8]]:
+    """A QImage over an 8-bit grey box (:attr:`GalleryImages.grey`), and the buffer it points into (keep it alive)."""
     h, w = grey.shape
     return QImage(grey.data, w, h, w, QImage.Format.Format_Grayscale8), grey
 
@@ -85,7 +84,7 @@ class ParticleGallery(QWidget):
         """Show ``images``; ``status``/``scores``/``shifts`` are per review row (all rows)."""
         self.images = images
         self._qimages = [] if images is None else [
-            [_to_qimage(b) for b in stack] for stack in (images.picked, images.refined, images.reference)]
+            [_to_qimage(box) for box in row] for row in images.grey]
         self.set_status(status)
         self.scores, self.shifts = scores, shifts
         columns = 0 if images is None else images.rows.size
