@@ -274,6 +274,11 @@ class LatenessProbe:
             self.samples[self._name].append(max(0.0, (now - self._last) * 1000.0 - TIMER_MS))
         self._last = now
 
+    @property
+    def current(self) -> str | None:
+        """The phase being recorded."""
+        return self._name
+
     def phase(self, name: str) -> None:
         self._name = name
         self.samples.setdefault(name, [])
@@ -319,6 +324,7 @@ def run_cockpit(tmp: Path) -> dict:
     _settle(1.0)
     state, run = cockpit.state, cockpit.run
     slowest: dict[str, float] = {}
+    by_phase: dict[str, dict[str, float]] = {}  # the same, per phase
 
     def timed(owner, name: str, label: str) -> None:  # how long a GUI-thread callback takes (its worst call)
         original = getattr(owner, name)
@@ -328,7 +334,10 @@ def run_cockpit(tmp: Path) -> dict:
             try:
                 return original(*args, **kwargs)
             finally:
-                slowest[label] = max(slowest.get(label, 0.0), round((time.perf_counter() - t0) * 1000.0, 1))
+                ms = round((time.perf_counter() - t0) * 1000.0, 1)
+                slowest[label] = max(slowest.get(label, 0.0), ms)
+                in_phase = by_phase.setdefault(probe.current or "", {})
+                in_phase[label] = max(in_phase.get(label, 0.0), ms)
 
         setattr(owner, name, wrapper)
 
@@ -395,6 +404,7 @@ def run_cockpit(tmp: Path) -> dict:
     results["rerun_reconstruct_s"] = round(time.perf_counter() - t0, 2)
     results["phases"] = probe.summary()
     results["slowest_gui_callbacks_ms"] = slowest
+    results["slowest_gui_callbacks_ms_by_phase"] = by_phase
     results["history"] = [[e.run, e.iteration, round(e.resolution_A, 2)] for e in state.history]
     results["load_average_end"] = round(os.getloadavg()[0], 2)
     probe.timer.stop()
@@ -403,15 +413,16 @@ def run_cockpit(tmp: Path) -> dict:
 
 
 def print_cockpit(results: dict) -> None:
-    for name, ms in results.get("slowest_gui_callbacks_ms", {}).items():
-        print(f"slowest call: {name:<40} {ms:>8} ms")
+    for phase, calls in results.get("slowest_gui_callbacks_ms_by_phase", {}).items():
+        for name, ms in calls.items():
+            print(f"slowest call in {phase!r}: {name:<40} {ms:>8} ms")
     goal = COCKPIT_GOALS["max_lateness_ms"]
     print(f"{'phase':<36} {'max late (ms)':>14} {'p99 late (ms)':>14}  goal max <= {goal:g}")
     for name, row in results["phases"].items():
         ok = "ok" if row["max_lateness_ms"] <= COCKPIT_GOALS["max_lateness_ms"] else "MISSED"
         print(f"{name:<36} {row['max_lateness_ms']:>14} {row['p99_lateness_ms']:>14}  {ok}")
     for key, value in results.items():
-        if key not in ("phases", "history", "slowest_gui_callbacks_ms"):
+        if key not in ("phases", "history", "slowest_gui_callbacks_ms", "slowest_gui_callbacks_ms_by_phase"):
             print(f"{key:<52} {value!s:>10}")
 
 
