@@ -341,7 +341,7 @@ def run_cockpit(tmp: Path) -> dict:
 
         setattr(owner, name, wrapper)
 
-    timed(run, "_on_iteration", "Run tab: a step arrives (all of it)")
+    timed(run, "_on_iteration", "Run tab: a step arrives (first piece)")
     timed(run.map_panel, "show_map", "map layer updated")
     timed(run.fsc_plot, "add_curve", "FSC curve added")
     timed(run.fsc_plot, "_show", "FSC plot image shown")
