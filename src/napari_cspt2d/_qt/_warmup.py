@@ -1,5 +1,6 @@
 """Warm the numba kernels in the background when the cockpit opens (once per process; see
-:mod:`napari_cspt2d.warmup`): a child process compiles them into numba's cache, then a worker thread loads them."""
+:mod:`napari_cspt2d.recon.warmup`): a child process compiles them into numba's cache, then a worker thread loads
+them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 from napari.qt.threading import create_worker
 from qtpy.QtCore import QObject, QProcess, Signal
 
-from ..warmup import warm_kernels
+from ..recon.warmup import warm_kernels
 
 __all__ = ["KernelWarmer", "warm_once"]
 
@@ -25,7 +26,7 @@ class KernelWarmer(QObject):
         self.process = QProcess(self)
         self.process.finished.connect(self._load_here)
         self.process.errorOccurred.connect(lambda *_: self._load_here())
-        self.process.start(sys.executable, ["-m", "napari_cspt2d.warmup"])
+        self.process.start(sys.executable, ["-m", "napari_cspt2d.recon.warmup"])
 
     def _load_here(self, *_) -> None:
         if self._worker is not None:

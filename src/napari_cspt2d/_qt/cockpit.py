@@ -4,7 +4,7 @@ Data (open a stack and tracks, or the sample) → Curate (fix picks, undo) → P
 project) → Run (reconstruct, refine; the map, the history, the FSC curves) → Validate (refined shifts worst first,
 accept/reject). Every tab is handed the viewer's :class:`~napari_cspt2d._qt._owner.CockpitState` (document,
 parameters, project, history) and sits in a scroll area, so no tab makes the main window taller than the screen.
-When the cockpit opens, the numba kernels start warming in the background (:mod:`napari_cspt2d.warmup`).
+When the cockpit opens, the numba kernels start warming in the background (:mod:`napari_cspt2d.recon.warmup`).
 """
 
 from __future__ import annotations

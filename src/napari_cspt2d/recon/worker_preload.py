@@ -13,14 +13,9 @@ from __future__ import annotations
 import warnings
 from multiprocessing import spawn
 
-import numpy as np
-
 from ..errors import CsptInputWarning
-from ..model.tracks import ParticleTable, TiltTable, TrackSet
-from . import refine
-from .backproject import Projector
 from .jobs import use_one_thread
-from .reconstruct import HalfMapInsertion, ReconstructionSettings
+from .warmup import warm_kernels
 
 __all__ = ["skip_user_main", "warm_up"]
 
@@ -47,28 +42,10 @@ def skip_user_main() -> None:
 
 
 def warm_up() -> None:
-    """Insert and refine a tiny random tilt series (2 particles × 3 tilts, box 16) the way a bundle job does, single
-    threaded (a process that forks must not hold threads), so that every kernel a job calls is compiled or loaded
-    from numba's cache with the argument types the jobs use."""
+    """Load the kernels a job calls (:func:`.warmup.warm_kernels`) single threaded: a process that forks must not
+    hold threads."""
     use_one_thread()
-    rng = np.random.default_rng(0)
-    box, size, pixel_A, radius_A = 16, 64, 4.0, 24.0
-    tilts = TiltTable.from_angles([-30.0, 0.0, 30.0], defocus_um=2.0, dose=3.0)
-    particles = ParticleTable(np.array([0, 1]), np.array([[-8.0, 0.0, 0.0], [8.0, 4.0, 0.0]]),
-                              np.array([[0.0, 30.0, 0.0], [90.0, 60.0, 10.0]]))
-    tracks = TrackSet(np.repeat([0, 1], 3), np.tile(tilts.id, 2), rng.normal(size=(6, 2)), np.zeros(6), np.ones(6),
-                      particles, tilts, (size, size))
-    stack = rng.normal(size=(3, size, size)).astype(np.float32)
-    insertion = HalfMapInsertion(ReconstructionSettings(pixel_A=pixel_A, extract_box=box, extract_bin=1,
-                                                        particle_rad_A=radius_A, dose_weighting=True))
-    try:
-        insertion.insert(stack, tracks, np.repeat([0, 1], 3))
-        volume = insertion.finish().map
-    finally:
-        insertion.close()
-    imaging = refine.Imaging(box, 1, pixel_A, radius_A, dose_weighting=True)
-    refine.refine_tracks(stack, tracks, Projector(volume), refine.RefineOptions(resolution_A=10.0), imaging)
-
+    warm_kernels()
 
 skip_user_main()
 # The process that starts the workers checked the same parameters and files, and said what it had to say about them.
