@@ -21,7 +21,7 @@ from napari_cspt2d._qt.params_widget import ParametersWidget, suggested_box  # n
 from conftest import GUI_SAMPLE as SMALL  # noqa: E402
 from napari_cspt2d.errors import CsptInputError  # noqa: E402
 from napari_cspt2d.io.toml import load_params  # noqa: E402
-from napari_cspt2d.model.params import GROUPS, PARAMS, PypParameters  # noqa: E402
+from napari_cspt2d.model.params import GROUPS, PARAMS, PypParameters, interpretations  # noqa: E402
 from napari_cspt2d.sample import make_sample  # noqa: E402
 
 
@@ -153,7 +153,10 @@ def test_values_from_the_data_shown(make_napari_viewer, sample_layers, sample):
                                                                   sample.params["scope_wgh"])
     # the sample's own settings, not the form's defaults
     assert p["refine_rhref"] == "20:16:12" and p["refine_rhref"] != PARAMS["refine_rhref"].default
-    assert (p["csp_UseImagesForRefinementMin"], p["csp_UseImagesForRefinementMax"]) == (-60, 60)
+    selection = (p["csp_UseImagesForRefinementMin"], p["csp_UseImagesForRefinementMax"])
+    assert selection == (sample.params["csp_UseImagesForRefinementMin"], sample.params["csp_UseImagesForRefinementMax"])
+    assert selection == (0, -1) and selection[1] != PARAMS["csp_UseImagesForRefinementMax"].default
+    assert interpretations(p) == []  # pyp's meanings: the sample opens without a notice
     assert state_of(viewer).parameters is not None, state_of(viewer).parameters_problem
     assert state_of(viewer).parameters.to_dict() == p.to_dict()  # published to the cockpit's state
     assert not widget.touched

@@ -193,7 +193,8 @@ def make_sample(
         "scope_pixel": pixel_A, "data_bin": 1, "extract_box": box, "extract_bin": 1,
         "particle_rad": float(box * 0.4 * pixel_A), "scope_voltage": voltage_kV, "scope_cs": cs_mm,
         "scope_wgh": amp_contrast, "scope_dose_rate": dose_per_tilt,
-        "csp_UseImagesForRefinementMin": -60, "csp_UseImagesForRefinementMax": 60, "refine_rhref": "20:16:12",
+        # every exposure, in pyp's meaning (acquisition indices, -1 = up to the last): no notice on opening
+        "csp_UseImagesForRefinementMin": 0, "csp_UseImagesForRefinementMax": -1, "refine_rhref": "20:16:12",
     }
     return Sample(stack, tracks, truth, render_map(model, box), model, pixel_A, params)
 
