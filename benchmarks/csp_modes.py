@@ -9,9 +9,9 @@ table does not know) and the picks follow the images.
 
 Each mode runs ``--rounds`` rounds (default 3, the issue's "seed Option A, 3 iterations") of: reconstruct the map
 from the current projections (:func:`reconstruct.reconstruct_tracks`), refine every projection against it
-(:func:`refine.refine_tracks`, the free measurement, search disc around the picks; every tilt, so that a tilt
-whose wrong angle passes 60° is still refined), then, for the constrained
-modes, solve and place (:func:`constrained.constrained_round`). Modes: ``free`` (the seed's settings),
+(:func:`refine.refine_tracks`, the free measurement, search disc around the picks; the sample's refinement range
+-60..60°, so a tilt whose wrong angle passes 60° is measured for its geometry only, as in pyp), then, for the
+constrained modes, solve and place as a run does (:func:`csp_run.place`). Modes: ``free`` (the seed's settings),
 ``micrographs+particles`` (per-projection residuals kept: csp_frame_refinement without csp_transreg),
 ``+transreg`` (residuals regularised, pyp's default sigmas) and ``pure`` (csp_frame_refinement off: projections at
 the prediction). Reported: RMS length of the position error against the truth (stack px) after each round; for
@@ -34,19 +34,20 @@ import numpy as np
 import scipy.ndimage
 
 from napari_cspt2d.model.tracks import TiltTable, TrackSet
-from napari_cspt2d.recon.constrained import CspModes, constrained_round, start_constrained
+from napari_cspt2d.recon.constrained import start_constrained
 from napari_cspt2d.model.settings import Settings
-from napari_cspt2d.recon import arguments
+from napari_cspt2d.recon import arguments, csp_run
 from napari_cspt2d.recon.reconstruct import reconstruct_tracks
-from napari_cspt2d.recon.refine import TiltSelection, refine_tracks
+from napari_cspt2d.recon.refine import refine_tracks
 from napari_cspt2d.sample import make_sample
 
 HERE = Path(__file__).resolve().parent
-MODES = {
-    "free": CspModes(),
-    "micrographs+particles": CspModes(refine_micrographs=True, refine_particles=True),
-    "+transreg": CspModes(refine_micrographs=True, refine_particles=True, transreg=True),
-    "pure": CspModes(refine_micrographs=True, refine_particles=True, frame_refinement=False),
+BOTH = {"csp_refine_micrographs": True, "csp_refine_particles": True}
+MODES = {  # pyp parameters on top of the sample's
+    "free": {},
+    "micrographs+particles": BOTH,
+    "+transreg": {**BOTH, "csp_transreg": True},
+    "pure": {**BOTH, "csp_frame_refinement": False},
 }
 
 
@@ -93,21 +94,21 @@ def position_rms(tracks, truth):
     return float(np.sqrt(np.mean(np.sum((tracks.positions_px() - truth.positions_px()) ** 2, axis=1))))
 
 
-def run(sample, stack, picks, truth, modes: CspModes, rounds: int):
-    settings = Settings.parse(sample.params)
+def run(sample, stack, picks, truth, mode: dict, rounds: int):
+    settings = Settings.parse({**sample.params, **mode})
     imaging = arguments.imaging(settings)
     rec = arguments.reconstruction_options(settings)
-    options = arguments.refine_options(settings, 2, refine_angles=False, tilts=TiltSelection(-90.0, 90.0))
+    options = arguments.refine_options(settings, 2, refine_angles=False)
     origin = picks.positions_px()
-    tracks, state = start_constrained(picks) if modes.constrained else (picks, None)
+    constrained = arguments.csp_modes(settings).constrained
+    anchors, state = start_constrained(picks) if constrained else (picks, None)
+    tracks = anchors
     errors = []
     for _ in range(rounds):
         reference = reconstruct_tracks(stack, tracks, **rec).map
-        result = refine_tracks(stack, tracks, reference, options, imaging, origin_px=origin)
-        tracks = result.tracks
-        if modes.constrained:
-            tracks, state, _ = constrained_round(tracks, state, modes, pixel_A=sample.pixel_A, picks_px=origin,
-                                                 use=result.used)
+        tracks = refine_tracks(stack, tracks, reference, options, imaging, origin_px=origin).tracks
+        if constrained:
+            tracks, state = csp_run.place(tracks, state, anchors, options, settings)
         errors.append(position_rms(tracks, truth))
     return tracks, state, errors
 

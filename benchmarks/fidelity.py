@@ -25,9 +25,10 @@ Reported: mean FSC vs the truth over shells 1..Nyquist inside a soft mask around
 (``backproject.truth_mask``), the FSC-0.143 resolution vs truth (masked) and the real-space correlation with the truth
 inside the mask (what the eye sees). With ``--refine``: the shift error (RMS per axis, stack px) of the picks and
 after refinement (seed Option A through ``pyp.csp_split``, 3 iterations, serial) in free mode (the seed's
-settings) and constrained mode (``csp_refine_micrographs`` + ``csp_refine_particles``), and the particles'
-orientation error; with ``--geometry-errors`` also from a stack whose tilt images are shifted by 3 px each (a
-misalignment; the picks follow the images) with a tilt table whose angles are off by ±1° and axis by 1°, and how
+settings), constrained mode (``csp_refine_micrographs`` + ``csp_refine_particles``) and constrained mode with
+``csp_transreg``, and the particles' orientation error; with ``--geometry-errors`` also from a stack whose tilt
+images are shifted by 3 px each (a misalignment; the picks follow the images) with a tilt table whose angles are
+off by ±1° and axis by 1°, and how
 much of each error the refinement leaves (tilt angles after removing their common offset, per-tilt shifts after
 removing what one 3D translation explains: those only move or turn the map).
 
@@ -332,7 +333,8 @@ def angle_error_deg(tracks, series: Series) -> float:
 
 
 #: Refinement modes run by ``--refine``: pyp parameters on top of the seed's Option A settings.
-MODES = {"free": {}, "constrained": {"csp_refine_micrographs": True, "csp_refine_particles": True}}
+MODES = {"free": {}, "constrained": {"csp_refine_micrographs": True, "csp_refine_particles": True},
+         "constrained+transreg": {"csp_refine_micrographs": True, "csp_refine_particles": True, "csp_transreg": True}}
 
 
 def refine(stack_path: Path, series: Series, folder: Path, tracks, mode: dict, iterations: int = 3):

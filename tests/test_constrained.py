@@ -3,6 +3,8 @@ truth: measured positions = true positions + per-projection noise, with tilt-geo
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -24,7 +26,7 @@ from napari_cspt2d.recon.constrained import (
 )
 from napari_cspt2d.recon.heights import fit_heights, has_heights, with_fitted_heights
 from napari_cspt2d.recon.reconstruct import reconstruct_tracks
-from napari_cspt2d.recon.refine import RefineOptions, TiltSelection
+from napari_cspt2d.recon.refine import RefineOptions, TiltSelection, refine_tracks
 from napari_cspt2d.recon.trackfit import TiltGeometry, fit_tracks
 from napari_cspt2d.sample import write_sample
 
@@ -89,7 +91,7 @@ def test_modes_from_params_free_for_the_seed_settings():
     on = arguments.csp_modes(Settings.parse({"csp_refine_micrographs": True, "csp_ToleranceMicrographTiltAngles": 2.0,
                                              "csp_ToleranceParticlesPhi": 5.0, "csp_ToleranceParticlesPsi": 12.0,
                                              "csp_ToleranceParticlesTheta": 3.0}))
-    assert on.constrained and on.tilt_angle_deg == 2.0 and on.angle_range_deg == 12.0
+    assert on.constrained and on.tilt_angle_deg == 2.0 and on.euler_range_deg == (5.0, 3.0, 12.0)
     assert CspModes(transreg=True).constrained
     with pytest.raises(CsptInputError, match="csp_time_sigma"):
         CspModes(time_sigma=-1)
@@ -355,23 +357,52 @@ def test_constrained_run_on_a_local_cluster_equals_the_serial_run(constrained_ru
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
-def test_tilts_outside_the_refinement_range_are_fitted_to_the_tracks():
-    """The map measures no projection of a tilt outside csp_UseImagesForRefinementMin/Max: its picks stand in, so
-    its wrong angle and shift are still corrected (here the +60° tilt, given as +61°, outside -60..60)."""
+def test_tilts_outside_the_refinement_range_follow_pyps_micrograph_refinement():
+    """pyp's micrograph refinement runs on every exposure, its particle refinement on csp_UseImagesForRefinementMin/Max
+    (pyp/align/core.py). The +60° tilt, given as +61° (outside -60..60) and seen 3 px off in the stack: its
+    geometry is fitted to its own measurements (its projections land on the shifted truth, not on the picks), and
+    its measurements do not move the particles' points."""
     series = Series(n_particles=30, n_tilts=21, seed=6, tilt_shift_px=3.0)
     angles = series.angles.copy()
     angles[-1] += 1.0
     tilts = TiltTable.from_angles(angles, axis_deg=5.0)
     picks = TrackSet.from_positions(series.pid, series.tid, series.positions, tilts, SHAPE)
     picks, state = start_constrained(picks)
-    measured = picks.with_positions(np.flatnonzero(picks.tilt == 20), picks.positions_px()[picks.tilt == 20] + 9.0)
-    options = RefineOptions(resolution_A=10.0, tilts=TiltSelection(-60.0, 60.0))
+    last = picks.tilt == 20
+    seen = series.positions + np.where(last[:, None], [3.0, -2.0], 0.0)
+    measured = picks.with_positions(np.arange(len(picks)), seen)
     settings = Settings.parse({"csp_refine_micrographs": True, "csp_refine_particles": True, "scope_pixel": PIXEL_A,
-                               "csp_ToleranceMicrographShifts": 10 * PIXEL_A})
-    placed, state = csp_run.place(measured, state, picks, options, settings)
-    assert abs(state.geometry.angle_deg[-1] - 60.0) < 0.1
-    last = placed.tilt == 20
-    assert rms(np.linalg.norm(placed.positions_px()[last] - series.positions[last], axis=1)) < 0.3
+                               "csp_ToleranceMicrographShifts": 10 * PIXEL_A, "csp_UseImagesForRefinementMin": -60,
+                               "csp_UseImagesForRefinementMax": 60})
+    options = arguments.refine_options(settings, 2)
+    assert options.measure_all_tilts and not options.tilts.mask(tilts)[-1]
+    placed, solved = csp_run.place(measured, state, picks, options, settings)
+    assert abs(solved.geometry.angle_deg[-1] - 60.0) < 0.1
+    assert rms(np.linalg.norm(placed.positions_px()[last] - seen[last], axis=1)) < 0.3
+    wild = measured.with_positions(np.flatnonzero(last), seen[last] + series.rng.normal(0, 20.0, (last.sum(), 2)))
+    placed_wild, _ = csp_run.place(wild, state, picks, options, settings)
+    np.testing.assert_allclose(placed_wild.particles.xyz_px, placed.particles.xyz_px, atol=1e-6)
+    free = Settings.parse({"csp_refine_particles": True, "scope_pixel": PIXEL_A, "csp_UseImagesForRefinementMin": -60,
+                           "csp_UseImagesForRefinementMax": 60})
+    assert not arguments.refine_options(free, 2).measure_all_tilts  # without micrograph refinement: not measured
+
+
+def test_refinement_measures_tilts_outside_the_range_only_for_the_tilt_geometry(small_sample):
+    """RefineOptions.measure_all_tilts: projections outside the refinement tilts get refined shifts, but neither
+    count as used nor change the particles' scores."""
+    s = small_sample
+    imaging = arguments.imaging(Settings.parse(s.params))
+    base = RefineOptions(resolution_A=12.0, refine_angles=False, tilts=TiltSelection(-30, 30, unit="degrees"))
+    kept = refine_tracks(s.stack, s.tracks, s.truth_map, base, imaging)
+    measured = refine_tracks(s.stack, s.tracks, s.truth_map, replace(base, measure_all_tilts=True), imaging)
+    outside = np.abs(s.tracks.tilts.angle_deg[s.tracks.tilt_rows()]) > 30
+    assert np.array_equal(kept.tracks.shift_px[outside], s.tracks.shift_px[outside])
+    before = np.linalg.norm(s.tracks.positions_px() - s.truth_tracks.positions_px(), axis=1)[outside]
+    after = np.linalg.norm(measured.tracks.positions_px() - s.truth_tracks.positions_px(), axis=1)[outside]
+    assert np.median(after) < 0.5 * np.median(before)
+    assert not measured.used[outside].any()
+    np.testing.assert_allclose(measured.tracks.shift_px[~outside], kept.tracks.shift_px[~outside])
+    np.testing.assert_allclose(measured.particle_score, kept.particle_score)
 
 
 def test_changing_how_points_are_fitted_rebuilds_the_initial_map(constrained_run):

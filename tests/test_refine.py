@@ -22,6 +22,7 @@ from napari_cspt2d.recon.refine import (
     projection_cutoff_mask,
     refine_tracks,
     rotation_angle_deg,
+    within_euler_range,
 )
 from napari_cspt2d.sample import make_sample
 
@@ -217,6 +218,49 @@ def test_tilt_range_and_cutoff_are_applied(small_sample):
     assert (out.tracks.occupancy[~outside] == 0).sum() <= 0.05 * (~outside).sum()
     assert np.isfinite(out.particle_score).all()
     assert parameter_change(out.tracks, out.tracks) == (0.0, 0.0)
+
+
+def euler(matrices):
+    return np.column_stack(geometry.matrix_to_euler(matrices))
+
+
+def test_each_euler_angle_stays_within_its_own_tolerance():
+    """pyp's csp_ToleranceParticlesPhi/Theta/Psi bound each angle, not the rotation: a candidate outside the box is
+    moved onto it angle by angle, one inside is kept, and a candidate written with negative theta (the other Euler
+    triple of the same rotation) is read in the triple nearer the start."""
+    start = geometry.euler_to_matrix(30.0, 60.0, 100.0)
+    far = geometry.euler_to_matrix(40.0, 65.0, 60.0)
+    np.testing.assert_allclose(euler(within_euler_range(far[None], start, (0.0, 2.0, 30.0))), [[30.0, 62.0, 70.0]],
+                               atol=1e-9)
+    inside = geometry.euler_to_matrix(29.0, 61.0, 101.0)
+    np.testing.assert_allclose(within_euler_range(inside[None], start, (2.0, 2.0, 2.0))[0], inside, atol=1e-12)
+    near_pole = geometry.euler_to_matrix(10.0, 3.0, 20.0)
+    flipped = geometry.euler_to_matrix(10.0, -2.0, 20.0)  # = (190, 2, 200): 1° of theta from the start's triple
+    np.testing.assert_allclose(within_euler_range(flipped[None], near_pole, (0.0, 10.0, 0.0))[0], flipped,
+                               atol=1e-9)
+    with pytest.raises(CsptInputError, match="euler_range_deg"):
+        RefineOptions(resolution_A=12.0, euler_range_deg=(5.0, -1.0, 5.0))
+
+
+def test_a_zero_tolerance_holds_its_angle_while_the_others_refine(small_sample):
+    """csp_ToleranceParticlesPhi = Theta = 0, Psi = 30 (pyp's docs: search the in-plane rotation only): phi and
+    theta stay exactly where they started and psi moves back towards the truth. The old rule (one ball of the
+    largest tolerance) moved all three."""
+    s = small_sample
+    truth = euler(particle_matrices(s.truth_tracks))
+    start = truth + np.array([4.0, 4.0, 8.0])
+    tracks = with_matrices(s.tracks.with_positions(np.arange(len(s.tracks)), s.truth_tracks.positions_px()),
+                           geometry.euler_to_matrix(start[:, 0], start[:, 1], start[:, 2]))
+    imaging = arguments.imaging(Settings.parse(s.params))
+    settings = Settings.parse({**s.params, "csp_refine_particles": True, "csp_ToleranceParticlesPhi": 0.0,
+                               "csp_ToleranceParticlesTheta": 0.0, "csp_ToleranceParticlesPsi": 30.0})
+    options = arguments.refine_options(settings, 2, refine_shifts=False, resolution_A=10.0)
+    assert options.euler_range_deg == (0.0, 0.0, 30.0)
+    out = euler(particle_matrices(refine_tracks(s.stack, tracks, s.truth_map, options, imaging).tracks))
+    np.testing.assert_allclose(out[:, :2], start[:, :2], atol=1e-6)
+    psi_error_before = np.abs(start[:, 2] - truth[:, 2])
+    psi_error_after = np.abs((out[:, 2] - truth[:, 2] + 180.0) % 360.0 - 180.0)
+    assert np.median(psi_error_after) < 0.5 * np.median(psi_error_before), (psi_error_before, psi_error_after)
 
 
 def test_only_particles_with_enough_projections_are_refined(small_sample):

@@ -40,8 +40,10 @@ def refine_options(settings: Settings, iteration: int, *, tilt_unit: TiltUnit = 
                    **overrides: Any) -> RefineOptions:
     """Refinement options of ``iteration``: ``refine_rhref`` of that iteration, ``refine_rlref``, the shift range
     (:attr:`Settings.shift_range_A`), the tilt selection, ``csp_RefineProjectionCutoff`` (min projections) and
-    ``refine_projection_score_cutoff``; with ``csp_refine_particles`` the orientation search stays within the
-    particle tolerances (:attr:`CspModes.angle_range_deg`). ``overrides`` replace any field."""
+    ``refine_projection_score_cutoff``; with ``csp_refine_micrographs`` the shifts of every tilt are measured (the
+    per-tilt geometry is fitted to all exposures, as in pyp); with ``csp_refine_particles`` the orientation search
+    stays within the particle tolerances, each Euler angle its own (:attr:`CspModes.euler_range_deg`).
+    ``overrides`` replace any field."""
     refinement = settings.refinement
     values: dict[str, Any] = dict(resolution_A=refinement.resolution_A(iteration),
                                   low_resolution_A=refinement.refine_rlref, shift_range_A=settings.shift_range_A,
@@ -49,8 +51,9 @@ def refine_options(settings: Settings, iteration: int, *, tilt_unit: TiltUnit = 
                                   min_projections=refinement.csp_RefineProjectionCutoff,
                                   projection_cutoff=refinement.refine_projection_score_cutoff)
     modes = csp_modes(settings)
+    values["measure_all_tilts"] = modes.refine_micrographs
     if modes.refine_particles:
-        values["angle_range_deg"] = modes.angle_range_deg
+        values["euler_range_deg"] = modes.euler_range_deg
     values.update(overrides)
     return RefineOptions(**values)
 

@@ -18,8 +18,13 @@ What a round does (all pure functions of arrays; the pipeline gathers and scatte
    SLURM: a job returns its measurements, never a partial solution): :func:`solve_constrained` fits the particles'
    points and the tilt geometry to every measurement at once — a robust (Huber) least-squares fit,
    :func:`napari_cspt2d.recon.trackfit.fit_tracks`, with the tilt tolerances below as bounds — then ties each
-   point to its track (the particle tolerance below). The measurements of
-   projections outside the refinement tilt range or dropped by the score cutoff get weight 0.
+   point to its track (the particle tolerance below). Measurements dropped by the score cutoff get weight 0.
+   Tilts outside ``csp_UseImagesForRefinementMin/Max`` follow pyp's split of its modes (``pyp/align/core.py``: the
+   micrograph mode 3 runs on every exposure, the particle modes on the range): with ``csp_refine_micrographs``
+   their projections are measured like the others and their geometry is fitted to those measurements, but the
+   particles' points come from the tilts in the range only (the points are fitted with the in-range tilts, then
+   each outside tilt's angle, axis and shift are fitted to its measurements with the points held); without it they
+   keep their geometry, and their projections are placed by the model like all others.
 3. *Place* (:func:`place_projections`): each projection's final position is the prediction plus its residual
    (measured − predicted) as the per-projection rule below says; the next round's jobs receive these positions, the
    solved per-tilt geometry and the particles' points in their TrackSet.
@@ -39,10 +44,10 @@ it to CSP mode 3, micrograph shifts, and mode 0 lists tilt and axis angles)
     Per particle: the 3D point fitted to the measurements may lie at most ``csp_ToleranceParticlesShifts`` (Å, each
     coordinate) from the particle's *anchor*, the point its own track (the picks) gives through the solved tilt
     geometry — in 2D-track mode the track is what pyp's 3D coordinates are; the orientation is refined by the
-    local search of :func:`~napari_cspt2d.recon.refine.refine_tracks`, at most ``max(csp_ToleranceParticlesPhi,
-    Psi, Theta)`` degrees from where it started (:attr:`CspModes.angle_range_deg`: the search bounds the rotation
-    angle, not each Euler angle). When off, the point is the anchor: pyp's micrograph refinement with the
-    particles at their 3D positions.
+    local search of :func:`~napari_cspt2d.recon.refine.refine_tracks` with each ZYZ Euler angle within its own
+    tolerance of where it started, ``csp_ToleranceParticlesPhi``, ``…Theta``, ``…Psi`` (°; 0 holds that angle;
+    :attr:`CspModes.euler_range_deg`, cisTEM's per-angle search ranges). When off, the point is the anchor: pyp's
+    micrograph refinement with the particles at their 3D positions.
 ``csp_frame_refinement`` (core.py: mode 5 → per-frame shifts; the seed requires it on)
     A projection is pyp's "frame" here (one exposure of a particle): per-projection shifts are refined. With it
     off, projections sit exactly at the prediction.
@@ -130,9 +135,9 @@ class CspModes:
         return self.refine_micrographs or self.refine_particles or self.transreg
 
     @property
-    def angle_range_deg(self) -> float:
-        """Largest orientation change of a particle's local search (the largest of the three tolerances)."""
-        return max(self.particle_phi_deg, self.particle_psi_deg, self.particle_theta_deg)
+    def euler_range_deg(self) -> tuple[float, float, float]:
+        """How far each Euler angle of a particle's local search may move: (phi, theta, psi) tolerances (°)."""
+        return (self.particle_phi_deg, self.particle_theta_deg, self.particle_psi_deg)
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,21 +183,24 @@ def start_constrained(picks: TrackSet) -> tuple[TrackSet, CspState]:
 
 
 def constrained_round(measured: TrackSet, state: CspState, modes: CspModes, *, pixel_A: float,
-                      picks_px: ArrayLike | None = None, use: ArrayLike | None = None
-                      ) -> tuple[TrackSet, CspState, ConstrainedFit]:
+                      picks_px: ArrayLike | None = None, use: ArrayLike | None = None,
+                      point_use: ArrayLike | None = None) -> tuple[TrackSet, CspState, ConstrainedFit]:
     """Solve and place (module docstring, steps 2 and 3) for the measured TrackSet of one tilt series (the
-    round's refined projections, with the tilt table and points of the previous round); ``picks_px`` (N, 2) and
-    ``use`` as in :func:`solve_constrained`. Returns the placed TrackSet, the next state and the fit."""
+    round's refined projections, with the tilt table and points of the previous round); ``picks_px`` (N, 2),
+    ``use`` and ``point_use`` as in :func:`solve_constrained`. Returns the placed TrackSet, the next state and the
+    fit."""
     if not np.array_equal(measured.particles.id, state.particle_id):
         raise CsptInputError("has other particles than the run started with", field="measured.particles",
                              expected="the particles of the constrained run's state")
     start = replace(state.geometry, angle_deg=measured.tilts.angle_deg.copy(), axis_deg=measured.tilts.axis_deg.copy())
-    fit = solve_constrained(measured, modes, pixel_A=pixel_A, start=start, picks_px=picks_px, use=use)
+    fit = solve_constrained(measured, modes, pixel_A=pixel_A, start=start, picks_px=picks_px, use=use,
+                            point_use=point_use)
     return place_projections(measured, fit, modes), replace(state, geometry=fit.geometry), fit
 
 
 def solve_constrained(measured: TrackSet, modes: CspModes, *, pixel_A: float, start: TiltGeometry,
-                      picks_px: ArrayLike | None = None, use: ArrayLike | None = None) -> ConstrainedFit:
+                      picks_px: ArrayLike | None = None, use: ArrayLike | None = None,
+                      point_use: ArrayLike | None = None) -> ConstrainedFit:
     """Fit the per-tilt geometry (``csp_refine_micrographs``, within the tolerances around ``start``) and the
     particles' points to the measured positions of ``measured`` (a TrackSet with ``image_shape_yx``; its particles'
     ``xyz_px`` are the current points, in ``start``'s frame): one robust least-squares fit of both.
@@ -201,17 +209,21 @@ def solve_constrained(measured: TrackSet, modes: CspModes, *, pixel_A: float, st
     absolute unbinned px, e.g. the user's tracks) give through the solved geometry (a robust fit of the picks;
     without picks: its current point). With ``csp_refine_particles`` the fitted point may lie at most
     ``csp_ToleranceParticlesShifts`` (each coordinate) from its anchor; without, the point is the anchor.
-    ``use`` (N,) bool: measurements that count (default all); ``pixel_A`` is the tilt-stack pixel."""
+    ``use`` (N,) bool: measurements that count (default all); ``point_use`` (N,) bool: those of them that also fit
+    the points (default all: the tilts in the refinement range; the tilts with fewer than 3 such particles are then
+    fitted to their ``use`` measurements with the points held); ``pixel_A`` is the tilt-stack pixel."""
     if not (math.isfinite(pixel_A) and pixel_A > 0):
         raise CsptInputError(f"is {pixel_A!r}", field="pixel_A", expected="> 0 Å")
     obs = measured.positions_px()
-    used = np.ones(len(measured), bool) if use is None else np.asarray(use, dtype=bool).reshape(-1)
-    if used.shape != (len(measured),):
-        raise CsptInputError(f"has shape {used.shape}", field="use", expected=f"({len(measured)},) booleans")
+    used, for_points = (_mask(value, name, len(measured)) for value, name in ((use, "use"), (point_use, "point_use")))
     prow, trow = measured.particle_rows(), measured.tilt_rows()
     tolerance = (modes.tilt_angle_deg, modes.tilt_axis_deg, modes.tilt_shift_A / pixel_A)
-    geo, xyz, weight = _bundle_adjust(obs, prow, trow, start, measured.particles.xyz_px, used,
+    geo, xyz, weight = _bundle_adjust(obs, prow, trow, start, measured.particles.xyz_px, used & for_points,
                                       tolerance if modes.refine_micrographs else None)
+    if modes.refine_micrographs:
+        geo, resected = _resect(obs, prow, trow, start, geo, xyz, used, ~_solvable(trow, used & for_points, len(
+            start.angle_deg)), tolerance)
+        weight = np.where(for_points, weight, resected)
     anchor = measured.particles.xyz_px
     if picks_px is not None:
         picks = np.asarray(picks_px, dtype=np.float64)
@@ -226,6 +238,52 @@ def solve_constrained(measured: TrackSet, modes: CspModes, *, pixel_A: float, st
     counted = weight > 0
     rms = float(np.sqrt(np.average(length2[counted], weights=weight[counted]))) if counted.any() else math.nan
     return ConstrainedFit(geo, np.array(xyz), predicted, obs, weight, rms)
+
+
+def _mask(value: ArrayLike | None, name: str, n: int) -> NDArray[np.bool_]:
+    """A per-measurement boolean mask (n,) from ``value`` (None = all True)."""
+    mask = np.ones(n, bool) if value is None else np.asarray(value, dtype=bool).reshape(-1)
+    if mask.shape != (n,):
+        raise CsptInputError(f"has shape {mask.shape}", field=name, expected=f"({n},) booleans")
+    return mask
+
+
+def _solvable(trow: NDArray, used: NDArray, n_t: int) -> NDArray[np.bool_]:
+    """Tilts (n_t,) with enough used measurements to fit their geometry (at least 3 particles)."""
+    return np.bincount(trow[used], minlength=n_t) >= _MIN_PARTICLES_PER_TILT
+
+
+def _resect(obs: NDArray, prow: NDArray, trow: NDArray, start: TiltGeometry, current: TiltGeometry, xyz: NDArray,
+            used: NDArray, tilts: NDArray, tolerance: tuple[float, float, float]) -> tuple[TiltGeometry, NDArray]:
+    """Fit the angle, axis and shift of the tilts ``tilts`` (T,) bool to their ``used`` measurements with the
+    points ``xyz`` (P, 3) held, within ``tolerance`` of ``start`` (robust Gauss-Newton, 4 × 4 per tilt, Huber
+    weights as :func:`_bundle_adjust`); returns ``current`` with those tilts fitted and the robust weights (N,) of
+    their measurements (0 elsewhere)."""
+    rows = used & tilts[trow] & _solvable(trow, used, len(tilts))[trow]
+    weight = np.zeros(len(obs))
+    if not rows.any():
+        return current, weight
+    n_t = len(tilts)
+    angle, axis, shift = current.angle_deg.copy(), current.axis_deg.copy(), current.shift_px.copy()
+    o, p, t = obs[rows], prow[rows], trow[rows]
+    for _ in range(_MAX_STEPS):
+        design = geometry.tilt_matrices(angle, axis)[t, :2, :]
+        residual = o - start.centre_px - shift[t] - np.einsum("nij,nj->ni", design, xyz[p])
+        w = _huber(np.hypot(residual[:, 0], residual[:, 1]), np.ones(len(o), bool))
+        jq = _tilt_jacobian(angle, axis, t, xyz[p])
+        u = _per_group(np.einsum("n,nki,nkj->nij", w, jq, jq), t, n_t)
+        b = _per_group(np.einsum("n,nki,nk->ni", w, jq, residual), t, n_t)
+        u[:, np.arange(4), np.arange(4)] *= 1.0 + _DAMPING
+        step = np.zeros((n_t, 4))
+        fitted = np.unique(t)
+        step[fitted] = np.linalg.solve(u[fitted] + 1e-12 * np.eye(4), b[fitted][..., None])[..., 0]
+        angle = np.clip(angle + np.rad2deg(step[:, 0]), *_box(start.angle_deg, tolerance, 0))
+        axis = np.clip(axis + np.rad2deg(step[:, 1]), *_box(start.axis_deg, tolerance, 1))
+        shift = np.clip(shift + step[:, 2:], *_box(start.shift_px, tolerance, 2))
+        if np.max(np.abs(step[:, 2:])) < _CONVERGED_PX and np.max(np.abs(step[:, :2])) < 1e-6:
+            break
+    weight[rows] = w
+    return replace(current, angle_deg=angle, axis_deg=axis, shift_px=shift), weight
 
 
 def _bundle_adjust(obs: NDArray, prow: NDArray, trow: NDArray, start: TiltGeometry, xyz0: NDArray, used: NDArray,
@@ -244,7 +302,7 @@ def _bundle_adjust(obs: NDArray, prow: NDArray, trow: NDArray, start: TiltGeomet
     n_p, n_t = len(xyz0), len(start.angle_deg)
     angle, axis, shift = start.angle_deg.copy(), start.axis_deg.copy(), start.shift_px.copy()
     xyz = np.array(xyz0, dtype=np.float64)
-    free = np.bincount(trow[used], minlength=n_t) >= _MIN_PARTICLES_PER_TILT
+    free = _solvable(trow, used, n_t)
     reference = int(np.argmin(np.where(free, np.abs(start.angle_deg), np.inf)))
     weight = used.astype(np.float64)
     for _ in range(_MAX_STEPS):

@@ -81,14 +81,16 @@ def _resumed(tracks: TrackSet, state: CspState, path: str | os.PathLike[str], pi
 def place(merged: TrackSet, state: CspState, picks: TrackSet, options: RefineOptions, settings: Settings
           ) -> tuple[TrackSet, CspState]:
     """The merged measurements of one tilt series placed by the constrained model (:func:`constrained_round`):
-    the picks anchor the particles; the measurements in the refinement tilt range with occupancy > 0 count, and in
-    tilts outside that range (which the map did not measure) the picks stand in, so that their geometry is fitted
-    to the tracks rather than left as it was."""
+    the picks anchor the particles; the measurements with occupancy > 0 count. The particles' points are fitted to
+    the tilts in the refinement range only; with ``csp_refine_micrographs`` the tilts outside it were measured too
+    (:attr:`RefineOptions.measure_all_tilts`) and their geometry is fitted to those measurements, as pyp's
+    micrograph refinement runs on every exposure (:mod:`~napari_cspt2d.recon.constrained`)."""
     picks_px = picks.positions_px()[_rows_of(picks, merged)]
-    outside = ~options.tilts.mask(merged.tilts)[merged.tilt_rows()]
-    measured = merged.with_positions(np.flatnonzero(outside), picks_px[outside])
-    placed, state, _ = constrained_round(measured, state, csp_modes(settings), pixel_A=settings.stack_pixel_A,
-                                         picks_px=picks_px, use=outside | (merged.occupancy > 0))
+    in_range = options.tilts.mask(merged.tilts)[merged.tilt_rows()]
+    measured = in_range | options.measure_all_tilts
+    placed, state, _ = constrained_round(merged, state, csp_modes(settings), pixel_A=settings.stack_pixel_A,
+                                         picks_px=picks_px, use=measured & (merged.occupancy > 0),
+                                         point_use=in_range)
     return placed, state
 
 

@@ -32,7 +32,12 @@ Per-particle orientations
     rotations by ± step about the x, y and z axes are scored, a parabola per axis predicts the optimum, and the best
     of these becomes the new centre; the band is narrowed to what the step can resolve (radius ``1.5 / step`` Fourier
     pixels) so coarse steps are cheap and smooth. The search never leaves a ball of ``angle_range_deg`` around the
-    starting orientation. *Global search* for particles without angles (all three Euler angles exactly 0, the
+    starting orientation; with ``euler_range_deg`` = (phi, theta, psi) tolerances (pyp's
+    ``csp_ToleranceParticlesPhi/Theta/Psi``) it instead keeps each ZYZ Euler angle within its own tolerance of its
+    start: every candidate is moved into that box before it is scored (each angle's change clipped; of a
+    rotation's two Euler triples, ``(phi, theta, psi)`` and ``(phi + 180, -theta, psi + 180)``, the one nearer the
+    start is clipped), so a tolerance of 0 holds its angle (pyp's docs: Phi and Theta 0 search the in-plane Psi
+    only). *Global search* for particles without angles (all three Euler angles exactly 0, the
     TrackSet's "unknown"): every rotation of a grid of about ``global_step_deg`` spacing (Fibonacci-sphere viewing
     directions × in-plane angles) is scored at low resolution, and the 8 best seed local searches. Such a particle's
     projections stay at their picks for the search (shifts refined against a made-up orientation would be wrong);
@@ -45,8 +50,11 @@ Tilts used for refinement (``csp_UseImagesForRefinementMin/Max``, :class:`TiltSe
     pyp selects exposures by acquisition index (``TIND``: 0 = first exposure; Max = −1 = up to the last one); the
     seed's ``-60/60`` are tilt angles in degrees. Rule (``unit="auto"``): the values are **degrees when Min < 0**
     (an exposure index cannot be negative), **acquisition indices otherwise**; ``unit="degrees"`` or ``"order"``
-    says it explicitly. Both bounds are inclusive. Projections of other tilts are not refined (shift kept) and do not
-    enter the particle score; they are still scored and reconstructed.
+    says it explicitly. Both bounds are inclusive. Projections of other tilts do not enter the orientation search or
+    the particle score; they are still scored and reconstructed, and their shifts are kept — unless
+    ``measure_all_tilts`` (the constrained modes' ``csp_refine_micrographs``): then their shifts are refined too,
+    as the measurements pyp's micrograph refinement fits every tilt's geometry from (it runs on all exposures:
+    ``pyp/align/core.py`` resets the range to 0..-1 for CSP mode 3, and keeps it for the particle modes).
 
 Particles refined (``csp_RefineProjectionCutoff``, pyp's "min number of projections for refinement")
     Only particles with at least that many projections are refined (0 = every particle); a value between 0 and 1
@@ -101,6 +109,7 @@ __all__ = [
     "orientation_grid",
     "parameter_change",
     "has_no_angles",
+    "within_euler_range",
 ]
 
 TiltUnit = Literal["auto", "degrees", "order"]
@@ -269,8 +278,10 @@ class RefineOptions:
 
     ``resolution_A`` is the iteration's high-resolution limit (``refine_rhref``), ``low_resolution_A`` the low one
     (``refine_rlref``); ``shift_range_A`` bounds how far a projection may move from its pick; ``angle_range_deg``
-    how far a local orientation search may go; ``angle_step_deg`` → ``angle_precision_deg`` are its first and last
-    step sizes; ``global_step_deg`` is the grid of the global search; ``tilts`` the tilts used for refinement;
+    how far a local orientation search may go (rotation angle), or ``euler_range_deg`` (phi, theta, psi; degrees,
+    each >= 0) how far each Euler angle may go instead; ``angle_step_deg`` → ``angle_precision_deg`` are its first and last
+    step sizes; ``global_step_deg`` is the grid of the global search; ``tilts`` the tilts used for refinement
+    (``measure_all_tilts``: the shifts of the others are refined too);
     ``min_projections`` is ``csp_RefineProjectionCutoff`` (a count, or a fraction of the tilts between 0 and 1);
     ``projection_cutoff`` is ``refine_projection_score_cutoff``."""
 
@@ -278,8 +289,10 @@ class RefineOptions:
     low_resolution_A: float = 100.0
     shift_range_A: float = 20.0
     refine_shifts: bool = True
+    measure_all_tilts: bool = False
     refine_angles: bool = True
     angle_range_deg: float = 15.0
+    euler_range_deg: tuple[float, float, float] | None = None
     angle_step_deg: float = 4.0
     angle_precision_deg: float = 0.5
     global_step_deg: float = 15.0
@@ -302,6 +315,11 @@ class RefineOptions:
         if self.angle_precision_deg > self.angle_step_deg:
             raise CsptInputError(f"is {self.angle_precision_deg:g}° > angle_step_deg {self.angle_step_deg:g}°",
                                  field="angle_precision_deg", expected="<= angle_step_deg")
+        if self.euler_range_deg is not None and not (
+                len(self.euler_range_deg) == 3
+                and all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in self.euler_range_deg)):
+            raise CsptInputError(f"is {self.euler_range_deg!r}", field="euler_range_deg",
+                                 expected="three finite tolerances >= 0 (phi, theta, psi degrees)")
         projection_cutoff_mask([], [], self.projection_cutoff)  # validates the value
         if not (math.isfinite(self.min_projections) and self.min_projections >= 0
                 and (self.min_projections < 1 or self.min_projections == int(self.min_projections))):
@@ -537,16 +555,40 @@ def _band_radius(step_deg: float, r_lo: float, r_hi: float) -> float:
     return float(min(r_hi, max(r_lo + 3.0, 1.5 / math.radians(step_deg))))
 
 
+def within_euler_range(candidates: ArrayLike, start: ArrayLike, range_deg: ArrayLike) -> NDArray[np.float64]:
+    """Rotations ``candidates`` (C, 3, 3) moved into the box of Euler angles around ``start`` (3, 3): each ZYZ
+    angle (phi, theta, psi) changed by at most its ``range_deg`` (3,) from the start's (module docstring)."""
+    c = np.asarray(candidates, dtype=np.float64).reshape(-1, 3, 3)
+    reach = np.asarray(range_deg, dtype=np.float64).reshape(3)
+    origin = np.array(geometry.matrix_to_euler(np.asarray(start, dtype=np.float64)), dtype=np.float64)
+    first = np.column_stack(geometry.matrix_to_euler(c))
+    second = first * np.array([1.0, -1.0, 1.0]) + np.array([180.0, 0.0, 180.0])
+
+    def change(angles: NDArray[np.float64]) -> NDArray[np.float64]:
+        return (angles - origin + 180.0) % 360.0 - 180.0
+
+    d1, d2 = change(first), change(second)
+    d = np.where((np.abs(d1).sum(1) <= np.abs(d2).sum(1))[:, None], d1, d2)
+    target = origin + np.clip(d, -reach, reach)
+    return geometry.euler_to_matrix(target[:, 0], target[:, 1], target[:, 2])
+
+
 def _local_search(score: _ParticleScorer, start: NDArray[np.float64], first_step: float, last_step: float,
-                  max_range: float, r_lo: float, r_hi: float) -> tuple[NDArray[np.float64], float]:
-    """Coarse-to-fine search around ``start`` (module docstring); returns the best ``A_p`` and its score."""
+                  max_range: float, r_lo: float, r_hi: float, euler_range: tuple[float, float, float] | None = None
+                  ) -> tuple[NDArray[np.float64], float]:
+    """Coarse-to-fine search around ``start`` (module docstring): within ``max_range`` degrees of rotation, or,
+    given ``euler_range``, within those Euler-angle tolerances; returns the best ``A_p`` and its score."""
     current, step, best = start, first_step, -np.inf
     axes = np.concatenate([np.eye(3), -np.eye(3)])
+
+    def bounded(rotations: NDArray[np.float64]) -> NDArray[np.float64]:
+        return rotations if euler_range is None else within_euler_range(rotations, start, euler_range)
+
     while step >= last_step * (1 - 1e-9):
         radius = _band_radius(step, r_lo, r_hi)
         best = float(score(current[None], radius)[0])
         for _ in range(2):
-            moves = geometry.rotvec_matrices(axes * math.radians(step)) @ current
+            moves = bounded(geometry.rotvec_matrices(axes * math.radians(step)) @ current)
             s = score(moves, radius)
             plus, minus = s[:3], s[3:]
             curv = plus + minus - 2.0 * best
@@ -555,10 +597,11 @@ def _local_search(score: _ParticleScorer, start: NDArray[np.float64], first_step
             off = np.clip(np.nan_to_num(off), -1.0, 1.0)
             if s.max() < best and np.abs(off).max() < 0.25:
                 break  # the centre is best and the predicted optimum is within a quarter step of it
-            trial = geometry.rotvec_matrices(off * math.radians(step)) @ current
-            options = np.concatenate([current[None], moves, trial[None]])
-            values = np.concatenate([[best], s, score(trial[None], radius)])
-            values[rotation_angle_deg(options, start[None]) > max_range] = -np.inf
+            trial = bounded(geometry.rotvec_matrices(off * math.radians(step)) @ current[None])
+            options = np.concatenate([current[None], moves, trial])
+            values = np.concatenate([[best], s, score(trial, radius)])
+            if euler_range is None:
+                values[rotation_angle_deg(options, start[None]) > max_range] = -np.inf
             pick = int(np.argmax(values))
             moved = float(rotation_angle_deg(options[pick], current))
             current, best = options[pick], float(values[pick])
@@ -687,14 +730,16 @@ def refine_tracks(
     particle_mats = _particle_matrices(tracks.particles.euler_deg)
     half = _halves(half, len(tracks), len(projectors))
     refined_particle = _enough_projections(prow, len(tracks.particles), len(tracks.tilts), options.min_projections)
-    in_range = options.tilts.mask(tracks.tilts)[trow] & refined_particle[prow]
+    in_tilts = options.tilts.mask(tracks.tilts)[trow]
+    in_range = in_tilts & refined_particle[prow]
+    measured = (in_tilts | options.measure_all_tilts) & refined_particle[prow]
     centre = (origin - positions) / imaging.bin
     radius = options.shift_range_A / imaging.pixel_A
     unknown = has_no_angles(tracks.particles.euler_deg) & options.refine_angles
 
     def shift_pass(name: str, active: NDArray[np.bool_]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         d, score = np.zeros((len(tracks), 2)), np.zeros(len(tracks))
-        active = active & in_range & options.refine_shifts
+        active = active & measured & options.refine_shifts
         for h, proj in enumerate(projectors):
             rows = np.flatnonzero(half == h)
             for i in range(0, rows.size, _CHUNK):
@@ -724,7 +769,8 @@ def refine_tracks(
                 searched[p] = True
             else:
                 particle_mats[p], _ = _local_search(scorer, particle_mats[p], options.angle_step_deg,
-                                                    options.angle_precision_deg, options.angle_range_deg, r_lo, r_hi)
+                                                    options.angle_precision_deg, options.angle_range_deg, r_lo, r_hi,
+                                                    options.euler_range_deg)
 
     everything = np.ones(len(tracks), bool)
     d, score = shift_pass("shifts", ~unknown[prow])  # a made-up orientation would pull the shifts off
