@@ -279,10 +279,9 @@ class RefineOptions:
     ``resolution_A`` is the iteration's high-resolution limit (``refine_rhref``), ``low_resolution_A`` the low one
     (``refine_rlref``); ``shift_range_A`` bounds how far a projection may move from its pick; ``angle_range_deg``
     how far a local orientation search may go (rotation angle), or ``euler_range_deg`` (phi, theta, psi; degrees,
-    each >= 0) how far each Euler angle may go instead; ``angle_step_deg`` → ``angle_precision_deg`` are its first and last
-    step sizes; ``global_step_deg`` is the grid of the global search; ``tilts`` the tilts used for refinement
-    (``measure_all_tilts``: the shifts of the others are refined too);
-    ``min_projections`` is ``csp_RefineProjectionCutoff`` (a count, or a fraction of the tilts between 0 and 1);
+    each >= 0) how far each Euler angle may go instead; ``angle_step_deg`` → ``angle_precision_deg`` are its first
+    and last step sizes; ``global_step_deg`` is the grid of the global search; ``tilts`` the tilts used for
+    refinement (``measure_all_tilts``: the shifts of the others are refined too); ``min_projections`` is ``csp_RefineProjectionCutoff`` (a count, or a fraction of the tilts between 0 and 1);
     ``projection_cutoff`` is ``refine_projection_score_cutoff``."""
 
     resolution_A: float
