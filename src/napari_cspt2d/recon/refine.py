@@ -281,8 +281,9 @@ class RefineOptions:
     how far a local orientation search may go (rotation angle), or ``euler_range_deg`` (phi, theta, psi; degrees,
     each >= 0) how far each Euler angle may go instead; ``angle_step_deg`` → ``angle_precision_deg`` are its first
     and last step sizes; ``global_step_deg`` is the grid of the global search; ``tilts`` the tilts used for
-    refinement (``measure_all_tilts``: the shifts of the others are refined too); ``min_projections`` is ``csp_RefineProjectionCutoff`` (a count, or a fraction of the tilts between 0 and 1);
-    ``projection_cutoff`` is ``refine_projection_score_cutoff``."""
+    refinement (``measure_all_tilts``: the shifts of the others are refined too); ``min_projections`` is
+    ``csp_RefineProjectionCutoff`` (a count, or a fraction of the tilts between 0 and 1); ``projection_cutoff`` is
+    ``refine_projection_score_cutoff``."""
 
     resolution_A: float
     low_resolution_A: float = 100.0
