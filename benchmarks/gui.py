@@ -22,13 +22,16 @@ start and end is recorded with the numbers.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +254,7 @@ GOALS = {
 
 # ---------------------------------------------------------------------------------------------------- the cockpit
 TIMER_MS = 10
+STALL_MS = 50.0  # a tick later than this is a stall (its GUI-thread stacks are reported with --stacks)
 COCKPIT_GOALS = {"max_lateness_ms": 100.0, "first_image_s": 2.0, "cancel_s": 0.5}
 
 
@@ -264,6 +268,7 @@ class LatenessProbe:
         self.timer.setInterval(TIMER_MS)
         self.timer.timeout.connect(self._tick)
         self.samples: dict[str, list[float]] = {}
+        self.stalls: list[tuple[str, float, float]] = []  # (phase, last tick, late tick), lateness > STALL_MS
         self._name: str | None = None
         self._last = time.perf_counter()
         self.timer.start()
@@ -271,7 +276,10 @@ class LatenessProbe:
     def _tick(self) -> None:
         now = time.perf_counter()
         if self._name is not None:
-            self.samples[self._name].append(max(0.0, (now - self._last) * 1000.0 - TIMER_MS))
+            late = max(0.0, (now - self._last) * 1000.0 - TIMER_MS)
+            self.samples[self._name].append(late)
+            if late > STALL_MS:
+                self.stalls.append((self._name, self._last, now))
         self._last = now
 
     @property
@@ -288,6 +296,102 @@ class LatenessProbe:
         return {name: {"max_lateness_ms": round(max(v, default=0.0), 1),
                        "p99_lateness_ms": round(float(np.percentile(v, 99)) if v else 0.0, 1),
                        "ticks": len(v)} for name, v in self.samples.items()}
+
+
+class StackSampler:
+    """A thread sampling every thread's Python stack every ``interval_s`` (``faulthandler.dump_traceback``: C code
+    that makes no frame objects, so no GUI object is ever freed in this thread), to say what the GUI thread was doing
+    while the probe's timer was late (``--stacks``). The sampler needs the interpreter lock itself: a gap between its
+    samples much longer than ``interval_s`` says some thread held the lock."""
+
+    def __init__(self, interval_s: float = 0.004) -> None:
+        self.interval_s = interval_s
+        self.main_tag = f"0x{threading.main_thread().ident:016x}"
+        self.samples: list[tuple[float, float, str]] = []  # (time, process CPU time, every thread's traceback text)
+        self.collections: list[tuple[float, float, int]] = []  # garbage collections: (start, end, generation)
+        self._gc_start = 0.0
+        gc.callbacks.append(self._on_gc)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stack-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import faulthandler
+
+        with tempfile.TemporaryFile("w+") as fh:
+            while not self._stop.is_set():
+                fh.seek(0)
+                fh.truncate()
+                faulthandler.dump_traceback(fh, all_threads=True)
+                fh.seek(0)
+                self.samples.append((time.perf_counter(), time.process_time(), fh.read()))
+                time.sleep(self.interval_s)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.collections.append((self._gc_start, time.perf_counter(), info["generation"]))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        gc.callbacks.remove(self._on_gc)
+
+    def _threads(self, text: str) -> tuple[list[str], list[str]]:
+        """The GUI thread's frames (outer -> inner) and the other threads' four innermost frames."""
+        main: list[str] = []
+        others: list[str] = []
+        for block in text.split("\n\n"):
+            head, *frames = block.strip().splitlines() or [""]
+            names = []
+            for line in frames:
+                file, _, rest = line.strip().partition('", line ')
+                parts = Path(file.removeprefix('File "')).parts
+                short = "/".join(parts[parts.index("site-packages") + 1:] if "site-packages" in parts else parts[-2:])
+                number, _, func = rest.partition(" in ")
+                names.append(f"{short}:{number} {func}")
+            if self.main_tag in head:
+                main = names[::-1]
+            elif names and "stack-sampler" not in block and "_run" not in names[0]:
+                others.append(" < ".join(names[:4]))
+        return main, others
+
+    def report(self, stalls: list[tuple[str, float, float]]) -> list[str]:
+        """Per stall: the GUI thread's frames present in at least half of its samples (outer -> inner, the last 14),
+        its most frequent innermost frames, the longest gap between samples and the other threads' innermost
+        frames."""
+        lines = []
+        times = np.array([t for t, _, _ in self.samples])
+        cpu = np.array([c for _, c, _ in self.samples])
+        for phase, start, end in stalls:
+            i0, i1 = np.searchsorted(times, start), np.searchsorted(times, end)
+            window = [self._threads(text) for _, _, text in self.samples[i0:i1]]
+            gaps = np.diff(times[max(i0 - 1, 0):i1 + 1])
+            at = int(np.argmax(gaps)) + max(i0 - 1, 0) if len(gaps) else 0
+            gap = gaps.max(initial=0.0) * 1000.0
+            gap_cpu = (cpu[at + 1] - cpu[at]) * 1000.0 if len(gaps) else 0.0
+            collected = [(min(e, end) - max(s, start), g) for s, e, g in self.collections if s < end and e > start]
+            lines.append(f"--- stall in {phase!r}: {(end - start) * 1000 - TIMER_MS:.0f} ms late, "
+                         f"{len(window)} samples, longest sampler gap {gap:.0f} ms (process CPU in it "
+                         f"{gap_cpu:.0f} ms), "
+                         f"garbage collection "
+                         f"{sum(t for t, _ in collected) * 1000:.0f} ms (generations "
+                         f"{sorted({g for _, g in collected})})")
+            if not window:
+                continue
+            counts: Counter = Counter()
+            for main, _ in window:
+                counts.update(set(main))
+            common = [f for f in window[len(window) // 2][0] if counts[f] >= len(window) / 2]
+            lines += [f"    {counts[f] * 100 // len(window):3d}% {f}" for f in common[-14:]]
+            leaves = Counter(main[-1] for main, _ in window if main)
+            lines.append("    innermost: " + "; ".join(f"{n}x {f}" for f, n in leaves.most_common(4)))
+            tops = Counter(f.split(" < ")[0] for _, others in window for f in others)
+            lines.append("    other threads: " + "; ".join(f"{n}x {f}" for f, n in tops.most_common(5)))
+            if gap > STALL_MS and at + 1 < len(self.samples):  # who held the interpreter lock: where they are after
+                lines.append("    after the longest gap: " + " | ".join(self._threads(self.samples[at + 1][2])[1]))
+        return lines
 
 
 def _wait(predicate, timeout_s: float) -> float:
@@ -309,8 +413,9 @@ def _settle(seconds: float) -> None:
     _wait(lambda: time.perf_counter() >= end, seconds + 1)
 
 
-def run_cockpit(tmp: Path) -> dict:
-    """Part 4 of the module docstring, on a shown 1366 × 768 window."""
+def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
+    """Part 4 of the module docstring, on a shown 1366 × 768 window; ``stacks``: sample the GUI thread's stack and
+    report it for every stall (``"stall_stacks"``)."""
     import napari
 
     os.environ["XDG_CACHE_HOME"] = str(tmp / "cache")  # no sample in the cache yet
@@ -319,6 +424,7 @@ def run_cockpit(tmp: Path) -> dict:
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1366, 768)
     probe = LatenessProbe()  # (a QTimer needs the application napari made)
+    sampler = StackSampler() if stacks else None
     probe.phase("open cockpit")
     _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
     _settle(1.0)
@@ -407,12 +513,16 @@ def run_cockpit(tmp: Path) -> dict:
     results["slowest_gui_callbacks_ms_by_phase"] = by_phase
     results["history"] = [[e.run, e.iteration, round(e.resolution_A, 2)] for e in state.history]
     results["load_average_end"] = round(os.getloadavg()[0], 2)
+    if sampler is not None:
+        sampler.stop()
+        results["stall_stacks"] = sampler.report(probe.stalls)
     probe.timer.stop()
     viewer.close()
     return results
 
 
 def print_cockpit(results: dict) -> None:
+    print("\n".join(results.pop("stall_stacks", [])))
     for phase, calls in results.get("slowest_gui_callbacks_ms_by_phase", {}).items():
         for name, ms in calls.items():
             print(f"slowest call in {phase!r}: {name:<40} {ms:>8} ms")
@@ -431,6 +541,8 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=("files", "cockpit", "all"), default="all")
+    parser.add_argument("--stacks", action="store_true",
+                        help="sample the GUI thread's stack and print it for every stall of the cockpit's loop")
     args = parser.parse_args()
     display = None
     if not os.environ.get("DISPLAY"):
@@ -443,7 +555,7 @@ def main() -> int:
         results = run() if args.part in ("files", "all") else {k: v for k, v in previous.items() if k != "cockpit"}
         if args.part in ("cockpit", "all"):
             with tempfile.TemporaryDirectory() as tmp:
-                results["cockpit"] = run_cockpit(Path(tmp))
+                results["cockpit"] = run_cockpit(Path(tmp), stacks=args.stacks)
         elif "cockpit" in previous:
             results["cockpit"] = previous["cockpit"]
     finally:

@@ -4,15 +4,25 @@ Data (open a stack and tracks, or the sample) → Curate (fix picks, undo) → P
 project) → Run (reconstruct, refine; the map, the history, the FSC curves) → Validate (refined shifts worst first,
 accept/reject). Every tab is handed the viewer's :class:`~napari_cspt2d._qt._owner.CockpitState` (document,
 parameters, project, history) and sits in a scroll area, so no tab makes the main window taller than the screen.
-When the cockpit opens, the numba kernels start warming in the background (:mod:`napari_cspt2d.recon.warmup`).
+When the cockpit opens, the numba kernels start warming in the background (:mod:`napari_cspt2d.recon.warmup`) and a
+child process fills the OpenGL shader cache (:mod:`._gl_warmup`), so the first image, map and vectors draw at once.
+
+The objects that exist when the cockpit opens (napari, the Qt wrappers, modules, the cockpit: ~300,000) are frozen
+out of Python's full garbage collections (:func:`gc.freeze`) until the window closes. A full collection walks every
+tracked object while holding the interpreter lock: 0.45–0.8 s, several times per Refine, triggered by whichever thread
+allocates (often the run's worker). The kernels' objects are frozen too once the warm-up has loaded them. Frozen
+objects are never collected, so they are unfrozen when the window closes (its viewer can then be freed).
 """
 
 from __future__ import annotations
+
+import gc
 
 from qtpy.QtCore import QEvent, QObject, QSize, Qt, QTimer
 from qtpy.QtWidgets import QDockWidget, QFrame, QMainWindow, QScrollArea, QTabWidget, QVBoxLayout, QWidget
 
 from ._curation import CurationWidget
+from ._gl_warmup import warm_shaders_once
 from ._lifecycle import WindowCloseWatcher
 from ._loader import TiltSeriesLoader
 from ._owner import CockpitState, state_of
@@ -76,6 +86,10 @@ class Cockpit(QWidget):
         self.run.review_shown.connect(self.validate.show_entry)
         self.run.run_finished.connect(self._on_run_finished)
         self.warmer = warm_once()
+        self.shader_warmer = warm_shaders_once()
+        self._frozen = True
+        gc.freeze()  # see the module docstring
+        self.warmer.ready.connect(self._freeze_kernels)
         self._close_watcher = WindowCloseWatcher(self, self.close_session)
 
     def sizeHint(self) -> QSize:
@@ -139,6 +153,12 @@ class Cockpit(QWidget):
         if state == "done" and self.run.results and self.run.results[-1].review is not None:
             self.show_tab("Validate")
 
+    def _freeze_kernels(self) -> None:
+        """The kernels are loaded: their ~50,000 objects (numba's dispatchers and types, nearly no garbage) live as
+        long as the process; freeze them too while the window is open."""
+        if self._frozen:
+            gc.freeze()
+
     def close_session(self) -> None:
         """The window closes: every tab stops (a run, the preview, autosave flushed, the map viewer freed)."""
         for tab in (self.curate, self.run, self.validate):
@@ -148,3 +168,7 @@ class Cockpit(QWidget):
             self._window.removeEventFilter(self)
             self._window = None
         self.warmer.stop()
+        self.shader_warmer.stop()
+        if self._frozen:
+            self._frozen = False
+            gc.unfreeze()

@@ -46,7 +46,8 @@ from ._guard import report_errors
 from ._owner import CockpitState, state_of
 from ._particle_table import ParticleTableModel, ParticleTableView
 
-__all__ = ["ShiftValidation", "ParticleGallery", "STATUS_COLOURS", "VECTORS_LAYER", "SCORE_COLORMAP"]
+__all__ = ["ShiftValidation", "ParticleGallery", "STATUS_COLOURS", "VECTORS_LAYER", "SCORE_COLORMAP",
+           "add_shift_vectors_layer"]
 
 STATUS_COLOURS = ("#6b6f78", "#3fae5a", "#d64541", "#4a90d9", "#3b3e45")
 VECTORS_LAYER = "refined shifts"
@@ -263,6 +264,15 @@ class ColourBar(QWidget):
         painter.end()
 
 
+def add_shift_vectors_layer(viewer, vectors: ShiftVectors, pixel_A: float) -> Vectors:
+    """Add the ``refined shifts`` layer showing ``vectors`` (stack pixels of ``pixel_A`` Å) to ``viewer``."""
+    return viewer.add_vectors(
+        vectors.data, features=vectors.features, name=VECTORS_LAYER, edge_color="score",
+        edge_colormap=SCORE_COLORMAP, edge_contrast_limits=vectors.score_limits, edge_width=vectors.width_px,
+        length=vectors.factor, vector_style="arrow", opacity=1.0, projection_mode="none",
+        scale=(1.0, pixel_A, pixel_A), axis_labels=("tilt", "y", "x"), metadata={"cspt2d": {"role": "refined-shifts"}})
+
+
 # ---------------------------------------------------------------------------------------------------- the tab
 class ShiftValidation(QWidget):
     """The Validate tab: summary, colour bar, worst-first navigation, projection table, accept/reject, gallery."""
@@ -386,13 +396,7 @@ class ShiftValidation(QWidget):
         self.colour_bar.set_scale(vectors.score_limits, vectors.factor)
         layer = self.layer
         if layer is None or layer not in self.viewer.layers:
-            pixel_A = float(self._params.stack_pixel_A)
-            self.layer = self.viewer.add_vectors(
-                vectors.data, features=vectors.features, name=VECTORS_LAYER, edge_color="score",
-                edge_colormap=SCORE_COLORMAP, edge_contrast_limits=vectors.score_limits, edge_width=vectors.width_px,
-                length=vectors.factor, vector_style="arrow", opacity=1.0, projection_mode="none",
-                scale=(1.0, pixel_A, pixel_A), axis_labels=("tilt", "y", "x"),
-                metadata={"cspt2d": {"role": "refined-shifts"}})
+            self.layer = add_shift_vectors_layer(self.viewer, vectors, float(self._params.stack_pixel_A))
             controller = self.state_owner.controller
             if controller is not None:
                 self.viewer.layers.selection.active = controller.points
@@ -566,8 +570,9 @@ class ShiftValidation(QWidget):
         self._done("Accepted all pending", review.accept(document, pending) if pending.size else 0)
 
     def close_session(self) -> None:
-        """Stop following the document and the viewer."""
+        """Stop following the document and the viewer; a gallery still being drawn is dropped when it arrives."""
         self._status_timer.stop()
+        self.review = None
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None

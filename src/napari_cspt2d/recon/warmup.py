@@ -20,7 +20,17 @@ from . import refine
 from .backproject import Projector
 from .reconstruct import HalfMapInsertion, ReconstructionSettings
 
-__all__ = ["warm_kernels"]
+__all__ = ["tiny_tracks", "warm_kernels"]
+
+
+def tiny_tracks(rng: np.random.Generator, size: int = 64) -> TrackSet:
+    """2 particles × 3 tilts (−30, 0, 30°) on ``size`` × ``size`` px images, small random shifts: the smallest track
+    set every warm-up (kernels here, shaders in :mod:`napari_cspt2d._qt._gl_warmup`) runs through real code."""
+    tilts = TiltTable.from_angles([-30.0, 0.0, 30.0], defocus_um=2.0, dose=3.0)
+    particles = ParticleTable(np.array([0, 1]), np.array([[-8.0, 0.0, 0.0], [8.0, 4.0, 0.0]]),
+                              np.array([[0.0, 30.0, 0.0], [90.0, 60.0, 10.0]]))
+    return TrackSet(np.repeat([0, 1], 3), np.tile(tilts.id, 2), rng.normal(size=(6, 2)), np.zeros(6), np.ones(6),
+                    particles, tilts, (size, size))
 
 
 def warm_kernels() -> None:
@@ -29,11 +39,7 @@ def warm_kernels() -> None:
     compiled or loaded from numba's cache with the argument types of a run."""
     rng = np.random.default_rng(0)
     box, size, pixel_A, radius_A = 16, 64, 4.0, 24.0
-    tilts = TiltTable.from_angles([-30.0, 0.0, 30.0], defocus_um=2.0, dose=3.0)
-    particles = ParticleTable(np.array([0, 1]), np.array([[-8.0, 0.0, 0.0], [8.0, 4.0, 0.0]]),
-                              np.array([[0.0, 30.0, 0.0], [90.0, 60.0, 10.0]]))
-    tracks = TrackSet(np.repeat([0, 1], 3), np.tile(tilts.id, 2), rng.normal(size=(6, 2)), np.zeros(6), np.ones(6),
-                      particles, tilts, (size, size))
+    tracks = tiny_tracks(rng, size)
     stack = rng.normal(size=(3, size, size)).astype(np.float32)
     insertion = HalfMapInsertion(ReconstructionSettings(pixel_A=pixel_A, extract_box=box, extract_bin=1,
                                                         particle_rad_A=radius_A, dose_weighting=True))

@@ -1,0 +1,53 @@
+"""What the cockpit does in the background when it opens, so that the first actions do not freeze the window: the
+OpenGL shader cache filled by a child process drawing every layer kind, the long-lived objects frozen out of full
+garbage collections (and unfrozen when the window closes)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("napari")
+pytestmark = pytest.mark.gui
+
+
+def _renderer() -> str:
+    """The OpenGL renderer's name (e.g. ``llvmpipe (LLVM 15.0.6, 256 bits)``)."""
+    from OpenGL import GL
+    from qtpy.QtGui import QOffscreenSurface, QOpenGLContext
+
+    context, surface = QOpenGLContext(), QOffscreenSurface()
+    surface.create()
+    assert context.create()
+    context.makeCurrent(surface)
+    try:
+        return GL.glGetString(GL.GL_RENDERER).decode()
+    finally:
+        context.doneCurrent()
+
+
+def test_shader_warm_up_fills_the_mesa_shader_cache(qapp, tmp_path):
+    if "llvmpipe" not in _renderer() or os.environ.get("MESA_SHADER_CACHE_DISABLE"):
+        pytest.skip("the shader cache checked here is Mesa's (software OpenGL)")
+    cache = tmp_path / "mesa"
+    env = {**os.environ, "MESA_SHADER_CACHE_DIR": str(cache)}
+    done = subprocess.run([sys.executable, "-m", "napari_cspt2d._qt._gl_warmup"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) > 10_000  # compiled programs were stored
+
+
+def test_the_cockpit_freezes_long_lived_objects_until_the_window_closes(make_napari_viewer, qtbot):
+    gc.unfreeze()
+    viewer = make_napari_viewer(show=True)
+    _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    frozen = gc.get_freeze_count()
+    assert frozen > 50_000  # napari, Qt wrappers, the cockpit
+    qtbot.waitExposed(viewer.window._qt_window)
+    qtbot.wait(100)
+    viewer.close()  # the window's close event: the cockpit's session ends
+    assert gc.get_freeze_count() == 0
