@@ -223,7 +223,11 @@ def test_viewer_open_and_layer_save_round_trip(make_napari_viewer, project, tmp_
 
 
 @pytest.mark.gui
-def test_sample_data_contribution(make_napari_viewer, monkeypatch, tmp_path):
+def test_sample_data_contribution(make_napari_viewer, monkeypatch, tmp_path, qtbot):
+    """File > Open Sample streams: the tracks and the tilt on the slider come at once (with the tilt label), the
+    other tilts are made in the background into the layer; the finished sample is make_sample's, and is cached."""
+    from napari_cspt2d._sample_data import sample_cache_folder
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     viewer = make_napari_viewer(show=True)
     layers = viewer.open_sample("napari-cspt2d", "synthetic")
@@ -232,3 +236,32 @@ def test_sample_data_contribution(make_napari_viewer, monkeypatch, tmp_path):
     tracks = layers[-1].metadata["cspt2d"]["tracks"]
     assert tracks.n_particles == 40 and tracks.n_tilts == 41
     assert layers[-1].size[0] == pytest.approx(2 * 0.4 * 64)  # particle_rad = 0.4 box
+    image, stream = layers[0], layers[0].metadata["cspt2d"]["stream"]
+    assert viewer.dims.current_step[0] == 20 and stream.order[0] == 20 and np.asarray(image.data[20]).any()
+    assert viewer.canvas.overlays.text.text == "tilt 20 of 0–40  +0.0°"
+    qtbot.waitUntil(lambda: stream.complete, timeout=120000)
+    assert image.data is stream.stack and np.array_equal(image.data, make_sample().stack)
+    qtbot.waitUntil(lambda: len(list(sample_cache_folder().glob("*.npz"))) == 1, timeout=20000)
+    again = viewer.open_sample("napari-cspt2d", "synthetic")  # from the cache: whole at once
+    assert again[0].metadata["cspt2d"]["stream"] is None and np.array_equal(again[0].data, image.data)
+
+
+@pytest.mark.gui
+def test_the_tilt_angle_shows_when_a_stack_opens_without_the_cockpit(make_napari_viewer, project, tmp_path,
+                                                                    monkeypatch):
+    """File > Open of a stack (the plugin's reader, no widget docked): the canvas names the section the slider
+    shows, numbered as the slider counts, with its tilt angle, and follows the slider."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    sample, _, paths = project
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(paths["stack"]), plugin="napari-cspt2d")
+    assert not viewer.window.dock_widgets  # no cockpit
+    angles = sample.tracks.tilts.angle_deg
+    overlay = viewer.canvas.overlays.text
+    step = viewer.dims.current_step[0]
+    assert overlay.visible and overlay.text == f"tilt {step} of 0–20  {angles[step]:+.1f}°"
+    viewer.dims.set_current_step(0, 3)
+    assert overlay.text == f"tilt 3 of 0–20  {angles[3]:+.1f}°" == "tilt 3 of 0–20  -42.0°"
+    slider = viewer.window._qt_viewer.dims.slider_widgets[0].slider
+    slider.setValue(17)  # the slider's number is the overlay's
+    assert viewer.dims.current_step[0] == 17 and overlay.text == f"tilt 17 of 0–20  {angles[17]:+.1f}°"

@@ -30,3 +30,41 @@ def test_analytic_projection_matches_summed_map():
     m = perm @ a.T @ perm
     rotated = affine_transform(vol, m, offset=c - m @ np.full(3, c), order=1)
     np.testing.assert_allclose(rotated.sum(0), proj, atol=0.05 * proj.max())
+
+
+SMALL = {"n_particles": 6, "n_tilts": 9, "shape_yx": (192, 160), "box": 32, "thickness_px": 40.0}
+
+
+def test_a_streamed_sample_is_the_sample_whatever_the_order(tmp_path):
+    """The stream makes the tilt napari shows first at once, then the others nearest first; the finished stack is
+    make_sample's (every tilt depends only on the seed and its section), and is saved for next time."""
+    from napari_cspt2d._sample_data import SampleStream, _load
+    from napari_cspt2d.sample import SamplePlan, first_tilt, make_sample, tilt_order
+
+    assert first_tilt(41) == 20 and first_tilt(4) == 1  # napari's slider starts at int((n - 1) / 2)
+    assert tilt_order(5) == [2, 3, 1, 4, 0]
+    whole = make_sample(**SMALL)
+    stream = SampleStream(SamplePlan(**SMALL), (tmp_path, "key"))
+    first = first_tilt(SMALL["n_tilts"])
+    made = [t for t in range(SMALL["n_tilts"]) if stream.stack[t].any()]
+    assert made == [first] and np.array_equal(stream.stack[first], whole.stack[first])
+    assert stream.claim() and not stream.claim()
+    progress = list(stream.fill(batch_s=0.0))
+    assert progress == [(n, SMALL["n_tilts"]) for n in range(2, SMALL["n_tilts"] + 1)]
+    assert stream.complete and np.array_equal(stream.stack, whole.stack)
+    stack, tracks, pixel_A, params = _load(tmp_path, "key")
+    assert np.array_equal(stack, whole.stack) and tracks.equals(whole.tracks) and params == whole.params
+    # deterministic per seed, and the seed matters
+    again, other = make_sample(**SMALL), make_sample(**SMALL, seed=1)
+    assert np.array_equal(again.stack, whole.stack) and again.tracks.equals(whole.tracks)
+    assert not np.array_equal(other.stack, whole.stack)
+
+
+def test_sample_parameters_have_pyps_meaning():
+    """The sample's own settings open without a notice: every exposure, as pyp's exposure indices."""
+    from napari_cspt2d.model.params import interpretations
+    from napari_cspt2d.sample import make_sample
+
+    params = make_sample(**SMALL).params
+    assert (params["csp_UseImagesForRefinementMin"], params["csp_UseImagesForRefinementMax"]) == (0, -1)
+    assert interpretations(params) == []

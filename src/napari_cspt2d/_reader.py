@@ -11,9 +11,9 @@ This module imports napari's data classes but no Qt.
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
+import sys
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,6 +25,7 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from .errors import CsptInputError
+from .io.mrc import release_pages
 from .model.tiltseries import TiltSeries, find_angle_file
 from .model.tracks import TiltTable, TrackSet
 
@@ -46,6 +47,7 @@ __all__ = [
     "particle_colors",
     "binned_view",
     "release_pages",
+    "follow_in_current_viewer",
 ]
 
 LayerData = tuple[Any, dict[str, Any], str]
@@ -237,21 +239,6 @@ def _bin_block(block: NDArray, b: int) -> NDArray[np.float32]:
     return out
 
 
-def release_pages(array: Any) -> bool:
-    """Drop the resident pages of the memory map behind ``array`` (they are re-read from the file if needed).
-
-    Reading a section through a memory map leaves its pages mapped into the process (they count in its RSS) until
-    the map is closed; releasing them keeps memory flat while the user scrolls through a large stack. Returns False
-    when ``array`` is not backed by a memory map."""
-    base = array
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None)
-    if base is None or not hasattr(mmap, "MADV_DONTNEED"):
-        return False
-    base.madvise(mmap.MADV_DONTNEED)
-    return True
-
-
 def tiltseries_layer_data(series: TiltSeries, *, bin_factor: int = 1) -> LayerData:
     """Image layer data for a tilt series: the memory map itself (or a lazily binned view), scale = pixel size,
     axis labels ``('tilt', 'y', 'x')``, contrast from robust percentiles of a subsample."""
@@ -279,10 +266,23 @@ def tiltseries_layer_data(series: TiltSeries, *, bin_factor: int = 1) -> LayerDa
     return binned_view(series.data, b), kwargs, "image"
 
 
+def follow_in_current_viewer() -> bool:
+    """In a napari window (called on its GUI thread), have its viewer follow the tilt series it is given: the tilt
+    angle shown on the canvas, a streamed sample filled in the background (``_qt/_viewer_watch.py``). False outside a
+    napari window (nothing done; napari's Qt part is not even imported)."""
+    if "napari._qt" not in sys.modules:
+        return False
+    from ._qt._viewer_watch import watch_current_viewer
+
+    return watch_current_viewer()
+
+
 def read_stack(path: str | os.PathLike[str], angles: Any = None, *, bin_factor: int = 1) -> list[LayerData]:
     """A tilt stack as an image layer; angles come from ``angles`` or a file beside the stack. A stack without
-    angles opens too (sections are then shown without their tilt angle)."""
+    angles opens too (sections are then shown without their tilt angle). In a napari window the tilt angle of the
+    section shown is written on the canvas (:func:`follow_in_current_viewer`)."""
     path = Path(path)
+    follow_in_current_viewer()
     if angles is None and find_angle_file(path) is None:
         from .io.mrc import open_stack
 

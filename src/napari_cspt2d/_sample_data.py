@@ -1,10 +1,14 @@
 """npe2 sample data: the synthetic tilt series (40 particles × 41 tilts, 1k × 1k) with its picked tracks.
 
-Making the sample takes seconds (every particle's projection is rendered analytically), so the first time a set of
-sample arguments is used the stack and tracks are kept in the user cache folder
-(``$XDG_CACHE_HOME/napari-cspt2d/samples/``, an ``.npy`` stack memory-mapped on the next opening and an ``.npz`` of
-the track arrays, written atomically); the key is a hash of the arguments and of ``sample.py`` itself, so a changed
-sample is never served stale. Later openings show the first image at once.
+Making the whole sample takes seconds (every particle's projection is rendered analytically), so it streams: the
+tracks and the tilt napari shows first are ready in about a tenth of a second, and a :class:`SampleStream` makes the
+other tilts, nearest first (:func:`napari_cspt2d.sample.tilt_order`), into the same array while the user looks. In
+a napari window the stream is filled in the background with progress (``_qt/_sample_stream.py``: the cockpit's
+Data tab, or File > Open Sample through :func:`open_sample_data`); elsewhere :func:`make_sample_data` returns the
+finished sample. The finished sample is kept in the user cache folder (``$XDG_CACHE_HOME/napari-cspt2d/samples/``, an
+``.npy`` stack memory-mapped on the next opening and an ``.npz`` of the track arrays, written atomically); the key is a
+hash of the arguments and of ``sample.py`` itself, so a changed sample is never served stale. Later openings show the
+whole sample at once.
 """
 
 from __future__ import annotations
@@ -13,19 +17,22 @@ import hashlib
 import inspect
 import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import sample as sample_module
-from ._reader import series_layer_data
+from ._reader import follow_in_current_viewer, series_layer_data
 from .io.atomic import atomic_open
 from .model.tiltseries import TiltSeries
 from .model.tracks import ParticleTable, TiltTable, TrackSet
-from .sample import make_sample
+from .sample import SamplePlan, first_tilt, tilt_order
 
-__all__ = ["SAMPLE_SOURCE", "make_sample_data", "sample_cache_folder"]
+__all__ = ["SAMPLE_SOURCE", "SampleStream", "make_sample_data", "open_sample_data", "sample_layers",
+           "sample_cache_folder"]
 
 #: The autosave key of the sample's tracks (it has no file).
 SAMPLE_SOURCE = "napari-cspt2d:sample"
@@ -77,20 +84,79 @@ def _load(folder: Path, key: str) -> tuple[np.ndarray, TrackSet, float, dict] | 
     return stack, tracks, pixel_A, params
 
 
-def make_sample_data(*, cache: bool = True, **sample_kwargs: Any) -> list[tuple[Any, dict[str, Any], str]]:
+class SampleStream:
+    """The stack ``(n_tilts, ny, nx)`` float32 of a :class:`~napari_cspt2d.sample.SamplePlan`, made tilt by tilt in
+    :func:`~napari_cspt2d.sample.tilt_order` into ``stack`` (the first tilt when the stream is made; the sections not
+    made yet are 0). :meth:`fill` makes the others; the finished sample is then saved in the cache (``save_to`` =
+    ``(folder, key)``, or None). A stream is filled once: :meth:`claim` says who does it."""
+
+    def __init__(self, plan: SamplePlan, save_to: tuple[Path, str] | None = None) -> None:
+        ny, nx = plan.shape_yx
+        self.plan = plan
+        self.stack = np.zeros((plan.n_tilts, ny, nx), np.float32)
+        self.order = tilt_order(plan.n_tilts)
+        self.done = 0  # tilts made, in ``order``
+        self._save_to = save_to
+        self._claimed = False
+        self._make_next()
+
+    @property
+    def complete(self) -> bool:
+        return self.done == len(self.order)
+
+    @property
+    def claimed(self) -> bool:
+        """Whether someone fills (or filled) the stream."""
+        return self._claimed
+
+    def claim(self) -> bool:
+        """True the first time only: the caller fills the stream (with :meth:`fill`)."""
+        claimed, self._claimed = self._claimed, True
+        return not claimed
+
+    def _make_next(self) -> None:
+        section = self.order[self.done]
+        self.stack[section] = self.plan.render_tilt(section)
+        self.done += 1
+
+    def fill(self, batch_s: float = 0.25) -> Iterator[tuple[int, int]]:
+        """Make the remaining tilts; yields ``(done, total)`` tilts every ``batch_s`` seconds and once at the end,
+        after the finished sample was saved in the cache."""
+        last = time.perf_counter()
+        while not self.complete:
+            self._make_next()
+            if self.complete and self._save_to is not None:
+                _save_quietly(*self._save_to, self.stack, self.plan.tracks, self.plan.pixel_A, self.plan.params)
+            if self.complete or time.perf_counter() - last >= batch_s:
+                yield self.done, len(self.order)
+                last = time.perf_counter()
+
+    def finish(self) -> None:
+        """Make every remaining tilt now (in this thread)."""
+        for _ in self.fill():
+            pass
+
+
+def _save_quietly(folder: Path, key: str, stack: np.ndarray, tracks: TrackSet, pixel_A: float, params: dict) -> None:
+    try:
+        _save(folder, key, stack, tracks, pixel_A, params)
+    except OSError:
+        pass  # a read-only cache only costs the time to make it again
+
+
+def sample_layers(*, cache: bool = True, **sample_kwargs: Any) -> list[tuple[Any, dict[str, Any], str]]:
     """Image, trajectories and tracks layers of :func:`napari_cspt2d.sample.make_sample` (keyword arguments are
-    passed on; seconds the first time, then from the cache unless ``cache=False``). Point diameter = the sample's
-    particle diameter; the tracks layer carries the sample's parameters (``metadata["cspt2d"]["params"]``)."""
+    passed on), from the cache (unless ``cache=False``) or else *streaming*: the image layer's
+    ``metadata["cspt2d"]["stream"]`` is then a :class:`SampleStream` with only the first tilt made, which the caller
+    fills. Point diameter = the sample's particle diameter; the tracks layer carries the sample's parameters
+    (``metadata["cspt2d"]["params"]``); the contrast comes from the tilt shown first."""
     key, folder = _cache_key(sample_kwargs), sample_cache_folder()
     loaded = _load(folder, key) if cache else None
+    stream = None
     if loaded is None:
-        sample = make_sample(**sample_kwargs)
-        stack, tracks, pixel_A, params = sample.stack, sample.tracks, sample.pixel_A, dict(sample.params)
-        if cache:
-            try:
-                _save(folder, key, stack, tracks, pixel_A, params)
-            except OSError:
-                pass  # a read-only cache only costs the time to make it again
+        plan = SamplePlan(**sample_kwargs)
+        stream = SampleStream(plan, (folder, key) if cache else None)
+        stack, tracks, pixel_A, params = stream.stack, plan.tracks, plan.pixel_A, dict(plan.params)
     else:
         stack, tracks, pixel_A, params = loaded
     series = TiltSeries(stack, pixel_A, tracks.tilts, str(params.get("data_set", "sample")))
@@ -98,5 +164,26 @@ def make_sample_data(*, cache: bool = True, **sample_kwargs: Any) -> list[tuple[
                   "amp_contrast": params["scope_wgh"]}
     layers = series_layer_data(series, tracks, radius_px=params["particle_rad"] / pixel_A,
                                source=SAMPLE_SOURCE, microscope=microscope)
+    first = first_tilt(stack.shape[0])
+    shown = TiltSeries(stack[first:first + 1], pixel_A, TiltTable.from_angles([0.0]))
+    layers[0][1]["contrast_limits"] = shown.contrast_limits()
+    layers[0][1]["metadata"]["cspt2d"]["stream"] = stream
     layers[-1][1]["metadata"]["cspt2d"]["params"] = params
     return layers
+
+
+def make_sample_data(*, cache: bool = True, **sample_kwargs: Any) -> list[tuple[Any, dict[str, Any], str]]:
+    """:func:`sample_layers`, finished (seconds the first time, then from the cache unless ``cache=False``)."""
+    layers = sample_layers(cache=cache, **sample_kwargs)
+    stream = layers[0][1]["metadata"]["cspt2d"]["stream"]
+    if stream is not None and stream.claim():
+        stream.finish()
+    return layers
+
+
+def open_sample_data(**sample_kwargs: Any) -> list[tuple[Any, dict[str, Any], str]]:
+    """npe2 sample hook (File > Open Sample): in a napari window, :func:`sample_layers` streaming (the first image at
+    once, the other tilts filled in the background with progress); elsewhere :func:`make_sample_data`."""
+    if not follow_in_current_viewer():
+        return make_sample_data(**sample_kwargs)
+    return sample_layers(**sample_kwargs)

@@ -6,6 +6,10 @@ a slab, in random orientations, as particles do in a tomogram (:func:`slab_posit
 Fourier machinery in ``recon/``, so reconstructions can be checked against ``truth_map`` honestly. Each particle's box
 gets the CTF at the particle's own defocus (tilt defocus minus its height along the beam), is pasted into the tilt
 image (protein dark), and Gaussian noise is added at the requested SNR.
+
+A tilt image depends on nothing but the seed and its own section (:class:`SamplePlan`: each tilt draws its noise from
+its own child of the seed's ``SeedSequence``; the noise level comes from the tilt shown first), so napari can show the
+first tilt a tenth of a second after asking and have the others made in the background, in any order.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from scipy.spatial.transform import Rotation
 
 from .model.tracks import ParticleTable, TiltTable, TrackSet
 from . import geometry
-from .recon.ctf import ctf_2d
+from .recon.ctf import ctf_params
 
-__all__ = ["Sample", "make_sample", "write_sample", "slab_positions", "blob_model", "render_map", "render_projections"]
+__all__ = ["Sample", "SamplePlan", "make_sample", "write_sample", "first_tilt", "tilt_order", "slab_positions",
+           "blob_model", "render_map", "render_projections"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,18 @@ def render_projections(
     return out.astype(np.float32)
 
 
+def _ctf_rfft(size: int, pixel_A: float, defocus_A: NDArray[np.float64], **optics: float) -> NDArray[np.float32]:
+    """CTFs ``(B, size, size // 2 + 1)`` on the rfft grid of ``size``² images, one per defocus (Å): the expression of
+    :func:`napari_cspt2d.recon.ctf.ctf_params`'s coefficients (no astigmatism) evaluated with numpy, so the sample
+    needs no compiled kernel (its first tilt shows before any is compiled)."""
+    c = ctf_params(defocus_A, **optics)[:, :, None, None]  # (B, 6, 1, 1)
+    fy = np.fft.fftfreq(size, d=pixel_A)[:, None]
+    fx = np.fft.rfftfreq(size, d=pixel_A)[None, :]
+    s2 = fx * fx + fy * fy
+    gamma = c[:, 0] * s2 + c[:, 1] * (c[:, 2] * (fx * fx - fy * fy) + c[:, 3] * 2.0 * fx * fy) + c[:, 4] * s2 * s2
+    return np.sin(gamma - c[:, 5]).astype(np.float32)
+
+
 @dataclass(frozen=True, eq=False)
 class Sample:
     """A synthetic tilt series: the stack, the picks a user would have, and the truth."""
@@ -117,86 +134,122 @@ def slab_positions(n_particles: int, shape_yx: tuple[int, int], box: int, thickn
     return np.array(placed, dtype=np.float64).reshape(n_particles, 3)
 
 
-def make_sample(
-    *,
-    n_particles: int = 40,
-    n_tilts: int = 41,
-    max_tilt_deg: float = 60.0,
-    shape_yx: tuple[int, int] = (1024, 1024),
-    box: int = 64,
-    pixel_A: float = 4.0,
-    defocus_um: float = 2.5,
-    voltage_kV: float = 300.0,
-    cs_mm: float = 2.7,
-    amp_contrast: float = 0.07,
-    dose_per_tilt: float = 3.0,
-    snr: float = 0.5,
-    pick_error_px: float = 2.0,
-    thickness_px: float = 100.0,
-    seed: int = 0,
-) -> Sample:
+def first_tilt(n_tilts: int) -> int:
+    """The section napari shows first when a stack of ``n_tilts`` opens (its slider starts at the middle step)."""
+    return int((n_tilts - 1) / 2)
+
+
+def tilt_order(n_tilts: int) -> list[int]:
+    """Sections from :func:`first_tilt` outwards (f, f+1, f-1, f+2, ...): the order a streamed sample is made in."""
+    first = first_tilt(n_tilts)
+    return sorted(range(n_tilts), key=lambda t: (abs(t - first), t < first))
+
+
+class SamplePlan:
+    """Everything of a sample but its images, which :meth:`render_tilt` makes one tilt at a time (in any order:
+    each tilt's noise has its own random stream, so a tilt's image does not depend on which were made before).
+
+    Arguments as :func:`make_sample`'s; made in milliseconds. :meth:`sample` assembles a :class:`Sample` from the
+    stack."""
+
+    def __init__(self, *, n_particles: int = 40, n_tilts: int = 41, max_tilt_deg: float = 60.0,
+                 shape_yx: tuple[int, int] = (1024, 1024), box: int = 64, pixel_A: float = 4.0,
+                 defocus_um: float = 2.5, voltage_kV: float = 300.0, cs_mm: float = 2.7, amp_contrast: float = 0.07,
+                 dose_per_tilt: float = 3.0, snr: float = 0.5, pick_error_px: float = 2.0,
+                 thickness_px: float = 100.0, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.model = blob_model(radius_px=box * 0.28)
+        self.box, self.pixel_A, self.shape_yx = box, float(pixel_A), tuple(int(v) for v in shape_yx)
+        self._ctf = {"voltage_kV": voltage_kV, "cs_mm": cs_mm, "amp_contrast": amp_contrast}
+        tilts = TiltTable.from_angles(
+            np.linspace(-max_tilt_deg, max_tilt_deg, n_tilts),
+            defocus_um=defocus_um + rng.normal(0, 0.05, n_tilts),
+            dose=dose_per_tilt,
+        )
+        xyz = slab_positions(n_particles, self.shape_yx, box, thickness_px, max_tilt_deg, rng)
+        phi, theta, psi = geometry.matrix_to_euler(Rotation.random(n_particles, random_state=seed).as_matrix())
+        ids = np.arange(1, n_particles + 1)
+        particles = ParticleTable(ids, xyz, np.column_stack([psi, theta, phi]))
+
+        pid, tid = (a.ravel() for a in np.meshgrid(ids, tilts.id, indexing="ij"))
+        n = pid.size
+        self.truth_tracks = TrackSet(pid, tid, np.zeros((n, 2)), np.zeros(n), np.full(n, 100.0), particles, tilts,
+                                     self.shape_yx)
+        positions = self.truth_tracks.positions_px()
+        picks = positions + rng.normal(0.0, pick_error_px, positions.shape)
+        self.tracks = TrackSet.from_positions(
+            pid, tid, picks, tilts, self.shape_yx,
+            particles=ParticleTable(ids, np.zeros((n_particles, 3)), particles.euler_deg))
+        prow, trow = self.truth_tracks.particle_rows(), self.truth_tracks.tilt_rows()
+        euler = particles.euler_deg[prow]
+        self._matrices = geometry.projection_matrices(euler[:, 2], euler[:, 1], euler[:, 0], tilts.angle_deg[trow],
+                                                      tilts.axis_deg[trow])
+        self._defocus_A = tilts.defocus_um[trow] * 1e4 - self.truth_tracks.projected_px()[:, 2] * pixel_A
+        self._render_box = int(2 * box)
+        self._corner = np.floor(positions).astype(np.int64) - self._render_box // 2  # (N, 2) x, y of a box's corner
+        self._frac = positions - np.floor(positions)
+        self._tid = tid
+        self._noise_seeds = np.random.SeedSequence(seed).spawn(n_tilts)
+        # signal variance inside the boxes of the tilt shown first (what the user judges the noise against)
+        middle = self._boxes(first_tilt(n_tilts))[1]
+        core = slice(self._render_box // 4, -(self._render_box // 4))
+        self.noise_sd = float(np.sqrt(middle[:, core, core].var() / snr)) if len(middle) else 1.0
+        self.params = {
+            "data_set": "sample", "data_mode": "tomo", "csp_no_3d_points": True, "csp_frame_refinement": True,
+            "scope_pixel": pixel_A, "data_bin": 1, "extract_box": box, "extract_bin": 1,
+            "particle_rad": float(box * 0.4 * pixel_A), "scope_voltage": voltage_kV, "scope_cs": cs_mm,
+            "scope_wgh": amp_contrast, "scope_dose_rate": dose_per_tilt,
+            # every exposure, in pyp's meaning (acquisition indices, -1 = up to the last): no notice on opening
+            "csp_UseImagesForRefinementMin": 0, "csp_UseImagesForRefinementMax": -1, "refine_rhref": "20:16:12",
+        }
+
+    @property
+    def n_tilts(self) -> int:
+        return int(self.tracks.tilts.id.size)
+
+    def _boxes(self, section: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """The rows of tilt ``section`` and their CTF-filtered projections ``(n, 2 box, 2 box)`` (protein positive)."""
+        rows = np.flatnonzero(self._tid == section)
+        size = self._render_box
+        proj = render_projections(self.model, self._matrices[rows], size, self._frac[rows])
+        ctf = _ctf_rfft(size, self.pixel_A, self._defocus_A[rows], **self._ctf)
+        return rows, np.fft.irfft2(np.fft.rfft2(proj) * ctf, s=(size, size)).astype(np.float32)
+
+    def render_tilt(self, section: int) -> NDArray[np.float32]:
+        """Tilt image ``section`` ``(ny, nx)``: its particles' CTF-filtered projections pasted in plus its noise."""
+        ny, nx = self.shape_yx
+        image = np.zeros((ny, nx), np.float32)
+        rows, boxes = self._boxes(section)
+        size = self._render_box
+        for box, (cx, cy) in zip(boxes, self._corner[rows]):
+            x0, y0 = max(cx, 0), max(cy, 0)
+            x1, y1 = min(cx + size, nx), min(cy + size, ny)
+            if x1 > x0 and y1 > y0:
+                image[y0:y1, x0:x1] += box[y0 - cy:y1 - cy, x0 - cx:x1 - cx]
+        noise = np.random.default_rng(self._noise_seeds[section]).standard_normal((ny, nx), dtype=np.float32)
+        image += noise * np.float32(self.noise_sd)
+        return image
+
+    def sample(self, stack: NDArray[np.float32]) -> Sample:
+        """The :class:`Sample` of this plan with its rendered ``stack`` ``(n_tilts, ny, nx)``."""
+        return Sample(stack, self.tracks, self.truth_tracks, render_map(self.model, self.box), self.model,
+                      self.pixel_A, dict(self.params))
+
+
+def make_sample(**kwargs) -> Sample:
     """Build a synthetic tilt series (about 2 s for the defaults: 40 particles × 41 tilts, 1k × 1k, box 64).
 
-    ``snr`` is the ratio of signal variance (inside the particles' boxes) to noise variance; ``pick_error_px`` the
-    standard deviation of the Gaussian error added to the true positions in ``tracks``."""
-    rng = np.random.default_rng(seed)
-    model = blob_model(radius_px=box * 0.28)
-    tilts = TiltTable.from_angles(
-        np.linspace(-max_tilt_deg, max_tilt_deg, n_tilts),
-        defocus_um=defocus_um + rng.normal(0, 0.05, n_tilts),
-        dose=dose_per_tilt,
-    )
-    ny, nx = shape_yx
-    xyz = slab_positions(n_particles, shape_yx, box, thickness_px, max_tilt_deg, rng)
-    phi, theta, psi = geometry.matrix_to_euler(Rotation.random(n_particles, random_state=seed).as_matrix())
-    ids = np.arange(1, n_particles + 1)
-    particles = ParticleTable(ids, xyz, np.column_stack([psi, theta, phi]))
-
-    pid, tid = (a.ravel() for a in np.meshgrid(ids, tilts.id, indexing="ij"))
-    n = pid.size
-    truth = TrackSet(pid, tid, np.zeros((n, 2)), np.zeros(n), np.full(n, 100.0), particles, tilts, shape_yx)
-    positions = truth.positions_px()
-    prow, trow = truth.particle_rows(), truth.tilt_rows()
-    euler = particles.euler_deg[prow]
-    matrices = geometry.projection_matrices(euler[:, 2], euler[:, 1], euler[:, 0], tilts.angle_deg[trow],
-                                            tilts.axis_deg[trow])
-    height_A = truth.projected_px()[:, 2] * pixel_A
-    defocus_A = tilts.defocus_um[trow] * 1e4 - height_A
-
-    render_box = int(2 * box)
-    corner = np.floor(positions).astype(np.int64) - render_box // 2  # (N, 2) x, y of the box's first pixel
-    frac = positions - np.floor(positions)
-    clean = np.zeros((tilts.id.size, ny, nx), np.float32)
-    signal_var = []
-    for start in range(0, n, 256):
-        sl = slice(start, min(n, start + 256))
-        proj = render_projections(model, matrices[sl], render_box, frac[sl])
-        ctf = ctf_2d((render_box, render_box), pixel_A, defocus_A[sl], voltage_kV=voltage_kV, cs_mm=cs_mm,
-                     amp_contrast=amp_contrast)
-        images = np.fft.irfft2(np.fft.rfft2(proj) * ctf, s=(render_box, render_box)).astype(np.float32)
-        for img, (cx, cy), t in zip(images, corner[sl], tid[sl]):
-            x0, y0 = max(cx, 0), max(cy, 0)
-            x1, y1 = min(cx + render_box, nx), min(cy + render_box, ny)
-            if x1 > x0 and y1 > y0:
-                clean[t, y0:y1, x0:x1] += img[y0 - cy:y1 - cy, x0 - cx:x1 - cx]
-        signal_var.append(images[:, render_box // 4: -render_box // 4, render_box // 4: -render_box // 4].var())
-    noise_sd = float(np.sqrt(np.mean(signal_var) / snr))
-    stack = clean
-    for t in range(stack.shape[0]):
-        stack[t] += rng.normal(0.0, noise_sd, (ny, nx)).astype(np.float32)
-
-    picks = positions + rng.normal(0.0, pick_error_px, positions.shape)
-    tracks = TrackSet.from_positions(pid, tid, picks, tilts, shape_yx,
-                                     particles=ParticleTable(ids, np.zeros((n_particles, 3)), particles.euler_deg))
-    params = {
-        "data_set": "sample", "data_mode": "tomo", "csp_no_3d_points": True, "csp_frame_refinement": True,
-        "scope_pixel": pixel_A, "data_bin": 1, "extract_box": box, "extract_bin": 1,
-        "particle_rad": float(box * 0.4 * pixel_A), "scope_voltage": voltage_kV, "scope_cs": cs_mm,
-        "scope_wgh": amp_contrast, "scope_dose_rate": dose_per_tilt,
-        # every exposure, in pyp's meaning (acquisition indices, -1 = up to the last): no notice on opening
-        "csp_UseImagesForRefinementMin": 0, "csp_UseImagesForRefinementMax": -1, "refine_rhref": "20:16:12",
-    }
-    return Sample(stack, tracks, truth, render_map(model, box), model, pixel_A, params)
+    Arguments (:class:`SamplePlan`): ``n_particles``, ``n_tilts``, ``max_tilt_deg``, ``shape_yx``, ``box`` (px),
+    ``pixel_A``, ``defocus_um``, ``voltage_kV``, ``cs_mm``, ``amp_contrast``, ``dose_per_tilt``, ``snr`` (the ratio
+    of signal variance inside the boxes of the middle tilt to noise variance), ``pick_error_px`` (the standard
+    deviation of the Gaussian error added to the true positions in ``tracks``), ``thickness_px``, ``seed`` (every
+    random draw follows from it: the same seed gives the same sample, whatever order its tilts are made in)."""
+    plan = SamplePlan(**kwargs)
+    ny, nx = plan.shape_yx
+    stack = np.empty((plan.n_tilts, ny, nx), np.float32)
+    for section in range(plan.n_tilts):
+        stack[section] = plan.render_tilt(section)
+    return plan.sample(stack)
 
 
 def write_sample(sample: Sample, out_dir: str | os.PathLike[str], name: str = "sample") -> dict[str, Path]:

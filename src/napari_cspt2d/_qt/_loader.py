@@ -33,8 +33,8 @@ from .._reader import read_trackset, series_layer_data
 from ..errors import CsptError, CsptInputError
 from ..model.tiltseries import TiltSeries, find_angle_file
 from ._guard import report_errors
-from ._lifecycle import WindowCloseWatcher
-from ._tilt_overlay import connect_tilt_view
+from ._sample_stream import fill_in_background
+from ._viewer_watch import watch_viewer
 
 __all__ = ["TiltSeriesLoader", "load_series_layers"]
 
@@ -104,6 +104,8 @@ class TiltSeriesLoader(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self._worker = None
+        self._stream = None  # a streamed sample being added (its tilts are made once its layers are in)
+        self._filling = None  # the worker making a streamed sample's other tilts
         self.stack = _PathRow("Tilt stack", "MRC stacks (*.mrc *.st *.ali *.mrcs);;All files (*)")
         self.angles = _PathRow("Tilt angles", "Angles (*.tlt *.rawtlt *.mdoc *.pkl);;All files (*)",
                                "found beside the stack")
@@ -142,12 +144,12 @@ class TiltSeriesLoader(QWidget):
         layout.addWidget(self.progress)
         layout.addWidget(self.info)
         layout.addStretch(1)
-        self._close_watcher = WindowCloseWatcher(self, connect_tilt_view(napari_viewer))
+        watch_viewer(napari_viewer)  # the tilt label, for the viewer's life (File > Open shows it too)
 
     @property
     def busy(self) -> bool:
-        """True while files are being read."""
-        return self._worker is not None
+        """True while files are being read or the sample's tilts made."""
+        return self._worker is not None or self._filling is not None
 
     @report_errors("Angles")
     def _suggest_angles(self) -> None:
@@ -166,11 +168,11 @@ class TiltSeriesLoader(QWidget):
 
     @report_errors("Sample")
     def open_sample(self, **sample_kwargs: Any) -> None:
-        """Generate the synthetic sample (stack + tracks) in a worker, then add the layers."""
-        from .._sample_data import make_sample_data
+        """Open the synthetic sample (stack + tracks): its tracks and first tilt are made in a worker and shown, the
+        other tilts follow in the background with progress (the first time; then from the cache)."""
+        from .._sample_data import sample_layers
 
-        self._run(make_sample_data, message="Making the sample (the first time: seconds; then from the cache)…",
-                  **sample_kwargs)
+        self._run(sample_layers, message="Making the sample…", **sample_kwargs)
 
     def _run(self, func, *args: Any, message: str = "Loading…", **kwargs: Any) -> None:
         if self._worker is not None:
@@ -187,6 +189,8 @@ class TiltSeriesLoader(QWidget):
 
     def _done(self) -> None:
         self._worker = None
+        if self._filling is not None:
+            return  # the sample's other tilts are still being made: :meth:`_filled` ends the load
         self.progress.hide()
         self.open_button.setEnabled(True)
         self.sample_button.setEnabled(True)
@@ -202,12 +206,29 @@ class TiltSeriesLoader(QWidget):
         """Show the image at once; the tracks layers follow, one per turn of the event loop (the user sees the
         first image while they are added; each layer's controls and visual cost 0.1–0.2 s in software OpenGL)."""
         try:
+            stream = layers[0].metadata["cspt2d"].get("stream")
+            if stream is not None and stream.claim():  # ours to fill: the viewer's watcher leaves it alone
+                self._stream = stream
+                self._made(stream.done, len(stream.order))
             image = self.viewer.add_layer(layers[0])
             self.viewer.reset_view()
         except BaseException:
             self._done()
             raise
         QTimer.singleShot(0, lambda: self._add_rest([image], layers[1:]))
+
+    def _made(self, done: int, total: int) -> None:
+        """Progress of the sample's tilts (the first ones are shown, the others on their way)."""
+        self.progress.setRange(0, total)
+        self.progress.setValue(done)
+        self.progress.setFormat(f"sample tilts: {done} of {total}")
+
+    def _filled(self) -> None:
+        self._filling = None
+        self.progress.setRange(0, 0)
+        self.progress.setFormat("%p%")
+        if self._worker is None:  # the layers are in
+            self._done()
 
     @report_errors("Open tilt series")
     def _add_rest(self, added: list[Layer], rest: list[Layer]) -> None:
@@ -221,8 +242,11 @@ class TiltSeriesLoader(QWidget):
         except BaseException:
             self._done()
             raise
-        self._done()
         image = added[0]
+        if self._stream is not None:  # the sample's other tilts, now that its first one and tracks are shown
+            self._filling = fill_in_background(image, self._stream, on_progress=self._made, on_done=self._filled)
+            self._stream = None
+        self._done()
         meta = image.metadata["cspt2d"]
         ny, nx = meta["shape_yx"]
         text = f"{meta['name']}: {image.data.shape[0]} sections, {nx}×{ny} px, {meta['pixel_A']:.3g} Å/px"

@@ -103,6 +103,10 @@ class CockpitState(QObject):
             raise CsptInputError("no tilt series is shown", field="tilt series",
                                  expected="a stack opened in the Data tab, File > Open or the sample")
         meta = layer.metadata["cspt2d"]
+        stream = meta.get("stream")
+        if stream is not None and not stream.complete:
+            raise CsptInputError(f"is still being made ({stream.done} of {len(stream.order)} tilts)",
+                                 field="tilt series", expected="the sample's tilts made (progress in the Data tab)")
         path = Path(meta["path"]) if meta.get("path") else None
         stack = layer.data if meta.get("bin", 1) == 1 else open_stack(path)[0]
         document = self.document

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from napari.layers import Image
 from qtpy.QtCore import QTimer
 
-from .._reader import release_pages
+from ..io.mrc import release_pages
 
 __all__ = ["connect_tilt_view", "tiltseries_layer", "tilt_label", "RELEASE_DELAY_MS"]
 

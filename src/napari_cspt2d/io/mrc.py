@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import mrcfile
 import numpy as np
@@ -15,7 +17,7 @@ from numpy.typing import ArrayLike, NDArray
 from ..errors import CsptInputError
 from .atomic import atomic_path
 
-__all__ = ["open_stack", "read_voxel_size_A", "write_map", "write_stack", "merge_images"]
+__all__ = ["open_stack", "read_voxel_size_A", "write_map", "write_stack", "merge_images", "release_pages"]
 
 
 def _check_header(path: Path) -> None:
@@ -136,3 +138,18 @@ def read_image(path: str | os.PathLike[str]) -> NDArray[np.float32]:
     """Read a whole (small) MRC file into memory as float32."""
     data, _ = open_stack(path)
     return np.array(data, dtype=np.float32)
+
+
+def release_pages(array: Any) -> bool:
+    """Drop the resident pages of the memory map behind ``array`` (they are re-read from the file if needed).
+
+    Reading a section through a memory map leaves its pages mapped into the process (they count in its RSS) until
+    the map is closed; releasing them keeps memory flat while the user scrolls through a large stack. Returns False
+    when ``array`` is not backed by a memory map."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return False
+    base.madvise(mmap.MADV_DONTNEED)
+    return True
