@@ -59,6 +59,23 @@ def test_selection_progress_and_cancel(small_sample):
         _run(small_sample, min_tilt_deg=80)  # nothing left
 
 
+@pytest.mark.parametrize("checks_before_cancel", [0, 1, 2, 5])
+def test_cancel_reaches_into_the_finishing_of_the_map(small_sample, checks_before_cancel):
+    """Cancel pressed while the map is finished (half maps, Wiener filter, FSC) stops it at the next of its checks,
+    before the last step: before a map, between a map's division and its transform, before the FSC."""
+    steps, checks = [], []
+
+    def cancel() -> bool:
+        if steps:  # the finishing has begun
+            checks.append(1)
+        return len(checks) > checks_before_cancel
+
+    with pytest.raises(CsptCancelled, match="finished"):
+        _run(small_sample, cancel=cancel,
+             progress=lambda stage, done, total: steps.append(done) if stage == "reconstruct" else None)
+    assert steps and steps[-1] < 4  # the finishing never reached its end
+
+
 def test_result_written_with_voxel_size(small_sample, tmp_path):
     res = _run(small_sample, ctf_mode="flip", split="random", seed=3)
     written = res.write(tmp_path / "maps" / "sample_r01_02.mrc")

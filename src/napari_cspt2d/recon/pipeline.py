@@ -421,7 +421,7 @@ def _finish_map(paths: ProjectPaths, iteration: int, settings: ReconstructionSet
             series = tracks[job.name]
             sub = series.select(np.isin(series.particle, job.particle_ids))
             insertion.insert(open_stack(job.stack)[0], sub, job.share.halves(sub), progress=progress)
-        result = insertion.finish(progress=progress)
+        result = insertion.finish(progress=progress, cancel=stage.cancel)
     finally:
         insertion.close()
     result.write(paths.map(iteration), plot=False)

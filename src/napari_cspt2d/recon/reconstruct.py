@@ -273,17 +273,18 @@ class HalfMapInsertion:
             self.stats[key] += grids.stats[key]
 
     def finish(self, *, mask: ArrayLike | None = None, bfactor_A2: float | None = None, shell_damping: float = 1.0,
-               progress: ProgressFn | None = None) -> ReconstructionResult:
+               progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None) -> ReconstructionResult:
         """Half maps, FSC and final map (``mask``, ``bfactor_A2`` and ``shell_damping`` as in
         :func:`reconstruct_tracks`) from
-        everything inserted and added. ``stats["seconds"]`` is the insertion time (summed over parts) plus this."""
+        everything inserted and added. ``stats["seconds"]`` is the insertion time (summed over parts) plus this.
+        ``cancel()`` returning True raises :class:`CsptCancelled` before the next map or FSC is computed."""
         started = time.perf_counter()
         n, bp = self.settings.box, self.backprojector
         _check_mask(mask, n)
         _check_halves(int(self.stats["n_used"]), bp.count)
         if mask is None:
             mask = self.settings.particle_mask()
-        recon = bp.reconstruct(fsc_mask=mask, shell_damping=shell_damping, progress=progress)
+        recon = bp.reconstruct(fsc_mask=mask, shell_damping=shell_damping, progress=progress, cancel=cancel)
         final = recon.full
         if mask is not None:
             final = final * np.asarray(mask, dtype=np.float32)
@@ -352,7 +353,8 @@ def reconstruct_tracks(
     less low-pass filtered ones (higher FSC against a model inside a tight mask, lower real-space correlation at low
     SNR; :class:`Backprojector`, README "Fidelity").
     ``progress(stage, done, total)`` is called between batches ("backproject") and reconstruction steps
-    ("reconstruct"); ``cancel()`` returning True raises :class:`CsptCancelled` at the next batch."""
+    ("reconstruct"); ``cancel()`` returning True raises :class:`CsptCancelled` at the next batch, or while the map
+    is finished, before its next half map or FSC."""
     settings = ReconstructionSettings(
         pixel_A=pixel_A, extract_box=extract_box, extract_bin=extract_bin, particle_rad_A=particle_rad_A,
         voltage_kV=voltage_kV, cs_mm=cs_mm, amp_contrast=amp_contrast, score_cutoff=score_cutoff,
@@ -369,6 +371,7 @@ def reconstruct_tracks(
         insertion.insert(stack, tracks, halves, progress=progress, cancel=cancel)
         if cancel is not None and cancel():
             raise CsptCancelled("reconstruction cancelled")
-        return insertion.finish(mask=mask, bfactor_A2=bfactor_A2, shell_damping=shell_damping, progress=progress)
+        return insertion.finish(mask=mask, bfactor_A2=bfactor_A2, shell_damping=shell_damping, progress=progress,
+                                cancel=cancel)
     finally:
         insertion.close()
