@@ -62,6 +62,18 @@ acquisition order, ``TIND``) (fit.py ``regularize_image``)
     one followed here.) Without ``csp_transreg`` the residuals are kept whole: each projection sits at its
     measured position.
 
+    What differs from pyp. pyp regularises only with movie frames (``csp_frame_refinement`` acts when a tilt is a
+    movie: ``pyp/align/core.py`` sets its frame refinement only with ``use_frames``, and only then calls
+    ``fit.regularize``), per tilt image inside ``csp_UseImagesForRefinementMin/Max`` (``fit.regularize`` skips the
+    others), on the shifts of a particle's frames *within one tilt*: its time axis is the movie's frames, and it
+    adds the tilt's own frame drift back. A 2D track has one image per tilt, so here a projection is the frame
+    (issue #19's mapping), the spatial rule is pyp's as written, and the time axis is the particle's exposures
+    across the tilt series (the series as the particle's "movie"), every tilt regularised. On
+    ``benchmarks/fidelity.py``'s simulation the time smoothing moves the placed positions by about 0.002 px
+    (spatial averaging does the work); it also spreads a tilt's residuals to its neighbours in acquisition order,
+    so a tilt whose measurements are bad (or were never measured) drags its neighbours — ``csp_time_sigma = 0``
+    keeps the spatial rule only.
+
 "Free" mode (the seed's settings: ``csp_frame_refinement`` on, the other switches off, pyp's defaults): no model —
 each projection keeps its own measured shift and every particle its refined orientation, which is what pyp's
 per-frame refinement without regularisation does. Any of ``csp_refine_micrographs``, ``csp_refine_particles`` or
