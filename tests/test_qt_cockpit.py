@@ -78,6 +78,11 @@ def test_the_whole_loop_with_real_input(make_napari_viewer, qtbot, tmp_path, cac
     assert viewer.canvas.overlays.text.text.startswith(f"tilt {viewer.dims.current_step[0]} of 0–")  # angle shown
     native = viewer.window._qt_viewer.canvas.native
     pixel = ctl.pixel_A
+    # the refined-shifts layer is made with the tilt series, empty and hidden; picking stays in the tracks layer
+    qtbot.waitUntil(lambda: "refined shifts" in viewer.layers, timeout=5000)
+    shifts = viewer.layers["refined shifts"]
+    assert not shifts.visible and len(shifts.data) == 0
+    assert viewer.layers.selection.active is ctl.points
 
     # move a point: drag it on the canvas (select mode)
     viewer.layers.selection.active = ctl.points
@@ -149,6 +154,7 @@ def test_the_whole_loop_with_real_input(make_napari_viewer, qtbot, tmp_path, cac
     assert cockpit.tabs.tabText(cockpit.tabs.currentIndex()) == "Validate"
     validate = cockpit.validate
     review = validate.review
+    assert viewer.layers["refined shifts"] is shifts and shifts.visible and len(shifts.data) == len(review)
     qtbot.mouseClick(validate.worst_button, Qt.MouseButton.LeftButton)
     worst = validate.table.selected_rows()[0]
     assert review.score[worst] == np.nanmin(review.score)

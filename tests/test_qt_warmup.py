@@ -1,6 +1,6 @@
 """What the cockpit does in the background when it opens, so that the first actions do not freeze the window: the
-OpenGL shader cache filled by a child process drawing every layer kind, the long-lived objects frozen out of full
-garbage collections (and unfrozen when the window closes)."""
+OpenGL shader cache filled by a child process drawing every layer kind; the interpreter tuned while the window is
+open (long-lived objects frozen out of full garbage collections, a shorter switch interval), undone when it closes."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip("napari")
 pytestmark = pytest.mark.gui
+
+from napari_cspt2d._qt._interpreter import SWITCH_INTERVAL_S  # noqa: E402
 
 
 def _renderer() -> str:
@@ -41,13 +43,14 @@ def test_shader_warm_up_fills_the_mesa_shader_cache(qapp, tmp_path):
     assert sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) > 10_000  # compiled programs were stored
 
 
-def test_the_cockpit_freezes_long_lived_objects_until_the_window_closes(make_napari_viewer, qtbot):
+def test_the_cockpit_tunes_the_interpreter_until_the_window_closes(make_napari_viewer, qtbot):
     gc.unfreeze()
+    interval = sys.getswitchinterval()
     viewer = make_napari_viewer(show=True)
-    _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
-    frozen = gc.get_freeze_count()
-    assert frozen > 50_000  # napari, Qt wrappers, the cockpit
+    viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    assert gc.get_freeze_count() > 50_000  # napari, Qt wrappers, the cockpit: out of full collections
+    assert sys.getswitchinterval() == min(interval, SWITCH_INTERVAL_S)
     qtbot.waitExposed(viewer.window._qt_window)
     qtbot.wait(100)
     viewer.close()  # the window's close event: the cockpit's session ends
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0 and sys.getswitchinterval() == interval

@@ -6,21 +6,16 @@ accept/reject). Every tab is handed the viewer's :class:`~napari_cspt2d._qt._own
 parameters, project, history) and sits in a scroll area, so no tab makes the main window taller than the screen.
 When the cockpit opens, the numba kernels start warming in the background (:mod:`napari_cspt2d.recon.warmup`) and a
 child process fills the OpenGL shader cache (:mod:`._gl_warmup`), so the first image, map and vectors draw at once.
-
-The objects that exist when the cockpit opens (napari, the Qt wrappers, modules, the cockpit: ~300,000) are frozen
-out of Python's full garbage collections (:func:`gc.freeze`) until the window closes. A full collection walks every
-tracked object while holding the interpreter lock: 0.45–0.8 s, several times per Refine, triggered by whichever thread
-allocates (often the run's worker). The kernels' objects are frozen too once the warm-up has loaded them. Frozen
-objects are never collected, so they are unfrozen when the window closes (its viewer can then be freed).
+While it is open, the interpreter is tuned so that background threads do not freeze the GUI thread (shorter switch
+interval, long-lived objects frozen out of full garbage collections: :mod:`._interpreter`).
 """
 
 from __future__ import annotations
 
-import gc
-
 from qtpy.QtCore import QEvent, QObject, QSize, Qt, QTimer
 from qtpy.QtWidgets import QDockWidget, QFrame, QMainWindow, QScrollArea, QTabWidget, QVBoxLayout, QWidget
 
+from . import _interpreter
 from ._curation import CurationWidget
 from ._gl_warmup import warm_shaders_once
 from ._lifecycle import WindowCloseWatcher
@@ -87,9 +82,9 @@ class Cockpit(QWidget):
         self.run.run_finished.connect(self._on_run_finished)
         self.warmer = warm_once()
         self.shader_warmer = warm_shaders_once()
-        self._frozen = True
-        gc.freeze()  # see the module docstring
-        self.warmer.ready.connect(self._freeze_kernels)
+        self._holds_interpreter = True
+        _interpreter.hold()
+        self.warmer.ready.connect(_interpreter.freeze_new)  # the kernels' objects live as long as the process
         self._close_watcher = WindowCloseWatcher(self, self.close_session)
 
     def sizeHint(self) -> QSize:
@@ -146,18 +141,16 @@ class Cockpit(QWidget):
         self.tabs.setCurrentIndex(TABS.index(name))
 
     def _on_loaded(self, layers) -> None:
-        if any(layer.metadata.get("cspt2d", {}).get("role") == "tracks" for layer in layers):
+        roles = {layer.metadata.get("cspt2d", {}).get("role"): layer for layer in layers}
+        if "tracks" in roles:
             self.show_tab("Curate")
+        if "tiltseries" in roles:  # the refined-shifts layer, empty and hidden, in a turn of its own
+            pixel_A = float(roles["tiltseries"].metadata["cspt2d"]["pixel_A"])
+            QTimer.singleShot(0, lambda: self.validate.prepare_layer(pixel_A))
 
     def _on_run_finished(self, state: str) -> None:
         if state == "done" and self.run.results and self.run.results[-1].review is not None:
             self.show_tab("Validate")
-
-    def _freeze_kernels(self) -> None:
-        """The kernels are loaded: their ~50,000 objects (numba's dispatchers and types, nearly no garbage) live as
-        long as the process; freeze them too while the window is open."""
-        if self._frozen:
-            gc.freeze()
 
     def close_session(self) -> None:
         """The window closes: every tab stops (a run, the preview, autosave flushed, the map viewer freed)."""
@@ -169,6 +162,6 @@ class Cockpit(QWidget):
             self._window = None
         self.warmer.stop()
         self.shader_warmer.stop()
-        if self._frozen:
-            self._frozen = False
-            gc.unfreeze()
+        if self._holds_interpreter:
+            self._holds_interpreter = False
+            _interpreter.release()

@@ -48,6 +48,7 @@ class FscPlot(QWidget):
         self.highlighted: int | None = None
         self.legend_labels: list[str] = []  # the labels of the image shown
         self._request = 0
+        self._drawn: tuple[int, int] | None = None  # (highlighted, number of curves) of the latest drawing
         self._buffer = None
         self.image = QLabel()
         self.image.setFixedSize(*self.SIZE_PX)
@@ -70,9 +71,11 @@ class FscPlot(QWidget):
     def highlight(self, index: int) -> None:
         """Mark curve ``index`` (its 0.143 resolution), say it under the plot, redraw in a worker."""
         entry = self.entries[index]
-        self.highlighted = index
         self.label.setText(f"{entry.label}: {entry.resolution_A:.2f} Å at FSC {FSC_THRESHOLD}; "
                            f"{len(self.entries)} map(s) this session")
+        if (index, len(self.entries)) == self._drawn:
+            return  # drawn (or being drawn) already: matplotlib in a thread competes with the window for the GIL
+        self.highlighted, self._drawn = index, (index, len(self.entries))
         self._request += 1
         request, entries = self._request, list(self.entries)
         worker = create_worker(render_fsc_plot, entries, index, self.SIZE_PX, _start_thread=False,

@@ -264,13 +264,19 @@ class ColourBar(QWidget):
         painter.end()
 
 
-def add_shift_vectors_layer(viewer, vectors: ShiftVectors, pixel_A: float) -> Vectors:
+def add_shift_vectors_layer(viewer, vectors: ShiftVectors, pixel_A: float, visible: bool = True) -> Vectors:
     """Add the ``refined shifts`` layer showing ``vectors`` (stack pixels of ``pixel_A`` Å) to ``viewer``."""
     return viewer.add_vectors(
         vectors.data, features=vectors.features, name=VECTORS_LAYER, edge_color="score",
         edge_colormap=SCORE_COLORMAP, edge_contrast_limits=vectors.score_limits, edge_width=vectors.width_px,
-        length=vectors.factor, vector_style="arrow", opacity=1.0, projection_mode="none",
+        length=vectors.factor, vector_style="arrow", opacity=1.0, projection_mode="none", visible=visible,
         scale=(1.0, pixel_A, pixel_A), axis_labels=("tilt", "y", "x"), metadata={"cspt2d": {"role": "refined-shifts"}})
+
+
+def _no_vectors() -> ShiftVectors:
+    """No refined shift yet: what the layer holds before the first review."""
+    features = {name: np.zeros(0) for name in ("particle", "tilt", "shift_px", "score", "residual_px")}
+    return ShiftVectors(np.zeros((0, 2, 3)), features, (0.0, 1.0), 1, 1.5)
 
 
 # ---------------------------------------------------------------------------------------------------- the tab
@@ -391,22 +397,40 @@ class ShiftValidation(QWidget):
         if len(review):
             self.jump(int(self._order[0]) if jump_to is None else int(jump_to))
 
+    def prepare_layer(self, pixel_A: float) -> None:
+        """Add the ``refined shifts`` layer, empty and hidden, before any review (the cockpit does it once a tilt
+        series of ``pixel_A`` Å/px is open): the session's first layer of a kind costs 0.2–0.4 s of GUI-thread work
+        (its controls, its visual), which then no longer freezes the window when a Refine's first results arrive;
+        the review only assigns the data and shows the layer."""
+        if self.layer is None or self.layer not in self.viewer.layers:
+            self.layer = self._add_layer(_no_vectors(), pixel_A, visible=False)
+
+    def _add_layer(self, vectors: ShiftVectors, pixel_A: float, visible: bool = True) -> Vectors:
+        layer = add_shift_vectors_layer(self.viewer, vectors, pixel_A, visible)
+        controller = self.state_owner.controller
+        if controller is not None:  # picking goes on in the tracks layer
+            self.viewer.layers.selection.active = controller.points
+        return layer
+
     def _show_vectors(self, vectors: ShiftVectors) -> None:
-        """Assign the vectors to the layer (made on the first review only)."""
+        """Assign the vectors to the layer (made on the first review if :meth:`prepare_layer` was not called); the
+        layer is shown when it receives its first vectors (later reviews keep the user's choice)."""
         self.colour_bar.set_scale(vectors.score_limits, vectors.factor)
-        layer = self.layer
+        layer, pixel_A = self.layer, float(self._params.stack_pixel_A)
         if layer is None or layer not in self.viewer.layers:
-            self.layer = add_shift_vectors_layer(self.viewer, vectors, float(self._params.stack_pixel_A))
-            controller = self.state_owner.controller
-            if controller is not None:
-                self.viewer.layers.selection.active = controller.points
+            self.layer = self._add_layer(vectors, pixel_A)
             return
+        first = not len(layer.data)
+        if tuple(layer.scale) != (1.0, pixel_A, pixel_A):
+            layer.scale = (1.0, pixel_A, pixel_A)
         layer.data = vectors.data
         layer.features = vectors.features
         layer.edge_width = vectors.width_px
         layer.length = vectors.factor
         layer.edge_contrast_limits = vectors.score_limits
         layer.edge_color = "score"
+        if first:
+            layer.visible = True
 
     def _on_change(self, change: Change) -> None:
         if change.kind in ("edit", "undo", "redo"):
