@@ -109,3 +109,21 @@ def test_no_module_below_the_boundary_reads_a_parameter_by_its_key():
     assert len(files) > 20
     reads = [r for p in files if p.relative_to(SOURCE).as_posix() not in PARSERS for r in _string_key_reads(p)]
     assert not reads
+
+
+def test_map_filter_strength_reaches_the_reconstruction_and_round_trips(tmp_path):
+    """``reconstruct_shell_damping`` (the map's Wiener shell attenuation kept) goes from .pyp_config.toml through the
+    settings to the reconstruction's arguments; a typo in its name or a value outside 0..1 is refused."""
+    from napari_cspt2d.io.toml import load_params, save_params
+    from napari_cspt2d.model.params import PypParameters
+
+    assert arguments.reconstruction_settings(Settings.parse(SEED)).shell_damping == 1.0  # the Wiener map by default
+    path = save_params(PypParameters({**SEED, "reconstruct_shell_damping": 0.5}), tmp_path)
+    s = Settings.parse(load_params(path))
+    assert s.reconstruction.reconstruct_shell_damping == 0.5
+    assert arguments.reconstruction_options(s)["shell_damping"] == 0.5
+    assert arguments.reconstruction_settings(s).shell_damping == 0.5
+    with pytest.raises(CsptInputError, match="did you mean 'reconstruct_shell_damping'"):
+        Settings.parse({**SEED, "reconstruct_shell_dampin": 0.5})
+    with pytest.raises(CsptInputError, match="reconstruct_shell_damping"):
+        Settings.parse({**SEED, "reconstruct_shell_damping": 1.5})

@@ -212,6 +212,13 @@ _SPECS = [
               "Projections at tilt angles above this are not reconstructed.", unit="°", minimum=-90, maximum=90),
     ParamSpec("reconstruct_dose_weighting_enable", bool, False, "reconstruction", "Dose weighting",
               "Weight each tilt by its accumulated dose during reconstruction."),
+    ParamSpec("reconstruct_shell_damping", float, 1.0, "reconstruction", "Map filter strength",
+              "Fraction of the Wiener filter's per-shell attenuation the maps keep (log amplitude): 1 = the full "
+              "Wiener filter (closest to the truth when the poses are right), 0 = none (every shell at unit signal "
+              "gain, for FSC against a model). 0.5 scores with a plain back-projection in FSC against the truth "
+              "inside a tight mask and keeps most of the Wiener map's real-space fidelity at low SNR (README "
+              "'Fidelity'). The half maps' FSC does not depend on it.",
+              minimum=0, maximum=1, pyp=False),
     # ---------------------------------------------------------------- cluster
     ParamSpec("cluster_backend", str, "local", "cluster", "Run on",
               "'local' = dask processes on this machine, 'address' = an existing dask scheduler "

@@ -73,14 +73,14 @@ def csp_modes(settings: Settings) -> CspModes:
 
 def reconstruction_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments of :func:`reconstruct.reconstruct_tracks` (stack pixel, box in tilt-stack px, binning,
-    particle radius, optics, tilt range, dose weighting, symmetry)."""
+    particle radius, optics, tilt range, dose weighting, symmetry, the map filter's ``shell_damping``)."""
     data, extraction, reconstruction = settings.data, settings.extraction, settings.reconstruction
     return dict(pixel_A=settings.stack_pixel_A, extract_box=settings.box_unbinned_px,
                 extract_bin=extraction.extract_bin, particle_rad_A=extraction.particle_rad,
                 voltage_kV=data.scope_voltage, cs_mm=data.scope_cs, amp_contrast=data.scope_wgh,
                 min_tilt_deg=reconstruction.reconstruct_mintilt, max_tilt_deg=reconstruction.reconstruct_maxtilt,
                 dose_weighting=reconstruction.reconstruct_dose_weighting_enable,
-                symmetry=reconstruction.particle_sym)
+                symmetry=reconstruction.particle_sym, shell_damping=reconstruction.reconstruct_shell_damping)
 
 
 def reconstruction_settings(settings: Settings) -> ReconstructionSettings:

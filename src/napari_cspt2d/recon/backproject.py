@@ -32,13 +32,15 @@ Weights and reconstruction
     FSC is near 0). ``reconstruct(shell_damping=d)`` keeps only the fraction ``d`` of that attenuation (in log
     amplitude: each shell times ``mean(q)^(d−1)``; the per-voxel weights ``q`` within a shell stay). Measured on an
     independent simulation (``benchmarks/fidelity.py``, README "Fidelity"): the full Wiener low-pass (``d = 1``,
-    the default) is what puts the map behind cryoDRGN's plain back-projection in FSC against the truth inside a mask
-    around the particle at SNR ≤ 0.01 (the mask's transform mixes strong low-frequency shells into the damped ones;
-    even with the true SNR a radial Wiener filter scores below the unfiltered map); ``d = 0.25`` comes close to
-    cryoDRGN there, but lowers the map's real-space correlation with the truth inside the same mask (box 64, SNR
-    0.01: 0.892 → 0.820; cryoDRGN's 0.743). The FSC between the half maps (per shell) hardly depends on the shell
-    gains (they apply to shells of the padded grid). ``reconstruct_tracks`` estimates τ² inside a soft sphere of
-    the particle radius by default (``fsc_mask``).
+    the default, :data:`reconstruct.MAP_SHELL_DAMPING`) is behind cryoDRGN's plain back-projection in FSC against
+    the truth inside a tight mask around the particle (that truth is sharper than the data, whose picks are 2 px
+    off, and the mask's transform mixes the strong low-frequency shells into the damped ones); ``d = 0.5``
+    (``reconstruct_shell_damping``) gains most of that back and keeps most of the real-space correlation.
+    The FSC between the half maps (per shell) hardly depends on the shell gains (they apply to shells of the padded
+    grid). ``reconstruct_tracks`` estimates τ² inside a soft sphere of the particle radius by default (``fsc_mask``).
+    The maps are divided twice, from the grids as inserted and from the grids averaged over each voxel's
+    neighbourhood (:mod:`.apodise`: a ratio of averages, which sparse tilt-series sampling at pad 2 needs where
+    noise dominates), and blended shell by shell by the half maps' SNR.
     Half maps are split by particle: each image is inserted into the grid of
     its half, so the two halves are independent; the two grids fill in parallel (one thread each, numba ``nogil``).
 
@@ -66,6 +68,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..errors import CsptCancelled, CsptInputError
 from . import fsc as fsc_mod
+from .apodise import apodise_grids, blend_by_shell, unwindow
 from .ctf import ImageModel, model_row
 
 __all__ = ["Backprojector", "HalfMapReconstruction", "Projector", "project_volume", "fourier_images", "apply_bfactor",
@@ -622,15 +625,32 @@ class Backprojector:
             self._pool = None
 
     # ------------------------------------------------------------------------------------------------ reconstruction
-    def _map(self, halves: tuple[int, ...], reg: NDArray[np.float64], shell_damping: float = 1.0,
-             check: Callable[[], None] | None = None) -> NDArray[np.float32]:
-        """``Σ data / (Σ weight + reg[shell])`` over ``halves`` with Hermitian ``kx = 0`` planes, to a
-        gridding-corrected map; each shell keeps the fraction ``shell_damping`` (in log amplitude) of its mean Wiener
-        attenuation (:func:`_shell_gain`, module docstring). ``check()`` is called between the division and the
-        transform (it raises to stop).
-        Pending insertions must have been spread (it runs on the worker threads)."""
-        datas = tuple(self._data[h] for h in halves)
-        weights = tuple(self._weight[h] for h in halves)
+    def _apodised(self) -> list[tuple[NDArray[np.complex64], NDArray[np.float32]]]:
+        """Per half, the grids ``(data, weight)`` averaged over each voxel's neighbourhood
+        (:func:`apodise.apodise_grids`). Spreads pending insertions first."""
+        self.flush()
+
+        def one(h: int) -> tuple[NDArray[np.complex64], NDArray[np.float32]]:
+            planes = _hermitian_planes((self._data[h],), (self._weight[h],))
+            return apodise_grids(self._data[h], self._weight[h], self.box, planes)
+
+        return self._each(one, range(self.n_halves))
+
+    def _raw(self) -> list[tuple[NDArray[np.complex64], NDArray[np.float32]]]:
+        """Per half, the grids ``(data, weight)`` as inserted (pending insertions spread)."""
+        self.flush()
+        return list(zip(self._data, self._weight))
+
+    def _map(self, grids: Sequence[tuple[NDArray[np.complex64], NDArray[np.float32]]], reg: NDArray[np.float64],
+             shell_damping: float = 1.0, check: Callable[[], None] | None = None, *, apodised: bool = False
+             ) -> NDArray[np.float32]:
+        """``Σ data / (Σ weight + reg[shell])`` over ``grids`` (``(data, weight)`` of the halves to add, from
+        :meth:`_raw` or, with ``apodised``, :meth:`_apodised`) with Hermitian ``kx = 0`` planes, to a
+        gridding-corrected map; each shell keeps the fraction ``shell_damping`` (in log amplitude) of its mean
+        Wiener attenuation (:func:`_shell_gain`, module docstring). ``check()`` is called between the division and
+        the transform (it raises to stop)."""
+        datas = tuple(g[0] for g in grids)
+        weights = tuple(g[1] for g in grids)
         pad = float(self.pad)
         gain = _shell_gain(weights, reg, pad) ** (1.0 - shell_damping) if shell_damping < 1.0 else np.ones_like(reg)
         out = np.empty_like(datas[0])
@@ -642,7 +662,8 @@ class Backprojector:
             out[:, :, x] = plane[:, :, 0]
         if check is not None:
             check()
-        return _half_grid_to_map(out, self.box)
+        vol = _half_grid_to_map(out, self.box)
+        return unwindow(vol, self.grid) if apodised else vol
 
     def reconstruct(
         self,
@@ -677,29 +698,39 @@ class Backprojector:
             if progress is not None:
                 progress("reconstruct", i, 4)
 
-        def map_of(halves: tuple[int, ...], reg: NDArray[np.float64], damping: float = 1.0) -> NDArray[np.float32]:
+        def map_of(grids: Sequence[tuple[NDArray[np.complex64], NDArray[np.float32]]], reg: NDArray[np.float64],
+                   damping: float = 1.0, apodised: bool = False) -> NDArray[np.float32]:
             stop_if_cancelled()
-            return self._map(halves, reg, damping, stop_if_cancelled)
+            return self._map(grids, reg, damping, stop_if_cancelled, apodised=apodised)
 
         n_shells = self.box // 2 + 1
         step(0)
         # first pass: a tiny regulariser, only to measure the FSC
-        mean_w = float(np.mean([w[w > 0].mean() for w in self.weight]))
+        grids = self._raw()
+        mean_w = float(np.mean([w[w > 0].mean() for _, w in grids]))
         eps = 1e-3 * mean_w
         tiny = np.full(n_shells, eps)
-        first = self._each(lambda h: map_of((h,), tiny), range(2))
+        first = self._each(lambda g: map_of((g,), tiny), grids)
         step(1)
         curve0 = fsc_mod.fsc_curve(first[0], first[1], self.pixel_A, mask=fsc_mask)
         del first
         stop_if_cancelled()
-        snr = tau2_fudge * _half_map_snr(curve0)
-        sums = self._each(lambda w: _shell_sums(w, eps, float(self.pad), n_shells), self.weight)
+        half_snr = _half_map_snr(curve0)
+        snr = tau2_fudge * half_snr
+        sums = self._each(lambda g: _shell_sums(g[1], eps, float(self.pad), n_shells), grids)
         sig, noi = sum(s[0] for s in sums), sum(s[1] for s in sums)
         with np.errstate(divide="ignore", invalid="ignore"):
             reg = np.where(noi > 0, sig / (snr * noi), eps)
         reg = np.maximum(np.nan_to_num(reg, nan=eps, posinf=1e30), 1e-6 * mean_w)
         step(2)
-        half1, half2, full = self._each(lambda halves: map_of(halves, reg, shell_damping), [(0,), (1,), (0, 1)])
+        smooth = self._apodised()
+
+        def blended(halves: tuple[int, ...]) -> NDArray[np.float32]:
+            sharp = map_of([grids[h] for h in halves], reg, shell_damping)
+            averaged = map_of([smooth[h] for h in halves], reg, shell_damping, apodised=True)
+            return blend_by_shell(sharp, averaged, 1.0 / (1.0 + len(halves) * half_snr))
+
+        half1, half2, full = self._each(blended, [(0,), (1,), (0, 1)])
         step(3)
         curve = fsc_mod.fsc_curve(half1, half2, self.pixel_A, mask=fsc_mask)
         step(4)
@@ -709,8 +740,9 @@ class Backprojector:
         """Map from all halves with a constant regulariser ``reg_fraction × mean(W)`` (no FSC needed)."""
         if not self.count.sum():
             raise CsptInputError("no image was inserted", field="images", expected="at least one image")
-        mean_w = float(sum(w[w > 0].mean() for w, c in zip(self.weight, self.count) if c))
-        return self._map(tuple(range(self.n_halves)), np.full(self.box // 2 + 1, reg_fraction * mean_w))
+        grids = [g for g, c in zip(self._raw(), self.count) if c]
+        mean_w = float(sum(w[w > 0].mean() for _, w in grids))
+        return self._map(grids, np.full(self.box // 2 + 1, reg_fraction * mean_w))
 
 
 # ----------------------------------------------------------------------------------------------------- projector
