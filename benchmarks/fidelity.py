@@ -13,11 +13,14 @@ box / noise variance. Picks are the true positions plus Gaussian error (``--pick
 Per box and SNR, from the same boxes (napari-cspt2d's extraction at the picks; true angles, true heights):
 
 * **ours (shipped)**: ``reconstruct_tracks``' map, what a user gets (gold-standard halves, Wiener filter with τ²
-  from the FSC inside the default particle mask, solvent flattened outside it);
-* **ours (unmasked τ²)**: the same grids, Wiener filter with τ² from the unmasked FSC, no mask (the map as shipped
-  before the particle mask became the default);
-* **ours (unfiltered)**: the same grids divided by their weights with a tiny constant regulariser;
-* **ours (shell_damping 0.25)**: as shipped, keeping only a quarter of the Wiener filter's shell attenuation;
+  from the FSC inside the default particle mask, solvent flattened outside it; each shell blended from the grids as
+  inserted and the neighbourhood-averaged grids by the half maps' SNR, ``recon/apodise.py``);
+* **ours (shell_damping 0.5)**: as shipped with ``reconstruct_shell_damping = 0.5`` (the square root of the Wiener
+  filter's shell attenuation);
+* **ours (unit gain)**: as shipped with ``reconstruct_shell_damping = 0`` (per-voxel Wiener weights, every shell
+  at unit signal gain: the unfiltered map for validation);
+* **ours (voxel-wise unfiltered)**: the grids as inserted divided voxel by voxel with a tiny constant regulariser
+  (``Backprojector.reconstruct_single``; no neighbourhood averaging, no filter);
 * **cryoDRGN**: ``cryodrgn backproject_voxel --ctf --uninvert-data`` on the same boxes, poses and per-projection CTF
   (run from its own venv, through ``backproject.cryodrgn_backproject``).
 
@@ -270,8 +273,8 @@ def fsc_vs_truth(vol: np.ndarray, truth: np.ndarray) -> dict:
 
 
 def reconstruct_ours(stack_path: Path, tracks, box: int) -> dict[str, np.ndarray]:
-    """The shipped map (``reconstruct_tracks``' path: HalfMapInsertion → finish) and the unfiltered map of the same
-    grids."""
+    """The shipped map (``reconstruct_tracks``' path: HalfMapInsertion → finish), the same grids with
+    ``shell_damping`` 0.5 and 0 (particle mask applied as shipped), and the voxel-wise unfiltered map."""
     from napari_cspt2d.io.mrc import open_stack
     from napari_cspt2d.recon.reconstruct import HalfMapInsertion, ReconstructionSettings, half_split
 
@@ -282,14 +285,13 @@ def reconstruct_ours(stack_path: Path, tracks, box: int) -> dict[str, np.ndarray
     try:
         insertion.insert(stack, tracks, half_split(tracks))
         shipped = insertion.finish()
-        bp = insertion.backprojector
-        unmasked = bp.reconstruct().full  # the map as shipped before the particle mask became the default
+        bp, mask = insertion.backprojector, settings.particle_mask()
+        damped = {key: bp.reconstruct(fsc_mask=mask, shell_damping=d).full * mask
+                  for key, d in (("sqrt", 0.5), ("unit", 0.0))}
         unfiltered = bp.reconstruct_single()
-        mild = bp.reconstruct(fsc_mask=settings.particle_mask(), shell_damping=0.25).full * settings.particle_mask()
     finally:
         insertion.close()
-    return {"shipped": shipped.map, "unmasked": unmasked, "unfiltered": unfiltered, "mild": mild,
-            "half_map_fsc_0143_A": shipped.resolution_A}
+    return {"shipped": shipped.map, **damped, "unfiltered": unfiltered, "half_map_fsc_0143_A": shipped.resolution_A}
 
 
 def write_cryodrgn_inputs(stack_path: Path, tracks, series: Series, folder: Path) -> None:
@@ -331,6 +333,10 @@ def angle_error_deg(tracks, series: Series) -> float:
     return float(np.median(rotation_angle_deg(geometry.euler_to_matrix(e[:, 2], e[:, 1], e[:, 0]),
                                               series.particle_rot)))
 
+
+#: Our maps in the table, by key: column title.
+VARIANTS = {"shipped": "ours shipped (Wiener)", "sqrt": "ours shell_damping 0.5", "unit": "ours unit gain",
+            "unfiltered": "ours voxel-wise unfiltered"}
 
 #: Refinement modes run by ``--refine``: pyp parameters on top of the seed's Option A settings.
 MODES = {"free": {}, "constrained": {"csp_refine_micrographs": True, "csp_refine_particles": True},
@@ -438,7 +444,7 @@ def run_box(box: int, snrs: list[float], args: argparse.Namespace, tmp: Path) ->
         stack = noisy_stack(series, snr, folder / "stack.mrc")
         ours = reconstruct_ours(stack, picks, box)
         row = {"box": box, "snr": snr, "half_map_fsc_0143_A": ours["half_map_fsc_0143_A"]}
-        for key in ("shipped", "unmasked", "unfiltered", "mild"):
+        for key in VARIANTS:
             row.update({f"ours_{key}_{k}": v for k, v in fsc_vs_truth(ours[key], series.truth_map).items()})
         if args.cryodrgn_exe is not None:
             write_cryodrgn_inputs(stack, picks, series, folder)
@@ -452,19 +458,18 @@ def run_box(box: int, snrs: list[float], args: argparse.Namespace, tmp: Path) ->
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| box | SNR | ours shipped: mean masked FSC / FSC-0.143 Å / masked correlation | ours, unmasked τ² "
-          "(before) | ours unfiltered | ours shell_damping 0.25 | cryoDRGN | half-map FSC-0.143 Å |")
-    print("|---|---|---|---|---|---|---|---|")
+    titles = " | ".join(VARIANTS.values())
+    print(f"\n| box | SNR | {titles} | cryoDRGN | half-map FSC-0.143 Å |\n"
+          "(each cell: mean masked FSC vs truth / masked FSC-0.143 Å / masked real-space correlation)")
+    print("|---" * (len(VARIANTS) + 4) + "|")
 
     def cell(r: dict, key: str) -> str:
         return (f"{r[f'{key}_mean_fsc']:.3f} / {r[f'{key}_fsc_0143_A']:.1f} / {r[f'{key}_corr']:.3f}"
                 if f"{key}_mean_fsc" in r else "-")
 
     for r in rows:
-        print(f"| {r['box']} | {r['snr']:g} | {cell(r, 'ours_shipped')} | {cell(r, 'ours_unmasked')} | "
-              f"{cell(r, 'ours_unfiltered')} | "
-              f"{cell(r, 'ours_mild')} | "
-              f"{cell(r, 'cryodrgn')} | {r['half_map_fsc_0143_A']:.1f} |")
+        cells = " | ".join(cell(r, f"ours_{key}") for key in VARIANTS)
+        print(f"| {r['box']} | {r['snr']:g} | {cells} | {cell(r, 'cryodrgn')} | {r['half_map_fsc_0143_A']:.1f} |")
     refined = [r for r in rows if "free_shift_px" in r]
     if refined:
         print("\n| box | SNR | picks: RMS px per axis | mode | after 3 iterations: RMS px | median angle error ° | "
