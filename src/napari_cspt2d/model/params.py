@@ -151,7 +151,8 @@ _SPECS = [
     ParamSpec("csp_UseImagesForRefinementMin", int, 0, "refinement", "First exposure for refinement",
               "First exposure used in refinement: acquisition index (pyp's meaning, 0 = first image taken); a "
               "negative Min makes Min/Max tilt angles in degrees instead (the seed's -60/60; see "
-              "recon.refine.TiltSelection)."),
+              "recon.refine.TiltSelection). With csp_refine_micrographs the other tilts are still measured, for "
+              "their own tilt geometry only (as pyp's micrograph refinement uses every exposure)."),
     ParamSpec("csp_UseImagesForRefinementMax", int, 20, "refinement", "Last exposure for refinement",
               "Last exposure used in refinement (acquisition index, -1 = up to the last one; degrees when Min is "
               "negative)."),
@@ -172,12 +173,13 @@ _SPECS = [
               "Refine each particle's 3D position (fitted from its track) and orientation, seen through the tilt "
               "geometry in every tilt (constrained mode)."),
     ParamSpec("csp_ToleranceParticlesPhi", float, 30.0, "refinement", "Particle Phi range",
-              "Orientation change allowed in constrained refinement; the search bounds the rotation by the largest "
-              "of the Phi, Psi and Theta ranges.", unit="°", minimum=0, maximum=180),
+              "How far a particle's Euler angle Phi may move from its start in constrained refinement "
+              "(csp_refine_particles); 0 holds it.", unit="°", minimum=0, maximum=180),
     ParamSpec("csp_ToleranceParticlesPsi", float, 30.0, "refinement", "Particle Psi range",
-              "See Particle Phi range.", unit="°", minimum=0, maximum=180),
+              "How far Psi (the in-plane angle) may move; 0 holds it (see Particle Phi range).", unit="°",
+              minimum=0, maximum=180),
     ParamSpec("csp_ToleranceParticlesTheta", float, 30.0, "refinement", "Particle Theta range",
-              "See Particle Phi range.", unit="°", minimum=0, maximum=180),
+              "How far Theta may move; 0 holds it (see Particle Phi range).", unit="°", minimum=0, maximum=180),
     ParamSpec("csp_ToleranceParticlesShifts", float, 20.0, "refinement", "Particle translation range",
               "How far a particle's 3D position may move (each of x, y, z) from the one fitted from its track "
               "(csp_refine_particles).", unit="Å", minimum=0),
