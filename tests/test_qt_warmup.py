@@ -43,6 +43,26 @@ def test_shader_warm_up_fills_the_mesa_shader_cache(qapp, tmp_path):
     assert sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) > 10_000  # compiled programs were stored
 
 
+def test_shader_warm_up_waits_for_the_kernel_warm_up(qapp, qtbot):
+    from qtpy.QtCore import QObject, Signal
+
+    from napari_cspt2d._qt._gl_warmup import ShaderWarmer
+
+    class Kernels(QObject):  # the part of KernelWarmer the shader warm-up uses
+        ready = Signal()
+        is_ready = False
+
+    kernels = Kernels()
+    warmer = ShaderWarmer(kernels)
+    try:
+        assert not warmer.started and not warmer.running  # the two children do not compete for the cores
+        kernels.ready.emit()
+        assert warmer.started
+        qtbot.waitUntil(lambda: warmer.running or warmer.process.exitCode() == 0, timeout=5000)
+    finally:
+        warmer.stop()
+
+
 def test_the_cockpit_tunes_the_interpreter_until_the_window_closes(make_napari_viewer, qtbot):
     gc.unfreeze()
     interval = sys.getswitchinterval()

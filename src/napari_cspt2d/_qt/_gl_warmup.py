@@ -1,16 +1,18 @@
-"""Fill the OpenGL driver's shader cache before the cockpit's first layers are drawn.
+"""Fill the OpenGL driver's shader cache before the cockpit's layers are first drawn.
 
 The first time a kind of layer is drawn, the driver compiles its shaders. In software OpenGL (Mesa llvmpipe, the
 usual case on a remote desktop or a cluster node) that froze the window 0.8–1.6 s at the first tilt image and
 0.15–0.4 s at the first map and the first shift vectors. Mesa keeps compiled shaders on disk (``MESA_SHADER_CACHE_DIR``
-or ``$XDG_CACHE_HOME/mesa_shader_cache``), keyed by their source; a linked program found there costs about 1 ms.
+or ``$XDG_CACHE_HOME/mesa_shader_cache``), keyed by their source; a linked program found there costs about 1 ms (1.19 s
+of ``glLinkProgram`` for an image and the tilt label became 1 ms). So this matters for the first session on a machine
+(or after a napari, vispy or driver update); later sessions find the shaders on disk anyway.
 
-So when the cockpit opens, a child process (``python -m napari_cspt2d._qt._gl_warmup``, no interpreter lock shared
-with the window) draws, in hidden napari viewers, one tiny layer of every kind the cockpit shows, made by the
-cockpit's own code so that the shaders are the ones the shown viewer will ask for: the tilt image and the tracks
-layers (the reader's layer data), the tilt label, the active-track and refined-shift vectors, and the map (the Run
-tab's :class:`~napari_cspt2d._qt.results.MapPanel`). With a GPU driver this costs the child a second and changes
-nothing; without a shader cache it only spends the child's time.
+Once the kernel warm-up is done (:mod:`._warmup`), a child process (``python -m napari_cspt2d._qt._gl_warmup``, no
+interpreter lock shared with the window) draws, in hidden napari viewers, one tiny layer of every kind the cockpit
+shows, made by the cockpit's own code so that the shaders are the ones the shown viewer will ask for: the tilt image
+and the tracks layers (the reader's layer data), the tilt label, the active-track and refined-shift vectors, and the
+map (the Run tab's :class:`~napari_cspt2d._qt.results.MapPanel`). A draw that comes before the child is done compiles
+as it did. With a GPU driver this costs the child a few seconds and changes nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import sys
 
 import numpy as np
 from qtpy.QtCore import QObject, QProcess
+
+from ._warmup import KernelWarmer
 
 __all__ = ["ShaderWarmer", "draw_every_layer_kind", "warm_shaders_once"]
 
@@ -69,12 +73,24 @@ def draw_every_layer_kind() -> None:
 
 
 class ShaderWarmer(QObject):
-    """Runs :func:`draw_every_layer_kind` in a child process; ``stop()`` kills it (the window closes)."""
+    """Runs :func:`draw_every_layer_kind` in a child process once ``kernels`` (the kernel warm-up) are ready — not
+    beside it: on 2 cores the two children and the window's first draw slowed one another (the kernels were not ready
+    at the end of the first Reconstruct, which then loaded them itself). ``stop()`` kills it (the window closes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernels: KernelWarmer) -> None:
         super().__init__()
         self.process = QProcess(self)
-        self.process.start(sys.executable, ["-m", "napari_cspt2d._qt._gl_warmup"])
+        self.started = False
+        if kernels.is_ready:
+            self.start()
+        else:
+            kernels.ready.connect(self.start)
+
+    def start(self) -> None:
+        """Start the child process (once)."""
+        if not self.started:
+            self.started = True
+            self.process.start(sys.executable, ["-m", "napari_cspt2d._qt._gl_warmup"])
 
     @property
     def running(self) -> bool:
@@ -91,11 +107,11 @@ class ShaderWarmer(QObject):
 _WARMER: ShaderWarmer | None = None
 
 
-def warm_shaders_once() -> ShaderWarmer:
-    """The process's :class:`ShaderWarmer` (started on the first call: the cache is on disk, once is enough)."""
+def warm_shaders_once(kernels: KernelWarmer) -> ShaderWarmer:
+    """The process's :class:`ShaderWarmer` (made on the first call: the cache is on disk, once is enough)."""
     global _WARMER
     if _WARMER is None:
-        _WARMER = ShaderWarmer()
+        _WARMER = ShaderWarmer(kernels)
     return _WARMER
 
 

@@ -4,8 +4,8 @@ Data (open a stack and tracks, or the sample) → Curate (fix picks, undo) → P
 project) → Run (reconstruct, refine; the map, the history, the FSC curves) → Validate (refined shifts worst first,
 accept/reject). Every tab is handed the viewer's :class:`~napari_cspt2d._qt._owner.CockpitState` (document,
 parameters, project, history) and sits in a scroll area, so no tab makes the main window taller than the screen.
-When the cockpit opens, the numba kernels start warming in the background (:mod:`napari_cspt2d.recon.warmup`) and a
-child process fills the OpenGL shader cache (:mod:`._gl_warmup`), so the first image, map and vectors draw at once.
+When the cockpit opens, the numba kernels start warming in the background (:mod:`napari_cspt2d.recon.warmup`), then a
+child process fills the OpenGL shader cache (:mod:`._gl_warmup`), so that the layers' first draws compile nothing.
 While it is open, the interpreter is tuned so that background threads do not freeze the GUI thread (shorter switch
 interval, long-lived objects frozen out of full garbage collections: :mod:`._interpreter`).
 """
@@ -81,7 +81,7 @@ class Cockpit(QWidget):
         self.run.review_shown.connect(self.validate.show_entry)
         self.run.run_finished.connect(self._on_run_finished)
         self.warmer = warm_once()
-        self.shader_warmer = warm_shaders_once()
+        self.shader_warmer = warm_shaders_once(self.warmer)
         self._holds_interpreter = True
         _interpreter.hold()
         self.warmer.ready.connect(_interpreter.freeze_new)  # the kernels' objects live as long as the process
