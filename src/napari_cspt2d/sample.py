@@ -190,8 +190,10 @@ class SamplePlan:
         self._frac = positions - np.floor(positions)
         self._tid = tid
         self._noise_seeds = np.random.SeedSequence(seed).spawn(n_tilts)
-        # signal variance inside the boxes of the tilt shown first (what the user judges the noise against)
-        middle = self._boxes(first_tilt(n_tilts))[1]
+        # signal variance inside the boxes of the tilt shown first (what the user judges the noise against); its
+        # boxes are kept for its image, which is asked for first
+        self._first = (first_tilt(n_tilts), self._boxes(first_tilt(n_tilts)))
+        middle = self._first[1][1]
         core = slice(self._render_box // 4, -(self._render_box // 4))
         self.noise_sd = float(np.sqrt(middle[:, core, core].var() / snr)) if len(middle) else 1.0
         self.params = {
@@ -219,7 +221,7 @@ class SamplePlan:
         """Tilt image ``section`` ``(ny, nx)``: its particles' CTF-filtered projections pasted in plus its noise."""
         ny, nx = self.shape_yx
         image = np.zeros((ny, nx), np.float32)
-        rows, boxes = self._boxes(section)
+        rows, boxes = self._first[1] if section == self._first[0] else self._boxes(section)
         size = self._render_box
         for box, (cx, cy) in zip(boxes, self._corner[rows]):
             x0, y0 = max(cx, 0), max(cy, 0)
