@@ -4,8 +4,7 @@ Data (open a stack and tracks, or the sample) → Curate (fix picks, undo) → P
 project) → Run (reconstruct, refine; the map, the history, the FSC curves) → Validate (refined shifts worst first,
 accept/reject). Every tab is handed the viewer's :class:`~napari_cspt2d._qt._owner.CockpitState` (document,
 parameters, project, history) and sits in a scroll area, so no tab makes the main window taller than the screen.
-When the cockpit opens, the numba kernels start warming in the background (:mod:`napari_cspt2d.recon.warmup`), then a
-child process fills the OpenGL shader cache (:mod:`._gl_warmup`), so that the layers' first draws compile nothing.
+When the cockpit opens, the numba kernels start warming in the background (:mod:`napari_cspt2d.recon.warmup`).
 While it is open, the interpreter is tuned so that background threads do not freeze the GUI thread (shorter switch
 interval, long-lived objects frozen out of full garbage collections: :mod:`._interpreter`).
 """
@@ -17,7 +16,6 @@ from qtpy.QtWidgets import QDockWidget, QFrame, QMainWindow, QScrollArea, QTabWi
 
 from . import _interpreter
 from ._curation import CurationWidget
-from ._gl_warmup import warm_shaders_once
 from ._lifecycle import WindowCloseWatcher
 from ._loader import TiltSeriesLoader
 from ._owner import CockpitState, state_of
@@ -81,7 +79,6 @@ class Cockpit(QWidget):
         self.run.review_shown.connect(self.validate.show_entry)
         self.run.run_finished.connect(self._on_run_finished)
         self.warmer = warm_once()
-        self.shader_warmer = warm_shaders_once(self.warmer)
         self._holds_interpreter = True
         _interpreter.hold()
         self.warmer.ready.connect(_interpreter.freeze_new)  # the kernels' objects live as long as the process
@@ -161,7 +158,6 @@ class Cockpit(QWidget):
             self._window.removeEventFilter(self)
             self._window = None
         self.warmer.stop()
-        self.shader_warmer.stop()
         if self._holds_interpreter:
             self._holds_interpreter = False
             _interpreter.release()

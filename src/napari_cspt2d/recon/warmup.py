@@ -25,7 +25,7 @@ __all__ = ["tiny_tracks", "warm_kernels"]
 
 def tiny_tracks(rng: np.random.Generator, size: int = 64) -> TrackSet:
     """2 particles × 3 tilts (−30, 0, 30°) on ``size`` × ``size`` px images, small random shifts: the smallest track
-    set every warm-up (kernels here, shaders in :mod:`napari_cspt2d._qt._gl_warmup`) runs through real code."""
+    set that runs through every kernel."""
     tilts = TiltTable.from_angles([-30.0, 0.0, 30.0], defocus_um=2.0, dose=3.0)
     particles = ParticleTable(np.array([0, 1]), np.array([[-8.0, 0.0, 0.0], [8.0, 4.0, 0.0]]),
                               np.array([[0.0, 30.0, 0.0], [90.0, 60.0, 10.0]]))
