@@ -247,6 +247,33 @@ def test_sample_data_contribution(make_napari_viewer, monkeypatch, tmp_path, qtb
 
 
 @pytest.mark.gui
+def test_the_data_tab_streams_the_sample_and_is_busy_until_it_is_made(make_napari_viewer, monkeypatch, tmp_path,
+                                                                      qtbot):
+    """The Data tab's Synthetic sample: the first tilt and the tracks are shown, the other tilts are made in the
+    background into the same layer, and the tab stays busy (buttons off, progress shown) until the sample is whole."""
+    from qtpy.QtCore import Qt
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    viewer = make_napari_viewer(show=True)
+    _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    loader = cockpit.data
+    loader.sample_kwargs = SMALL
+    qtbot.mouseClick(loader.sample_button, Qt.MouseButton.LeftButton)
+    def roles() -> list[str]:
+        return [layer.metadata.get("cspt2d", {}).get("role") for layer in viewer.layers]
+
+    qtbot.waitUntil(lambda: "tracks" in roles(), timeout=60000)
+    image = viewer.layers[roles().index("tiltseries")]
+    stream = image.metadata["cspt2d"]["stream"]
+    assert stream is not None and stream.claimed and image.data is stream.stack
+    assert loader.busy or stream.complete
+    qtbot.waitUntil(lambda: not loader.busy, timeout=60000)
+    assert stream.complete and np.array_equal(image.data, make_sample(**SMALL).stack)
+    assert loader.sample_button.isEnabled() and not loader.progress.isVisible()
+    assert "12 particles" in loader.info.text()
+
+
+@pytest.mark.gui
 def test_the_tilt_angle_shows_when_a_stack_opens_without_the_cockpit(make_napari_viewer, project, tmp_path,
                                                                     monkeypatch):
     """File > Open of a stack (the plugin's reader, no widget docked): the canvas names the section the slider
