@@ -16,8 +16,11 @@
    lateness <= 100 ms in every phase, first image <= 2 s, cancel <= 0.5 s.
 
 Prints a table and writes benchmarks/results/gui.json (the cockpit's part under ``"cockpit"``). Run:
-``.venv/bin/python benchmarks/gui.py [--part files|cockpit|all]``. The machine is shared: the load average at the
-start and end is recorded with the numbers.
+``.venv/bin/python benchmarks/gui.py [--part files|cockpit|all] [--stacks]``. The machine is shared: the load average
+at the start and end is recorded with the numbers. ``--stacks`` says what froze the window: every stall of the
+cockpit's loop (the timer > 50 ms late) is printed with the GUI thread's frames sampled during it, the garbage
+collections inside it and the other threads' frames (:class:`StackSampler`); the sampler competes for the GIL, so
+time the phases without it.
 """
 
 from __future__ import annotations
