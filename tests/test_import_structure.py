@@ -136,3 +136,24 @@ def test_the_headless_entry_points_load_no_gui(entry):
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(GUI_LIBRARIES)!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+#: What opening the cockpit must not import on napari's GUI thread (the tabs' modules import them in a thread).
+HEAVY_FOR_THE_GUI_THREAD = ("pandas", "scipy.fft", "scipy.spatial", "scipy.optimize", "mrcfile", f"{PACKAGE}.runs",
+                            f"{PACKAGE}.recon", f"{PACKAGE}.io", f"{PACKAGE}.review", f"{PACKAGE}.pyp",
+                            f"{PACKAGE}._reader", f"{PACKAGE}._qt._curation", f"{PACKAGE}._qt.run_widget")
+
+
+def test_the_cockpit_module_imports_nothing_heavy():
+    """napari's plugin loader imports the manifest's widget module on the GUI thread: beyond what napari itself
+    imports, that module brings neither pandas, scipy's heavy parts, the readers, the run's driver nor the tabs
+    (in a fresh interpreter, so that other tests' imports do not hide one)."""
+    manifest = (SOURCE / "napari.yaml").read_text(encoding="utf-8")
+    module = next(line.split(":")[1].strip() for line in manifest.splitlines()
+                  if line.strip().startswith("python_name:") and line.strip().endswith(":Cockpit"))
+    code = ("import sys, napari, napari.viewer, napari.qt.threading; before = set(sys.modules); "
+            f"import {module}; "
+            f"print(sorted(m for m in set(sys.modules) - before if m.startswith({HEAVY_FOR_THE_GUI_THREAD!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert module == f"{PACKAGE}._qt.cockpit"
+    assert out.strip() == "[]"

@@ -9,8 +9,6 @@ import sys
 from napari.qt.threading import create_worker
 from qtpy.QtCore import QObject, QProcess, Signal
 
-from ..recon.warmup import warm_kernels
-
 __all__ = ["KernelWarmer", "warm_once"]
 
 
@@ -31,7 +29,7 @@ class KernelWarmer(QObject):
     def _load_here(self, *_) -> None:
         if self._worker is not None:
             return
-        self._worker = create_worker(warm_kernels, _start_thread=False, _ignore_errors=True)
+        self._worker = create_worker(_warm_kernels, _start_thread=False, _ignore_errors=True)
         self._worker.finished.connect(self._done)
         self._worker.start()
 
@@ -44,6 +42,13 @@ class KernelWarmer(QObject):
         if self.process.state() != QProcess.ProcessState.NotRunning:
             self.process.kill()
             self.process.waitForFinished(2000)
+
+
+def _warm_kernels() -> None:
+    """Load the kernels (in the worker thread: their modules' imports, numba's and scipy's, stay off the GUI's)."""
+    from ..recon.warmup import warm_kernels
+
+    warm_kernels()
 
 
 _WARMER: KernelWarmer | None = None

@@ -4,25 +4,37 @@ Data (open a stack and tracks, or the sample) → Curate (fix picks, undo) → P
 project) → Run (reconstruct, refine; the map, the history, the FSC curves) → Validate (refined shifts worst first,
 accept/reject). Every tab is handed the viewer's :class:`~napari_cspt2d._qt._owner.CockpitState` (document,
 parameters, project, history) and sits in a scroll area, so no tab makes the main window taller than the screen.
-When the cockpit opens, the numba kernels start warming in the background (:mod:`napari_cspt2d.recon.warmup`).
-While it is open, the interpreter is tuned so that background threads do not freeze the GUI thread (shorter switch
-interval, long-lived objects frozen out of full garbage collections: :mod:`._interpreter`).
+
+Opening the cockpit is light on the GUI thread: this module imports only Qt and light modules; the tabs' modules
+(pandas, scipy, numba and the run's driver through them) are imported in a background thread
+(:data:`TAB_MODULES`), and each tab is built in an event-loop turn of its own once they are (``tabs_built`` says when;
+asking for a tab before that builds it at once). When the cockpit opens, the numba kernels start warming in the
+background (:mod:`napari_cspt2d.recon.warmup`). While it is open, the interpreter is tuned so that background threads
+do not freeze the GUI thread (shorter switch interval, long-lived objects frozen out of full garbage collections:
+:mod:`._interpreter`).
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
+from napari.qt.threading import create_worker
 from qtpy.QtCore import QEvent, QObject, QSize, Qt, QTimer
-from qtpy.QtWidgets import QDockWidget, QFrame, QMainWindow, QScrollArea, QTabWidget, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (QDockWidget, QFrame, QLabel, QMainWindow, QScrollArea, QTabWidget, QVBoxLayout,
+                            QWidget)
 
 from . import _interpreter
-from ._curation import CurationWidget
 from ._lifecycle import WindowCloseWatcher
-from ._loader import TiltSeriesLoader
-from ._owner import CockpitState, state_of
 from ._warmup import warm_once
-from .params_widget import ParametersWidget
-from .run_widget import RunWidget
-from .validation import ShiftValidation
+
+if TYPE_CHECKING:
+    from ._curation import CurationWidget
+    from ._loader import TiltSeriesLoader
+    from ._owner import CockpitState
+    from .params_widget import ParametersWidget
+    from .run_widget import RunWidget
+    from .validation import ShiftValidation
 
 __all__ = ["MIN_WIDTH_PX", "PREFERRED_WIDTH_PX", "TABS", "Cockpit"]
 
@@ -35,6 +47,14 @@ _MARGIN_PX = 32  # dock separators and frames
 FIT_DELAY_MS = 100  # the docks are laid out by then (else tried again)
 #: napari's layer docks grow to this width once a Points layer's controls show.
 LAYER_DOCKS_PX = 320
+#: The modules the tabs need, imported off the GUI thread when the cockpit opens (the heavy part of opening it).
+TAB_MODULES = tuple(f"{__package__}.{name}" for name in
+                    ("_owner", "_loader", "_curation", "params_widget", "run_widget", "validation"))
+
+
+def _import_tab_modules() -> None:
+    for name in TAB_MODULES:
+        importlib.import_module(name)
 
 
 def _scrolled(widget: QWidget) -> QScrollArea:
@@ -55,18 +75,20 @@ class Cockpit(QWidget):
         super().__init__()
         self._window: QMainWindow | None = None
         self.viewer = napari_viewer
-        self.state: CockpitState = state_of(napari_viewer)
-        self.data = TiltSeriesLoader(napari_viewer)
-        self.curate = CurationWidget(napari_viewer, self.state)
-        self.parameters = ParametersWidget(napari_viewer, self.state)
-        self.run = RunWidget(napari_viewer, self.state)
-        self.validate = ShiftValidation(napari_viewer, self.state)
+        self._built: dict[str, QWidget] = {}
+        self._state: CockpitState | None = None
+        self._closed = False
         self.tabs = QTabWidget()
         self.tabs.setUsesScrollButtons(False)
         self.tabs.setDocumentMode(True)
-        for name, widget in zip(TABS, (self.data, self.curate, self.parameters, self.run, self.validate)):
-            # the parameter form scrolls by itself (its project buttons and messages stay in view)
-            self.tabs.addTab(widget if widget is self.parameters else _scrolled(widget), name)
+        self._pages: dict[str, QVBoxLayout] = {}
+        for name in TABS:  # a page per tab, "Loading…" until the tab's widget is built into it
+            page = QWidget()
+            page_layout = QVBoxLayout(page)
+            page_layout.setContentsMargins(0, 0, 0, 0)
+            page_layout.addWidget(QLabel("Loading…"), alignment=Qt.AlignmentFlag.AlignTop)
+            self._pages[name] = page_layout
+            self.tabs.addTab(page, name)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.tabs)
@@ -75,14 +97,100 @@ class Cockpit(QWidget):
         self._fit_timer = QTimer(self)
         self._fit_timer.setSingleShot(True)
         self._fit_timer.timeout.connect(lambda: self.fit_width(self._fit_attempts))
-        self.data.loaded.connect(self._on_loaded)
-        self.run.review_shown.connect(self.validate.show_entry)
-        self.run.run_finished.connect(self._on_run_finished)
-        self.warmer = warm_once()
         self._holds_interpreter = True
-        _interpreter.hold()
+        _interpreter.hold()  # before the import thread starts: the GUI thread gets the GIL back within 1 ms
+        self.warmer = warm_once()
         self.warmer.ready.connect(_interpreter.freeze_new)  # the kernels' objects live as long as the process
         self._close_watcher = WindowCloseWatcher(self, self.close_session)
+        self._importer = create_worker(_import_tab_modules, _start_thread=False, _ignore_errors=True)
+        self._importer.finished.connect(self._on_imported)
+        self._importer.start()
+
+    # ------------------------------------------------------------------ building the tabs
+    @property
+    def tabs_built(self) -> bool:
+        """Whether every tab's widget exists (built in the background's wake, or on first use)."""
+        return len(self._built) == len(TABS)
+
+    def _on_imported(self) -> None:
+        if not self._closed:
+            _interpreter.freeze_new()  # the modules' objects, out of full collections like the rest at opening
+            self._build_later(0)
+
+    def _build_later(self, index: int) -> None:
+        """Build tab ``TABS[index]`` in a later event-loop turn, then the next one (each in a turn of its own)."""
+        if index < len(TABS):
+            QTimer.singleShot(0, lambda: self._build_now(index))
+
+    def _build_now(self, index: int) -> None:
+        if not self._closed:
+            self._tab(TABS[index])
+            self._build_later(index + 1)
+
+    def _tab(self, name: str) -> QWidget:
+        """Tab ``name``'s widget, built now if it is not yet, after the tabs before it (in :data:`TABS` order, as
+        they rely on: e.g. the Curate tab adopts the open tracks that the Parameters tab checks, and Validate is
+        wired to Run)."""
+        if name in self._built:
+            return self._built[name]
+        for before in TABS[:TABS.index(name)]:
+            self._tab(before)
+        from ._curation import CurationWidget
+        from ._loader import TiltSeriesLoader
+        from .params_widget import ParametersWidget
+        from .run_widget import RunWidget
+        from .validation import ShiftValidation
+
+        viewer, state = self.viewer, self.state
+        if name == "Data":
+            widget = TiltSeriesLoader(viewer)
+            widget.loaded.connect(self._on_loaded)
+        elif name == "Curate":
+            widget = CurationWidget(viewer, state)
+        elif name == "Parameters":
+            widget = ParametersWidget(viewer, state)
+        elif name == "Run":
+            widget = RunWidget(viewer, state)
+            widget.run_finished.connect(self._on_run_finished)
+        else:
+            widget = ShiftValidation(viewer, state)
+            self._built["Run"].review_shown.connect(widget.show_entry)
+        self._built[name] = widget
+        page = self._pages[name]
+        while page.count():
+            page.takeAt(0).widget().deleteLater()
+        # the parameter form scrolls by itself (its project buttons and messages stay in view)
+        page.addWidget(widget if name == "Parameters" else _scrolled(widget))
+        return widget
+
+    @property
+    def state(self) -> CockpitState:
+        """The viewer's :class:`CockpitState` (shared with every tab)."""
+        if self._state is None:
+            from ._owner import state_of
+
+            self._state = state_of(self.viewer)
+        return self._state
+
+    @property
+    def data(self) -> TiltSeriesLoader:
+        return self._tab("Data")
+
+    @property
+    def curate(self) -> CurationWidget:
+        return self._tab("Curate")
+
+    @property
+    def parameters(self) -> ParametersWidget:
+        return self._tab("Parameters")
+
+    @property
+    def run(self) -> RunWidget:
+        return self._tab("Run")
+
+    @property
+    def validate(self) -> ShiftValidation:
+        return self._tab("Validate")
 
     def sizeHint(self) -> QSize:
         return QSize(PREFERRED_WIDTH_PX, super().sizeHint().height())
@@ -151,8 +259,10 @@ class Cockpit(QWidget):
 
     def close_session(self) -> None:
         """The window closes: every tab stops (a run, the preview, autosave flushed, the map viewer freed)."""
-        for tab in (self.curate, self.run, self.validate):
-            tab.close_session()
+        self._closed = True
+        for name in ("Curate", "Run", "Validate"):
+            if name in self._built:
+                self._built[name].close_session()
         self._fit_timer.stop()
         if self._window is not None:
             self._window.removeEventFilter(self)
