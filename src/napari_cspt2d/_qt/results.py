@@ -18,7 +18,7 @@ import contextlib
 
 import numpy as np
 from napari.qt.threading import create_worker
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import QAbstractItemView, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
@@ -102,15 +102,16 @@ class FscPlot(QWidget):
 
 
 class MapPanel(QWidget):
-    """A napari viewer docked in the cockpit showing the ``map`` layer (see the module docstring)."""
+    """A napari viewer docked in the cockpit showing the ``map`` layer (see the module docstring). The viewer's model
+    and its ``QtViewer`` (a canvas with its OpenGL context, ~0.1–0.2 s) are made in later event-loop turns, one
+    each, so that building the Run tab does not freeze the window; ``model``/``qt_viewer`` make them at once when
+    needed earlier."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        from napari.components import ViewerModel
-        from napari.qt import QtViewer
-
-        self.model = ViewerModel(title="napari-cspt2d map", ndisplay=3)
-        self.qt_viewer = QtViewer(self.model)
+        self._model = None
+        self._qt_viewer = None
+        self._closed = False
         self.title = QLabel("No map yet: Reconstruct or Refine.")
         self.title.setWordWrap(True)
         layout = QVBoxLayout(self)
@@ -118,17 +119,46 @@ class MapPanel(QWidget):
         layout.addWidget(self.title)
         frame = QWidget()  # fixes the viewer's height (napari resets the QtViewer's own limits)
         frame.setFixedHeight(MAP_HEIGHT_PX)
-        inner = QVBoxLayout(frame)
-        inner.setContentsMargins(0, 0, 0, 0)
-        inner.addWidget(self.qt_viewer)
+        self._frame_layout = QVBoxLayout(frame)
+        self._frame_layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(frame)
         self.layer = None
         self.shown: MapDisplay | None = None
+        QTimer.singleShot(0, self._make_model_later)
+
+    def _make_model_later(self) -> None:
+        if not self._closed:
+            _ = self.model
+            QTimer.singleShot(0, self._make_viewer_later)
+
+    def _make_viewer_later(self) -> None:
+        if not self._closed:
+            _ = self.qt_viewer
+
+    @property
+    def model(self):
+        """The docked viewer's ``ViewerModel`` (made on first use)."""
+        if self._model is None and not self._closed:
+            from napari.components import ViewerModel
+
+            self._model = ViewerModel(title="napari-cspt2d map", ndisplay=3)
+        return self._model
+
+    @property
+    def qt_viewer(self):
+        """The docked viewer's ``QtViewer`` (made on first use)."""
+        if self._qt_viewer is None and not self._closed:
+            from napari.qt import QtViewer
+
+            self._qt_viewer = QtViewer(self.model)
+            self._frame_layout.addWidget(self._qt_viewer)
+        return self._qt_viewer
 
     def show_map(self, display: MapDisplay, title: str) -> None:
         """Assign ``display`` (prepared off the GUI thread) to the map layer, made on the first map only."""
         scale = (display.voxel_A,) * 3
         if self.layer is None:
+            _ = self.qt_viewer  # the canvas, if its turn has not come yet
             self.layer = self.model.add_image(display.volume, name="map", scale=scale, axis_labels=MAP_AXES,
                                               colormap="bop orange", rendering="iso",
                                               contrast_limits=display.contrast_limits,
@@ -151,7 +181,8 @@ class MapPanel(QWidget):
 
     def close_viewer(self) -> None:
         """Free the docked viewer (called when the napari window closes)."""
-        qt_viewer, model, self.qt_viewer, self.model, self.layer = self.qt_viewer, self.model, None, None, None
+        qt_viewer, model, self._qt_viewer, self._model, self.layer = self._qt_viewer, self._model, None, None, None
+        self._closed = True
         if qt_viewer is None:
             return
         with contextlib.suppress(RuntimeError, AttributeError):
