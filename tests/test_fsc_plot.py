@@ -1,10 +1,13 @@
-"""The FSC plot drawn without Qt (in the cockpit's worker threads)."""
+"""The FSC plot drawn without Qt (in the cockpit's plot process)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from napari_cspt2d.fsc_plot import FscEntry, render_fsc_plot
+from napari_cspt2d import fsc_plot
+from napari_cspt2d.fsc_plot import FscEntry, render_fsc_plot, render_fsc_plot_apart
 
 
 def test_render_fsc_plot_marks_the_highlighted_curve():
@@ -18,3 +21,12 @@ def test_render_fsc_plot_marks_the_highlighted_curve():
     assert blue.sum() > 100 and orange.sum() > 50
     empty = render_fsc_plot([], 0, (360, 240))[..., :3].astype(int)
     assert not ((empty[..., 0] > 150) & (empty[..., 0] - empty[..., 2] > 80)).any()  # nothing marked
+
+
+def test_render_fsc_plot_apart_draws_the_same_pixels_in_another_process():
+    freq = np.linspace(0.0, 0.125, 33)
+    entries = [FscEntry("run 1 · it 1", freq, np.exp(-freq * 40), 14.0)]
+    apart = render_fsc_plot_apart(entries, 0, (360, 240))
+    np.testing.assert_array_equal(apart, render_fsc_plot(entries, 0, (360, 240)))
+    drawer = fsc_plot._plot_process().submit(os.getpid).result()
+    assert drawer != os.getpid()  # matplotlib ran outside this process (and its interpreter lock)

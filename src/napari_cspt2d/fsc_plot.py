@@ -1,19 +1,26 @@
-"""The FSC plot of a session's maps as an RGBA image, drawn with matplotlib's Agg canvas (no Qt), so that a worker
-thread can draw it and the cockpit only shows the pixels.
+"""The FSC plot of a session's maps as an RGBA image, drawn with matplotlib's Agg canvas (no Qt), so that the
+cockpit only shows the pixels.
 
-Every map keeps its curve, named in the legend; the highlighted one is drawn in colour with its resolution at FSC
-0.143 marked, the others fade (earlier ones fainter).
+:func:`render_fsc_plot_apart` draws it in a process of its own (one, started at the first plot and kept): matplotlib
+is Python from end to end and holds the interpreter lock (GIL) while it draws (~0.1-0.3 s a plot, ~1 s to import);
+drawn in a thread of napari's process, it was the thread most often seen holding the GIL during the window's stalls
+in the cockpit's Refine (py-spy ``--gil``: 9 stack changes a second inside stalls, 1 outside; README "The cockpit's
+loop").
 """
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["FSC_THRESHOLD", "FscEntry", "render_fsc_plot"]
+__all__ = ["FSC_THRESHOLD", "FscEntry", "render_fsc_plot", "render_fsc_plot_apart"]
 
 FSC_THRESHOLD = 0.143
 _BG, _FG, _LATEST, _MARK = "#262930", "#d6d6d6", "#4fc3f7", "#ff8a65"  # napari's dark theme
@@ -65,3 +72,24 @@ def render_fsc_plot(entries: Sequence[FscEntry], highlight: int, size_px: tuple[
     figure.tight_layout()
     canvas.draw()
     return np.asarray(canvas.buffer_rgba()).copy()
+
+
+_pool: ProcessPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _plot_process() -> ProcessPoolExecutor:
+    """The one process that draws plots (spawned, not forked: napari's process has Qt and other threads)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            atexit.register(_pool.shutdown, wait=False, cancel_futures=True)
+        return _pool
+
+
+def render_fsc_plot_apart(entries: Sequence[FscEntry], highlight: int, size_px: tuple[int, int], dpi: int = 100
+                          ) -> NDArray[np.uint8]:
+    """:func:`render_fsc_plot` drawn in the plot process (module docstring); the calling thread waits without
+    holding the GIL."""
+    return _plot_process().submit(render_fsc_plot, list(entries), highlight, size_px, dpi).result()

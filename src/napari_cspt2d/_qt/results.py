@@ -8,8 +8,8 @@ made once and updated in place with arrays, contrast limits and iso level prepar
 (:func:`napari_cspt2d.runs.map_display`).
 
 The FSC plot accumulates: every map of the session keeps its curve, named in the legend (``run 2 · it 3``); the
-latest is drawn in colour with its 0.143 resolution marked, earlier ones fade. It is drawn in a worker thread and
-shown as an image.
+latest is drawn in colour with its 0.143 resolution marked, earlier ones fade. It is drawn in a process of its own
+(:func:`napari_cspt2d.fsc_plot.render_fsc_plot_apart`, waited for by a worker thread) and shown as an image.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import QAbstractItemView, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
-from ..fsc_plot import FSC_THRESHOLD, FscEntry, render_fsc_plot
+from ..fsc_plot import FSC_THRESHOLD, FscEntry, render_fsc_plot_apart
 from ..runs import MapDisplay
 
 __all__ = ["FSC_THRESHOLD", "FscPlot", "HistoryTable", "MapPanel"]
@@ -37,8 +37,8 @@ MAP_ZOOM = 1.8
 
 class FscPlot(QWidget):
     """FSC curves of every map of the session, with a legend; the highlighted one in colour with its 0.143
-    resolution. The plot is drawn in a worker (:func:`napari_cspt2d.fsc_plot.render_fsc_plot`); the GUI thread only
-    shows the finished pixels (a newer request supersedes one still drawing)."""
+    resolution. The plot is drawn in another process (:func:`napari_cspt2d.fsc_plot.render_fsc_plot_apart`); the GUI
+    thread only shows the finished pixels (a newer request supersedes one still drawing)."""
 
     SIZE_PX = (360, 240)
 
@@ -74,11 +74,11 @@ class FscPlot(QWidget):
         self.label.setText(f"{entry.label}: {entry.resolution_A:.2f} Å at FSC {FSC_THRESHOLD}; "
                            f"{len(self.entries)} map(s) this session")
         if (index, len(self.entries)) == self._drawn:
-            return  # drawn (or being drawn) already: matplotlib in a thread competes with the window for the GIL
+            return  # drawn (or being drawn) already
         self.highlighted, self._drawn = index, (index, len(self.entries))
         self._request += 1
         request, entries = self._request, list(self.entries)
-        worker = create_worker(render_fsc_plot, entries, index, self.SIZE_PX, _start_thread=False,
+        worker = create_worker(render_fsc_plot_apart, entries, index, self.SIZE_PX, _start_thread=False,
                                _ignore_errors=True)
         worker.returned.connect(lambda rgba: self._show(request, rgba, [e.label for e in entries]))
         worker.start()

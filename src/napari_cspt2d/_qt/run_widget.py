@@ -25,7 +25,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPlainTextEdit,
-    QProgressBar,
     QPushButton,
     QVBoxLayout,
     QWidget,
@@ -48,6 +47,7 @@ from ..runs import (
 from ._guard import report_errors
 from ._lifecycle import WindowCloseWatcher
 from ._owner import CockpitState, HistoryEntry, state_of
+from ._progress import DeferredProgressBar
 from .preview import LivePreview
 from .results import FscPlot, HistoryTable, MapPanel
 from ._ticks import TickQueue
@@ -136,7 +136,7 @@ class RunWidget(QWidget):
         for button in (self.reconstruct_button, self.refine_button, self.cancel_button):
             row.addWidget(button)
         layout.addLayout(row)
-        self.progress_bar = QProgressBar()
+        self.progress_bar = DeferredProgressBar()  # no synchronous window repaint per progress step
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(0)
         self.stage_label = QLabel("Idle.")
