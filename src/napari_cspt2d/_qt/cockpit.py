@@ -47,6 +47,9 @@ _MARGIN_PX = 32  # dock separators and frames
 FIT_DELAY_MS = 100  # the docks are laid out by then (else tried again)
 #: napari's layer docks grow to this width once a Points layer's controls show.
 LAYER_DOCKS_PX = 320
+#: The tabs' modules start loading once the dock is shown, fitted and painted (a paint beside a thread running Python
+#: waits for the GIL after each of its OpenGL calls: README "The cockpit's loop").
+IMPORT_DELAY_MS = 300
 #: The modules the tabs need, imported off the GUI thread when the cockpit opens (the heavy part of opening it).
 TAB_MODULES = tuple(f"{__package__}.{name}" for name in
                     ("_owner", "_loader", "_curation", "params_widget", "run_widget", "validation"))
@@ -104,7 +107,7 @@ class Cockpit(QWidget):
         self._close_watcher = WindowCloseWatcher(self, self.close_session)
         self._importer = create_worker(_import_tab_modules, _start_thread=False, _ignore_errors=True)
         self._importer.finished.connect(self._on_imported)
-        self._importer.start()
+        QTimer.singleShot(IMPORT_DELAY_MS, self._importer.start)
 
     # ------------------------------------------------------------------ building the tabs
     @property
