@@ -22,7 +22,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -33,6 +32,7 @@ from .._reader import read_trackset, series_layer_data
 from ..errors import CsptError, CsptInputError
 from ..model.tiltseries import TiltSeries, find_angle_file
 from ._guard import report_errors
+from ._progress import DeferredProgressBar
 from ._sample_stream import fill_in_background
 from ._viewer_watch import watch_viewer
 
@@ -135,7 +135,7 @@ class TiltSeriesLoader(QWidget):
         buttons.addWidget(self.sample_button)
         self.info = QLabel()
         self.info.setWordWrap(True)
-        self.progress = QProgressBar()
+        self.progress = DeferredProgressBar()  # no synchronous window repaint per streamed tilt
         self.progress.setRange(0, 0)  # busy indicator while reading
         self.progress.hide()
         layout = QVBoxLayout(self)
