@@ -1,5 +1,5 @@
-"""The cockpit's progress bars (Run and Data tabs) paint with the window's next frame, never synchronously (README "The cockpit's
-loop": a synchronous repaint flushed the whole OpenGL window while holding the GIL)."""
+"""The cockpit's progress bars (Run and Data tabs) paint with the window's next frame, never synchronously (README
+"The cockpit's loop": a synchronous repaint flushed the whole OpenGL window while holding the GIL)."""
 
 from __future__ import annotations
 
