@@ -5,7 +5,8 @@ added to it would share the first slider and its 3D rendering would switch the t
 viewer (a napari ``ViewerModel`` with its ``QtViewer``, as napari's ``multiple_viewer_widget`` example does) keeps its
 own dims and camera, so switching between the tilt series and the map is only a look to the side. Its ``map`` layer is
 made once and updated in place with arrays, contrast limits and iso level prepared off the GUI thread
-(:func:`napari_cspt2d.runs.map_display`).
+(:func:`napari_cspt2d.runs.map_display`), assigned with one refresh and one thumbnail
+(:func:`._layer_update.one_refresh`).
 
 The FSC plot accumulates: every map of the session keeps its curve, named in the legend (``run 2 · it 3``); the
 latest is drawn in colour with its 0.143 resolution marked, earlier ones fade. It is drawn in a process of its own
@@ -24,6 +25,7 @@ from qtpy.QtWidgets import QAbstractItemView, QLabel, QTableWidget, QTableWidget
 
 from ..fsc_plot import FSC_THRESHOLD, FscEntry, render_fsc_plot_apart
 from ..runs import MapDisplay
+from ._layer_update import one_refresh
 
 __all__ = ["FSC_THRESHOLD", "FscPlot", "HistoryTable", "MapPanel"]
 
@@ -167,13 +169,13 @@ class MapPanel(QWidget):
             self.model.camera.angles = MAP_VIEW_ANGLES
             self.model.camera.zoom *= MAP_ZOOM
         else:
-            layer = self.layer
-            if tuple(layer.scale) != scale:
-                layer.scale = scale
-            layer.data = display.volume
-            layer.contrast_limits_range = display.contrast_limits
-            layer.contrast_limits = display.contrast_limits
-            layer.iso_threshold = display.iso_level
+            with one_refresh(self.layer) as layer:  # one slice, one thumbnail of the volume
+                if tuple(layer.scale) != scale:
+                    layer.scale = scale
+                layer.data = display.volume
+                layer.contrast_limits_range = display.contrast_limits
+                layer.contrast_limits = display.contrast_limits
+                layer.iso_threshold = display.iso_level
             if layer.data.shape != self.shown.volume.shape or self.shown.voxel_A != display.voxel_A:
                 self.model.reset_view()
         self.shown = display

@@ -1,0 +1,36 @@
+"""Update a napari layer's data and display settings with one refresh and one thumbnail.
+
+napari recomputes a layer's thumbnail in every display setter (``contrast_limits``, ``iso_threshold``, and
+``contrast_limits_range`` through ``contrast_limits``), and ``data`` and ``contrast_limits_range`` each refresh the
+layer (slice it, hand the slice to the visual, thumbnail again). For a 3D map the thumbnail is a maximum projection of
+the whole volume on the GUI thread: a new map assigned setter by setter paid four thumbnails. Inside
+:func:`one_refresh` the layer's refreshes are held and its thumbnail is not recomputed; on leaving, the layer is
+refreshed once (slice, visual, extent, one thumbnail of the final state). napari (0.5–0.6) has no public batch
+update; this uses ``Layer._block_refresh`` and shadows ``_update_thumbnail`` on the instance only, for the block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from napari.layers import Layer
+
+__all__ = ["one_refresh"]
+
+
+def _no_thumbnail() -> None:
+    """Stands in for the layer's ``_update_thumbnail`` inside :func:`one_refresh`."""
+
+
+@contextmanager
+def one_refresh(layer: Layer) -> Iterator[Layer]:
+    """Assign any of ``layer``'s properties inside; the layer is refreshed once, with its thumbnail, on leaving
+    (events other than the refresh's are emitted as usual, so controls and visuals follow each setter)."""
+    layer._update_thumbnail = _no_thumbnail  # the instance attribute shadows the method for this block only
+    try:
+        with layer._block_refresh():
+            yield layer
+    finally:
+        del layer._update_thumbnail
+        layer.refresh()
