@@ -17,6 +17,7 @@ from qtpy.QtCore import QPoint, Qt  # noqa: E402
 
 from conftest import GUI_SAMPLE as SMALL  # noqa: E402
 from napari_cspt2d._qt._loader import add_layers  # noqa: E402
+from napari_cspt2d._qt.validation import add_shift_vectors_layer  # noqa: E402
 from napari_cspt2d._sample_data import make_sample_data  # noqa: E402
 from napari_cspt2d.review import ACCEPTED, PENDING, REJECTED, UNCHANGED, ShiftReview, shift_vectors  # noqa: E402
 
@@ -64,10 +65,23 @@ def test_vectors_layer_colour_bar_and_worst_first(make_napari_viewer, refined, q
     assert int(round(viewer.dims.point[0])) == int(review.before.tilt[second])
     qtbot.mouseClick(validation.worst_button, Qt.MouseButton.LeftButton)
     assert validation.table.selected_rows() == [worst]
-    # a new review updates the same layer in place
-    validation.set_review(ShiftReview(review.before, review.after), stack=sample.stack, params=params,
-                          volume=item.reconstruction.map, document=curation.document, label="again")
+    # a new review (other shifts: other scores, colour range, arrows) updates the same layer in place, coloured as a
+    # layer made afresh from its vectors
+    rng, n = np.random.default_rng(1), len(review)
+    after = review.after.with_positions(np.arange(n), review.after_px + rng.normal(0.0, 3.0, (n, 2)))
+    after = after.replace(score=rng.uniform(0.2, 0.6, n))
+    again = ShiftReview(review.before, after)
+    validation.set_review(again, stack=sample.stack, params=params, volume=item.reconstruction.map,
+                          document=curation.document, label="again")
     assert viewer.layers["refined shifts"] is layer and [lyr.name for lyr in viewer.layers].count("refined shifts") == 1
+    new_vectors = shift_vectors(again)
+    np.testing.assert_allclose(layer.data, new_vectors.data)
+    assert not np.allclose(layer.data, vectors.data)
+    assert tuple(layer.edge_contrast_limits) == pytest.approx(new_vectors.score_limits)
+    assert layer.length == new_vectors.factor and layer.edge_width == new_vectors.width_px
+    fresh = add_shift_vectors_layer(viewer, new_vectors, sample.pixel_A)
+    np.testing.assert_allclose(layer.edge_color, fresh.edge_color)
+    viewer.layers.remove(fresh)
 
 
 def test_accept_in_the_widget_changes_tracks_and_undo_restores(make_napari_viewer, refined, cache_home, qtbot):

@@ -43,6 +43,7 @@ from ..review import (
     worst_first,
 )
 from ._guard import report_errors
+from ._layer_update import one_refresh
 from ._owner import CockpitState, state_of
 from ._particle_table import ParticleTableModel, ParticleTableView
 
@@ -421,14 +422,16 @@ class ShiftValidation(QWidget):
             self.layer = self._add_layer(vectors, pixel_A)
             return
         first = not len(layer.data)
-        if tuple(layer.scale) != (1.0, pixel_A, pixel_A):
-            layer.scale = (1.0, pixel_A, pixel_A)
-        layer.data = vectors.data
-        layer.features = vectors.features
-        layer.edge_width = vectors.width_px
-        layer.length = vectors.factor
-        layer.edge_contrast_limits = vectors.score_limits
-        layer.edge_color = "score"
+        with one_refresh(layer):  # one slice and thumbnail of the ~10⁵ vectors, not one per setter
+            if tuple(layer.scale) != (1.0, pixel_A, pixel_A):
+                layer.scale = (1.0, pixel_A, pixel_A)
+            layer.data = vectors.data
+            layer.features = vectors.features  # recolours by the new scores: the layer keeps colouring by "score"
+            layer.edge_width = vectors.width_px
+            layer.length = vectors.factor
+            layer.edge_contrast_limits = vectors.score_limits
+            if layer.edge_color_mode != "colormap":  # not coloured by a feature (yet): colour by the score
+                layer.edge_color = "score"
         if first:
             layer.visible = True
 
