@@ -14,13 +14,19 @@
    user feels the window frozen: max and 99th percentile), the time to the first image, the time to the first
    progress and to the map of the first Reconstruct, and the cancel latency (button to the run's end). Goals: max
    lateness <= 100 ms in every phase, first image <= 2 s, cancel <= 0.5 s.
+   The loop runs twice, each time in a napari session of its own (a child process), because Mesa keeps the shader
+   programs it compiled (glLinkProgram: 100s of ms each in llvmpipe, on the GUI thread) in an on-disk cache: the
+   **first session** starts with an empty shader cache (``MESA_SHADER_CACHE_DIR`` a new temp folder: a user's first
+   napari session on the machine), the **later session** reuses the folder the first one filled (every later session).
+   Only the shader cache differs: both start with an empty napari-cspt2d cache (``XDG_CACHE_HOME``: "open sample (not
+   cached)") and an empty numba cache ("reconstruct (cold kernels)").
 
-Prints a table and writes benchmarks/results/gui.json (the cockpit's part under ``"cockpit"``). Run:
-``.venv/bin/python benchmarks/gui.py [--part files|cockpit|all] [--stacks]``. The machine is shared: the load average
-at the start and end is recorded with the numbers. ``--stacks`` says what froze the window: every stall of the
-cockpit's loop (the timer > 50 ms late) is printed with the GUI thread's frames sampled during it, the garbage
-collections inside it and the other threads' frames (:class:`StackSampler`); the sampler competes for the GIL, so
-time the phases without it.
+Prints a table and writes benchmarks/results/gui.json (the cockpit's part under ``"cockpit"``, one entry per session).
+Run: ``.venv/bin/python benchmarks/gui.py [--part files|cockpit|all] [--stacks [--session first|later]]``. The
+machine is shared: the load average at the start and end is recorded with the numbers. ``--stacks`` says what froze
+the window (in the ``--session`` chosen, the first by default): every stall of the cockpit's loop (the timer > 50 ms
+late) is printed with the GUI thread's frames sampled during it, the garbage collections inside it and the other
+threads' frames (:class:`StackSampler`); the sampler competes for the GIL, so time the phases without it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -527,19 +534,73 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
     return results
 
 
-def print_cockpit(results: dict) -> None:
-    print("\n".join(results.pop("stall_stacks", [])))
-    for phase, calls in results.get("slowest_gui_callbacks_ms_by_phase", {}).items():
-        for name, ms in calls.items():
-            print(f"slowest call in {phase!r}: {name:<40} {ms:>8} ms")
+#: The two napari sessions the cockpit's loop runs in: their key in gui.json and the column's title.
+SESSIONS = {"first": "first session (empty GL shader cache)", "later": "later session (warm GL shader cache)"}
+
+
+def _folder_MB(folder: Path) -> float:
+    return round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20, 1)
+
+
+def run_cockpit_sessions(stacks_session: str | None = None) -> dict[str, dict]:
+    """The cockpit's loop in a first and a later napari session, each a child process (``--child``) with its own
+    empty napari-cspt2d and numba caches, sharing one GL shader cache folder (empty for the first);
+    ``stacks_session``: the session whose stalls are sampled (``--stacks``)."""
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as shader_cache:
+        env = dict(os.environ, MESA_SHADER_CACHE_DIR=shader_cache)
+        for session, title in SESSIONS.items():
+            print(f"cockpit's loop: {title}", flush=True)
+            cached = _folder_MB(Path(shader_cache))
+            with tempfile.TemporaryDirectory() as tmp:
+                result_file = Path(tmp) / "result.json"
+                command = [sys.executable, __file__, "--child", str(result_file)]
+                subprocess.run(command + (["--stacks"] if session == stacks_session else []), env=env, check=True)
+                out[session] = {"gl_shader_cache_MB_at_start": cached, **json.loads(result_file.read_text())}
+            if session == stacks_session:  # printed, not kept
+                print(f"=== stalls of the {title}\n" + "\n".join(out[session].pop("stall_stacks")), flush=True)
+    return out
+
+
+def print_cockpit(sessions: dict[str, dict]) -> None:
+    """One column per session: the phases' lateness, the slowest GUI-thread calls and the other measures."""
+    names = list(sessions)
     goal = COCKPIT_GOALS["max_lateness_ms"]
-    print(f"{'phase':<36} {'max late (ms)':>14} {'p99 late (ms)':>14}  goal max <= {goal:g}")
-    for name, row in results["phases"].items():
-        ok = "ok" if row["max_lateness_ms"] <= COCKPIT_GOALS["max_lateness_ms"] else "MISSED"
-        print(f"{name:<36} {row['max_lateness_ms']:>14} {row['p99_lateness_ms']:>14}  {ok}")
-    for key, value in results.items():
-        if key not in ("phases", "history", "slowest_gui_callbacks_ms", "slowest_gui_callbacks_ms_by_phase"):
-            print(f"{key:<52} {value!s:>10}")
+    print(f"\ncockpit's loop, lateness of a 10 ms timer (ms), goal max <= {goal:g}")
+    print(f"{'phase':<34}" + "".join(f" | {n + ' session: max':>20} {'p99':>7} {'goal':>6}" for n in names))
+    phases = list(dict.fromkeys(p for r in sessions.values() for p in r.get("phases", {})))
+    for phase in phases:
+        cells = ""
+        for n in names:
+            row = sessions[n].get("phases", {}).get(phase)
+            if row is None:
+                cells += f" | {'-':>20} {'-':>7} {'':>6}"
+                continue
+            ok = "ok" if row["max_lateness_ms"] <= goal else "MISSED"
+            cells += f" | {row['max_lateness_ms']:>20} {row['p99_lateness_ms']:>7} {ok:>6}"
+        print(f"{phase:<34}{cells}")
+    print(f"\n{'slowest GUI-thread call (ms)':<78}" + "".join(f" {n:>8}" for n in names))
+    calls = list(dict.fromkeys((phase, name) for r in sessions.values()
+                               for phase, by_name in r.get("slowest_gui_callbacks_ms_by_phase", {}).items()
+                               for name in by_name))
+    for phase, name in calls:
+        values = [sessions[n].get("slowest_gui_callbacks_ms_by_phase", {}).get(phase, {}).get(name, "-")
+                  for n in names]
+        print(f"{phase[:34]:<34} {name:<43}" + "".join(f" {v!s:>8}" for v in values))
+    skip = ("phases", "history", "slowest_gui_callbacks_ms", "slowest_gui_callbacks_ms_by_phase")
+    keys = list(dict.fromkeys(k for r in sessions.values() for k in r if k not in skip))
+    print(f"\n{'measure':<52}" + "".join(f" {n:>10}" for n in names))
+    for key in keys:
+        print(f"{key:<52}" + "".join(f" {sessions[n].get(key, '-')!s:>10}" for n in names))
+
+
+def _child(result_file: Path, stacks: bool) -> int:
+    """One session of the cockpit's loop (``run_cockpit_sessions`` starts it), its results written to
+    ``result_file``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run_cockpit(Path(tmp), stacks=stacks)
+    result_file.write_text(json.dumps(results))
+    return 0
 
 
 def main() -> int:
@@ -549,7 +610,12 @@ def main() -> int:
     parser.add_argument("--part", choices=("files", "cockpit", "all"), default="all")
     parser.add_argument("--stacks", action="store_true",
                         help="sample the GUI thread's stack and print it for every stall of the cockpit's loop")
+    parser.add_argument("--session", choices=tuple(SESSIONS), default="first",
+                        help="the cockpit's session whose stalls --stacks prints (default: first)")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # one session, its results to this file
     args = parser.parse_args()
+    if args.child is not None:
+        return _child(args.child, args.stacks)
     display = None
     if not os.environ.get("DISPLAY"):
         from pyvirtualdisplay import Display
@@ -560,8 +626,7 @@ def main() -> int:
     try:
         results = run() if args.part in ("files", "all") else {k: v for k, v in previous.items() if k != "cockpit"}
         if args.part in ("cockpit", "all"):
-            with tempfile.TemporaryDirectory() as tmp:
-                results["cockpit"] = run_cockpit(Path(tmp), stacks=args.stacks)
+            results["cockpit"] = run_cockpit_sessions(args.session if args.stacks else None)
         elif "cockpit" in previous:
             results["cockpit"] = previous["cockpit"]
     finally:
@@ -575,8 +640,9 @@ def main() -> int:
         goal = GOALS.get(key)
         verdict = "" if goal is None else f"{goal[0]} {goal[1]:g}  {'ok' if value < goal[1] else 'MISSED'}"
         print(f"{key:<{width}}  {value!s:>12}  {verdict}")
-    if "cockpit" in results:
-        print_cockpit(results["cockpit"])
+    cockpit = results.get("cockpit", {})
+    if cockpit and set(cockpit) <= set(SESSIONS):  # (an older gui.json holds one session's results)
+        print_cockpit(cockpit)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {RESULTS}")
