@@ -139,3 +139,24 @@ def test_table_sorts_and_jumps_to_tilt_and_particle(make_napari_viewer, refined,
     qtbot.mouseClick(validation.gallery, Qt.MouseButton.LeftButton, pos=QPoint(x, validation.gallery.top + 10))
     assert int(round(viewer.dims.point[0])) == int(review.before.tilt[row])
     assert validation.table.selected_rows() == [row]
+
+
+def test_the_shifts_layer_is_prepared_without_ever_taking_the_selection(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer(show=True)
+    add_layers(viewer, make_sample_data(**SMALL))
+    _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    validation = cockpit.validate
+    picking = viewer.layers.selection.active
+    assert picking is not None and "refined shifts" not in viewer.layers
+    activated = []
+    viewer.layers.selection.events.active.connect(lambda event: activated.append(event.value))
+    validation.prepare_layer(0.5)
+    qtbot.waitUntil(lambda: "refined shifts" in viewer.layers, timeout=5000)
+    layer = viewer.layers["refined shifts"]
+    assert validation.layer == layer and not layer.visible and len(layer.data) == 0
+    np.testing.assert_allclose(layer.scale, [1.0, 0.5, 0.5])
+    # the layer controls never switched to it: the picking layer stayed the active one throughout
+    assert activated == [] and viewer.layers.selection.active is picking
+    validation.prepare_layer(0.5)  # a second call keeps the one layer
+    qtbot.wait(50)
+    assert [lyr.name for lyr in viewer.layers].count("refined shifts") == 1

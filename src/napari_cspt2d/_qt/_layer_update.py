@@ -5,8 +5,15 @@ napari recomputes a layer's thumbnail in every display setter (``contrast_limits
 layer (slice it, hand the slice to the visual, thumbnail again). For a 3D map the thumbnail is a maximum projection of
 the whole volume on the GUI thread: a new map assigned setter by setter paid four thumbnails. Inside
 :func:`one_refresh` the layer's refreshes are held and its thumbnail is not recomputed; on leaving, the layer is
-refreshed once (slice, visual, extent, one thumbnail of the final state). napari (0.5–0.6) has no public batch
-update; this uses ``Layer._block_refresh`` and shadows ``_update_thumbnail`` on the instance only, for the block.
+refreshed once (slice, visual, extent, one thumbnail of the final state); when the extent changed (another shape or
+scale), the ``data`` event is emitted again so that the viewer's dims (slider ranges) follow. napari (0.5–0.9) has no
+public batch update; this uses ``Layer._block_refresh`` and shadows ``_update_thumbnail`` on the instance only, for
+the block.
+
+:func:`add_unselected` adds a layer made beforehand without making it the active one: napari selects every layer
+inserted, which switches the layer controls and the viewer buttons' styles to it (and back when the caller re-selects
+its own layer) — half of the GUI-thread time of adding a layer. It turns off ``LayerList._activate_on_insert`` for
+the insertion only.
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
+from napari.components import LayerList
 from napari.layers import Layer
 
-__all__ = ["one_refresh"]
+__all__ = ["add_unselected", "one_refresh"]
 
 
 def _no_thumbnail() -> None:
@@ -27,6 +36,7 @@ def _no_thumbnail() -> None:
 def one_refresh(layer: Layer) -> Iterator[Layer]:
     """Assign any of ``layer``'s properties inside; the layer is refreshed once, with its thumbnail, on leaving
     (events other than the refresh's are emitted as usual, so controls and visuals follow each setter)."""
+    extent = layer.extent.world
     layer._update_thumbnail = _no_thumbnail  # the instance attribute shadows the method for this block only
     try:
         with layer._block_refresh():
@@ -34,3 +44,18 @@ def one_refresh(layer: Layer) -> Iterator[Layer]:
     finally:
         del layer._update_thumbnail
         layer.refresh()
+        if not np.array_equal(layer.extent.world, extent):
+            # the viewer's dims follow a layer's ``data`` event, which came while the old extent was still cached
+            layer.events.data(value=layer.data)
+
+
+def add_unselected(layers: LayerList, layer: Layer) -> Layer:
+    """Append ``layer`` (made beforehand, e.g. in an earlier event-loop turn) to ``layers`` leaving the selection and
+    the active layer as they are."""
+    before = layers._activate_on_insert
+    layers._activate_on_insert = False
+    try:
+        layers.append(layer)
+    finally:
+        layers._activate_on_insert = before
+    return layer

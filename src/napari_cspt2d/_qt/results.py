@@ -4,9 +4,11 @@ Why a viewer of its own, docked (never floating): the tilt-series viewer's dimen
 added to it would share the first slider and its 3D rendering would switch the tilt series to 3D too. The docked
 viewer (a napari ``ViewerModel`` with its ``QtViewer``, as napari's ``multiple_viewer_widget`` example does) keeps its
 own dims and camera, so switching between the tilt series and the map is only a look to the side. Its ``map`` layer is
-made once and updated in place with arrays, contrast limits and iso level prepared off the GUI thread
-(:func:`napari_cspt2d.runs.map_display`), assigned with one refresh and one thumbnail
-(:func:`._layer_update.one_refresh`).
+made once, before the first map, and updated in place with arrays, contrast limits and iso level prepared off the GUI
+thread (:func:`napari_cspt2d.runs.map_display`), assigned with one refresh and one thumbnail
+(:func:`._layer_update.one_refresh`). With a GPU the map is drawn as a 3D iso-surface; on a software OpenGL renderer
+(llvmpipe…), where that draw takes 0.3–1 s of GUI-thread time per map, as its central slice, with a one-click "3D"
+button (:class:`MapPanel`).
 
 The FSC plot accumulates: every map of the session keeps its curve, named in the legend (``run 2 · it 3``); the
 latest is drawn in colour with its 0.143 resolution marked, earlier ones fade. It is drawn in a process of its own
@@ -18,13 +20,16 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+from napari.layers import Image
 from napari.qt.threading import create_worker
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtGui import QImage, QPixmap
-from qtpy.QtWidgets import QAbstractItemView, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (QAbstractItemView, QHBoxLayout, QLabel, QPushButton, QTableWidget, QTableWidgetItem,
+                            QVBoxLayout, QWidget)
 
 from ..fsc_plot import FSC_THRESHOLD, FscEntry, render_fsc_plot_apart
 from ..runs import MapDisplay
+from ._gl_info import gl_renderer, is_software_renderer
 from ._layer_update import one_refresh
 
 __all__ = ["FSC_THRESHOLD", "FscPlot", "HistoryTable", "MapPanel"]
@@ -33,6 +38,9 @@ MAP_AXES = ("z", "y", "x")
 #: Initial 3D view of a map (napari camera angles, degrees): tilted so that its depth shows.
 MAP_VIEW_ANGLES = (20.0, 30.0, 140.0)
 MAP_HEIGHT_PX = 280
+#: Colormaps of the map: its 3D iso-surface, its slices (density white on black, as section viewers show them).
+MAP_COLORMAP_3D = "bop orange"
+MAP_COLORMAP_SLICES = "gray"
 #: Zoom over napari's fit-the-box view (a particle fills about half of its box).
 MAP_ZOOM = 1.8
 
@@ -104,46 +112,83 @@ class FscPlot(QWidget):
 
 
 class MapPanel(QWidget):
-    """A napari viewer docked in the cockpit showing the ``map`` layer (see the module docstring). The viewer's model
-    and its ``QtViewer`` (a canvas with its OpenGL context, ~0.1–0.2 s) are made in later event-loop turns, one
-    each, so that building the Run tab does not freeze the window; ``model``/``qt_viewer`` make them at once when
-    needed earlier."""
+    """A napari viewer docked in the cockpit showing the ``map`` layer (see the module docstring).
+
+    Built in small pieces, one per event-loop turn, so that neither building the Run tab nor the first map freezes
+    the window: the OpenGL renderer's name (:func:`._gl_info.gl_renderer`), the viewer's model, its ``QtViewer`` (a
+    canvas with its OpenGL context), the ``map`` layer (made hidden, then added: 0.05–0.1 s each that the first map
+    would otherwise pay at once). ``model``/``qt_viewer`` make them at once when needed earlier.
+
+    What is drawn depends on the renderer. With a GPU the map is a 3D iso-surface. On a software rasterizer (Mesa
+    llvmpipe under Xvfb, in a VM or over remote desktop) one 3D ray-cast of a 128³ map takes 0.3–1 s on the GUI
+    thread, at every map that arrives and every camera move; there the panel shows the map's central z section in
+    grey (the slider under it moves through z), which draws in a few ms, says so beside a "3D" button that turns
+    the 3D view on (and off) with one click. Either way the layer holds the full-resolution map: only how it is drawn
+    changes; the history and the FSC curves are the same."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self._model = None
         self._qt_viewer = None
+        self._made: Image | None = None  # the map layer, made hidden before the first map
         self._closed = False
+        self.software: bool | None = None  # whether OpenGL is a software rasterizer (known from the first turn)
+        self.renderer = ""
         self.title = QLabel("No map yet: Reconstruct or Refine.")
         self.title.setWordWrap(True)
+        self.view_3d_button = QPushButton("3D")
+        self.view_3d_button.setCheckable(True)
+        self.view_3d_button.setChecked(True)
+        self.view_3d_button.toggled.connect(self._set_3d)
+        self.mode_label = QLabel("")
+        self.mode_label.setWordWrap(True)
+        self.mode_label.setStyleSheet("color: #9a9ea8; font-size: 11px;")
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.mode_label, 1)
+        row.addWidget(self.view_3d_button, 0, Qt.AlignmentFlag.AlignTop)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.title)
+        layout.addLayout(row)
         frame = QWidget()  # fixes the viewer's height (napari resets the QtViewer's own limits)
         frame.setFixedHeight(MAP_HEIGHT_PX)
         self._frame_layout = QVBoxLayout(frame)
         self._frame_layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(frame)
-        self.layer = None
+        self.layer: Image | None = None  # the map layer once it shows a map
         self.shown: MapDisplay | None = None
-        QTimer.singleShot(0, self._make_model_later)
+        self._pieces = [self._detect_renderer, lambda: self.model, lambda: self.qt_viewer, self._make_layer,
+                        self._add_layer]
+        QTimer.singleShot(0, self._build_next)
 
-    def _make_model_later(self) -> None:
-        if not self._closed:
-            _ = self.model
-            QTimer.singleShot(0, self._make_viewer_later)
+    # ------------------------------------------------------------------ building, one piece per turn
+    def _build_next(self) -> None:
+        if self._closed or not self._pieces:
+            return
+        self._pieces.pop(0)()
+        if self._pieces:
+            QTimer.singleShot(0, self._build_next)
 
-    def _make_viewer_later(self) -> None:
-        if not self._closed:
-            _ = self.qt_viewer
+    def _detect_renderer(self) -> None:
+        if self.software is not None:
+            return
+        self.renderer = gl_renderer()
+        self.software = is_software_renderer(self.renderer)
+        if self.software:
+            self.view_3d_button.blockSignals(True)
+            self.view_3d_button.setChecked(False)
+            self.view_3d_button.blockSignals(False)
+        self._say_mode()
 
     @property
     def model(self):
-        """The docked viewer's ``ViewerModel`` (made on first use)."""
+        """The docked viewer's ``ViewerModel`` (made on first use; 2D display on a software renderer)."""
         if self._model is None and not self._closed:
             from napari.components import ViewerModel
 
-            self._model = ViewerModel(title="napari-cspt2d map", ndisplay=3)
+            self._detect_renderer()
+            self._model = ViewerModel(title="napari-cspt2d map", ndisplay=3 if self.is_3d else 2)
         return self._model
 
     @property
@@ -156,34 +201,87 @@ class MapPanel(QWidget):
             self._frame_layout.addWidget(self._qt_viewer)
         return self._qt_viewer
 
-    def show_map(self, display: MapDisplay, title: str) -> None:
-        """Assign ``display`` (prepared off the GUI thread) to the map layer, made on the first map only."""
-        scale = (display.voxel_A,) * 3
-        if self.layer is None:
-            _ = self.qt_viewer  # the canvas, if its turn has not come yet
-            self.layer = self.model.add_image(display.volume, name="map", scale=scale, axis_labels=MAP_AXES,
-                                              colormap="bop orange", rendering="iso",
-                                              contrast_limits=display.contrast_limits,
-                                              iso_threshold=display.iso_level, metadata={"cspt2d": {"role": "map"}})
-            self.model.reset_view()
-            self.model.camera.angles = MAP_VIEW_ANGLES
-            self.model.camera.zoom *= MAP_ZOOM
+    def _make_layer(self) -> None:
+        if self._made is None:
+            self._made = Image(np.zeros((2, 2, 2), np.float32), name="map", axis_labels=MAP_AXES,
+                               colormap=self._colormap(), rendering="iso", contrast_limits=(0.0, 1.0),
+                               iso_threshold=0.5, visible=False, metadata={"cspt2d": {"role": "map"}})
+
+    def _add_layer(self) -> None:
+        self._make_layer()
+        if self._made not in self.model.layers:
+            _ = self.qt_viewer  # (its turn may not have come yet)
+            self.model.layers.append(self._made)
+
+    # ------------------------------------------------------------------ 3D or slices
+    @property
+    def is_3d(self) -> bool:
+        """Whether the map is drawn in 3D (else its central z section): the "3D" button's state."""
+        return self.view_3d_button.isChecked()
+
+    def _colormap(self) -> str:
+        return MAP_COLORMAP_3D if self.is_3d else MAP_COLORMAP_SLICES
+
+    def _say_mode(self) -> None:
+        renderer = self.renderer.split(" (")[0] or "unknown"
+        if self.software:
+            self.view_3d_button.setToolTip(
+                f"Show the map as a 3D iso-surface. Off by default: this OpenGL renders in software ({renderer}), "
+                "where each 3D draw of the map takes 0.3–1 s and would freeze the window whenever a map arrives "
+                "or the view moves.")
+            self.mode_label.setText(f"Central slice (z slider below): 3D is off, software OpenGL ({renderer}) "
+                                    "draws it too slowly." if not self.is_3d else
+                                    f"3D on software OpenGL ({renderer}): each draw takes 0.3–1 s.")
         else:
-            with one_refresh(self.layer) as layer:  # one slice, one thumbnail of the volume
-                if tuple(layer.scale) != scale:
-                    layer.scale = scale
-                layer.data = display.volume
-                layer.contrast_limits_range = display.contrast_limits
-                layer.contrast_limits = display.contrast_limits
-                layer.iso_threshold = display.iso_level
-            if layer.data.shape != self.shown.volume.shape or self.shown.voxel_A != display.voxel_A:
-                self.model.reset_view()
+            self.view_3d_button.setToolTip("Show the map as a 3D iso-surface (on) or its central z slice (off)")
+            self.mode_label.setText("" if self.is_3d else "Central slice (z slider below).")
+        self.mode_label.setToolTip(f"OpenGL renderer: {self.renderer or 'unknown'}")
+
+    def _set_3d(self, on: bool) -> None:
+        self._say_mode()
+        if self._model is None:
+            return  # the model is made with the chosen display
+        self.model.dims.ndisplay = 3 if on else 2
+        layer = self._made
+        if layer is not None:
+            layer.colormap = self._colormap()
+        if self.shown is not None:
+            self._frame(self.shown)
+
+    def _frame(self, display: MapDisplay) -> None:
+        """Fit the view to the map: in 3D tilted so that its depth shows, in 2D at its central z section."""
+        model = self.model
+        model.reset_view()
+        if self.is_3d:
+            model.camera.angles = MAP_VIEW_ANGLES
+        else:
+            model.dims.set_current_step(0, display.volume.shape[0] // 2)
+        model.camera.zoom *= MAP_ZOOM
+
+    # ------------------------------------------------------------------ maps
+    def show_map(self, display: MapDisplay, title: str) -> None:
+        """Assign ``display`` (prepared off the GUI thread) to the map layer, with one refresh and one thumbnail."""
+        scale = (display.voxel_A,) * 3
+        self._add_layer()  # (made already, unless the first map comes within the panel's first turns)
+        first = self.layer is None
+        with one_refresh(self._made) as layer:  # one slice, one thumbnail of the volume
+            if tuple(layer.scale) != scale:
+                layer.scale = scale
+            layer.data = display.volume
+            layer.contrast_limits_range = display.contrast_limits
+            layer.contrast_limits = display.contrast_limits
+            layer.iso_threshold = display.iso_level
+            layer.visible = True
+        self.layer = layer
+        if first or layer.data.shape != self.shown.volume.shape or self.shown.voxel_A != display.voxel_A:
+            self._frame(display)
         self.shown = display
         self.title.setText(title)
 
     def close_viewer(self) -> None:
         """Free the docked viewer (called when the napari window closes)."""
         qt_viewer, model, self._qt_viewer, self._model, self.layer = self._qt_viewer, self._model, None, None, None
+        self._made = None
         self._closed = True
         if qt_viewer is None:
             return

@@ -43,12 +43,12 @@ from ..review import (
     worst_first,
 )
 from ._guard import report_errors
-from ._layer_update import one_refresh
+from ._layer_update import add_unselected, one_refresh
 from ._owner import CockpitState, state_of
 from ._particle_table import ParticleTableModel, ParticleTableView
 
 __all__ = ["ShiftValidation", "ParticleGallery", "STATUS_COLOURS", "VECTORS_LAYER", "SCORE_COLORMAP",
-           "add_shift_vectors_layer"]
+           "add_shift_vectors_layer", "shift_vectors_layer"]
 
 STATUS_COLOURS = ("#6b6f78", "#3fae5a", "#d64541", "#4a90d9", "#3b3e45")
 VECTORS_LAYER = "refined shifts"
@@ -265,13 +265,18 @@ class ColourBar(QWidget):
         painter.end()
 
 
-def add_shift_vectors_layer(viewer, vectors: ShiftVectors, pixel_A: float, visible: bool = True) -> Vectors:
-    """Add the ``refined shifts`` layer showing ``vectors`` (stack pixels of ``pixel_A`` Å) to ``viewer``."""
-    return viewer.add_vectors(
+def shift_vectors_layer(vectors: ShiftVectors, pixel_A: float, visible: bool = True) -> Vectors:
+    """The ``refined shifts`` layer showing ``vectors`` (stack pixels of ``pixel_A`` Å), not yet in a viewer."""
+    return Vectors(
         vectors.data, features=vectors.features, name=VECTORS_LAYER, edge_color="score",
         edge_colormap=SCORE_COLORMAP, edge_contrast_limits=vectors.score_limits, edge_width=vectors.width_px,
         length=vectors.factor, vector_style="arrow", opacity=1.0, projection_mode="none", visible=visible,
         scale=(1.0, pixel_A, pixel_A), axis_labels=("tilt", "y", "x"), metadata={"cspt2d": {"role": "refined-shifts"}})
+
+
+def add_shift_vectors_layer(viewer, vectors: ShiftVectors, pixel_A: float, visible: bool = True) -> Vectors:
+    """Add the ``refined shifts`` layer showing ``vectors`` (stack pixels of ``pixel_A`` Å) to ``viewer``."""
+    return viewer.add_layer(shift_vectors_layer(vectors, pixel_A, visible))
 
 
 def _no_vectors() -> ShiftVectors:
@@ -291,6 +296,7 @@ class ShiftValidation(QWidget):
         self.review: ShiftReview | None = None
         self.document: TrackDocument | None = None
         self.layer: Vectors | None = None
+        self._pending_layer: Vectors | None = None  # made by prepare_layer, added in the next turn
         self._stack = None
         self._params: PypParameters | None = None
         self._volume = None
@@ -400,11 +406,21 @@ class ShiftValidation(QWidget):
 
     def prepare_layer(self, pixel_A: float) -> None:
         """Add the ``refined shifts`` layer, empty and hidden, before any review (the cockpit does it once a tilt
-        series of ``pixel_A`` Å/px is open): the session's first layer of a kind costs 0.2–0.4 s of GUI-thread work
-        (its controls, its visual), which then no longer freezes the window when a Refine's first results arrive;
-        the review only assigns the data and shows the layer."""
-        if self.layer is None or self.layer not in self.viewer.layers:
-            self.layer = self._add_layer(_no_vectors(), pixel_A, visible=False)
+        series of ``pixel_A`` Å/px is open), so that a Refine's first results only assign the data and show it. Two
+        event-loop turns, each a small piece of GUI-thread work: the layer is made in this one; in the next it joins
+        the viewer without being selected (:func:`._layer_update.add_unselected`: the tracks stay the active layer,
+        the layer controls do not switch to it and back)."""
+        if self.layer is not None and self.layer in self.viewer.layers:
+            return
+        layer = self._pending_layer = shift_vectors_layer(_no_vectors(), pixel_A, visible=False)
+        QTimer.singleShot(0, lambda: self._add_prepared(layer))
+
+    def _add_prepared(self, layer: Vectors) -> None:
+        if layer is not self._pending_layer:
+            return  # superseded by a later series, or the session closed
+        self._pending_layer = None
+        if self.layer is None or self.layer not in self.viewer.layers:  # (a review may have made one meanwhile)
+            self.layer = add_unselected(self.viewer.layers, layer)
 
     def _add_layer(self, vectors: ShiftVectors, pixel_A: float, visible: bool = True) -> Vectors:
         layer = add_shift_vectors_layer(self.viewer, vectors, pixel_A, visible)
@@ -600,6 +616,7 @@ class ShiftValidation(QWidget):
         """Stop following the document and the viewer; a gallery still being drawn is dropped when it arrives."""
         self._status_timer.stop()
         self.review = None
+        self._pending_layer = None
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
