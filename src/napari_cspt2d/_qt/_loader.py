@@ -14,7 +14,7 @@ from typing import Any
 from napari.layers import Layer
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
-from qtpy.QtCore import QTimer, Signal
+from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
@@ -34,11 +34,15 @@ from ..model.tiltseries import TiltSeries, find_angle_file
 from ._guard import report_errors
 from ._progress import DeferredProgressBar
 from ._sample_stream import fill_in_background
+from ._stages import in_own_turn
 from ._viewer_watch import watch_viewer
 
 __all__ = ["TiltSeriesLoader", "load_series_layers"]
 
 DEFAULT_RADIUS_A = 100.0  # pyp's default particle_rad
+#: Layers (by ``metadata["cspt2d"]["role"]``) added hidden and shown in the next stage: adding them and drawing them
+#: the first time each cost 40–100 ms (the trajectories layer is left as it is: the curation hides it while empty).
+SHOWN_A_STAGE_LATER = ("tiltseries", "tracks")
 
 
 def load_series_layers(stack: str | os.PathLike[str], angles: str | os.PathLike[str] | None = None,
@@ -62,6 +66,11 @@ def add_layers(viewer, layers: list[tuple[Any, dict, str]]) -> list[Layer]:
     added = [viewer.add_layer(Layer.create(data, kwargs, kind)) for data, kwargs, kind in layers]
     viewer.reset_view()
     return added
+
+
+def _shown_section(viewer, layer: Layer) -> int:
+    """The section (tilt) of ``layer`` that ``viewer`` shows."""
+    return int(round(layer.world_to_data(viewer.dims.point)[0]))
 
 
 class _PathRow(QWidget):
@@ -149,7 +158,7 @@ class TiltSeriesLoader(QWidget):
     @property
     def busy(self) -> bool:
         """True while files are being read or the sample's tilts made."""
-        return self._worker is not None or self._filling is not None
+        return self._worker is not None or self._stream is not None or self._filling is not None
 
     @report_errors("Angles")
     def _suggest_angles(self) -> None:
@@ -189,11 +198,16 @@ class TiltSeriesLoader(QWidget):
 
     def _done(self) -> None:
         self._worker = None
-        if self._filling is not None:
-            return  # the sample's other tilts are still being made: :meth:`_filled` ends the load
+        if self._stream is not None or self._filling is not None:
+            return  # the sample's other tilts are still to be made: :meth:`_filled` ends the load
         self.progress.hide()
         self.open_button.setEnabled(True)
         self.sample_button.setEnabled(True)
+
+    def _abort(self) -> None:
+        """A stage of the load failed: the tab is free again (a streamed sample stays as far as it was made)."""
+        self._stream = None
+        self._done()
 
     def _failed(self, exc: BaseException) -> None:
         self._done()
@@ -203,19 +217,38 @@ class TiltSeriesLoader(QWidget):
 
     @report_errors("Open tilt series")
     def _add(self, layers: list[Layer]) -> None:
-        """Show the image at once; the tracks layers follow, one per turn of the event loop (the user sees the
-        first image while they are added; each layer's controls and visual cost 0.1–0.2 s in software OpenGL)."""
+        """Add the layers one per stage (:func:`._stages.in_own_turn`), the image first; the image and the tracks
+        are added hidden and shown in the stage after (:data:`SHOWN_A_STAGE_LATER`). Adding a layer (its controls,
+        its row in the layer list, the dims slider) costs 40–100 ms of GUI-thread work in software OpenGL and its
+        first draw as much again: all in one turn they froze the window for their sum. The image shows ~0.1 s
+        after it arrives."""
         try:
             stream = layers[0].metadata["cspt2d"].get("stream")
             if stream is not None and stream.claim():  # ours to fill: the viewer's watcher leaves it alone
                 self._stream = stream
                 self._made(stream.done, len(stream.order))
-            image = self.viewer.add_layer(layers[0])
-            self.viewer.reset_view()
         except BaseException:
-            self._done()
+            self._abort()
             raise
-        QTimer.singleShot(0, lambda: self._add_rest([image], layers[1:]))
+        self._add_rest([], layers)
+
+    @report_errors("Open tilt series")
+    def _show(self, layer: Layer, added: list[Layer], rest: list[Layer]) -> None:
+        """The stage after ``layer`` was added hidden: it is drawn (the view fitted to it if it is the first)."""
+        try:
+            layer.visible = True
+            if len(added) == 1:
+                self.viewer.reset_view()
+        except BaseException:
+            self._abort()
+            raise
+        self._next_stage(lambda: self._add_rest(added, rest))
+
+    @staticmethod
+    def _next_stage(step) -> None:
+        """Run ``step`` in a turn of the event loop of its own (after the repaint of this one), before other staged
+        work (e.g. a layer another widget adds when one of ours arrives): :func:`._stages.in_own_turn`."""
+        in_own_turn(step, first=True)
 
     def _made(self, done: int, total: int) -> None:
         """Progress of the sample's tilts (the first ones are shown, the others on their way)."""
@@ -232,21 +265,27 @@ class TiltSeriesLoader(QWidget):
 
     @report_errors("Open tilt series")
     def _add_rest(self, added: list[Layer], rest: list[Layer]) -> None:
-        """Add ``rest[0]`` to the viewer, the others in the next turns; when all are in, say what was opened."""
+        """Add ``rest[0]`` to the viewer, the others in the next stages; when all are in, say what was opened (and
+        emit :attr:`loaded` in a stage of its own: the cockpit then brings the Curate tab to the front)."""
         try:
             if rest:
-                added = added + [self.viewer.add_layer(rest[0])]
-                if len(rest) > 1:
-                    QTimer.singleShot(0, lambda: self._add_rest(added, rest[1:]))
+                layer, rest = rest[0], rest[1:]
+                later = layer.visible and layer.metadata.get("cspt2d", {}).get("role") in SHOWN_A_STAGE_LATER
+                if later:
+                    layer.visible = False
+                added = added + [self.viewer.add_layer(layer)]
+                if later:
+                    self._next_stage(lambda: self._show(layer, added, rest))
+                    return
+                if len(added) == 1:
+                    self.viewer.reset_view()
+                if rest:
+                    self._next_stage(lambda: self._add_rest(added, rest))
                     return
         except BaseException:
-            self._done()
+            self._abort()
             raise
         image = added[0]
-        if self._stream is not None:  # the sample's other tilts, now that its first one and tracks are shown
-            self._filling = fill_in_background(image, self._stream, on_progress=self._made, on_done=self._filled)
-            self._stream = None
-        self._done()
         meta = image.metadata["cspt2d"]
         ny, nx = meta["shape_yx"]
         text = f"{meta['name']}: {image.data.shape[0]} sections, {nx}×{ny} px, {meta['pixel_A']:.3g} Å/px"
@@ -257,4 +296,30 @@ class TiltSeriesLoader(QWidget):
             ts = tracks[0].metadata["cspt2d"]["tracks"]
             text += f"; {ts.n_particles} particles, {len(ts)} points"
         self.info.setText(text)
-        self.loaded.emit(added)
+        self._next_stage(lambda: self._announce(added))
+
+    @report_errors("Open tilt series")
+    def _announce(self, added: list[Layer]) -> None:
+        """The last stage of a load: :attr:`loaded` is emitted; a streamed sample's other tilts are made from the
+        next stage on (after what the receivers queued: the worker competes with the GUI thread for the
+        interpreter)."""
+        try:
+            self.loaded.emit(added)
+        finally:
+            if self._stream is not None:  # after the work the receivers queued
+                in_own_turn(lambda: self._fill(added[0]))
+            self._done()
+
+    @report_errors("Sample")
+    def _fill(self, image: Layer) -> None:
+        """Make the streamed sample's other tilts in the background (the image redrawn when the tilt it shows is
+        made)."""
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+        try:
+            self._filling = fill_in_background(image, stream, on_progress=self._made, on_done=self._filled,
+                                               shown=lambda: _shown_section(self.viewer, image))
+        except BaseException:
+            self._abort()
+            raise

@@ -16,9 +16,15 @@ from qtpy.QtCore import QTimer
 
 from ..io.mrc import release_pages
 
-__all__ = ["connect_tilt_view", "tiltseries_layer", "tilt_label", "RELEASE_DELAY_MS"]
+__all__ = ["connect_tilt_view", "tiltseries_layer", "tilt_label", "warm_label_glyphs", "RELEASE_DELAY_MS",
+           "LABEL_CHARACTERS"]
 
 RELEASE_DELAY_MS = 500
+#: The characters vispy measures every text's height with (``_text_to_vbo``), then every character
+#: :func:`tilt_label` writes, those of the first label shown first.
+LABEL_CHARACTERS = "ÅÉÑŐjgpqytilt 20of–4+.°1356789-"
+GLYPHS_PER_TURN = 2
+GLYPH_DELAY_MS = 20
 
 
 def _tiltseries_layers(viewer) -> list[Image]:
@@ -47,6 +53,37 @@ def tilt_label(viewer) -> str:
     return text if angle is None or math.isnan(angle) else f"{text}  {angle:+.1f}°"
 
 
+def _label_font(viewer):
+    """The texture font the canvas's text overlay draws with (napari 0.9: one Qt-rendered font per canvas, shared by
+    its text visuals), or None where it cannot be found (another napari, no window)."""
+    try:
+        font_info = viewer.window._qt_viewer.canvas.font_info
+        font_info = font_info() if callable(font_info) else font_info  # a method in napari 0.9
+        return font_info.font_manager.get_font(font_info.face)
+    except Exception:  # noqa: BLE001 - a private path: without it the glyphs are made when first drawn, as usual
+        return None
+
+
+def warm_label_glyphs(viewer, characters: str = LABEL_CHARACTERS) -> bool:
+    """Make the glyphs of the tilt label in the canvas's text font ahead of time, :data:`GLYPHS_PER_TURN` per turn
+    of the event loop: each new glyph costs ~8 ms (Qt render + CPU distance field), which the first label drawn
+    (~15 glyphs) otherwise paid inside the paint of the first image. Returns whether the font was found."""
+    font = _label_font(viewer)
+    if font is None:
+        return False
+    todo = list(dict.fromkeys(characters))
+
+    def step() -> None:
+        for char in todo[:GLYPHS_PER_TURN]:
+            font[char]  # made once; later calls return the stored glyph
+        del todo[:GLYPHS_PER_TURN]
+        if todo:
+            QTimer.singleShot(GLYPH_DELAY_MS, step)
+
+    QTimer.singleShot(GLYPH_DELAY_MS, step)
+    return True
+
+
 def connect_tilt_view(viewer) -> Callable[[], None]:
     """Keep the canvas text overlay showing :func:`tilt_label` and release mapped pages after tilt changes;
     returns a function that disconnects both."""
@@ -62,18 +99,33 @@ def connect_tilt_view(viewer) -> Callable[[], None]:
         overlay.visible = bool(text)
         timer.start()
 
+    def inserted(event) -> None:
+        event.value.events.visible.connect(update)  # the label names the top *visible* tilt series
+        update()
+
+    def removed(event) -> None:
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):
+            event.value.events.visible.disconnect(update)
+        update()
+
     overlay.position = "top_left"
     overlay.font_size = 12
     viewer.dims.events.current_step.connect(update)
-    viewer.layers.events.inserted.connect(update)
-    viewer.layers.events.removed.connect(update)
+    viewer.layers.events.inserted.connect(inserted)
+    viewer.layers.events.removed.connect(removed)
+    for layer in viewer.layers:
+        layer.events.visible.connect(update)
     update()
+    if not overlay.visible:  # no label yet: its glyphs are made now, while the window is idle
+        warm_label_glyphs(viewer)
 
     def disconnect() -> None:
         timer.stop()
         with contextlib.suppress(TypeError, ValueError, RuntimeError):
             viewer.dims.events.current_step.disconnect(update)
-            viewer.layers.events.inserted.disconnect(update)
-            viewer.layers.events.removed.disconnect(update)
+            viewer.layers.events.inserted.disconnect(inserted)
+            viewer.layers.events.removed.disconnect(removed)
+            for layer in viewer.layers:
+                layer.events.visible.disconnect(update)
 
     return disconnect

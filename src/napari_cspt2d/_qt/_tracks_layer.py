@@ -37,6 +37,7 @@ from .._writer import tracks_from_layer
 from ..errors import CsptInputError
 from ..model.editing import Change, TrackDocument
 from ._guard import report_errors
+from ._stages import in_own_turn
 
 __all__ = ["TracksLayerController"]
 
@@ -117,6 +118,9 @@ class TracksLayerController(QObject):
             self._syncing = previous
 
     def _make_active_layer(self) -> Vectors:
+        """The active-trajectory layer: the viewer's if it has one, else made now and added to the viewer in a later
+        turn of the event loop of its own (its controls and visual cost 40–60 ms in software OpenGL; the tracks layer
+        being bound is added in this turn). It is updated from the document either way."""
         name = f"{self.points.name} active"
         for layer in self.viewer.layers:
             if isinstance(layer, Vectors) and layer.name == name:
@@ -125,9 +129,18 @@ class TracksLayerController(QObject):
                         edge_color="white", edge_width=max(1.0, self.radius_px / ACTIVE_WIDTH_DIVISOR),
                         vector_style="line",
                         opacity=0.9, metadata={"cspt2d": {"role": "active-track"}})
-        self.viewer.add_layer(layer)
-        self.viewer.layers.selection.active = self.points
+        in_own_turn(self.add_active_layer)
         return layer
+
+    def add_active_layer(self) -> None:
+        """Add the active-trajectory layer to the viewer (done in a later turn after binding; nothing if it is in
+        already, or if the controller was closed or its tracks layer removed meanwhile)."""
+        if self._closed or self.points not in self.viewer.layers or self.active_track in self.viewer.layers:
+            return
+        active = self.viewer.layers.selection.active
+        self.viewer.add_layer(self.active_track)
+        # picking goes on where it was (the tracks layer, which binding made the active one)
+        self.viewer.layers.selection.active = active if active in self.viewer.layers else self.points
 
     # ------------------------------------------------------------------ model -> layers
     def current_tilt(self) -> int:

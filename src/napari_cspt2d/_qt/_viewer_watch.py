@@ -31,9 +31,10 @@ def watch_viewer(viewer) -> None:
     _WATCHED[key] = weakref.ref(viewer)
     weakref.finalize(viewer, _forget, key)
     connect_tilt_view(viewer)
-    viewer.layers.events.inserted.connect(lambda event: _fill_stream(event.value))
+    ref = weakref.ref(viewer)
+    viewer.layers.events.inserted.connect(lambda event: _fill_stream(event.value, ref))
     for layer in viewer.layers:
-        _fill_stream(layer)
+        _fill_stream(layer, ref)
 
 
 def _forget(key: int) -> None:
@@ -56,18 +57,24 @@ def watch_current_viewer() -> bool:
     return True
 
 
-def _fill_stream(layer) -> None:
+def _fill_stream(layer, viewer_ref) -> None:
     """Fill the stream of a streamed sample's image ``layer`` unless it is finished or filled already."""
     meta = layer.metadata.get("cspt2d", {}) if isinstance(layer.metadata, dict) else {}
     stream = meta.get("stream")
     if stream is None or stream.complete or not stream.claim():
         return  # not streamed, or filled by whoever made it (the cockpit's Data tab)
-    QTimer.singleShot(0, lambda: _fill_with_progress(layer, stream))  # once the layers being added are in
+    QTimer.singleShot(0, lambda: _fill_with_progress(layer, stream, viewer_ref))  # once the layers being added are in
 
 
-def _fill_with_progress(layer, stream) -> None:
+def _fill_with_progress(layer, stream, viewer_ref) -> None:
     from napari.utils import progress
 
     bar = progress(total=len(stream.order), desc="Making the sample's tilts")
     bar.update(stream.done)
-    fill_in_background(layer, stream, on_progress=lambda done, _: bar.update(done - bar.n), on_done=bar.close)
+    fill_in_background(layer, stream, on_progress=lambda done, _: bar.update(done - bar.n), on_done=bar.close,
+                       shown=lambda: _shown_section(layer, viewer_ref()))
+
+
+def _shown_section(layer, viewer) -> int:
+    """The section of ``layer`` that ``viewer`` shows (-1 once the viewer is gone)."""
+    return -1 if viewer is None else int(round(layer.world_to_data(viewer.dims.point)[0]))

@@ -253,8 +253,10 @@ class Cockpit(QWidget):
         if "tracks" in roles:
             self.show_tab("Curate")
         if "tiltseries" in roles:  # the refined-shifts layer, empty and hidden, in a turn of its own
+            from ._stages import in_own_turn
+
             pixel_A = float(roles["tiltseries"].metadata["cspt2d"]["pixel_A"])
-            QTimer.singleShot(0, lambda: self.validate.prepare_layer(pixel_A))
+            in_own_turn(lambda: self.validate.prepare_layer(pixel_A))
 
     def _on_run_finished(self, state: str) -> None:
         if state == "done" and self.run.results and self.run.results[-1].review is not None:
