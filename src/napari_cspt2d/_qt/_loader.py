@@ -32,6 +32,7 @@ from .._reader import read_trackset, series_layer_data
 from ..errors import CsptError, CsptInputError
 from ..model.tiltseries import TiltSeries, find_angle_file
 from ._guard import report_errors
+from ._layer_update import add_unselected
 from ._progress import DeferredProgressBar
 from ._sample_stream import fill_in_background
 from ._stages import in_own_turn
@@ -273,7 +274,8 @@ class TiltSeriesLoader(QWidget):
                 later = layer.visible and layer.metadata.get("cspt2d", {}).get("role") in SHOWN_A_STAGE_LATER
                 if later:
                     layer.visible = False
-                added = added + [self.viewer.add_layer(layer)]
+                # napari selects a layer it adds, switching the layer controls to it: only the last one is selected
+                added = added + [add_unselected(self.viewer.layers, layer) if rest else self.viewer.add_layer(layer)]
                 if later:
                     self._next_stage(lambda: self._show(layer, added, rest))
                     return

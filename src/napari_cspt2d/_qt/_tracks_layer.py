@@ -37,6 +37,7 @@ from .._writer import tracks_from_layer
 from ..errors import CsptInputError
 from ..model.editing import Change, TrackDocument
 from ._guard import report_errors
+from ._layer_update import add_unselected
 from ._stages import in_own_turn
 
 __all__ = ["TracksLayerController"]
@@ -137,11 +138,7 @@ class TracksLayerController(QObject):
         already, or if the controller was closed or its tracks layer removed meanwhile)."""
         if self._closed or self.points not in self.viewer.layers or self.active_track in self.viewer.layers:
             return
-        active = self.viewer.layers.selection.active
-        self.viewer.add_layer(self.active_track)
-        # picking goes on where it was (the tracks layer, which binding made the active one)
-        self.viewer.layers.selection.active = active if active in self.viewer.layers else self.points
-
+        add_unselected(self.viewer.layers, self.active_track)  # picking goes on where it was
     # ------------------------------------------------------------------ model -> layers
     def current_tilt(self) -> int:
         """The tilt id (stack section) shown in the viewer."""
