@@ -7,6 +7,7 @@ Screenshots of both sizes are written to docs/ when ``CSPT2D_SAVE_SCREENSHOT`` i
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +233,33 @@ def test_fits_the_screen_with_the_sample_and_after_a_refine(make_napari_viewer, 
             shot = viewer.screenshot(canvas_only=False, flash=False)
             assert shot[..., :3].std() > 10
             imwrite(DOCS / f"cockpit_{tab.lower()}_{size[0]}x{size[1]}.png", shot)
+
+
+def test_the_parameter_form_is_built_over_several_turns_and_finished_when_asked(make_napari_viewer, qtbot):
+    """Opening the cockpit builds the parameter form a few rows per event-loop turn; asking for the Parameters tab
+    while it is half built finishes that same form at once (every field, checked and published), and the turns still
+    pending then build nothing twice."""
+    from napari_cspt2d._qt.cockpit import TABS
+    from napari_cspt2d._qt.params_widget import ParametersWidget
+    from napari_cspt2d.model.params import GROUPS
+
+    viewer = make_napari_viewer(show=True)
+    _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    page = cockpit.tabs.widget(TABS.index("Parameters"))
+    seen: list[int] = []  # the form's number of fields after each turn
+    asked = None
+    deadline = time.monotonic() + 60
+    while not cockpit.tabs_built:
+        assert time.monotonic() < deadline, "the tabs were not built"
+        QApplication.processEvents()  # one turn: the zero-delay timers due now
+        time.sleep(0.001)
+        form = page.findChild(ParametersWidget)
+        if form is not None and 0 < len(form.fields) < len(PARAMS):
+            seen.append(len(form.fields))
+            if len(seen) == 2:  # half built: the tab is asked for
+                asked = cockpit.parameters
+                assert asked is form and set(asked.fields) == set(PARAMS) and list(asked.groups) == list(GROUPS)
+                assert asked.is_valid and cockpit.state.parameters is not None
+    assert len(seen) == 2 and seen[0] < seen[1], seen  # the rows came over turns of their own
+    assert page.findChildren(ParametersWidget) == [asked] and len(asked.groups) == len(GROUPS)
+    assert asked.scroll.widget().layout().count() == len(GROUPS) + 1  # the groups once each, and the stretch

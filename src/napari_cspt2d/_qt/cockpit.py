@@ -6,17 +6,18 @@ accept/reject). Every tab is handed the viewer's :class:`~napari_cspt2d._qt._own
 parameters, project, history) and sits in a scroll area, so no tab makes the main window taller than the screen.
 
 Opening the cockpit is light on the GUI thread: this module imports only Qt and light modules; the tabs' modules
-(pandas, scipy, numba and the run's driver through them) are imported in a background thread
-(:data:`TAB_MODULES`), and each tab is built in an event-loop turn of its own once they are (``tabs_built`` says when;
-asking for a tab before that builds it at once). When the cockpit opens, the numba kernels start warming in the
-background (:mod:`napari_cspt2d.recon.warmup`). While it is open, the interpreter is tuned so that background threads
-do not freeze the GUI thread (shorter switch interval, long-lived objects frozen out of full garbage collections:
-:mod:`._interpreter`).
+(pandas, scipy, numba and the run's driver through them) are imported in a background thread (:data:`TAB_MODULES`),
+and each tab is built in event-loop turns of its own once they are, the parameter form a few rows per turn
+(``tabs_built`` says when; asking for a tab before that builds what is left of it at once). When the cockpit opens,
+the numba kernels start warming in the background (:mod:`napari_cspt2d.recon.warmup`). While it is open, the
+interpreter is tuned so that background threads do not freeze the GUI thread (shorter switch interval, long-lived
+objects frozen out of full garbage collections: :mod:`._interpreter`).
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from napari.qt.threading import create_worker
@@ -79,6 +80,7 @@ class Cockpit(QWidget):
         self._window: QMainWindow | None = None
         self.viewer = napari_viewer
         self._built: dict[str, QWidget] = {}
+        self._building: dict[str, Iterator[None]] = {}  # tabs being built, piece by piece
         self._state: CockpitState | None = None
         self._closed = False
         self.tabs = QTabWidget()
@@ -121,23 +123,38 @@ class Cockpit(QWidget):
             self._build_later(0)
 
     def _build_later(self, index: int) -> None:
-        """Build tab ``TABS[index]`` in a later event-loop turn, then the next one (each in a turn of its own)."""
+        """Build the next piece of tab ``TABS[index]`` in a later event-loop turn, then the next piece or tab (each
+        in a turn of its own)."""
         if index < len(TABS):
             QTimer.singleShot(0, lambda: self._build_now(index))
 
     def _build_now(self, index: int) -> None:
-        if not self._closed:
-            self._tab(TABS[index])
-            self._build_later(index + 1)
+        if self._closed:
+            return
+        name = TABS[index]
+        if name not in self._built:
+            next(self._pieces(name), None)
+        self._build_later(index if name not in self._built else index + 1)
 
     def _tab(self, name: str) -> QWidget:
-        """Tab ``name``'s widget, built now if it is not yet, after the tabs before it (in :data:`TABS` order, as
-        they rely on: e.g. the Curate tab adopts the open tracks that the Parameters tab checks, and Validate is
-        wired to Run)."""
-        if name in self._built:
-            return self._built[name]
-        for before in TABS[:TABS.index(name)]:
-            self._tab(before)
+        """Tab ``name``'s widget, built now if it is not yet (what is left of it), after the tabs before it (in
+        :data:`TABS` order, as they rely on: e.g. the Curate tab adopts the open tracks that the Parameters tab
+        checks, and Validate is wired to Run)."""
+        if name not in self._built:
+            for before in TABS[:TABS.index(name)]:
+                self._tab(before)
+            for _ in self._pieces(name):
+                pass
+        return self._built[name]
+
+    def _pieces(self, name: str) -> Iterator[None]:
+        """Tab ``name``'s building, one piece per step (the same iterator until the tab is built)."""
+        if name not in self._building:
+            self._building[name] = self._build_steps(name)
+        return self._building[name]
+
+    def _build_steps(self, name: str) -> Iterator[None]:
+        """Build tab ``name`` into its page: the widget, then (the parameter form) its rows a few per step."""
         from ._curation import CurationWidget
         from ._loader import TiltSeriesLoader
         from .params_widget import ParametersWidget
@@ -151,20 +168,23 @@ class Cockpit(QWidget):
         elif name == "Curate":
             widget = CurationWidget(viewer, state)
         elif name == "Parameters":
-            widget = ParametersWidget(viewer, state)
+            widget = ParametersWidget(viewer, state, in_steps=True)
         elif name == "Run":
             widget = RunWidget(viewer, state)
             widget.run_finished.connect(self._on_run_finished)
         else:
             widget = ShiftValidation(viewer, state)
             self._built["Run"].review_shown.connect(widget.show_entry)
-        self._built[name] = widget
         page = self._pages[name]
         while page.count():
             page.takeAt(0).widget().deleteLater()
         # the parameter form scrolls by itself (its project buttons and messages stay in view)
         page.addWidget(widget if name == "Parameters" else _scrolled(widget))
-        return widget
+        if name == "Parameters":  # its rows join it in the window, a few per step
+            yield
+            yield from widget.building
+        self._built[name] = widget
+        del self._building[name]
 
     @property
     def state(self) -> CockpitState:

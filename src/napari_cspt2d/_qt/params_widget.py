@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,8 @@ EXPANDED_GROUPS = ("data", "extraction", "refinement")
 _ERROR_STYLE = "color: #e0524f"
 _WARNING_STYLE = "color: #d9a400"
 _INT_LIMIT = 2**31 - 1
+#: Rows of the form built in one step (:attr:`ParametersWidget.building`): about 5 ms on the GUI thread.
+ROWS_PER_STEP = 8
 
 
 #: Box sizes suggested by "From data" (even, FFT-friendly).
@@ -173,30 +175,70 @@ class ParametersWidget(QWidget):
     """Dock widget with the parameter form and the project folder (see the module docstring).
 
     Signals: ``parameters_changed(object)`` with the new :class:`PypParameters` after every edit that leaves the form
-    valid; ``project_changed(object)`` with the project folder (``Path``) when a project is opened or created."""
+    valid; ``project_changed(object)`` with the project folder (``Path``) when a project is opened or created.
+
+    ``in_steps``: the form's fields are not built yet; ``building`` builds them a few rows per step (the cockpit runs
+    one step per event-loop turn), and the widget is usable once every step has run."""
 
     parameters_changed = Signal(object)
     project_changed = Signal(object)
 
-    def __init__(self, napari_viewer=None, state: CockpitState | None = None) -> None:
+    def __init__(self, napari_viewer=None, state: CockpitState | None = None, *, in_steps: bool = False) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.state_owner = state if state is not None or napari_viewer is None else state_of(napari_viewer)
         self.fields: dict[str, _Field] = {}
+        self.groups: dict[str, QCollapsible] = {}
         self._extra: dict[str, Any] = {}
         self._source: str | None = None
         self._valid: PypParameters | None = None
         self.project_dir: Path | None = None
         self.touched = False  # edited, loaded or opened: "From data" is then only done on request
-        self._build_ui()
-        self.set_parameters({})
-        if napari_viewer is not None:
-            napari_viewer.layers.events.inserted.connect(self._on_layer_inserted)
-            if tiltseries_layer(napari_viewer) is not None:
-                self.fill_from_viewer()
+        self._build_frame()
+        self.building = self._build_steps()
+        if not in_steps:
+            for _ in self.building:
+                pass
 
     # ------------------------------------------------------------------ UI
-    def _build_ui(self) -> None:
+    def _build_steps(self) -> Iterator[None]:
+        """The form's groups, :data:`ROWS_PER_STEP` rows per step, each joining the form once whole (a step of its
+        own: the form may already be in the window); then the values checked and published."""
+        for group in GROUPS:
+            content = QWidget()
+            form = QFormLayout(content)
+            form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+            form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+            specs = [s for s in PARAMS.values() if s.group == group]
+            for start in range(0, len(specs), ROWS_PER_STEP):
+                for spec in specs[start:start + ROWS_PER_STEP]:
+                    field = _Field(spec, lambda *_, n=spec.name: self._on_edit(n))
+                    label = QLabel(f"{spec.label} ({spec.unit})" if spec.unit else spec.label)
+                    label.setWordWrap(True)
+                    label.setToolTip(_tooltip(spec))
+                    form.addRow(label, field)
+                    self.fields[spec.name] = field
+                yield
+            box = QCollapsible(group.capitalize())
+            box.addWidget(content)
+            if group in EXPANDED_GROUPS:
+                box.expand(animate=False)
+            else:
+                box.collapse(animate=False)
+            self.groups[group] = box
+            self._body_layout.insertWidget(len(self.groups) - 1, box)
+            yield
+        self.scroll.setWidgetResizable(True)  # the form sized and laid out now, not in a later turn: a field
+        self._body_layout.activate()  # can be scrolled to at once
+        self.set_parameters({})
+        if self.viewer is not None:
+            self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
+            if tiltseries_layer(self.viewer) is not None:
+                self.fill_from_viewer()
+
+    def _build_frame(self) -> None:
+        """The project row, its buttons, the scroll area of the form (its groups come in :meth:`_build_steps`) and the
+        summary."""
         outer = QVBoxLayout(self)
         project = QFormLayout()
         self.folder = _FolderRow("Project folder", "", "pyp project folder")
@@ -225,30 +267,9 @@ class ParametersWidget(QWidget):
         outer.addWidget(self.project_label)
 
         body = QWidget()
-        body_layout = QVBoxLayout(body)
-        body_layout.setContentsMargins(0, 0, 0, 0)
-        self.groups: dict[str, QCollapsible] = {}
-        for group in GROUPS:
-            box = QCollapsible(group.capitalize())
-            content = QWidget()
-            form = QFormLayout(content)
-            form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-            form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
-            for spec in (s for s in PARAMS.values() if s.group == group):
-                field = _Field(spec, lambda *_, n=spec.name: self._on_edit(n))
-                label = QLabel(f"{spec.label} ({spec.unit})" if spec.unit else spec.label)
-                label.setWordWrap(True)
-                label.setToolTip(_tooltip(spec))
-                form.addRow(label, field)
-                self.fields[spec.name] = field
-            box.addWidget(content)
-            if group in EXPANDED_GROUPS:
-                box.expand(animate=False)
-            else:
-                box.collapse(animate=False)
-            self.groups[group] = box
-            body_layout.addWidget(box)
-        body_layout.addStretch(1)
+        self._body_layout = QVBoxLayout(body)
+        self._body_layout.setContentsMargins(0, 0, 0, 0)
+        self._body_layout.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
