@@ -84,6 +84,10 @@ def test_the_whole_loop_with_real_input(make_napari_viewer, qtbot, tmp_path, cac
     shifts = viewer.layers["refined shifts"]
     assert not shifts.visible and len(shifts.data) == 0
     assert viewer.layers.selection.active is ctl.points
+    # and so is the docked viewer's map layer, hidden until the first map
+    map_layers = cockpit.run.map_panel.model.layers
+    qtbot.waitUntil(lambda: [layer.name for layer in map_layers] == ["map"], timeout=5000)
+    assert not map_layers["map"].visible
 
     # move a point: drag it on the canvas (select mode)
     viewer.layers.selection.active = ctl.points

@@ -29,13 +29,16 @@ LLVMPIPE = "llvmpipe (LLVM 15.0.6, 256 bits)"
 
 
 def shown_panel(qtbot, monkeypatch, renderer: str) -> MapPanel:
-    """A shown map panel that believes OpenGL is ``renderer``, built (its layer made, hidden)."""
+    """A shown map panel that believes OpenGL is ``renderer``, built, its map layer prepared (made, hidden)."""
     monkeypatch.setattr(results, "gl_renderer", lambda: renderer)
     panel = MapPanel()
     qtbot.addWidget(panel)
     panel.resize(400, 420)
     panel.show()
     qtbot.waitExposed(panel)
+    qtbot.waitUntil(lambda: panel._qt_viewer is not None, timeout=5000)  # built in turns
+    assert len(panel.model.layers) == 0  # no layer until asked (the first layer of a process costs more)
+    panel.prepare()
     qtbot.waitUntil(lambda: panel._made is not None and panel._made in panel.model.layers, timeout=5000)
     return panel
 

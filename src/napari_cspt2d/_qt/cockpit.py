@@ -272,11 +272,12 @@ class Cockpit(QWidget):
         roles = {layer.metadata.get("cspt2d", {}).get("role"): layer for layer in layers}
         if "tracks" in roles:
             self.show_tab("Curate")
-        if "tiltseries" in roles:  # the refined-shifts layer, empty and hidden, in a turn of its own
+        if "tiltseries" in roles:  # the layers results need, empty and hidden, each in turns of their own
             from ._stages import in_own_turn
 
             pixel_A = float(roles["tiltseries"].metadata["cspt2d"]["pixel_A"])
-            in_own_turn(lambda: self.validate.prepare_layer(pixel_A))
+            in_own_turn(lambda: self.validate.prepare_layer(pixel_A))  # the refined shifts
+            in_own_turn(self.run.map_panel.prepare)  # the map, in the docked viewer
 
     def _on_run_finished(self, state: str) -> None:
         if state == "done" and self.run.results and self.run.results[-1].review is not None:

@@ -18,11 +18,12 @@ latest is drawn in colour with its 0.143 resolution marked, earlier ones fade. I
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import numpy as np
 from napari.layers import Image
 from napari.qt.threading import create_worker
-from qtpy.QtCore import Qt, QTimer, Signal
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import (QAbstractItemView, QHBoxLayout, QLabel, QPushButton, QTableWidget, QTableWidgetItem,
                             QVBoxLayout, QWidget)
@@ -31,6 +32,7 @@ from ..fsc_plot import FSC_THRESHOLD, FscEntry, render_fsc_plot_apart
 from ..runs import MapDisplay
 from ._gl_info import gl_renderer, is_software_renderer
 from ._layer_update import one_refresh
+from ._stages import in_own_turn
 
 __all__ = ["FSC_THRESHOLD", "FscPlot", "HistoryTable", "MapPanel"]
 
@@ -116,8 +118,9 @@ class MapPanel(QWidget):
 
     Built in small pieces, one per event-loop turn, so that neither building the Run tab nor the first map freezes
     the window: the OpenGL renderer's name (:func:`._gl_info.gl_renderer`), the viewer's model, its ``QtViewer`` (a
-    canvas with its OpenGL context), the ``map`` layer (made hidden, then added: 0.05–0.1 s each that the first map
-    would otherwise pay at once). ``model``/``qt_viewer`` make them at once when needed earlier.
+    canvas with its OpenGL context); on :meth:`prepare`, the ``map`` layer (made hidden; the viewer's third dim;
+    the layer added: 0.1 s in all that the first map would otherwise pay at once). ``model``/``qt_viewer`` make them
+    at once when needed earlier.
 
     What is drawn depends on the renderer. With a GPU the map is a 3D iso-surface. On a software rasterizer (Mesa
     llvmpipe under Xvfb, in a VM or over remote desktop) one 3D ray-cast of a 128³ map takes 0.3–1 s on the GUI
@@ -158,17 +161,21 @@ class MapPanel(QWidget):
         layout.addWidget(frame)
         self.layer: Image | None = None  # the map layer once it shows a map
         self.shown: MapDisplay | None = None
-        self._pieces = [self._detect_renderer, lambda: self.model, lambda: self.qt_viewer, self._make_layer,
-                        self._add_layer]
-        QTimer.singleShot(0, self._build_next)
+        self._in_turns(self._detect_renderer, lambda: self.model, lambda: self.qt_viewer)
 
     # ------------------------------------------------------------------ building, one piece per turn
-    def _build_next(self) -> None:
-        if self._closed or not self._pieces:
-            return
-        self._pieces.pop(0)()
-        if self._pieces:
-            QTimer.singleShot(0, self._build_next)
+    def _in_turns(self, *pieces: Callable[[], object]) -> None:
+        """Run ``pieces`` one per event-loop turn of their own (:func:`._stages.in_own_turn`), in order."""
+        for piece in pieces:
+            in_own_turn(lambda piece=piece: None if self._closed else piece())
+
+    def prepare(self) -> None:
+        """Make the map layer, hidden, in later event-loop turns (made; the viewer's dims; added to the viewer), so
+        that the first map only assigns its data. Called once a tilt series is open or a run starts (not when the
+        panel is built: the process's first napari layer also pays the unit registry's set-up, ~0.1 s, which opening
+        the cockpit should not)."""
+        if self._made is None or self._made not in self.model.layers:
+            self._in_turns(self._make_layer, self._make_dims, self._add_layer)
 
     def _detect_renderer(self) -> None:
         if self.software is not None:
@@ -206,6 +213,11 @@ class MapPanel(QWidget):
             self._made = Image(np.zeros((2, 2, 2), np.float32), name="map", axis_labels=MAP_AXES,
                                colormap=self._colormap(), rendering="iso", contrast_limits=(0.0, 1.0),
                                iso_threshold=0.5, visible=False, metadata={"cspt2d": {"role": "map"}})
+
+    def _make_dims(self) -> None:
+        """The viewer's three dims (its z slider's widgets): a third of the cost of adding the layer, apart."""
+        if self.model.dims.ndim < len(MAP_AXES):
+            self.model.dims.ndim = len(MAP_AXES)
 
     def _add_layer(self) -> None:
         self._make_layer()
@@ -262,7 +274,7 @@ class MapPanel(QWidget):
     def show_map(self, display: MapDisplay, title: str) -> None:
         """Assign ``display`` (prepared off the GUI thread) to the map layer, with one refresh and one thumbnail."""
         scale = (display.voxel_A,) * 3
-        self._add_layer()  # (made already, unless the first map comes within the panel's first turns)
+        self._add_layer()  # (made already by prepare, unless the first map comes before its turns)
         first = self.layer is None
         with one_refresh(self._made) as layer:  # one slice, one thumbnail of the volume
             if tuple(layer.scale) != scale:

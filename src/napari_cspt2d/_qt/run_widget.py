@@ -179,6 +179,7 @@ class RunWidget(QWidget):
         if mode == "refine" and s.project_dir is None:
             raise no_project_error()
         self.preview.cancel()
+        self.map_panel.prepare()  # the map layer, in later turns, while the run works towards its first map
         self._session, self._mode = s, mode
         self._cancel.clear()
         self._cancel_time = None

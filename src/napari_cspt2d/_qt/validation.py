@@ -46,6 +46,7 @@ from ._guard import report_errors
 from ._layer_update import add_unselected, one_refresh
 from ._owner import CockpitState, state_of
 from ._particle_table import ParticleTableModel, ParticleTableView
+from ._stages import in_own_turn
 
 __all__ = ["ShiftValidation", "ParticleGallery", "STATUS_COLOURS", "VECTORS_LAYER", "SCORE_COLORMAP",
            "add_shift_vectors_layer", "shift_vectors_layer"]
@@ -413,7 +414,7 @@ class ShiftValidation(QWidget):
         if self.layer is not None and self.layer in self.viewer.layers:
             return
         layer = self._pending_layer = shift_vectors_layer(_no_vectors(), pixel_A, visible=False)
-        QTimer.singleShot(0, lambda: self._add_prepared(layer))
+        in_own_turn(lambda: self._add_prepared(layer))
 
     def _add_prepared(self, layer: Vectors) -> None:
         if layer is not self._pending_layer:
