@@ -20,6 +20,7 @@ from conftest import GUI_SAMPLE as SMALL  # noqa: E402
 from qtpy.QtCore import QPoint, Qt  # noqa: E402
 from qtpy.QtWidgets import QAbstractButton, QApplication, QPushButton  # noqa: E402
 
+from napari_cspt2d._qt._stages import pending  # noqa: E402
 from napari_cspt2d.model.params import PARAMS  # noqa: E402
 from napari_cspt2d.review import ACCEPTED, REJECTED  # noqa: E402
 
@@ -157,6 +158,7 @@ def test_the_whole_loop_with_real_input(make_napari_viewer, qtbot, tmp_path, cac
 
     # Validate: jump to the worst shift, accept it, reject it (undoable edits of the curated tracks)
     assert cockpit.tabs.tabText(cockpit.tabs.currentIndex()) == "Validate"
+    qtbot.waitUntil(lambda: pending() == 0, timeout=10000)  # the last step's vectors and jump, in turns of their own
     validate = cockpit.validate
     review = validate.review
     assert viewer.layers["refined shifts"] is shifts and shifts.visible and len(shifts.data) == len(review)

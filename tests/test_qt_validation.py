@@ -17,6 +17,7 @@ from qtpy.QtCore import QPoint, Qt  # noqa: E402
 
 from conftest import GUI_SAMPLE as SMALL  # noqa: E402
 from napari_cspt2d._qt._loader import add_layers  # noqa: E402
+from napari_cspt2d._qt._stages import pending  # noqa: E402
 from napari_cspt2d._qt.validation import add_shift_vectors_layer  # noqa: E402
 from napari_cspt2d._sample_data import make_sample_data  # noqa: E402
 from napari_cspt2d.review import ACCEPTED, PENDING, REJECTED, UNCHANGED, ShiftReview, shift_vectors  # noqa: E402
@@ -160,3 +161,30 @@ def test_the_shifts_layer_is_prepared_without_ever_taking_the_selection(make_nap
     validation.prepare_layer(0.5)  # a second call keeps the one layer
     qtbot.wait(50)
     assert [lyr.name for lyr in viewer.layers].count("refined shifts") == 1
+
+
+def test_a_staged_review_shows_its_vectors_and_worst_a_turn_later_and_a_newer_review_wins(make_napari_viewer, refined,
+                                                                                        qtbot):
+    sample, params, item, _ = refined
+    viewer, curation, validation = open_validation(make_napari_viewer, refined)
+    review, layer = validation.review, viewer.layers["refined shifts"]
+    rng, n = np.random.default_rng(2), len(review)
+    after = review.after.with_positions(np.arange(n), review.after_px + rng.normal(0.0, 3.0, (n, 2)))
+    other = ShiftReview(review.before, after.replace(score=rng.uniform(0.2, 0.6, n)))
+    other_worst = int(np.nanargmin(other.score))
+    assert other_worst != validation.table.selected_rows()[0]
+    kwargs = dict(stack=sample.stack, params=params, volume=item.reconstruction.map, document=curation.document)
+    validation.set_review(other, label="staged", staged=True, **kwargs)
+    # the table and summary at once; the vectors and the jump to the worst wait for turns of their own
+    assert validation.review is other and "staged" in validation.summary.text()
+    assert not np.allclose(layer.data, shift_vectors(other).data) and pending() > 0
+    qtbot.waitUntil(lambda: pending() == 0, timeout=5000)
+    np.testing.assert_allclose(layer.data, shift_vectors(other).data)
+    assert validation.table.selected_rows() == [other_worst]
+    assert int(round(viewer.dims.point[0])) == int(other.before.tilt[other_worst])
+    # a review shown before the staged steps ran: they are dropped, the newer one stays on screen
+    validation.set_review(review, label="staged again", staged=True, **kwargs)
+    validation.set_review(other, label="newest", **kwargs)
+    qtbot.waitUntil(lambda: pending() == 0, timeout=5000)
+    np.testing.assert_allclose(layer.data, shift_vectors(other).data)
+    assert validation.table.selected_rows() == [other_worst] and "newest" in validation.summary.text()

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import scipy.fft
 from numpy.typing import ArrayLike, NDArray
 
@@ -212,12 +213,13 @@ def score_limits(score: NDArray[np.float64]) -> tuple[float, float]:
 @dataclass(frozen=True, eq=False)
 class ShiftVectors:
     """What the ``refined shifts`` Vectors layer shows: ``data`` (N, 2, 3) with start ``(tilt, y, x)`` at the picked
-    position and direction ``(0, dy, dx)`` to the refined one (unbinned px), per-vector ``features``, the colour range
-    ``score_limits`` of the score colouring, the arrow exaggeration ``factor`` (the layer's length) and the line
-    ``width_px`` (unbinned px, thin at full view)."""
+    position and direction ``(0, dy, dx)`` to the refined one (unbinned px), per-vector ``features`` (a table made
+    here, off the GUI thread: the layer takes it as it is, and the session's first table costs pandas ~40 ms), the
+    colour range ``score_limits`` of the score colouring, the arrow exaggeration ``factor`` (the layer's length) and
+    the line ``width_px`` (unbinned px, thin at full view)."""
 
     data: NDArray[np.float64]
-    features: dict[str, NDArray]
+    features: pd.DataFrame
     score_limits: tuple[float, float]
     factor: int
     width_px: float
@@ -229,8 +231,9 @@ def shift_vectors(review: ShiftReview) -> ShiftVectors:
     shift = review.shift_px
     direction = np.column_stack([np.zeros(len(review)), shift[:, 1], shift[:, 0]])
     size = max(review.before.image_shape_yx)
-    features = {"particle": review.before.particle, "tilt": review.before.tilt, "shift_px": review.shift_length_px,
-                "score": review.score, "residual_px": review.residual_px}
+    features = pd.DataFrame({"particle": review.before.particle, "tilt": review.before.tilt,
+                             "shift_px": review.shift_length_px, "score": review.score,
+                             "residual_px": review.residual_px})
     return ShiftVectors(np.stack([start, direction], axis=1), features, score_limits(review.score),
                         arrow_factor(review.shift_length_px, size), max(1.5, size / 400.0))
 

@@ -372,19 +372,23 @@ class ShiftValidation(QWidget):
 
     # ------------------------------------------------------------------ content
     def show_entry(self, entry) -> None:
-        """Show the refinement step of history ``entry`` (everything prepared in the run's worker)."""
+        """Show the refinement step of history ``entry`` (everything prepared in the run's worker), staged: see
+        :meth:`set_review`."""
         prepared, s = entry.result, entry.session
         self.set_review(prepared.review, stack=s.stack, params=s.params, volume=prepared.item.reconstruction.map,
                         document=s.document, label=f"run {entry.run} · {prepared.item.label}",
                         iteration=prepared.item.iteration, vectors=prepared.vectors, gallery=prepared.gallery,
-                        jump_to=prepared.worst_row)
+                        jump_to=prepared.worst_row, staged=True)
 
     def set_review(self, review: ShiftReview, *, stack, params: PypParameters, volume, document: TrackDocument,
                    label: str = "", iteration: int | None = None, vectors: ShiftVectors | None = None,
-                   gallery: GalleryImages | None = None, jump_to: int | None = None) -> None:
+                   gallery: GalleryImages | None = None, jump_to: int | None = None, staged: bool = False) -> None:
         """Show ``review`` (refined proposals for ``document``'s tracks); the gallery is drawn from ``stack`` and
         ``volume`` (the map) with ``params``. ``vectors``/``gallery`` when prepared already (else computed here);
-        the view goes to ``jump_to`` (default: the worst projection)."""
+        the view goes to ``jump_to`` (default: the worst projection). ``staged``: the vectors' assignment and the
+        jump (which re-slices every layer of the viewer at the new tilt) each in an event-loop turn of its own
+        (:func:`._stages.in_own_turn`; dropped if another review is shown meanwhile), as a run's steps arrive —
+        together they took 0.1–0.2 s at the first step."""
         self.review, self._stack, self._params, self._volume = review, stack, params, volume
         self._iteration = iteration
         if document is not self.document:
@@ -397,13 +401,20 @@ class ShiftValidation(QWidget):
         self._label = label
         self._order = worst_first(review)
         self._position = -1
-        self._show_vectors(vectors if vectors is not None else shift_vectors(review))
         self._particle = None
         self._gallery_cache = {} if gallery is None else {gallery.particle: gallery}
         self.gallery.set_images(None, self._status, review.score, review.shift_length_px)
         self._update_summary()
+        shown = vectors if vectors is not None else shift_vectors(review)
+        steps = [lambda: self._show_vectors(shown)]
         if len(review):
-            self.jump(int(self._order[0]) if jump_to is None else int(jump_to))
+            row = int(self._order[0]) if jump_to is None else int(jump_to)
+            steps.append(lambda: self.jump(row))
+        for step in steps:
+            if staged:
+                in_own_turn(lambda step=step: step() if self.review is review else None)
+            else:
+                step()
 
     def prepare_layer(self, pixel_A: float) -> None:
         """Add the ``refined shifts`` layer, empty and hidden, before any review (the cockpit does it once a tilt
