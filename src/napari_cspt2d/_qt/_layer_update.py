@@ -52,7 +52,15 @@ def one_refresh(layer: Layer) -> Iterator[Layer]:
 def add_unselected(layers: LayerList, layer: Layer) -> Layer:
     """Append ``layer`` (made beforehand, e.g. in an earlier event-loop turn) to ``layers`` leaving the selection and
     the active layer as they are."""
-    before = layers._activate_on_insert
+    try:
+        before = layers._activate_on_insert
+    except AttributeError:  # (a napari that hides it from plugins: add, then give the selection back)
+        active, selected = layers.selection.active, set(layers.selection)
+        layers.append(layer)
+        layers.selection.update(selected)
+        layers.selection.difference_update({layer})
+        layers.selection.active = active
+        return layer
     layers._activate_on_insert = False
     try:
         layers.append(layer)
