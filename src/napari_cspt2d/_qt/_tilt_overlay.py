@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable
 
 from napari.layers import Image
@@ -57,7 +58,9 @@ def _label_font(viewer):
     """The texture font the canvas's text overlay draws with (napari 0.9: one Qt-rendered font per canvas, shared by
     its text visuals), or None where it cannot be found (another napari, no window)."""
     try:
-        font_info = viewer.window._qt_viewer.canvas.font_info
+        with warnings.catch_warnings():  # napari 0.9 warns of private access from a plugin's code
+            warnings.simplefilter("ignore", FutureWarning)
+            font_info = viewer.window._qt_viewer.canvas.font_info
         font_info = font_info() if callable(font_info) else font_info  # a method in napari 0.9
         return font_info.font_manager.get_font(font_info.face)
     except Exception:  # noqa: BLE001 - a private path: without it the glyphs are made when first drawn, as usual
