@@ -308,6 +308,59 @@ class LatenessProbe:
                        "ticks": len(v)} for name, v in self.samples.items()}
 
 
+class GLProgramTimer:
+    """The OpenGL programs vispy makes on the GUI thread, per phase of ``probe``: how many, how many distinct
+    sources, and the time of their shaders' compiles, their link and their first draw (where Mesa compiles them:
+    its on-disk shader cache, keyed on the source, makes them cheap in a later session)."""
+
+    def __init__(self, probe: LatenessProbe) -> None:
+        import hashlib
+
+        import vispy.gloo.glir as glir
+
+        self.by_phase: dict[str, dict] = {}
+        shader_data, link, draw = glir.GlirShader.set_data, glir.GlirProgram.link_program, glir.GlirProgram.draw
+        timer = self
+
+        def add(phase: str | None, ms: float, source: str | None = None) -> None:
+            row = timer.by_phase.setdefault(phase or "(no phase)", {"programs": 0, "sources": set(), "ms": 0.0})
+            row["ms"] += ms
+            if source is not None:
+                row["programs"] += 1
+                row["sources"].add(source)
+
+        def set_data(self, offset, code):
+            t0 = time.perf_counter()
+            shader_data(self, offset, code)
+            self._benchmark_code, self._benchmark_ms = code, (time.perf_counter() - t0) * 1000.0
+
+        def link_program(self):
+            shaders = list(self._attached_shaders)
+            t0 = time.perf_counter()
+            link(self)
+            source = hashlib.sha1("\0".join(getattr(s, "_benchmark_code", "") for s in shaders).encode()).hexdigest()
+            ms = (time.perf_counter() - t0) * 1000.0 + sum(getattr(s, "_benchmark_ms", 0.0) for s in shaders)
+            add(probe.current, ms, source)
+            self._benchmark_first_draw = True
+
+        def first_draw(self, *args, **kwargs):
+            if not getattr(self, "_benchmark_first_draw", False):
+                return draw(self, *args, **kwargs)
+            self._benchmark_first_draw = False
+            t0 = time.perf_counter()
+            try:
+                return draw(self, *args, **kwargs)
+            finally:
+                add(probe.current, (time.perf_counter() - t0) * 1000.0)
+
+        glir.GlirShader.set_data, glir.GlirProgram.link_program, glir.GlirProgram.draw = set_data, link_program, \
+            first_draw
+
+    def summary(self) -> dict[str, dict]:
+        return {phase: {"programs": row["programs"], "distinct_sources": len(row["sources"]), "ms": round(row["ms"])}
+                for phase, row in self.by_phase.items()}
+
+
 class StackSampler:
     """A thread sampling every thread's Python stack every ``interval_s`` (``faulthandler.dump_traceback``: C code
     that makes no frame objects, so no GUI object is ever freed in this thread), to say what the GUI thread was doing
@@ -434,6 +487,7 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1366, 768)
     probe = LatenessProbe()  # (a QTimer needs the application napari made)
+    programs = GLProgramTimer(probe)
     sampler = StackSampler() if stacks else None
     slowest: dict[str, float] = {}
     by_phase: dict[str, dict[str, float]] = {}  # the same, per phase
@@ -453,19 +507,12 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
 
         setattr(owner, name, wrapper)
 
+    from napari.qt import QtViewer
+
     from napari_cspt2d._qt.cockpit import Cockpit  # (the light module napari imports to open the cockpit)
 
     timed(Cockpit, "_build_now", "cockpit: a piece of a tab built")
-    build_now = Cockpit._build_now
-
-    def first_build_now(self, index):  # the tabs' modules are imported by then: the map panel's pieces timed too
-        from napari_cspt2d._qt.results import MapPanel
-
-        Cockpit._build_now = build_now
-        timed(MapPanel, "_build_next", "map panel: a piece built (docked viewer)")
-        return build_now(self, index)
-
-    Cockpit._build_now = first_build_now
+    timed(QtViewer, "__init__", "a QtViewer made (the docked map viewer)")
     probe.phase("open cockpit")
     opened = time.perf_counter()
     _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
@@ -538,6 +585,7 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
     results["phases"] = probe.summary()
     results["slowest_gui_callbacks_ms"] = slowest
     results["slowest_gui_callbacks_ms_by_phase"] = by_phase
+    results["gl_programs_by_phase"] = programs.summary()
     results["history"] = [[e.run, e.iteration, round(e.resolution_A, 2)] for e in state.history]
     results["load_average_end"] = round(os.getloadavg()[0], 2)
     if sampler is not None:
@@ -601,7 +649,15 @@ def print_cockpit(sessions: dict[str, dict]) -> None:
         values = [sessions[n].get("slowest_gui_callbacks_ms_by_phase", {}).get(phase, {}).get(name, "-")
                   for n in names]
         print(f"{phase[:34]:<34} {name:<43}" + "".join(f" {v!s:>8}" for v in values))
-    skip = ("phases", "history", "slowest_gui_callbacks_ms", "slowest_gui_callbacks_ms_by_phase")
+    print(f"\n{'GL programs made: how many (distinct sources), compile + link + first draw ms':<78}"
+          + "".join(f" {n:>18}" for n in names))
+    for phase in phases:
+        cells = [sessions[n].get("gl_programs_by_phase", {}).get(phase) for n in names]
+        texts = ["-" if c is None else f"{c['programs']} ({c['distinct_sources']}) {c['ms']} ms" for c in cells]
+        if any(cells):
+            print(f"{phase:<78}" + "".join(f" {t:>18}" for t in texts))
+    skip = ("phases", "history", "slowest_gui_callbacks_ms", "slowest_gui_callbacks_ms_by_phase",
+            "gl_programs_by_phase")
     keys = list(dict.fromkeys(k for r in sessions.values() for k in r if k not in skip))
     print(f"\n{'measure':<52}" + "".join(f" {n:>10}" for n in names))
     for key in keys:
