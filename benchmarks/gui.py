@@ -19,7 +19,9 @@
    **first session** starts with an empty shader cache (``MESA_SHADER_CACHE_DIR`` a new temp folder: a user's first
    napari session on the machine), the **later session** reuses the folder the first one filled (every later session).
    Only the shader cache differs: both start with an empty napari-cspt2d cache (``XDG_CACHE_HOME``: "open sample (not
-   cached)") and an empty numba cache ("reconstruct (cold kernels)").
+   cached)") and an empty numba cache ("reconstruct (cold kernels)"). Per phase and session, the GL programs vispy
+   made are counted and timed (their shaders' compiles, link and first draw: :class:`GLProgramTimer`), and the
+   slowest GUI-thread calls are listed (opening the cockpit: each piece of a tab, the docked map viewer's QtViewer).
 
 Prints a table and writes benchmarks/results/gui.json (the cockpit's part under ``"cockpit"``, one entry per session).
 Run: ``.venv/bin/python benchmarks/gui.py [--part files|cockpit|all] [--stacks [--session first|later]]``. The
