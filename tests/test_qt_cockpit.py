@@ -228,6 +228,13 @@ def test_fits_the_screen_with_the_sample_and_after_a_refine(make_napari_viewer, 
     wait_run(qtbot, cockpit)
     assert cockpit.run.state == "done", cockpit.run.log_view.toPlainText()
     _check_fits(qtbot, viewer, cockpit, size)
+    # the Run tab is no wider than its dock: its buttons (Cancel, the map's 3D) are in view, none cut at the right
+    cockpit.show_tab("Run")
+    qtbot.wait(50)
+    viewport = cockpit.run.parentWidget()  # the scroll area's viewport
+    for button in (cockpit.run.cancel_button, cockpit.run.map_panel.view_3d_button):
+        right = button.mapTo(viewport, button.rect().topRight()).x()
+        assert button.isVisible() and right < viewport.width(), (button.text(), right, viewport.width())
     if SAVE_SCREENSHOTS:
         from imageio.v3 import imwrite
 

@@ -23,10 +23,10 @@ from collections.abc import Callable
 import numpy as np
 from napari.layers import Image
 from napari.qt.threading import create_worker
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import QSize, Qt, Signal
 from qtpy.QtGui import QImage, QPixmap
-from qtpy.QtWidgets import (QAbstractItemView, QHBoxLayout, QLabel, QPushButton, QTableWidget, QTableWidgetItem,
-                            QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QAbstractItemView, QHBoxLayout, QLabel, QPushButton, QSizePolicy, QTableWidget,
+                            QTableWidgetItem, QVBoxLayout, QWidget)
 
 from ..fsc_plot import FSC_THRESHOLD, FscEntry, render_fsc_plot_apart
 from ..runs import MapDisplay
@@ -34,7 +34,7 @@ from ._gl_info import gl_renderer, is_software_renderer
 from ._layer_update import one_refresh
 from ._stages import in_own_turn
 
-__all__ = ["FSC_THRESHOLD", "FscPlot", "HistoryTable", "MapPanel"]
+__all__ = ["FSC_THRESHOLD", "FittedPicture", "FscPlot", "HistoryTable", "MapPanel"]
 
 MAP_AXES = ("z", "y", "x")
 #: Initial 3D view of a map (napari camera angles, degrees): tilted so that its depth shows.
@@ -45,6 +45,39 @@ MAP_COLORMAP_3D = "bop orange"
 MAP_COLORMAP_SLICES = "gray"
 #: Zoom over napari's fit-the-box view (a particle fills about half of its box).
 MAP_ZOOM = 1.8
+
+
+class FittedPicture(QLabel):
+    """A picture of ``size_px`` (w, h) shown whole, scaled down to the label's width when the tab is narrower (the
+    Run tab at 1366 px is ~290 px wide): it never makes its tab wider than the dock, which would push the tab's
+    right-hand buttons out of view."""
+
+    def __init__(self, size_px: tuple[int, int], parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.size_px = size_px
+        self.picture: QPixmap | None = None
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        self.setFixedHeight(size_px[1])
+        self.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+
+    def sizeHint(self) -> QSize:
+        return QSize(*self.size_px)
+
+    def set_picture(self, picture: QPixmap) -> None:
+        self.picture = picture
+        self._fit()
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        self._fit()
+
+    def _fit(self) -> None:
+        if self.picture is None:
+            return
+        if self.width() >= self.picture.width():
+            self.setPixmap(self.picture)
+        else:
+            self.setPixmap(self.picture.scaledToWidth(max(self.width(), 1), Qt.TransformationMode.SmoothTransformation))
 
 
 class FscPlot(QWidget):
@@ -62,8 +95,7 @@ class FscPlot(QWidget):
         self._request = 0
         self._drawn: tuple[int, int] | None = None  # (highlighted, number of curves) of the latest drawing
         self._buffer = None
-        self.image = QLabel()
-        self.image.setFixedSize(*self.SIZE_PX)
+        self.image = FittedPicture(self.SIZE_PX)
         self.label = QLabel("No map yet.")
         self.label.setWordWrap(True)
         layout = QVBoxLayout(self)
@@ -100,7 +132,7 @@ class FscPlot(QWidget):
             return  # superseded, or the plot was closed
         self._buffer = np.ascontiguousarray(rgba)
         h, w = self._buffer.shape[:2]
-        self.image.setPixmap(QPixmap.fromImage(QImage(self._buffer.data, w, h, 4 * w, QImage.Format.Format_RGBA8888)))
+        self.image.set_picture(QPixmap.fromImage(QImage(self._buffer.data, w, h, 4 * w, QImage.Format.Format_RGBA8888)))
         self.legend_labels = labels
 
     @property
@@ -211,7 +243,8 @@ class MapPanel(QWidget):
     def _make_layer(self) -> None:
         if self._made is None:
             self._made = Image(np.zeros((2, 2, 2), np.float32), name="map", axis_labels=MAP_AXES,
-                               colormap=self._colormap(), rendering="iso", contrast_limits=(0.0, 1.0),
+                               colormap=self._colormap(), rendering="iso", interpolation2d="linear",
+                               contrast_limits=(0.0, 1.0),
                                iso_threshold=0.5, visible=False, metadata={"cspt2d": {"role": "map"}})
 
     def _make_dims(self) -> None:
