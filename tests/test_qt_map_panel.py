@@ -28,14 +28,20 @@ GPU = "NVIDIA GeForce RTX 3060/PCIe/SSE2"
 LLVMPIPE = "llvmpipe (LLVM 15.0.6, 256 bits)"
 
 
-def shown_panel(qtbot, monkeypatch, renderer: str) -> MapPanel:
-    """A shown map panel that believes OpenGL is ``renderer``, built, its map layer prepared (made, hidden)."""
+def new_panel(qtbot, monkeypatch, renderer: str) -> MapPanel:
+    """A shown map panel that believes OpenGL is ``renderer``."""
     monkeypatch.setattr(results, "gl_renderer", lambda: renderer)
     panel = MapPanel()
     qtbot.addWidget(panel)
     panel.resize(400, 420)
     panel.show()
     qtbot.waitExposed(panel)
+    return panel
+
+
+def shown_panel(qtbot, monkeypatch, renderer: str) -> MapPanel:
+    """:func:`new_panel`, built, its map layer prepared (made, hidden)."""
+    panel = new_panel(qtbot, monkeypatch, renderer)
     qtbot.waitUntil(lambda: panel._qt_viewer is not None, timeout=5000)  # built in turns
     assert len(panel.model.layers) == 0  # no layer until asked (the first layer of a process costs more)
     panel.prepare()
@@ -44,12 +50,7 @@ def shown_panel(qtbot, monkeypatch, renderer: str) -> MapPanel:
 
 
 def test_a_new_map_shows_with_its_own_contrast_and_iso_level(qtbot, monkeypatch):
-    monkeypatch.setattr(results, "gl_renderer", lambda: GPU)
-    panel = MapPanel()
-    qtbot.addWidget(panel)
-    panel.resize(400, 420)
-    panel.show()
-    qtbot.waitExposed(panel)
+    panel = new_panel(qtbot, monkeypatch, GPU)  # a map at once: the viewer and its layer are made for it
     panel.show_map(map_display(_blob(24, 3.0, 1.0), 2.0), "first")
     layer = panel.layer
     first_thumbnail = layer.thumbnail.copy()
