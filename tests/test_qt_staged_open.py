@@ -55,7 +55,7 @@ def test_staged_steps_run_in_order_each_in_a_turn_of_its_own(qtbot):
 @pytest.mark.gui
 def test_the_sample_opens_in_stages_image_first_and_all_layers_end_in_order(make_napari_viewer, qtbot, cache_home):
     """The Data tab's sample: the image is added alone and hidden, and shown in a later turn, before the next layer
-    arrives; the tracks layer likewise, before the active-trajectory layer; at the end the layers are in the
+    arrives; the trajectories and tracks layers likewise; at the end the layers are in the
     reader's order (image, trajectories, tracks), the image and tracks shown, the active-trajectory and
     refined-shifts layers after them, the tracks layer still the one being picked in, and the tilt label shown."""
     viewer = make_napari_viewer(show=True)
@@ -77,7 +77,8 @@ def test_the_sample_opens_in_stages_image_first_and_all_layers_end_in_order(make
     assert order[:3] == ["tiltseries", "trajectories", "tracks"]
     assert seen[0][1:] == (False, {})  # the image alone, hidden: its controls and slider come in this turn
     assert seen[1][2] == {"tiltseries": True}  # ... it was drawn in a turn of its own before the trajectories came
-    assert seen[2][1] is False  # the tracks layer too
+    assert seen[1][1] is False and seen[2][1] is False  # the trajectories and the tracks layer too
+    assert seen[2][2] == {"tiltseries": True, "trajectories": True}
     active = order.index("active-track")
     assert active > 2 and seen[active][2]["tracks"] is True
     layers = list(viewer.layers)

@@ -42,8 +42,9 @@ __all__ = ["TiltSeriesLoader", "load_series_layers"]
 
 DEFAULT_RADIUS_A = 100.0  # pyp's default particle_rad
 #: Layers (by ``metadata["cspt2d"]["role"]``) added hidden and shown in the next stage: adding them and drawing them
-#: the first time each cost 40–100 ms (the trajectories layer is left as it is: the curation hides it while empty).
-SHOWN_A_STAGE_LATER = ("tiltseries", "tracks")
+#: the first time each cost 40–200 ms (shown before the next layer comes: the curation, bound when the tracks come,
+#: finds the trajectories as the reader made them).
+SHOWN_A_STAGE_LATER = ("tiltseries", "trajectories", "tracks")
 
 
 def load_series_layers(stack: str | os.PathLike[str], angles: str | os.PathLike[str] | None = None,
