@@ -527,7 +527,9 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
     timed(run.map_panel, "show_map", "map layer updated")
     timed(run.fsc_plot, "add_curve", "FSC curve added")
     timed(run.fsc_plot, "_show", "FSC plot image shown")
-    timed(cockpit.validate, "show_entry", "Validate tab: review shown")
+    run.review_shown.disconnect(cockpit.validate.show_entry)  # connected when the tab was built: wrapped, then
+    timed(cockpit.validate, "show_entry", "Validate tab: review shown")  # connected again (else never timed)
+    run.review_shown.connect(cockpit.validate.show_entry)
     timed(cockpit.validate, "_show_vectors", "vectors layer updated")
     timed(cockpit.data, "_add", "first image layer added")
     timed(cockpit.data, "_add_rest", "tracks layers added")
@@ -536,7 +538,8 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
     timed(run.map_panel.qt_viewer.canvas.native, "paintGL", "map canvas painted")
 
     def image_shown() -> bool:
-        return any(layer.metadata.get("cspt2d", {}).get("role") == "tiltseries" for layer in viewer.layers)
+        return any(layer.metadata.get("cspt2d", {}).get("role") == "tiltseries" and layer.visible
+                   for layer in viewer.layers)  # (it is added hidden and shown a stage later)
 
     for label in ("open sample (not cached)", "open sample (cached)"):
         viewer.layers.clear()

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("napari")
 pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("cache_home")]
 
-from qtpy.QtCore import Qt  # noqa: E402
+from qtpy.QtCore import QEvent, QObject, Qt  # noqa: E402
 from qtpy.QtWidgets import QCheckBox, QComboBox, QLineEdit, QSpinBox  # noqa: E402
 
 from napari_cspt2d import pyp  # noqa: E402
@@ -219,3 +219,35 @@ def test_collapsed_groups_expand(make_napari_viewer, qtbot):
     assert not cluster.isExpanded() and widget.groups["data"].isExpanded()
     qtbot.mouseClick(cluster._toggle_btn, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(cluster.isExpanded, timeout=2000)
+
+
+class _StyleChanges(QObject):
+    """Counts the StyleChange events of the widgets it watches (a style sheet set re-polishes the widget)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def eventFilter(self, obj, event):  # noqa: N802 - Qt API
+        if event.type() == QEvent.Type.StyleChange:
+            self.count += 1
+        return False
+
+
+def test_a_check_that_changes_nothing_restyles_no_field(make_napari_viewer, sample_layers):
+    """The form is checked after every edit and when data arrives: only the fields whose mark changes are restyled
+    (setting a style sheet, even the same, re-polished every editor: ~100 ms when the tracks came)."""
+    viewer, widget = open_params(make_napari_viewer)
+    watcher = _StyleChanges()
+    for field in widget.fields.values():
+        field.editor.installEventFilter(watcher)
+    widget._validate()
+    add_layers(viewer, sample_layers)  # the form fills itself from the data
+    assert watcher.count == 0 and widget.is_valid
+    radius = widget.fields["particle_rad"].value()
+    widget.set_value("particle_rad", "5000")  # marks the fields concerned, and only them
+    assert 0 < watcher.count <= 4
+    assert "border" in widget.fields["extract_box"].editor.styleSheet()
+    widget.set_value("particle_rad", radius)
+    assert widget.is_valid
+    assert widget.fields["extract_box"].editor.styleSheet() == "" and widget.fields["extract_box"].message.isHidden()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 
 from napari.layers import Image
@@ -87,20 +88,39 @@ def warm_label_glyphs(viewer, characters: str = LABEL_CHARACTERS) -> bool:
     return True
 
 
+def _release(viewer_ref: weakref.ref) -> None:
+    """Release the mapped pages of the viewer's tilt series (nothing once the viewer is gone or its layers removed; a
+    mapping closed meanwhile is skipped)."""
+    viewer = viewer_ref()
+    if viewer is None:
+        return
+    for layer in _tiltseries_layers(viewer):
+        with contextlib.suppress(ValueError, OSError, BufferError):  # e.g. "mmap closed or invalid"
+            release_pages(layer.data)
+
+
 def connect_tilt_view(viewer) -> Callable[[], None]:
     """Keep the canvas text overlay showing :func:`tilt_label` and release mapped pages after tilt changes;
-    returns a function that disconnects both."""
+    returns a function that disconnects both.
+
+    The release timer holds the viewer only weakly, runs only while a tilt series is shown in it (it is stopped when
+    the last one is removed, e.g. as the viewer closes: ``Viewer.close`` removes every layer) and is stopped when
+    disconnected; ``disconnect.timer`` is the timer."""
     overlay = viewer.canvas.overlays.text
     timer = QTimer()
     timer.setSingleShot(True)
     timer.setInterval(RELEASE_DELAY_MS)
-    timer.timeout.connect(lambda: [release_pages(layer.data) for layer in _tiltseries_layers(viewer)])
+    ref = weakref.ref(viewer)
+    timer.timeout.connect(lambda: _release(ref))
 
     def update(event=None) -> None:
         text = tilt_label(viewer)
         overlay.text = text
         overlay.visible = bool(text)
-        timer.start()
+        if _tiltseries_layers(viewer):
+            timer.start()
+        else:  # nothing mapped to release (the viewer may be closing)
+            timer.stop()
 
     def inserted(event) -> None:
         event.value.events.visible.connect(update)  # the label names the top *visible* tilt series
@@ -131,4 +151,5 @@ def connect_tilt_view(viewer) -> Callable[[], None]:
             for layer in viewer.layers:
                 layer.events.visible.disconnect(update)
 
+    disconnect.timer = timer
     return disconnect
