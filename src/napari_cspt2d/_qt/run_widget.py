@@ -48,6 +48,7 @@ from ._guard import report_errors
 from ._lifecycle import WindowCloseWatcher
 from ._owner import CockpitState, HistoryEntry, state_of
 from ._progress import DeferredProgressBar
+from ._warmup import KERNELS_STAGE, wait_for_kernels
 from .preview import LivePreview
 from .results import FscPlot, HistoryTable, MapPanel
 from ._ticks import TickQueue
@@ -55,6 +56,7 @@ from ._ticks import TickQueue
 __all__ = ["RunWidget"]
 
 _STAGE_TEXT = {
+    KERNELS_STAGE: "preparing the kernels (compiled once per install)",
     "backproject": "extracting and inserting particles",
     "reconstruct": "reconstructing (half maps, FSC)",
     "refine": "refining particles",
@@ -64,8 +66,10 @@ _STAGE_TEXT = {
 
 def _prepared_run(s: Session, mode: RunMode, progress, cancel: Callable[[], bool]) -> Iterator[PreparedIteration]:
     """The worker: run the job and prepare each step's views; an exception is *returned* (with its traceback text)
-    instead of raised, so the widget reports it with the log path."""
+    instead of raised, so the widget reports it with the log path. A run started before the cockpit's warm-up has
+    loaded the kernels waits for it (:func:`wait_for_kernels`) rather than compile them holding the GIL."""
     try:
+        wait_for_kernels(progress, cancel)
         for item in run_job(s, mode, progress, cancel):
             yield prepare_iteration(item, s)
     except BaseException as exc:  # noqa: BLE001 - reported by the widget
@@ -74,6 +78,7 @@ def _prepared_run(s: Session, mode: RunMode, progress, cancel: Callable[[], bool
 
 
 def _prepared_preview(s: Session, cancel: Callable[[], bool]):
+    wait_for_kernels(lambda *_: None, cancel)
     result: ReconstructionResult = preview_reconstruction(s, cancel)
     return map_display(result.map, result.voxel_A)
 

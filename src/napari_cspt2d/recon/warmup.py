@@ -6,11 +6,13 @@ A new install otherwise spends 15-25 s compiling before the first insertion or r
   forked from it starts with the kernels loaded;
 * the cockpit runs ``python -m napari_cspt2d.recon.warmup`` in a child process when it opens: compiling there fills
   numba's on-disk cache (every kernel is ``cache=True``) without holding the GUI process's interpreter lock; the GUI
-  process then only loads the cached kernels, in a worker thread, when the child is done.
+  process then only loads the cached kernels, in a worker thread, when the child is done. The child runs at a
+  lower priority (:data:`CHILD_NICENESS`) so that, on a machine with few cores, the window's process wins them.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -20,7 +22,10 @@ from . import refine
 from .backproject import Projector
 from .reconstruct import HalfMapInsertion, ReconstructionSettings
 
-__all__ = ["tiny_tracks", "warm_kernels"]
+__all__ = ["CHILD_NICENESS", "tiny_tracks", "warm_kernels"]
+
+#: How much lower the child's scheduling priority is than the window's (``os.nice``).
+CHILD_NICENESS = 10
 
 
 def tiny_tracks(rng: np.random.Generator, size: int = 64) -> TrackSet:
@@ -53,5 +58,7 @@ def warm_kernels() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover - run by the cockpit in a child process
+    if hasattr(os, "nice"):
+        os.nice(CHILD_NICENESS)
     warm_kernels()
     sys.exit(0)

@@ -1,0 +1,107 @@
+"""The numba kernels' warm-up: a child process compiles them into numba's cache, the window's process only loads them,
+and a run started before they are loaded waits for them (with progress) instead of compiling them itself.
+
+Run under pytest-xvfb (``QT_QPA_PLATFORM=offscreen`` does not work for a napari Viewer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from napari_cspt2d._qt import _warmup  # noqa: E402
+from napari_cspt2d._qt._loader import add_layers  # noqa: E402
+from napari_cspt2d._qt._warmup import KERNELS_STAGE, KernelWarmer  # noqa: E402
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+#: A stand-in for the compiling child: it only sleeps (the kernels are loaded in this process afterwards).
+SLEEPING_CHILD = ("-c", "import time; time.sleep({})")
+
+#: Loads the kernels in a fresh interpreter and prints numba's cache hits and misses over every kernel.
+_COUNT_LOADS = """
+import json
+from numba.core.registry import CPUDispatcher
+from napari_cspt2d.recon import backproject, ctf, extract, refine
+from napari_cspt2d.recon.warmup import warm_kernels
+warm_kernels()
+kernels = {f"{m.__name__}.{n}": f for m in (backproject, ctf, extract, refine) for n, f in vars(m).items()
+           if isinstance(f, CPUDispatcher)}
+print(json.dumps({name: [sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values())]
+                  for name, f in kernels.items() if f.signatures}))
+"""
+
+
+@pytest.mark.slow
+def test_the_child_compiles_into_numbas_cache_and_the_window_only_loads(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"),
+               PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, *_warmup.CHILD_ARGS], env=env, check=True, timeout=600)
+    assert list((tmp_path / "numba").rglob("*.nbi")), "the child wrote no cache index"
+    out = subprocess.run([sys.executable, "-c", _COUNT_LOADS], env=env, check=True, timeout=600,
+                         capture_output=True, text=True).stdout
+    counts = json.loads(out.strip().splitlines()[-1])
+    assert counts, "no kernel was used"
+    missed = {name: c for name, c in counts.items() if c[1]}
+    assert not missed, f"compiled again instead of loaded from the child's cache: {missed}"
+    assert all(hits > 0 for hits, _ in counts.values())
+
+
+def _open_run(make_napari_viewer, layers, qtbot):
+    viewer = make_napari_viewer(show=True)
+    add_layers(viewer, layers)
+    _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    qtbot.waitUntil(lambda: cockpit.warmer.is_ready, timeout=600_000)  # the real warm-up, first
+    cockpit.show_tab("Run")
+    return cockpit.run
+
+
+@pytest.mark.gui
+@pytest.mark.usefixtures("cache_home")
+def test_a_run_started_before_the_kernels_are_loaded_waits_and_makes_the_same_map(
+        make_napari_viewer, sample_layers, qtbot, monkeypatch):
+    run = _open_run(make_napari_viewer, sample_layers, qtbot)
+    run.reconstruct_button.click()
+    qtbot.waitUntil(lambda: not run.busy, timeout=120_000)
+    assert run.state == "done", run.log_view.toPlainText()
+    before = np.array(run.results[-1].map.volume)
+
+    late = KernelWarmer(SLEEPING_CHILD[:1] + (SLEEPING_CHILD[1].format(2),))  # loaded ~2 s from now
+    monkeypatch.setattr(_warmup, "_WARMER", late)
+    seen: list[tuple[str, bool]] = []  # (stage, kernels loaded when it arrived)
+    run._relay.progress.connect(lambda stage, *_: seen.append((stage, late.is_ready)))
+    texts: list[str] = []
+    run._relay.progress.connect(lambda *_: texts.append(run.stage_label.text()))
+    run.reconstruct_button.click()
+    qtbot.waitUntil(lambda: bool(seen), timeout=5_000)
+    assert seen[0] == (KERNELS_STAGE, False) and not late.is_ready and run.busy  # progress at once, waiting
+    qtbot.waitUntil(lambda: not run.busy, timeout=120_000)
+    assert run.state == "done", run.log_view.toPlainText()
+    assert late.child_ok and late.is_ready
+    assert any("preparing the kernels" in t for t in texts)
+    working = [ready for stage, ready in seen if stage != KERNELS_STAGE]
+    assert working and all(working), seen  # nothing was extracted or inserted before the kernels were loaded
+    np.testing.assert_array_equal(np.array(run.results[-1].map.volume), before)
+
+
+@pytest.mark.gui
+@pytest.mark.usefixtures("cache_home")
+def test_cancel_while_the_kernels_are_prepared_ends_the_run(make_napari_viewer, sample_layers, qtbot, monkeypatch):
+    run = _open_run(make_napari_viewer, sample_layers, qtbot)
+    late = KernelWarmer(SLEEPING_CHILD[:1] + (SLEEPING_CHILD[1].format(60),))
+    monkeypatch.setattr(_warmup, "_WARMER", late)
+    try:
+        run.reconstruct_button.click()
+        qtbot.waitUntil(lambda: "preparing the kernels" in run.stage_label.text(), timeout=5_000)
+        run.cancel_button.click()
+        qtbot.waitUntil(lambda: not run.busy, timeout=10_000)
+        assert run.state == "cancelled" and not run.results and not late.is_ready
+    finally:
+        late.stop()
