@@ -188,3 +188,36 @@ def test_a_staged_review_shows_its_vectors_and_worst_a_turn_later_and_a_newer_re
     qtbot.waitUntil(lambda: pending() == 0, timeout=5000)
     np.testing.assert_allclose(layer.data, shift_vectors(other).data)
     assert validation.table.selected_rows() == [other_worst] and "newest" in validation.summary.text()
+
+
+def test_a_staged_jump_goes_to_the_tilt_then_the_particle_and_an_active_particle_is_only_centred(
+        make_napari_viewer, refined, qtbot):
+    sample, params, item, _ = refined
+    viewer, curation, validation = open_validation(make_napari_viewer, refined)
+    review, controller = validation.review, curation.controller
+    kwargs = dict(stack=sample.stack, params=params, volume=item.reconstruction.map, document=curation.document)
+    qtbot.waitUntil(lambda: pending() == 0, timeout=5000)
+    # staged: the vectors, the worst's tilt and its particle are three steps, each in an event-loop turn of its own
+    validation.set_review(review, label="staged", staged=True, **kwargs)
+    assert pending() == 3
+    qtbot.waitUntil(lambda: pending() == 0, timeout=5000)
+    worst = int(np.nanargmin(review.score))
+    assert validation.table.selected_rows() == [worst]
+    assert int(round(viewer.dims.point[0])) == int(review.before.tilt[worst])
+    assert controller.active_particle == int(review.before.particle[worst])
+    # another projection of the active particle, at another tilt: the tilt changes, the view is centred on it, the
+    # particle (its track, its defaults) is not made active again
+    particle = int(review.before.particle[worst])
+    tilt = review.before.tilt[worst]
+    other = next(int(r) for r in review.rows_of_particle(particle) if review.before.tilt[r] != tilt)
+    made_active, centred = [], []
+    controller.set_active_particle = lambda *a, **k: made_active.append(a)
+    controller.center_on_active = lambda: centred.append(True)
+    validation.jump(other)
+    assert made_active == [] and centred == [True]
+    assert int(round(viewer.dims.point[0])) == int(review.before.tilt[other])
+    assert validation.table.selected_rows() == [other]
+    # a projection of another particle makes that one active
+    another = next(int(r) for r in range(len(review)) if int(review.before.particle[r]) != particle)
+    validation.jump(another)
+    assert made_active == [(int(review.before.particle[another]),)]

@@ -10,6 +10,13 @@ scale), the ``data`` event is emitted again so that the viewer's dims (slider ra
 public batch update; this uses ``Layer._block_refresh`` and shadows ``_update_thumbnail`` on the instance only, for
 the block.
 
+Inside :func:`one_refresh` the layer's events also stop at the layer: each setter's event still reaches what listens
+to it on the layer (its controls, its visual), but not the viewer's layer list, which otherwise answers every event of
+the layer (data, features, edge width, length, colours…) with a ``dataChanged`` of its row (a repaint of the row, its
+thumbnail). Its ``data`` event is held too and emitted once, after the refresh, when data was assigned (the viewer's
+dims and extent follow it: one recomputation instead of one per assignment, and with the new extent). On leaving, the
+layer list sees the refresh's events (one repaint of the row, with the new thumbnail).
+
 :func:`add_unselected` adds a layer made beforehand without making it the active one: napari selects every layer
 inserted, which switches the layer controls and the viewer buttons' styles to it (and back when the caller re-selects
 its own layer) — half of the GUI-thread time of adding a layer. It turns off ``LayerList._activate_on_insert`` for
@@ -38,14 +45,15 @@ def one_refresh(layer: Layer) -> Iterator[Layer]:
     (events other than the refresh's are emitted as usual, so controls and visuals follow each setter)."""
     extent = layer.extent.world
     layer._update_thumbnail = _no_thumbnail  # the instance attribute shadows the method for this block only
+    data_events = layer.events.data.blocker()  # (counts the events it held)
     try:
-        with layer._block_refresh():
+        with layer._block_refresh(), layer.events.blocker(), data_events:  # the group: the layer list's relay
             yield layer
     finally:
         del layer._update_thumbnail
         layer.refresh()
-        if not np.array_equal(layer.extent.world, extent):
-            # the viewer's dims follow a layer's ``data`` event, which came while the old extent was still cached
+        if data_events.count or not np.array_equal(layer.extent.world, extent):
+            # once, now that the extent is the new one (the viewer's dims follow a layer's ``data`` event)
             layer.events.data(value=layer.data)
 
 

@@ -385,10 +385,11 @@ class ShiftValidation(QWidget):
                    gallery: GalleryImages | None = None, jump_to: int | None = None, staged: bool = False) -> None:
         """Show ``review`` (refined proposals for ``document``'s tracks); the gallery is drawn from ``stack`` and
         ``volume`` (the map) with ``params``. ``vectors``/``gallery`` when prepared already (else computed here);
-        the view goes to ``jump_to`` (default: the worst projection). ``staged``: the vectors' assignment and the
-        jump (which re-slices every layer of the viewer at the new tilt) each in an event-loop turn of its own
-        (:func:`._stages.in_own_turn`; dropped if another review is shown meanwhile), as a run's steps arrive —
-        together they took 0.1–0.2 s at the first step."""
+        the view goes to ``jump_to`` (default: the worst projection). ``staged``: the vectors' assignment, the
+        jump's tilt (which re-slices every layer of the viewer) and its particle (made active and centred, its row
+        and gallery) each in an event-loop turn of its own, each with its own repaint (:func:`._stages.in_own_turn`;
+        dropped if another review is shown meanwhile), as a run's steps arrive — in one turn they took 0.1–0.2 s at
+        the first step."""
         self.review, self._stack, self._params, self._volume = review, stack, params, volume
         self._iteration = iteration
         if document is not self.document:
@@ -409,7 +410,10 @@ class ShiftValidation(QWidget):
         steps = [lambda: self._show_vectors(shown)]
         if len(review):
             row = int(self._order[0]) if jump_to is None else int(jump_to)
-            steps.append(lambda: self.jump(row))
+            if staged:
+                steps += [lambda: self._go_to_tilt(row), lambda: self.jump(row)]
+            else:
+                steps.append(lambda: self.jump(row))
         for step in steps:
             if staged:
                 in_own_turn(lambda step=step: step() if self.review is review else None)
@@ -450,14 +454,20 @@ class ShiftValidation(QWidget):
             self.layer = self._add_layer(vectors, pixel_A)
             return
         first = not len(layer.data)
-        with one_refresh(layer):  # one slice and thumbnail of the ~10⁵ vectors, not one per setter
+        # one slice and thumbnail of the ~10⁵ vectors, not one per setter, and the layer list told once; a setting
+        # that did not change is not assigned (each assignment is events: the controls, the visual, the colours)
+        with one_refresh(layer):
             if tuple(layer.scale) != (1.0, pixel_A, pixel_A):
                 layer.scale = (1.0, pixel_A, pixel_A)
+            limits = tuple(map(float, vectors.score_limits))
+            if tuple(layer.edge_contrast_limits) != limits:  # before the features: the colours made once, by them
+                layer.edge_contrast_limits = limits
             layer.data = vectors.data
             layer.features = vectors.features  # recolours by the new scores: the layer keeps colouring by "score"
-            layer.edge_width = vectors.width_px
-            layer.length = vectors.factor
-            layer.edge_contrast_limits = vectors.score_limits
+            if layer.edge_width != vectors.width_px:
+                layer.edge_width = vectors.width_px
+            if layer.length != vectors.factor:
+                layer.length = vectors.factor
             if layer.edge_color_mode != "colormap":  # not coloured by a feature (yet): colour by the score
                 layer.edge_color = "score"
         if first:
@@ -512,16 +522,24 @@ class ShiftValidation(QWidget):
         hits = np.flatnonzero(self._order == row)
         if hits.size:
             self._position = int(hits[0])
-        particle, tilt = int(review.before.particle[row]), int(review.before.tilt[row])
-        labels = list(self.viewer.dims.axis_labels)
-        axis = labels.index("tilt") if "tilt" in labels else 0
-        self.viewer.dims.set_point(axis, tilt)
+        particle = int(review.before.particle[row])
+        self._go_to_tilt(row)
         controller = self.state_owner.controller
-        if controller is not None and particle in set(controller.document.tracks.particles.id.tolist()):
+        if controller is not None and controller.active_particle == particle:
+            controller.center_on_active()  # (its track and its point's selection are there already)
+        elif controller is not None and particle in set(controller.document.tracks.particles.id.tolist()):
             controller.set_active_particle(particle, center=True)
         self.table.select_row(row)
         self._current_row = row
         self.show_particle(particle)
+
+    def _go_to_tilt(self, row: int) -> None:
+        """Show the tilt of review ``row`` in the viewer (nothing to do when it is shown: no re-slicing)."""
+        labels = list(self.viewer.dims.axis_labels)
+        axis = labels.index("tilt") if "tilt" in labels else 0
+        tilt = int(self.review.before.tilt[row])
+        if self.viewer.dims.point[axis] != tilt:
+            self.viewer.dims.set_point(axis, tilt)
 
     def show_particle(self, particle: int) -> None:
         """Show the gallery of ``particle``: from the cache, else made in a worker and shown when ready."""
