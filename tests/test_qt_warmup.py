@@ -93,6 +93,34 @@ def test_a_run_started_before_the_kernels_are_loaded_waits_and_makes_the_same_ma
 
 @pytest.mark.gui
 @pytest.mark.usefixtures("cache_home")
+def test_a_reconstruct_needs_only_the_reconstructions_piece(make_napari_viewer, sample_layers, qtbot, monkeypatch):
+    """The child says "reconstruct" when those kernels are in the cache: a Reconstruct goes on while it compiles
+    the refinement's."""
+    run = _open_run(make_napari_viewer, sample_layers, qtbot)
+    late = KernelWarmer(("-c", "import time; time.sleep(1); print('reconstruct', flush=True); time.sleep(60)"))
+    monkeypatch.setattr(_warmup, "_WARMER", late)
+    try:
+        seen: list[tuple[str, bool]] = []
+        run._relay.progress.connect(lambda stage, *_: seen.append((stage, late.loaded("reconstruct"))))
+        run.reconstruct_button.click()
+        qtbot.waitUntil(lambda: not run.busy, timeout=120_000)
+        assert run.state == "done", run.log_view.toPlainText()
+        assert seen[0] == (KERNELS_STAGE, False)
+        assert all(ready for stage, ready in seen if stage != KERNELS_STAGE)
+        assert late.loaded("reconstruct") and not late.loaded("refine") and not late.is_ready
+        assert late.child_ok is None  # the child still "compiles" the refinement's piece
+    finally:
+        late.stop()
+
+
+def test_the_pieces_are_the_children():
+    from napari_cspt2d.recon import warmup
+
+    assert _warmup.PIECES == warmup.PIECES
+
+
+@pytest.mark.gui
+@pytest.mark.usefixtures("cache_home")
 def test_cancel_while_the_kernels_are_prepared_ends_the_run(make_napari_viewer, sample_layers, qtbot, monkeypatch):
     run = _open_run(make_napari_viewer, sample_layers, qtbot)
     late = KernelWarmer(SLEEPING_CHILD[:1] + (SLEEPING_CHILD[1].format(60),))

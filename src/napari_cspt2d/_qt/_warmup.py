@@ -1,6 +1,7 @@
 """Warm the numba kernels in the background when the cockpit opens (once per process; see
-:mod:`napari_cspt2d.recon.warmup`): a child process of low priority compiles them into numba's on-disk cache, then
-a worker thread loads them from it; a run started before that waits (:func:`wait_for_kernels`).
+:mod:`napari_cspt2d.recon.warmup`): a child process of low priority compiles them into numba's on-disk cache, piece
+by piece (the reconstruction's kernels, then the refinement's), and a worker thread loads each piece from it as soon
+as the child says it is there; a run started before its piece is loaded waits (:func:`wait_for_kernels`).
 
 Compiling is Python work (numba's typing and lowering) that holds the interpreter lock for 10-25 s on 2 cores: in the
 window's process it froze the GUI thread for 0.3 s at a time. In the child it costs the window nothing but a core;
@@ -20,8 +21,13 @@ from napari.qt.threading import create_worker
 from qtpy.QtCore import QObject, QProcess, Signal
 
 from ..errors import CsptCancelled
+from . import _interpreter
 
 __all__ = ["KERNELS_STAGE", "KernelWarmer", "wait_for_kernels", "warm_once"]
+
+#: The pieces the kernels are compiled and loaded in, each including the ones before it (as
+#: :data:`napari_cspt2d.recon.warmup.PIECES`; that module is not imported here: it loads numba and scipy).
+PIECES = ("reconstruct", "refine")
 
 #: The progress stage a run reports while it waits for the kernels (the Run tab words it).
 KERNELS_STAGE = "kernels"
@@ -31,8 +37,10 @@ CHILD_ARGS = ("-m", "napari_cspt2d.recon.warmup")
 
 
 class KernelWarmer(QObject):
-    """Signal ``ready()`` once the kernels are loaded in this process (``is_ready`` says so afterwards; a worker
-    thread can :meth:`wait` for it). ``args``: the child's command line (tests give another)."""
+    """Signal ``ready()`` once every kernel is loaded in this process (``is_ready`` says so afterwards); a worker
+    thread can :meth:`wait` for a piece (:data:`~napari_cspt2d.recon.warmup.PIECES`). Each piece is loaded once the
+    child has printed its name (it is then in numba's cache), or once the child has ended. ``args``: the child's
+    command line (tests give another)."""
 
     ready = Signal()
 
@@ -40,33 +48,60 @@ class KernelWarmer(QObject):
         super().__init__()
         self.is_ready = False
         self.child_ok: bool | None = None  # whether the child compiled the kernels (None: still running)
-        self._loaded = threading.Event()
+        self._loaded = {name: threading.Event() for name in PIECES}
+        self._asked: list[str] = []  # the pieces to load, in order
         self._worker = None
         self.process = QProcess(self)
+        self.process.readyReadStandardOutput.connect(self._read_child)
         self.process.finished.connect(self._child_finished)
-        self.process.errorOccurred.connect(lambda *_: self._load_here())
+        self.process.errorOccurred.connect(lambda *_: self._load(PIECES[-1]))
         self.process.start(sys.executable, list(args))
 
-    def _child_finished(self, code: int = 0, status=None) -> None:
-        self.child_ok = code == 0 and status != QProcess.ExitStatus.CrashExit
-        self._load_here()
+    def _read_child(self) -> None:
+        text = bytes(self.process.readAllStandardOutput()).decode(errors="replace")
+        for name in text.split():
+            if name in PIECES:
+                self._load(name)
 
-    def _load_here(self, *_) -> None:
+    def _child_finished(self, code: int = 0, status=None) -> None:
+        self._read_child()
+        self.child_ok = code == 0 and status != QProcess.ExitStatus.CrashExit
+        self._load(PIECES[-1])  # (compiled here if the child failed)
+
+    def _load(self, piece: str) -> None:
+        if piece not in self._asked:
+            self._asked.append(piece)
+            self._next()
+
+    def _next(self) -> None:
+        """Load the next asked piece in a worker thread, one at a time."""
         if self._worker is not None:
             return
-        self._worker = create_worker(_warm_kernels, _start_thread=False, _ignore_errors=True)
-        self._worker.finished.connect(self._done)
+        todo = [name for name in self._asked if not self._loaded[name].is_set()]
+        if not todo:
+            return
+        self._worker = create_worker(_warm_kernels, todo[0], _start_thread=False, _ignore_errors=True)
+        self._worker.finished.connect(lambda: self._done(todo[0]))
         self._worker.start()
 
-    def _done(self) -> None:
-        self.is_ready = True
-        self.ready.emit()  # (the cockpit freezes the kernels' objects out of full collections first)
-        self._loaded.set()
+    def _done(self, piece: str) -> None:
+        self._worker = None
+        _interpreter.freeze_new()  # the kernels' objects live as long as the process: out of full collections
+        for name in PIECES[:PIECES.index(piece) + 1]:  # (a piece includes the ones before it)
+            self._loaded[name].set()
+        if piece == PIECES[-1]:
+            self.is_ready = True
+            self.ready.emit()
+        self._next()
 
-    def wait(self, timeout_s: float | None = None) -> bool:
-        """Block (in a worker thread, never the GUI thread: it loads them) until the kernels are loaded; False if
+    def loaded(self, piece: str = PIECES[-1]) -> bool:
+        """Whether ``piece`` (and the pieces before it) are loaded in this process."""
+        return self._loaded[piece].is_set()
+
+    def wait(self, piece: str = PIECES[-1], timeout_s: float | None = None) -> bool:
+        """Block (in a worker thread, never the GUI thread: it loads them) until ``piece`` is loaded; False if
         ``timeout_s`` passed first."""
-        return self._loaded.wait(timeout_s)
+        return self._loaded[piece].wait(timeout_s)
 
     def stop(self) -> None:
         """Kill the child process if it still runs (the window closes)."""
@@ -75,11 +110,11 @@ class KernelWarmer(QObject):
             self.process.waitForFinished(2000)
 
 
-def _warm_kernels() -> None:
+def _warm_kernels(piece: str) -> None:
     """Load the kernels (in the worker thread: their modules' imports, numba's and scipy's, stay off the GUI's)."""
     from ..recon.warmup import warm_kernels
 
-    warm_kernels()
+    warm_kernels(piece)
 
 
 _WARMER: KernelWarmer | None = None
@@ -93,18 +128,19 @@ def warm_once() -> KernelWarmer:
     return _WARMER
 
 
-def wait_for_kernels(progress: Callable[[str, int, int], None], cancel: Callable[[], bool],
+def wait_for_kernels(progress: Callable[[str, int, int], None], cancel: Callable[[], bool], piece: str = PIECES[-1],
                      warmer: KernelWarmer | None = None, poll_s: float = 0.25, limit_s: float = 600.0) -> float:
-    """In a run's worker thread: wait until the cockpit's warm-up has loaded the kernels, reporting
-    ``progress(KERNELS_STAGE, 0, 1)`` at once and then every ``poll_s``; raise :class:`CsptCancelled` if ``cancel()``
-    says so. Returns the seconds waited (0 without a warm-up, e.g. no cockpit, or once it is done). After
-    ``limit_s`` the run goes on and compiles what is missing itself."""
+    """In a run's worker thread: wait until the cockpit's warm-up has loaded the kernels of ``piece`` ("reconstruct"
+    for a reconstruction, "refine" for every kernel), reporting ``progress(KERNELS_STAGE, 0, 1)`` at once and then
+    every ``poll_s``; raise :class:`CsptCancelled` if ``cancel()`` says so. Returns the seconds waited (0 without a
+    warm-up, e.g. no cockpit, or once it is done). After ``limit_s`` the run goes on and compiles what is missing
+    itself."""
     warmer = _WARMER if warmer is None else warmer
-    if warmer is None or warmer._loaded.is_set():
+    if warmer is None or warmer.loaded(piece):
         return 0.0
     t0 = time.perf_counter()
     progress(KERNELS_STAGE, 0, 1)
-    while not warmer.wait(poll_s):
+    while not warmer.wait(piece, poll_s):
         if cancel():
             raise CsptCancelled("run cancelled while the kernels were prepared")
         if time.perf_counter() - t0 > limit_s:

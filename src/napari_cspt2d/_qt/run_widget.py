@@ -69,7 +69,7 @@ def _prepared_run(s: Session, mode: RunMode, progress, cancel: Callable[[], bool
     instead of raised, so the widget reports it with the log path. A run started before the cockpit's warm-up has
     loaded the kernels waits for it (:func:`wait_for_kernels`) rather than compile them holding the GIL."""
     try:
-        wait_for_kernels(progress, cancel)
+        wait_for_kernels(progress, cancel, "reconstruct" if mode == "reconstruct" else "refine")
         for item in run_job(s, mode, progress, cancel):
             yield prepare_iteration(item, s)
     except BaseException as exc:  # noqa: BLE001 - reported by the widget
@@ -78,7 +78,7 @@ def _prepared_run(s: Session, mode: RunMode, progress, cancel: Callable[[], bool
 
 
 def _prepared_preview(s: Session, cancel: Callable[[], bool]):
-    wait_for_kernels(lambda *_: None, cancel)
+    wait_for_kernels(lambda *_: None, cancel, "reconstruct")
     result: ReconstructionResult = preview_reconstruction(s, cancel)
     return map_display(result.map, result.voxel_A)
 
