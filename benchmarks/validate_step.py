@@ -95,7 +95,7 @@ def main() -> None:
                 profile.disable()
                 print(f"--- {name} (+ next turn)")
                 pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
-                pstats.Stats(profile).print_callers("_update_layers|_select_active|_on_layers_change|_refresh_sync")
+                pstats.Stats(profile).sort_stats("tottime").print_stats(15)
             settle(0.3)
     print(f"{'piece (ms, steps 2..)':<44}{'CPU median':>11}{'CPU max':>9}{'wall median':>12}{'wall max':>9}")
     for name, values in rows.items():

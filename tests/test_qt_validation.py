@@ -221,3 +221,20 @@ def test_a_staged_jump_goes_to_the_tilt_then_the_particle_and_an_active_particle
     another = next(int(r) for r in range(len(review)) if int(review.before.particle[r]) != particle)
     validation.jump(another)
     assert made_active == [(int(review.before.particle[another]),)]
+
+
+def test_a_history_entry_whose_review_is_shown_leaves_the_view_where_the_user_is(make_napari_viewer, refined, qtbot):
+    from types import SimpleNamespace
+
+    viewer, curation, validation = open_validation(make_napari_viewer, refined)
+    qtbot.waitUntil(lambda: pending() == 0, timeout=5000)
+    review = validation.review
+    row = int(validation._order[3])
+    validation.jump(row)
+    tilt = int(round(viewer.dims.point[0]))
+    # e.g. the last finished run's step, shown again after a cancelled run that made no step of its own
+    validation.show_entry(SimpleNamespace(result=SimpleNamespace(review=review),
+                                          session=SimpleNamespace(document=curation.document)))
+    assert pending() == 0 and validation.review is review
+    qtbot.wait(60)
+    assert validation.table.selected_rows() == [row] and int(round(viewer.dims.point[0])) == tilt

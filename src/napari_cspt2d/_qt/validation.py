@@ -373,8 +373,10 @@ class ShiftValidation(QWidget):
     # ------------------------------------------------------------------ content
     def show_entry(self, entry) -> None:
         """Show the refinement step of history ``entry`` (everything prepared in the run's worker), staged: see
-        :meth:`set_review`."""
+        :meth:`set_review`. Nothing is done when its review is the one shown: the view stays where the user is."""
         prepared, s = entry.result, entry.session
+        if prepared.review is self.review and s.document is self.document:
+            return  # shown already (e.g. the last finished run's, back after a cancelled run that made no step)
         self.set_review(prepared.review, stack=s.stack, params=s.params, volume=prepared.item.reconstruction.map,
                         document=s.document, label=f"run {entry.run} · {prepared.item.label}",
                         iteration=prepared.item.iteration, vectors=prepared.vectors, gallery=prepared.gallery,
