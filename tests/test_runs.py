@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -27,3 +29,28 @@ def test_map_display_is_ready_for_a_layer():
     assert 1.0 < display.iso_level < 12.0 and display.iso_level == iso_level(volume)
     flat = map_display(np.zeros((4, 4, 4)), 1.0)
     assert flat.contrast_limits[1] > flat.contrast_limits[0]  # napari refuses an empty range
+
+
+def test_a_projects_first_fsc_plot_is_drawn_in_the_plot_process(tmp_path, monkeypatch):
+    """matplotlib never runs in the run's thread (it held the GIL through the cockpit's first Reconstruct): the PNG
+    is drawn by the plot process, so breaking this process's plot_fsc changes nothing."""
+    from napari_cspt2d import pyp
+    from napari_cspt2d.model.editing import TrackDocument
+    from napari_cspt2d.model.params import PypParameters
+    from napari_cspt2d.recon import reconstruct
+    from napari_cspt2d.runs import Session, run_job
+    from napari_cspt2d.sample import make_sample
+    from conftest import GUI_SAMPLE
+
+    def in_this_process(*_, **__):
+        raise AssertionError("plot_fsc ran in the run's process")
+
+    monkeypatch.setattr(reconstruct, "plot_fsc", in_this_process)
+    sample = make_sample(**GUI_SAMPLE)
+    params = PypParameters(sample.params)
+    pyp.create_project(tmp_path, "sample", sample.stack, sample.tracks, params, angles=sample.tracks.tilts)
+    session = Session(sample.stack, None, sample.tracks.tilts, TrackDocument(sample.tracks), sample.tracks, params,
+                      tmp_path, "sample")
+    [item] = run_job(session, "reconstruct", lambda *a: None, lambda: False)
+    png = tmp_path / "frealign" / "maps" / "sample_r01_01_fsc.png"
+    assert png in [Path(p) for p in item.written] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,11 +1,11 @@
 """The FSC plot of a session's maps as an RGBA image, drawn with matplotlib's Agg canvas (no Qt), so that the
 cockpit only shows the pixels.
 
-:func:`render_fsc_plot_apart` draws it in a process of its own (one, started at the first plot and kept): matplotlib
-is Python from end to end and holds the interpreter lock (GIL) while it draws (~0.1-0.3 s a plot, ~1 s to import);
-drawn in a thread of napari's process, it was the thread most often seen holding the GIL during the window's stalls
-in the cockpit's Refine (py-spy ``--gil``: 9 stack changes a second inside stalls, 1 outside; README "The cockpit's
-loop").
+:func:`render_fsc_plot_apart` (and :func:`plot_fsc_apart`, a map's FSC PNG) draws it in a process of its own (one,
+started at the first plot and kept): matplotlib is Python from end to end and holds the interpreter lock (GIL) while
+it draws (~0.1-0.3 s a plot, ~1 s to import); drawn in a thread of napari's process, it was the thread most often
+seen holding the GIL during the window's stalls in the cockpit's Refine (py-spy ``--gil``: 9 stack changes a second
+inside stalls, 1 outside; README "The cockpit's loop").
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["FSC_THRESHOLD", "FscEntry", "render_fsc_plot", "render_fsc_plot_apart"]
+__all__ = ["FSC_THRESHOLD", "FscEntry", "plot_fsc_apart", "render_fsc_plot", "render_fsc_plot_apart"]
 
 FSC_THRESHOLD = 0.143
 _BG, _FG, _LATEST, _MARK = "#262930", "#d6d6d6", "#4fc3f7", "#ff8a65"  # napari's dark theme
@@ -93,3 +93,12 @@ def render_fsc_plot_apart(entries: Sequence[FscEntry], highlight: int, size_px: 
     """:func:`render_fsc_plot` drawn in the plot process (module docstring); the calling thread waits without
     holding the GIL."""
     return _plot_process().submit(render_fsc_plot, list(entries), highlight, size_px, dpi).result()
+
+
+def plot_fsc_apart(path, curve, *, title: str) -> None:
+    """:func:`napari_cspt2d.recon.fsc.plot_fsc` (the FSC PNG beside a map) drawn in the plot process: a run in the
+    cockpit's process writes its first map's plot without importing or running matplotlib in its thread (that held
+    the GIL for ~0.35 s of the first Reconstruct; py-spy ``--gil``)."""
+    from .recon.fsc import plot_fsc
+
+    _plot_process().submit(plot_fsc, path, curve, title=title).result()

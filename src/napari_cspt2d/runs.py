@@ -31,7 +31,7 @@ from numpy.typing import NDArray
 
 from . import pyp
 from .errors import CsptInputError, CsptRunError
-from .fsc_plot import FSC_THRESHOLD
+from .fsc_plot import FSC_THRESHOLD, plot_fsc_apart
 from .io.atomic import remove_stale_temp_files
 from .io.mrc import read_image
 from .io.toml import CONFIG_NAME, save_params
@@ -197,7 +197,8 @@ def _run_job(s: Session, mode: RunMode, progress: ProgressFn, cancel: Callable[[
     result = reconstruct_tracks(s.stack, s.tracks, **reconstruction_options(Settings.parse(p)), batch_size=BATCH_SIZE,
                                 progress=stage_progress(1), cancel=cancel)
     if paths is not None:
-        written += result.write(paths.map(1))
+        written += result.write(paths.map(1), plot=False)
+        written.append(result.write_plot(paths.map(1), draw=plot_fsc_apart))  # matplotlib in another process
     yield IterationResult(1, s.tracks, result, written=written)
     if not iterations:
         return

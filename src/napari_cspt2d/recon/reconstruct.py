@@ -80,11 +80,13 @@ class ReconstructionResult:
                 written.append(self.write_plot(path))
         return written
 
-    def write_plot(self, map_path: str | os.PathLike[str]) -> Path:
-        """Plot the FSC of the map at ``map_path`` to ``{stem}_fsc.png`` (atomically); returns its path."""
+    def write_plot(self, map_path: str | os.PathLike[str], draw: Callable[..., None] | None = None) -> Path:
+        """Plot the FSC of the map at ``map_path`` to ``{stem}_fsc.png`` (atomically) with ``draw(path, curve,
+        title=...)`` (:func:`plot_fsc`; the cockpit draws it in another process); returns its path."""
         path = Path(map_path)
         out = path.with_suffix("").with_name(f"{path.stem}_fsc.png")
-        plot_fsc(out, self.fsc, title=f"{path.name}: {self.resolution_A:.1f} Å at FSC 0.143")
+        title = f"{path.name}: {self.resolution_A:.1f} Å at FSC 0.143"
+        (plot_fsc if draw is None else draw)(out, self.fsc, title=title)
         return out
 
 
