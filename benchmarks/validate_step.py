@@ -59,6 +59,9 @@ def main() -> None:
             time.sleep(0.005)
 
     settle(2.0)
+    heard: list[str] = []  # what the viewer's layer list hears (each a dataChanged of a row)
+    viewer.layers.events.connect(lambda event: heard.append(f"{event.type}@{getattr(event, 'index', '-')}"))
+    relayed: dict[str, list[int]] = {}
     before = document.tracks
     rng = np.random.default_rng(0)
     rows: dict[str, list[tuple[float, float]]] = {}
@@ -87,7 +90,11 @@ def main() -> None:
 
                 profile = cProfile.Profile()
                 profile.enable()
+            heard.clear()
             rows.setdefault(name, []).append(_timed(piece))
+            relayed.setdefault(name, []).append(len(heard))
+            if step == args.steps - 1:
+                print(name, heard)
             rows.setdefault(name + ": next turn (paint)", []).append(_timed(app.processEvents))
             if profile is not None:
                 import pstats
@@ -103,6 +110,8 @@ def main() -> None:
         wall, cpu = [v[0] for v in values], [v[1] for v in values]
         print(f"{name:<44}{statistics.median(cpu):11.1f}{max(cpu):9.1f}{statistics.median(wall):12.1f}"
               f"{max(wall):9.1f}")
+    print("events the layer list heard per piece (median, max):",
+          {name: (statistics.median(n[1:]), max(n[1:])) for name, n in relayed.items()})
     viewer.close()
 
 

@@ -70,3 +70,29 @@ def test_one_refresh_without_new_data_emits_no_data_event(make_napari_viewer, qt
     with one_refresh(layer):
         layer.edge_width = 2.5
     assert data_events == [] and layer.edge_width == 2.5
+
+
+def test_a_dims_step_inside_layer_list_told_once_tells_the_list_one_thumbnail_per_layer(make_napari_viewer, qtbot):
+    from napari_cspt2d._qt._layer_update import layer_list_told_once
+
+    viewer = make_napari_viewer(show=True)
+    rng = np.random.default_rng(3)
+    image = viewer.add_image(rng.normal(size=(5, 64, 64)).astype(np.float32), name="stack")
+    points = viewer.add_points(np.column_stack([np.arange(5), rng.uniform(0, 64, (5, 2))]), name="picks")
+    data, features = _vectors(40, 60.0, 4)
+    vectors = viewer.add_layer(Vectors(data, features=features, name="shifts"))
+    qtbot.wait(50)
+    viewer.dims.set_point(0, 0)
+    heard, sliced = [], []
+    viewer.layers.events.connect(lambda event: heard.append((event.type, getattr(event, "index", None))))
+    for layer in (image, points, vectors):
+        layer.events.set_data.connect(lambda event, name=layer.name: sliced.append(name))
+    with layer_list_told_once(viewer.layers):
+        viewer.dims.set_point(0, 3)
+        inside = list(heard)
+    assert inside == []
+    # each layer was re-sliced (its own listeners, e.g. its visual, heard it at once) ...
+    assert {"stack", "picks", "shifts"} <= set(sliced)
+    # ... and the layer list heard one thumbnail event per layer
+    assert sorted(heard) == sorted(("thumbnail", viewer.layers.index(layer)) for layer in (image, points, vectors))
+    assert int(round(viewer.dims.point[0])) == 3

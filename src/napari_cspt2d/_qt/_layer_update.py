@@ -17,6 +17,11 @@ thumbnail). Its ``data`` event is held too and emitted once, after the refresh, 
 dims and extent follow it: one recomputation instead of one per assignment, and with the new extent). On leaving, the
 layer list sees the refresh's events (one repaint of the row, with the new thumbnail).
 
+:func:`layer_list_told_once` does the same for every layer of a viewer while a change reaches many of them (a step of
+the dims re-slices every layer: each then emits its extent, data and thumbnail events, and the picking layer its
+selection's current settings): the layer list hears, on leaving, one ``thumbnail`` event per layer that emitted
+anything (its row repainted once, with the new thumbnail) instead of a ``dataChanged`` per event.
+
 :func:`add_unselected` adds a layer made beforehand without making it the active one: napari selects every layer
 inserted, which switches the layer controls and the viewer buttons' styles to it (and back when the caller re-selects
 its own layer) — half of the GUI-thread time of adding a layer. It turns off ``LayerList._activate_on_insert`` for
@@ -26,13 +31,13 @@ the insertion only.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 from napari.components import LayerList
 from napari.layers import Layer
 
-__all__ = ["add_unselected", "one_refresh"]
+__all__ = ["add_unselected", "layer_list_told_once", "one_refresh"]
 
 
 def _no_thumbnail() -> None:
@@ -55,6 +60,21 @@ def one_refresh(layer: Layer) -> Iterator[Layer]:
         if data_events.count or not np.array_equal(layer.extent.world, extent):
             # once, now that the extent is the new one (the viewer's dims follow a layer's ``data`` event)
             layer.events.data(value=layer.data)
+
+
+@contextmanager
+def layer_list_told_once(layers: LayerList) -> Iterator[LayerList]:
+    """Inside, the events of ``layers``' layers reach what listens on each layer (its visual, its controls, the
+    viewer) but not the layer list (the relay of each layer's events is held); on leaving, each layer that emitted
+    anything emits one ``thumbnail`` event (its row of the layer list is repainted once)."""
+    held = [(layer, layer.events.blocker()) for layer in list(layers)]
+    with ExitStack() as stack:
+        for _, blocker in held:
+            stack.enter_context(blocker)
+        yield layers
+    for layer, blocker in held:
+        if blocker.count and layer in layers:
+            layer.events.thumbnail()
 
 
 def add_unselected(layers: LayerList, layer: Layer) -> Layer:

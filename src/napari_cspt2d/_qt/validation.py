@@ -43,7 +43,7 @@ from ..review import (
     worst_first,
 )
 from ._guard import report_errors
-from ._layer_update import add_unselected, one_refresh
+from ._layer_update import add_unselected, layer_list_told_once, one_refresh
 from ._owner import CockpitState, state_of
 from ._particle_table import ParticleTableModel, ParticleTableView
 from ._stages import in_own_turn
@@ -456,9 +456,10 @@ class ShiftValidation(QWidget):
             self.layer = self._add_layer(vectors, pixel_A)
             return
         first = not len(layer.data)
-        # one slice and thumbnail of the ~10⁵ vectors, not one per setter, and the layer list told once; a setting
-        # that did not change is not assigned (each assignment is events: the controls, the visual, the colours)
-        with one_refresh(layer):
+        # one slice and thumbnail of the ~10⁵ vectors, not one per setter, and the layer list told once (also when the
+        # arrows' new extent changes the viewer's and it re-slices every layer); a setting that did not change is not
+        # assigned (each assignment is events: the controls, the visual, the colours)
+        with layer_list_told_once(self.viewer.layers), one_refresh(layer):
             if tuple(layer.scale) != (1.0, pixel_A, pixel_A):
                 layer.scale = (1.0, pixel_A, pixel_A)
             limits = tuple(map(float, vectors.score_limits))
@@ -527,10 +528,11 @@ class ShiftValidation(QWidget):
         particle = int(review.before.particle[row])
         self._go_to_tilt(row)
         controller = self.state_owner.controller
-        if controller is not None and controller.active_particle == particle:
-            controller.center_on_active()  # (its track and its point's selection are there already)
-        elif controller is not None and particle in set(controller.document.tracks.particles.id.tolist()):
-            controller.set_active_particle(particle, center=True)
+        with layer_list_told_once(self.viewer.layers):  # (the picking layer's selection: a dozen events)
+            if controller is not None and controller.active_particle == particle:
+                controller.center_on_active()  # (its track and its point's selection are there already)
+            elif controller is not None and particle in set(controller.document.tracks.particles.id.tolist()):
+                controller.set_active_particle(particle, center=True)
         self.table.select_row(row)
         self._current_row = row
         self.show_particle(particle)
@@ -541,7 +543,8 @@ class ShiftValidation(QWidget):
         axis = labels.index("tilt") if "tilt" in labels else 0
         tilt = int(self.review.before.tilt[row])
         if self.viewer.dims.point[axis] != tilt:
-            self.viewer.dims.set_point(axis, tilt)
+            with layer_list_told_once(self.viewer.layers):  # every layer re-sliced: ~20 events, one per layer
+                self.viewer.dims.set_point(axis, tilt)
 
     def show_particle(self, particle: int) -> None:
         """Show the gallery of ``particle``: from the cache, else made in a worker and shown when ready."""
