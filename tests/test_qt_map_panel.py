@@ -122,3 +122,21 @@ def test_software_opengl_shows_a_slice_and_one_click_turns_3d_on(qtbot, monkeypa
     qtbot.mouseClick(panel.view_3d_button, Qt.MouseButton.LeftButton)
     assert not panel.is_3d and panel.model.dims.ndisplay == 2 and "Central slice" in panel.mode_label.text()
     panel.close_viewer()
+
+
+def test_making_the_docked_viewer_refreshes_no_shortcut(qtbot, monkeypatch):
+    """napari's ``QtViewer`` binds every shortcut again (the same ones): the map panel makes it without the ~180
+    ``shortcut_changed`` events that refreshed every viewer's welcome screen and tooltips; the shortcuts are kept."""
+    from napari.utils.action_manager import action_manager
+
+    before = {name: list(keys) for name, keys in action_manager._shortcuts.items()}
+    changes: list[object] = []
+    action_manager.events.shortcut_changed.connect(changes.append)
+    try:
+        panel = new_panel(qtbot, monkeypatch, LLVMPIPE)
+        assert panel.qt_viewer is not None
+        assert changes == []
+    finally:
+        action_manager.events.shortcut_changed.disconnect(changes.append)
+    assert {name: list(keys) for name, keys in action_manager._shortcuts.items()} == before
+    panel.close_viewer()

@@ -145,6 +145,20 @@ class FscPlot(QWidget):
         self._request = -1
 
 
+def _shortcut_changes_held():
+    """A context in which napari's action manager emits no ``shortcut_changed``. A ``QtViewer`` made binds every
+    shortcut of the settings again, unbinding it first (the same shortcuts in the end), and each change refreshed
+    every welcome screen and button tooltip of every viewer: ~180 events, half of making the docked viewer's
+    ``QtViewer`` (20–40 ms). A welcome screen refreshes its shortcuts when shown; the new viewer's buttons take
+    their tooltips when bound."""
+    try:
+        from napari.utils.action_manager import action_manager
+
+        return action_manager.events.shortcut_changed.blocker()
+    except (ImportError, AttributeError):  # another napari: made as it comes
+        return contextlib.nullcontext()
+
+
 class MapPanel(QWidget):
     """A napari viewer docked in the cockpit showing the ``map`` layer (see the module docstring).
 
@@ -236,7 +250,8 @@ class MapPanel(QWidget):
         if self._qt_viewer is None and not self._closed:
             from napari.qt import QtViewer
 
-            self._qt_viewer = QtViewer(self.model)
+            with _shortcut_changes_held():
+                self._qt_viewer = QtViewer(self.model)
             self._frame_layout.addWidget(self._qt_viewer)
         return self._qt_viewer
 
