@@ -69,10 +69,21 @@ def test_the_sample_opens_in_stages_image_first_and_all_layers_end_in_order(make
         seen.append((role(event.value), event.value.visible, others))
 
     viewer.layers.events.inserted.connect(inserted)
+    events: list[str] = []  # the viewer's third dim (its slider) comes in a turn before the image's
+
+    def ndim_changed(event) -> None:
+        events.append(f"ndim {viewer.dims.ndim} with {len(viewer.layers)} layers")
+        QTimer.singleShot(0, lambda: events.append("turn over"))
+
+    viewer.dims.events.ndim.connect(ndim_changed)
+    viewer.layers.events.inserted.connect(lambda event: events.append(f"inserted {role(event.value)}"))
     qtbot.mouseClick(loader.sample_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: cockpit.state.document is not None and not loader.busy, timeout=60000)
     qtbot.waitUntil(lambda: "refined-shifts" in [role(layer) for layer in viewer.layers], timeout=10000)
 
+    assert events[:3] == ["ndim 3 with 0 layers", "turn over", "inserted tiltseries"]
+    assert viewer.dims.axis_labels == ("tilt", "y", "x")
+    assert viewer.dims.current_step[0] == len(viewer.layers[0].data) // 2
     order = [r for r, _, _ in seen]
     assert order[:3] == ["tiltseries", "trajectories", "tracks"]
     assert seen[0][1:] == (False, {})  # the image alone, hidden: its controls and slider come in this turn
