@@ -5,9 +5,11 @@ new review (other refined positions and scores) is shown the way a run's step sh
 shift vectors assigned to their layer, then the jump to the worst projection: its tilt, then its particle (each a turn
 of its own, as a run's step does; ``--one-turn-jump``: both in one call). Per piece: the
 GUI thread's CPU (``time.thread_time``) and wall time of the call, and of the event-loop turn after it (the repaints it
-asked for: the main canvas, the layer list). The machine may be shared: CPU time is the number to compare.
+asked for: the main canvas, the layer list), and how many events the viewer's layer list heard during the call (each
+a ``dataChanged`` of a row). The machine may be shared: CPU time is the number to compare.
 
-Run: ``PYTHONPATH=src .venv/bin/python benchmarks/validate_step.py [--steps 8]``.
+Run (without a display: under ``xvfb-run -a -s "-screen 0 1366x768x24"``):
+``PYTHONPATH=src .venv/bin/python benchmarks/validate_step.py [--steps 8] [--one-turn-jump] [--profile]``.
 """
 
 from __future__ import annotations
@@ -93,8 +95,6 @@ def main() -> None:
             heard.clear()
             rows.setdefault(name, []).append(_timed(piece))
             relayed.setdefault(name, []).append(len(heard))
-            if step == args.steps - 1:
-                print(name, heard)
             rows.setdefault(name + ": next turn (paint)", []).append(_timed(app.processEvents))
             if profile is not None:
                 import pstats
@@ -102,7 +102,6 @@ def main() -> None:
                 profile.disable()
                 print(f"--- {name} (+ next turn)")
                 pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
-                pstats.Stats(profile).sort_stats("tottime").print_stats(15)
             settle(0.3)
     print(f"{'piece (ms, steps 2..)':<44}{'CPU median':>11}{'CPU max':>9}{'wall median':>12}{'wall max':>9}")
     for name, values in rows.items():
