@@ -84,6 +84,25 @@ def fresh_notices(monkeypatch):
     monkeypatch.setattr(params_module, "_SAID", set())
 
 
+def test_looking_up_a_key_costs_no_typo_suggestion(monkeypatch):
+    """``get`` and ``in`` of a known or missing key never run difflib (~ms per call on the cockpit's GUI thread when
+    ``create_project`` asks for ``tomo_rec_thickness``); only a typo's KeyError does."""
+    asked: list[str] = []
+    real = params_module.get_close_matches
+    monkeypatch.setattr(params_module, "get_close_matches",
+                        lambda key, *a, **k: asked.append(key) or real(key, *a, **k))
+    params = PypParameters({"tomo_vir_rad": 150.0}, strict=False)
+    asked.clear()
+    assert params.get("tomo_rec_thickness", 2048) == 2048 and params.get("tomo_vir_rad") == 150.0
+    assert params.get("extract_box") == PARAMS["extract_box"].default
+    assert "tomo_rec_thickness" not in params and "extract_box" in params and "tomo_vir_rad" in params
+    assert params["extract_box"] == PARAMS["extract_box"].default
+    assert asked == []
+    with pytest.raises(KeyError, match="did you mean 'extract_box'"):
+        params["extract_bx"]
+    assert asked == ["extract_bx"]
+
+
 @pytest.mark.parametrize("typo, meant", [("extract_bxo", "extract_box"), ("slurm_queu", "slurm_queue"),
                                          ("csp_RefineProjectionCutof", "csp_RefineProjectionCutoff"),
                                          ("reconstruct_minscor", "reconstruct_minscore")])

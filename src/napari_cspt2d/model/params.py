@@ -473,6 +473,15 @@ class PypParameters(MutableMapping):
             return self.extra[key]
         raise KeyError(f"{key!r}{_suggest(str(key), list(PARAMS))}")
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key``, else ``default``; a missing key costs no typo suggestion (``__getitem__``'s)."""
+        key = self._current_name(key)
+        return self._values[key] if key in self._values else self.extra.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        key = self._current_name(key) if isinstance(key, str) else key
+        return key in self._values or key in self.extra
+
     def __setitem__(self, key: str, value: Any) -> None:
         key = self._current_name(key)
         if key in PARAMS:
