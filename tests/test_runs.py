@@ -31,9 +31,9 @@ def test_map_display_is_ready_for_a_layer():
     assert flat.contrast_limits[1] > flat.contrast_limits[0]  # napari refuses an empty range
 
 
-def test_a_projects_first_fsc_plot_is_drawn_in_the_plot_process(tmp_path, monkeypatch):
-    """matplotlib never runs in the run's thread (it held the GIL through the cockpit's first Reconstruct): the PNG
-    is drawn by the plot process, so breaking this process's plot_fsc changes nothing."""
+def test_a_projects_fsc_plots_are_drawn_in_the_plot_process(tmp_path, monkeypatch):
+    """matplotlib never runs in the run's process (it held the GIL through the cockpit's first Reconstruct and each
+    Refine iteration): the PNGs are drawn by the plot process, so breaking this process's plot_fsc changes nothing."""
     from napari_cspt2d import pyp
     from napari_cspt2d.model.editing import TrackDocument
     from napari_cspt2d.model.params import PypParameters
@@ -54,3 +54,7 @@ def test_a_projects_first_fsc_plot_is_drawn_in_the_plot_process(tmp_path, monkey
     [item] = run_job(session, "reconstruct", lambda *a: None, lambda: False)
     png = tmp_path / "frealign" / "maps" / "sample_r01_01_fsc.png"
     assert png in [Path(p) for p in item.written] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    session.params.update(refine_iter=2, refine_maxiter=2, cluster_backend="local")
+    [_, refined] = run_job(session, "refine", lambda *a: None, lambda: False)
+    png = tmp_path / "frealign" / "maps" / "sample_r01_02_fsc.png"
+    assert refined.iteration == 2 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -209,7 +209,8 @@ def _run_job(s: Session, mode: RunMode, progress: ProgressFn, cancel: Callable[[
                                                                  project_dir=s.project_dir) as client:
         for step, iteration in enumerate(iterations, start=2):
             run = run_cspt(p, project_dir=s.project_dir, first_iteration=iteration, last_iteration=iteration,
-                           client=client, serial=serial, progress=stage_progress(step), cancel=cancel)
+                           client=client, serial=serial, progress=stage_progress(step), cancel=cancel,
+                           draw_plot=plot_fsc_apart)  # each iteration's FSC PNG: matplotlib in another process
             tracks, result = _read_iteration(run, s.tracks, p)
             stem = run.map.with_suffix("")
             files = [run.map, Path(f"{stem}_half1.mrc"), Path(f"{stem}_half2.mrc"), *map(Path, run.parameters)]

@@ -232,6 +232,7 @@ def run_cspt(
     stop_when_converged: bool = True,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    draw_plot: Callable[..., None] | None = None,
 ) -> CsptRun:
     """Run the CSPT iterations of a project (module docstring) and return a :class:`CsptRun`.
 
@@ -257,6 +258,10 @@ def run_cspt(
         Stop before ``last_iteration`` when the parameters stopped changing (module docstring, step 5).
     progress, cancel:
         ``progress(stage, done, total)``; ``cancel()`` returning True stops the run with :class:`CsptCancelled`.
+    draw_plot:
+        Draws each map's FSC PNG, ``draw_plot(path, curve, title=...)``; default
+        :func:`~napari_cspt2d.recon.fsc.plot_fsc` in this process (the cockpit passes
+        :func:`napari_cspt2d.fsc_plot.plot_fsc_apart`: matplotlib holds the GIL while it draws).
 
     Raises :class:`CsptInputError` (before any work) for bad inputs — :class:`~napari_cspt2d.run_lock.ProjectBusyError`
     when another run works on the project — and :class:`CsptRunError` naming the failed bundles and the log of the
@@ -296,7 +301,8 @@ def run_cspt(
             if initial_map_needed(paths, series, first, _initial_map_key(settings)):
                 t0 = time.perf_counter()
                 write_record(initial_map_record(paths), PENDING)
-                rec = _initial_map(paths, series, current, settings, map_settings, executor, stage, background)
+                rec = _initial_map(paths, series, current, settings, map_settings, executor, stage, background,
+                                   draw_plot)
                 write_record(initial_map_record(paths), initial_map_inputs(paths, series, _initial_map_key(settings)))
                 timed("reconstruct", t0)
                 runlog(f"iteration 1: map {paths.map(1)} at {rec.resolution_A:.1f} Å (FSC 0.143) from "
@@ -305,7 +311,7 @@ def run_cspt(
                 options = arguments.refine_options(settings, it, tilt_unit=tilt_unit)
                 summary = _iteration(it, paths, series, picks, current, states, settings, options, imaging,
                                      map_settings, executor, gold_standard, stage, timed, runlog, background,
-                                     last=it == last, stop_when_converged=stop_when_converged)
+                                     last=it == last, stop_when_converged=stop_when_converged, draw_plot=draw_plot)
                 run.iterations.append(summary)
                 run.map, run.parameters = paths.map(it), [paths.parameters(s.name, it) for s in series]
                 if _converged(summary["shift_change_px"], summary["angle_change_deg"]):
@@ -334,7 +340,8 @@ def _iteration(it: int, paths: ProjectPaths, series: Sequence[Series], picks: Ma
                options: refine.RefineOptions, imaging: refine.Imaging, map_settings: ReconstructionSettings,
                executor: Executor, gold_standard: bool,
                stage: refine._Stage, timed: Callable[[str, float], None], runlog: _RunLog,
-               background: Background, *, last: bool, stop_when_converged: bool) -> dict[str, Any]:
+               background: Background, *, last: bool, stop_when_converged: bool,
+               draw_plot: Callable[..., None] | None = None) -> dict[str, Any]:
     """One iteration (module docstring, steps 1-5); updates ``current`` (and the constrained ``states``, see
     :mod:`~napari_cspt2d.recon.csp_run`) and returns the iteration's summary. When it is the run's last (``last``,
     or converged and ``stop_when_converged``) the executor is released after the merge (constrained: after the
@@ -386,7 +393,7 @@ def _iteration(it: int, paths: ProjectPaths, series: Sequence[Series], picks: Ma
         _, grids = executor.run_into_map(run_insert, map_jobs, f"iteration {it}: reconstruct", key)
         if finishing:
             executor.release()
-    rec = _finish_map(paths, it, map_settings, map_jobs, grids, current, stage, background)
+    rec = _finish_map(paths, it, map_settings, map_jobs, grids, current, stage, background, draw_plot)
     writing_marker(paths, it).unlink()
     timed("reconstruct", t0)
     summary = {"iteration": it, "resolution_A": rec.resolution_A, "resolution_05_A": rec.resolution_05_A,
@@ -403,12 +410,12 @@ def _iteration(it: int, paths: ProjectPaths, series: Sequence[Series], picks: Ma
 
 def _finish_map(paths: ProjectPaths, iteration: int, settings: ReconstructionSettings,
                 jobs: Sequence[BundleJob | InsertJob], grids: Sequence[tuple[InsertedGrids, list[str]]],
-                tracks: Mapping[str, TrackSet], stage: refine._Stage, background: Background
-                ) -> ReconstructionResult:
+                tracks: Mapping[str, TrackSet], stage: refine._Stage, background: Background,
+                draw_plot: Callable[..., None] | None = None) -> ReconstructionResult:
     """The map of ``iteration`` (written to :meth:`ProjectPaths.map` with its half maps and FSC table; the FSC plot
-    in the ``background``) from the processes' ``grids`` of the jobs' projections, plus the jobs that no grids hold
-    (resumed bundles, or grids lost with their worker; a grid that holds a job twice or a job already taken is left
-    out), inserted here from ``tracks`` (per tilt series)."""
+    in the ``background``, drawn by ``draw_plot``) from the processes' ``grids`` of the jobs' projections, plus the
+    jobs that no grids hold (resumed bundles, or grids lost with their worker; a grid that holds a job twice or a job
+    already taken is left out), inserted here from ``tracks`` (per tilt series)."""
     progress = lambda s, d, t: stage(f"iteration {iteration}: {s}", d, t)  # noqa: E731
     insertion = HalfMapInsertion(settings)
     try:
@@ -425,16 +432,17 @@ def _finish_map(paths: ProjectPaths, iteration: int, settings: ReconstructionSet
     finally:
         insertion.close()
     result.write(paths.map(iteration), plot=False)
-    background.submit(result.write_plot, paths.map(iteration))
+    background.submit(result.write_plot, paths.map(iteration), draw_plot)
     return result
 
 
 def _initial_map(paths: ProjectPaths, series: Sequence[Series], tracks: Mapping[str, TrackSet],
                  settings: Settings, map_settings: ReconstructionSettings, executor: Executor,
-                 stage: refine._Stage, background: Background) -> ReconstructionResult:
+                 stage: refine._Stage, background: Background, draw_plot: Callable[..., None] | None = None
+                 ) -> ReconstructionResult:
     """Iteration 1's map from the input ``tracks`` of every tilt series, by insertion-only jobs of
     ``slurm_bundle_size`` particles."""
     key = f"{paths.data_set}-01-{os.urandom(4).hex()}"
     jobs = insert_jobs(series, tracks, settings.cluster.slurm_bundle_size, map_settings, key)
     _, grids = executor.run_into_map(run_insert, jobs, "iteration 1: reconstruct", key)
-    return _finish_map(paths, 1, map_settings, jobs, grids, tracks, stage, background)
+    return _finish_map(paths, 1, map_settings, jobs, grids, tracks, stage, background, draw_plot)
