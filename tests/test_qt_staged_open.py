@@ -155,3 +155,22 @@ def test_a_streamed_sample_is_redrawn_only_when_its_shown_tilt_is_made(qtbot, sh
     qtbot.waitUntil(lambda: bool(finished), timeout=60000)
     assert stream.complete
     assert layer.refreshes == (0 if shown == "first" else 1)
+
+
+@pytest.mark.gui
+def test_the_sample_s_child_process_stops_when_its_widget_is_destroyed(qtbot):
+    """fill_in_background's tilts are made by a child process; destroying ``stop_with`` (the Data tab when the
+    viewer closes) kills it, and the worker ends without finishing the stack."""
+    from qtpy.QtWidgets import QWidget
+
+    stream = SampleStream(SamplePlan(n_particles=4, n_tilts=41))
+    assert stream.claim()
+    owner, finished, children = QWidget(), [], []
+    fill_in_background(_CountingLayer(), stream, on_done=lambda: finished.append(True),
+                       on_progress=lambda *_: children.append(stream._child), stop_with=owner)
+    qtbot.waitUntil(lambda: bool(children), timeout=60000)
+    child = children[0]
+    assert child is not None
+    owner.deleteLater()
+    qtbot.waitUntil(lambda: bool(finished), timeout=60000)
+    assert child.returncode is not None and not stream.complete

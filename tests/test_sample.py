@@ -68,3 +68,28 @@ def test_sample_parameters_have_pyps_meaning():
     params = make_sample(**SMALL).params
     assert (params["csp_UseImagesForRefinementMin"], params["csp_UseImagesForRefinementMax"]) == (0, -1)
     assert interpretations(params) == []
+
+
+def test_a_sample_made_by_a_child_process_is_byte_identical_and_stop_ends_the_child(tmp_path):
+    """fill_in_child: the tilts made by a child process (napari's streamed sample) are the in-process ones, byte
+    for byte, and the finished sample is saved; stop() kills the child and ends the stream where it was."""
+    from napari_cspt2d._sample_data import SampleStream, _load
+    from napari_cspt2d.sample import SamplePlan
+
+    here = SampleStream(SamplePlan(**SMALL))
+    here.finish()
+    there = SampleStream(SamplePlan(**SMALL), (tmp_path, "key"))
+    progress = list(there.fill_in_child(batch_s=0.0))
+    assert progress == [(n, SMALL["n_tilts"]) for n in range(2, SMALL["n_tilts"] + 1)]
+    assert there.complete and there.stack.tobytes() == here.stack.tobytes()
+    assert _load(tmp_path, "key")[0].tobytes() == here.stack.tobytes()
+
+    big = SampleStream(SamplePlan(n_particles=4, n_tilts=41), (tmp_path, "big"))
+    batches = big.fill_in_child(batch_s=0.0)
+    assert next(batches) == (2, 41)
+    child = big._child
+    assert child is not None and child.poll() is None
+    big.stop()
+    assert list(batches) == []  # the tilt being read when it was stopped is not waited for
+    assert child.returncode is not None and big._child is None
+    assert not big.complete and big.done < 41 and _load(tmp_path, "big") is None

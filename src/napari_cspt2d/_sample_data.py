@@ -17,6 +17,9 @@ import hashlib
 import inspect
 import json
 import os
+import pickle
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,6 +101,8 @@ class SampleStream:
         self.done = 0  # tilts made, in ``order``
         self._save_to = save_to
         self._claimed = False
+        self._stopped = False
+        self._child: subprocess.Popen | None = None
         self._make_next()
 
     @property
@@ -122,9 +127,59 @@ class SampleStream:
     def fill(self, batch_s: float = 0.25) -> Iterator[tuple[int, int]]:
         """Make the remaining tilts; yields ``(done, total)`` tilts every ``batch_s`` seconds and once at the end,
         after the finished sample was saved in the cache."""
+        return self._batches(self._make_next, batch_s)
+
+    def fill_in_child(self, batch_s: float = 0.25) -> Iterator[tuple[int, int]]:
+        """As :meth:`fill`, but the tilts are made by a child process at a lower priority
+        (:mod:`napari_cspt2d._sample_child`) and only read into :attr:`stack` here: the thread that runs this holds
+        the interpreter lock for little more than the copies (a GUI in this process keeps it). :meth:`stop` ends the
+        child (and this generator, after the tilt being read); a child that fails raises ``RuntimeError``."""
+        if self.complete:
+            yield self.done, len(self.order)  # pragma: no cover - nothing to make
+            return
+        child = subprocess.Popen([sys.executable, "-m", "napari_cspt2d._sample_child"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE)
+        self._child = child
+        try:
+            child.stdin.write(pickle.dumps((self.plan, [int(s) for s in self.order[self.done:]])))
+            child.stdin.close()
+            if self._stopped:
+                return
+            yield from self._batches(lambda: self._read_next(child), batch_s)
+        finally:
+            self._child = None
+            _end(child)
+
+    def _read_next(self, child: subprocess.Popen) -> None:
+        section = self.order[self.done]
+        view = memoryview(self.stack[section]).cast("B")
+        got = 0
+        while got < view.nbytes:
+            n = child.stdout.readinto(view[got:])
+            if not n:
+                if self._stopped:
+                    raise _Stopped
+                raise RuntimeError(f"the process making the sample's tilts ended (exit code {child.wait()})")
+            got += n
+        self.done += 1
+
+    def stop(self) -> None:
+        """End :meth:`fill_in_child`'s child process (Cancel, the viewer closed); the tilts read stay."""
+        self._stopped = True
+        child = self._child
+        if child is not None and child.poll() is None:
+            try:
+                child.kill()  # the reading thread then sees the end of its output, and reaps it
+            except OSError:  # pragma: no cover - it ended meanwhile
+                pass
+
+    def _batches(self, make_next, batch_s: float) -> Iterator[tuple[int, int]]:
         last = time.perf_counter()
         while not self.complete:
-            self._make_next()
+            try:
+                make_next()
+            except _Stopped:
+                return
             if self.complete and self._save_to is not None:
                 _save_quietly(*self._save_to, self.stack, self.plan.tracks, self.plan.pixel_A, self.plan.params)
             if self.complete or time.perf_counter() - last >= batch_s:
@@ -134,6 +189,26 @@ class SampleStream:
     def finish(self) -> None:
         """Make every remaining tilt now (in this thread)."""
         for _ in self.fill():
+            pass
+
+
+class _Stopped(Exception):
+    """The child making the tilts was stopped."""
+
+
+def _end(child: subprocess.Popen) -> None:
+    """Kill ``child`` (if it still runs) and reap it."""
+    if child.poll() is None:
+        try:
+            child.kill()
+        except OSError:  # pragma: no cover - it ended meanwhile
+            pass
+    child.wait()
+    for pipe in (child.stdin, child.stdout):
+        try:
+            if pipe is not None:
+                pipe.close()
+        except OSError:
             pass
 
 

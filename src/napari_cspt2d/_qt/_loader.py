@@ -328,7 +328,7 @@ class TiltSeriesLoader(QWidget):
             return
         try:
             self._filling = fill_in_background(image, stream, on_progress=self._made, on_done=self._filled,
-                                               shown=lambda: _shown_section(self.viewer, image))
+                                               shown=lambda: _shown_section(self.viewer, image), stop_with=self)
         except BaseException:
             self._abort()
             raise

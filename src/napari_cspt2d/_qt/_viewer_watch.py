@@ -73,6 +73,9 @@ def _fill_with_progress(layer, stream, viewer_ref) -> None:
     bar.update(stream.done)
     fill_in_background(layer, stream, on_progress=lambda done, _: bar.update(done - bar.n), on_done=bar.close,
                        shown=lambda: _shown_section(layer, viewer_ref()))
+    viewer = viewer_ref()
+    if viewer is not None:
+        weakref.finalize(viewer, stream.stop)  # the viewer gone: its tilts are no longer made
 
 
 def _shown_section(layer, viewer) -> int:
