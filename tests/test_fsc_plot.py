@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from napari_cspt2d import fsc_plot
 from napari_cspt2d.fsc_plot import FscEntry, render_fsc_plot, render_fsc_plot_apart
@@ -30,3 +31,11 @@ def test_render_fsc_plot_apart_draws_the_same_pixels_in_another_process():
     np.testing.assert_array_equal(apart, render_fsc_plot(entries, 0, (360, 240)))
     drawer = fsc_plot._plot_process().submit(os.getpid).result()
     assert drawer != os.getpid()  # matplotlib ran outside this process (and its interpreter lock)
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="no os.nice on this platform")
+def test_the_plot_process_runs_at_a_lower_priority():
+    """It yields the cores to the window's process (its start-up overlaps a run's reconstruction)."""
+    niceness = fsc_plot.start_plot_process().result()
+    assert niceness == min(os.nice(0) + fsc_plot.PLOT_NICENESS, 19)
+    assert fsc_plot._plot_process().submit(os.getpid).result() != os.getpid()

@@ -6,23 +6,32 @@ started at the first plot and kept): matplotlib is Python from end to end and ho
 it draws (~0.1-0.3 s a plot, ~1 s to import); drawn in a thread of napari's process, it was the thread most often
 seen holding the GIL during the window's stalls in the cockpit's Refine (py-spy ``--gil``: 9 stack changes a second
 inside stalls, 1 outside; README "The cockpit's loop").
+
+The process runs at a lower scheduling priority (:data:`PLOT_NICENESS`) and a run starts it as it begins
+(:func:`start_plot_process`): its start-up (~0.6 s of a core: a new interpreter importing numpy and matplotlib) then
+overlaps the reconstruction instead of coming when the first map is finished, and on a machine with few cores it
+takes only what the window's process leaves.
 """
 
 from __future__ import annotations
 
 import atexit
 import multiprocessing
+import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["FSC_THRESHOLD", "FscEntry", "plot_fsc_apart", "render_fsc_plot", "render_fsc_plot_apart"]
+__all__ = ["FSC_THRESHOLD", "PLOT_NICENESS", "FscEntry", "plot_fsc_apart", "render_fsc_plot", "render_fsc_plot_apart",
+           "start_plot_process"]
 
 FSC_THRESHOLD = 0.143
+#: How much lower the plot process's scheduling priority is than the window's (``os.nice``).
+PLOT_NICENESS = 10
 _BG, _FG, _LATEST, _MARK = "#262930", "#d6d6d6", "#4fc3f7", "#ff8a65"  # napari's dark theme
 
 
@@ -83,9 +92,30 @@ def _plot_process() -> ProcessPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_lower_priority)
             atexit.register(_pool.shutdown, wait=False, cancel_futures=True)
         return _pool
+
+
+def _lower_priority() -> None:
+    if hasattr(os, "nice"):
+        os.nice(PLOT_NICENESS)
+
+
+def _ready() -> int:
+    """What a plot needs, imported (in the plot process); returns the process's niceness."""
+    from matplotlib.backends import backend_agg  # noqa: F401
+
+    from .recon import fsc  # noqa: F401
+
+    return os.nice(0) if hasattr(os, "nice") else 0
+
+
+def start_plot_process() -> Future:
+    """Start the plot process (module docstring) and import matplotlib in it, without waiting; the future gives the
+    process's niceness."""
+    return _plot_process().submit(_ready)
 
 
 def render_fsc_plot_apart(entries: Sequence[FscEntry], highlight: int, size_px: tuple[int, int], dpi: int = 100

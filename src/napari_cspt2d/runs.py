@@ -31,7 +31,7 @@ from numpy.typing import NDArray
 
 from . import pyp
 from .errors import CsptInputError, CsptRunError
-from .fsc_plot import FSC_THRESHOLD, plot_fsc_apart
+from .fsc_plot import FSC_THRESHOLD, plot_fsc_apart, start_plot_process
 from .io.atomic import remove_stale_temp_files
 from .io.mrc import read_image
 from .io.toml import CONFIG_NAME, save_params
@@ -191,6 +191,7 @@ def _run_job(s: Session, mode: RunMode, progress: ProgressFn, cancel: Callable[[
                                  expected="one {name}_stack.mrc with its frealign/maps/{name}_r01.cistem "
                                  "(Parameters widget: Create project)")
         paths = ProjectPaths(s.project_dir.resolve(), data_set_name(p["data_set"], s.project_dir, names))
+        start_plot_process()  # (its start-up overlaps the reconstruction, at low priority; fsc_plot docstring)
         remove_stale_temp_files(paths.root)  # what interrupted writes left (the refinement's run_cspt does the same)
         written += [save_params(p, paths.root / CONFIG_NAME)]
         written += [Path(f) for f in pyp.create_cistem_from_2d_tracks(names[0], s.tracks, p, paths.maps)]
