@@ -1,29 +1,27 @@
-"""The child process that makes a streamed sample's tilts (``python -m napari_cspt2d._sample_child``).
+"""The child process that makes a streamed sample's tilts (``python -c PROGRAM``, see :data:`PROGRAM`).
 
 The GUI process's worker thread would otherwise render them itself and hold the interpreter lock for most of the
 time the first layers are being added and drawn (software OpenGL draws on the GUI thread, which then waits for the
-lock). Here they are made in a process of their own, at a lower priority (``os.nice``): the parent writes a pickled
+lock). Here they are made in a process of their own, at a lower priority: the parent writes a pickled
 ``(SamplePlan, sections)`` to its stdin, and it writes each section's float32 image (C order) to its stdout, in the
 order given. It ends when they are all written or when the parent stops reading (its pipe closed or it is killed).
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import sys
 
 import numpy as np
 
-#: How much lower than its parent the child runs (a renice of the GUI's competitor for the CPU).
-NICENESS = 10
+#: What the parent runs (``python -c PROGRAM``): the priority lowered (``os.nice(10)``: the GUI's competitor for
+#: the CPU) before numpy and scipy are imported (a few tenths of a second of CPU), then :func:`main`.
+PROGRAM = ("import os\ntry:\n    os.nice(10)\nexcept (AttributeError, OSError):\n    pass\n"
+           "from napari_cspt2d._sample_child import main\nraise SystemExit(main())")
 
 
 def main() -> int:
-    try:
-        os.nice(NICENESS)
-    except (AttributeError, OSError):
-        pass  # no nice on this platform: the normal priority
+    """Make the tilts asked on stdin (:data:`PROGRAM` lowered the priority before the imports)."""
     plan, sections = pickle.load(sys.stdin.buffer)
     out = sys.stdout.buffer
     try:

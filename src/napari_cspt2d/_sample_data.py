@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _sample_child
 from . import sample as sample_module
 from ._reader import follow_in_current_viewer, series_layer_data
 from .io.atomic import atomic_open
@@ -137,7 +138,7 @@ class SampleStream:
         if self.complete:
             yield self.done, len(self.order)  # pragma: no cover - nothing to make
             return
-        child = subprocess.Popen([sys.executable, "-m", "napari_cspt2d._sample_child"], stdin=subprocess.PIPE,
+        child = subprocess.Popen([sys.executable, "-c", _sample_child.PROGRAM], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE)
         self._child = child
         try:
