@@ -511,6 +511,7 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
 
     from napari.qt import QtViewer
 
+    from napari_cspt2d._qt import _stages
     from napari_cspt2d._qt.cockpit import Cockpit  # (the light module napari imports to open the cockpit)
 
     timed(Cockpit, "_build_now", "cockpit: a piece of a tab built")
@@ -549,7 +550,9 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
         _wait(image_shown, 300)
         viewer.window._qt_viewer.canvas.native.repaint()
         results[f"first_image_s, {label}"] = round(time.perf_counter() - t0, 2)
-        _wait(lambda: state.document is not None and not cockpit.data.busy, 60)
+        # the phase ends when the cockpit's steps for the new series are done too (the refined-shifts layer and the
+        # map layer prepared in turns of their own, _stages); they ran in the next phase's first turns before
+        _wait(lambda: state.document is not None and not cockpit.data.busy and not _stages.pending(), 60)
     params = cockpit.parameters
     params.set_value("refine_iter", 2)
     params.set_value("refine_maxiter", 4)  # 3 refinement iterations
@@ -560,6 +563,7 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
     run._relay.progress.connect(lambda *_: progress.append(time.perf_counter()))
     probe.phase("reconstruct (cold kernels)")
     results["kernels_loaded_at_first_reconstruct_press"] = cockpit.warmer.is_ready  # else the run waits for them
+    results["cockpit_steps_pending_at_first_reconstruct_press"] = _stages.pending()  # (create_project queues none)
     t0 = time.perf_counter()
     run.reconstruct_button.click()
     _wait(lambda: bool(progress), 600)
