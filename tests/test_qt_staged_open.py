@@ -174,3 +174,20 @@ def test_the_sample_s_child_process_stops_when_its_widget_is_destroyed(qtbot):
     owner.deleteLater()
     qtbot.waitUntil(lambda: bool(finished), timeout=60000)
     assert child.returncode is not None and not stream.complete
+
+
+def test_closing_the_viewer_stops_the_sample_s_child_process(make_napari_viewer, qtbot, cache_home):
+    """The Data tab's streamed sample: its tilts are made by a child process, which the viewer's closing ends (the
+    stack stays unfinished, nothing is cached, no process is left)."""
+    viewer = make_napari_viewer(show=True)
+    _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    cockpit.data.sample_kwargs = {"n_particles": 4, "n_tilts": 41}
+    qtbot.mouseClick(cockpit.data.sample_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: any(role(layer) == "tiltseries" for layer in viewer.layers), timeout=60000)
+    stream = viewer.layers[0].metadata["cspt2d"]["stream"]
+    qtbot.waitUntil(lambda: stream._child is not None, timeout=60000)
+    child = stream._child
+    assert child.poll() is None
+    viewer.close()
+    qtbot.waitUntil(lambda: child.poll() is not None and stream._child is None, timeout=60000)
+    assert not stream.complete
