@@ -97,3 +97,18 @@ def test_a_sample_made_by_a_child_process_is_byte_identical_and_stop_ends_the_ch
     assert list(batches) == []  # the tilt being read when it was stopped is not waited for
     assert child.returncode is not None and big._child is None
     assert not big.complete and big.done < 41 and _load(tmp_path, "big") is None
+
+
+def test_a_sample_whose_child_process_fails_is_made_in_process(monkeypatch):
+    """The child cannot run (here: it exits at once): the stream makes the remaining tilts itself, the same ones."""
+    from napari_cspt2d import _sample_child
+    from napari_cspt2d._sample_data import SampleStream
+    from napari_cspt2d.sample import SamplePlan
+
+    here = SampleStream(SamplePlan(**SMALL))
+    here.finish()
+    monkeypatch.setattr(_sample_child, "PROGRAM", "raise SystemExit(3)")
+    there = SampleStream(SamplePlan(**SMALL))
+    progress = list(there.fill_in_child(batch_s=0.0))
+    assert progress[-1] == (SMALL["n_tilts"], SMALL["n_tilts"])
+    assert there.complete and there.stack.tobytes() == here.stack.tobytes() and there._child is None

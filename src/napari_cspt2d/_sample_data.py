@@ -134,22 +134,34 @@ class SampleStream:
         """As :meth:`fill`, but the tilts are made by a child process at a lower priority
         (:mod:`napari_cspt2d._sample_child`) and only read into :attr:`stack` here: the thread that runs this holds
         the interpreter lock for little more than the copies (a GUI in this process keeps it). :meth:`stop` ends the
-        child (and this generator, after the tilt being read); a child that fails raises ``RuntimeError``."""
+        child (and this generator, after the tilt being read). If the child fails (it cannot start, import or
+        render), the remaining tilts are made here, in this thread, as :meth:`fill` does."""
         if self.complete:
             yield self.done, len(self.order)  # pragma: no cover - nothing to make
             return
+        env = dict(os.environ)  # the child imports this package from where the parent did
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         child = subprocess.Popen([sys.executable, "-c", _sample_child.PROGRAM], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE)
+                                 stdout=subprocess.PIPE, env=env)
         self._child = child
+        failed = False
         try:
-            child.stdin.write(pickle.dumps((self.plan, [int(s) for s in self.order[self.done:]])))
-            child.stdin.close()
+            try:
+                child.stdin.write(pickle.dumps((self.plan, [int(s) for s in self.order[self.done:]])))
+                child.stdin.close()
+            except OSError:
+                pass  # it ended at once: its output ends, and that is seen below
             if self._stopped:
                 return
             yield from self._batches(lambda: self._read_next(child), batch_s)
+        except _ChildFailed:
+            failed = True
         finally:
             self._child = None
             _end(child)
+        if failed and not self._stopped:
+            yield from self._batches(self._make_next, batch_s)
 
     def _read_next(self, child: subprocess.Popen) -> None:
         section = self.order[self.done]
@@ -160,7 +172,7 @@ class SampleStream:
             if not n:
                 if self._stopped:
                     raise _Stopped
-                raise RuntimeError(f"the process making the sample's tilts ended (exit code {child.wait()})")
+                raise _ChildFailed
             got += n
         self.done += 1
 
@@ -195,6 +207,10 @@ class SampleStream:
 
 class _Stopped(Exception):
     """The child making the tilts was stopped."""
+
+
+class _ChildFailed(Exception):
+    """The child making the tilts ended before it made them all."""
 
 
 def _end(child: subprocess.Popen) -> None:
