@@ -3,7 +3,8 @@
 Making the whole sample takes seconds (every particle's projection is rendered analytically), so it streams: the
 tracks and the tilt napari shows first are ready in about a tenth of a second, and a :class:`SampleStream` makes the
 other tilts, nearest first (:func:`napari_cspt2d.sample.tilt_order`), into the same array while the user looks. In
-a napari window the stream is filled in the background with progress (``_qt/_sample_stream.py``: the cockpit's
+a napari window the stream is filled in the background (by a child process at a lower priority,
+:meth:`SampleStream.fill_in_child`) with progress (``_qt/_sample_stream.py``: the cockpit's
 Data tab, or File > Open Sample through :func:`open_sample_data`); elsewhere :func:`make_sample_data` returns the
 finished sample. The finished sample is kept in the user cache folder (``$XDG_CACHE_HOME/napari-cspt2d/samples/``, an
 ``.npy`` stack memory-mapped on the next opening and an ``.npz`` of the track arrays, written atomically); the key is a
