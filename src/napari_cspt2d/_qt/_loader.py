@@ -33,6 +33,7 @@ from ..errors import CsptError, CsptInputError
 from ..model.tiltseries import TiltSeries, find_angle_file
 from ._guard import report_errors
 from ._layer_update import add_unselected
+from ._prebuild import build_in_turns
 from ._progress import DeferredProgressBar
 from ._sample_stream import fill_in_background
 from ._stages import in_own_turn
@@ -283,8 +284,8 @@ class TiltSeriesLoader(QWidget):
                     layer.visible = False
                 # napari selects a layer it adds, switching the layer controls to it: only the last one is selected
                 added = added + [add_unselected(self.viewer.layers, layer) if rest else self.viewer.add_layer(layer)]
-                if later:
-                    self._next_stage(lambda: self._show(layer, added, rest))
+                if later:  # its programs built in turns of their own, then shown
+                    build_in_turns(self.viewer, layer, lambda: self._show(layer, added, rest))
                     return
                 if len(added) == 1:
                     self.viewer.reset_view()

@@ -17,14 +17,17 @@ from napari.layers import Image
 from qtpy.QtCore import QTimer
 
 from ..io.mrc import release_pages
+from ._prebuild import build_in_turns
 
-__all__ = ["connect_tilt_view", "tiltseries_layer", "tilt_label", "warm_label_glyphs", "RELEASE_DELAY_MS",
-           "LABEL_CHARACTERS"]
+__all__ = ["connect_tilt_view", "tiltseries_layer", "tilt_label", "warm_label_glyphs", "warm_label_program",
+           "RELEASE_DELAY_MS", "LABEL_CHARACTERS", "PLACEHOLDER_TEXT"]
 
 RELEASE_DELAY_MS = 500
 #: The characters vispy measures every text's height with (``_text_to_vbo``), then every character
 #: :func:`tilt_label` writes, those of the first label shown first.
 LABEL_CHARACTERS = "ÅÉÑŐjgpqytilt 20of–4+.°1356789-"
+#: The text the hidden overlay holds while its program is built (:func:`warm_label_program`).
+PLACEHOLDER_TEXT = "tilt"
 GLYPHS_PER_TURN = 2
 GLYPH_DELAY_MS = 20
 
@@ -71,7 +74,8 @@ def _label_font(viewer):
 def warm_label_glyphs(viewer, characters: str = LABEL_CHARACTERS) -> bool:
     """Make the glyphs of the tilt label in the canvas's text font ahead of time, :data:`GLYPHS_PER_TURN` per turn
     of the event loop: each new glyph costs ~8 ms (Qt render + CPU distance field), which the first label drawn
-    (~15 glyphs) otherwise paid inside the paint of the first image. Returns whether the font was found."""
+    (~15 glyphs) otherwise paid inside the paint of the first image; then the label's shader program
+    (:func:`warm_label_program`). Returns whether the font was found."""
     font = _label_font(viewer)
     if font is None:
         return False
@@ -83,9 +87,32 @@ def warm_label_glyphs(viewer, characters: str = LABEL_CHARACTERS) -> bool:
         del todo[:GLYPHS_PER_TURN]
         if todo:
             QTimer.singleShot(GLYPH_DELAY_MS, step)
+        else:
+            warm_label_program(viewer)
 
     QTimer.singleShot(GLYPH_DELAY_MS, step)
     return True
+
+
+def warm_label_program(viewer) -> None:
+    """Build the text overlay's shader program while it is hidden, in turns of their own (:mod:`._prebuild`): its
+    first draw (~40 ms in software OpenGL, most of it vispy's Python build of the text program) otherwise came in
+    the paint of the first image. napari makes an overlay's visuals when it is first shown, and vispy builds a text's
+    program only once it has text: the overlay is given :data:`PLACEHOLDER_TEXT` and shown and hidden again in this
+    turn (no paint comes in between: nothing is drawn), and gets its empty text back after the build, unless a label
+    came meanwhile."""
+    overlay = viewer.canvas.overlays.text
+    if overlay.visible or overlay.text:
+        return  # a label is shown (its program was built when it was drawn)
+    overlay.text = PLACEHOLDER_TEXT
+    overlay.visible = True
+    overlay.visible = False
+
+    def done() -> None:
+        if not overlay.visible and overlay.text == PLACEHOLDER_TEXT:
+            overlay.text = ""
+
+    build_in_turns(viewer, overlay, done, first=False)
 
 
 def _release(viewer_ref: weakref.ref) -> None:
