@@ -10,21 +10,13 @@ import pytest
 pytest.importorskip("napari")
 
 from napari.layers import Image, Points, Tracks, Vectors  # noqa: E402
-from qtpy.QtCore import QPoint, Qt, QTimer  # noqa: E402
+from qtpy.QtCore import Qt, QTimer  # noqa: E402
 
 from napari_cspt2d._qt import _stages  # noqa: E402
 from napari_cspt2d._qt._sample_stream import fill_in_background  # noqa: E402
 from napari_cspt2d._qt._tilt_overlay import LABEL_CHARACTERS, _label_font, connect_tilt_view  # noqa: E402
 from napari_cspt2d._sample_data import SampleStream  # noqa: E402
 from napari_cspt2d.sample import SamplePlan, first_tilt  # noqa: E402
-
-def canvas_point(viewer, world_yx) -> QPoint:
-    """Canvas pixel of a world (y, x) position in the 2D view."""
-    canvas = viewer.window._qt_viewer.canvas
-    transform = canvas.view.transform * canvas.view.scene.transform
-    x, y = transform.map([world_yx[1], world_yx[0]])[:2]
-    return QPoint(int(round(x)), int(round(y)))
-
 
 SMALL = {"n_particles": 12, "n_tilts": 21, "shape_yx": (384, 384), "box": 48, "thickness_px": 60.0}
 
@@ -63,10 +55,9 @@ def test_staged_steps_run_in_order_each_in_a_turn_of_its_own(qtbot):
 @pytest.mark.gui
 def test_the_sample_opens_in_stages_image_first_and_all_layers_end_in_order(make_napari_viewer, qtbot, cache_home):
     """The Data tab's sample: the image is added alone and hidden, and shown in a later turn, before the next layer
-    arrives; the trajectories and tracks layers likewise; at the end the layers are in the reader's order (image,
-    trajectories, tracks), the image and tracks shown, the refined-shifts layer after them, the tracks layer still
-    the one being picked in, and the tilt label shown. The active-trajectory layer comes when a particle is first
-    picked (a click on its point): just above the tracks layer, which stays the one being picked in."""
+    arrives; the trajectories and tracks layers likewise; at the end the layers are in the
+    reader's order (image, trajectories, tracks), the image and tracks shown, the active-trajectory and
+    refined-shifts layers after them, the tracks layer still the one being picked in, and the tilt label shown."""
     viewer = make_napari_viewer(show=True)
     _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
     loader = cockpit.data
@@ -88,45 +79,29 @@ def test_the_sample_opens_in_stages_image_first_and_all_layers_end_in_order(make
     viewer.layers.events.inserted.connect(lambda event: events.append(f"inserted {role(event.value)}"))
     qtbot.mouseClick(loader.sample_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: cockpit.state.document is not None and not loader.busy, timeout=60000)
-    qtbot.waitUntil(lambda: "refined-shifts" in [role(layer) for layer in viewer.layers] and not _stages.pending(),
-                    timeout=10000)
+    qtbot.waitUntil(lambda: "refined-shifts" in [role(layer) for layer in viewer.layers], timeout=10000)
 
     assert events[:3] == ["ndim 3 with 0 layers", "turn over", "inserted tiltseries"]
     assert viewer.dims.axis_labels == ("tilt", "y", "x")
     assert viewer.dims.current_step[0] == len(viewer.layers[0].data) // 2
     order = [r for r, _, _ in seen]
-    assert order == ["tiltseries", "trajectories", "tracks", "refined-shifts"]  # no active trajectory yet
+    assert order[:3] == ["tiltseries", "trajectories", "tracks"]
     assert seen[0][1:] == (False, {})  # the image alone, hidden: its controls and slider come in this turn
     assert seen[1][2] == {"tiltseries": True}  # ... it was drawn in a turn of its own before the trajectories came
     assert seen[1][1] is False and seen[2][1] is False  # the trajectories and the tracks layer too
     assert seen[2][2] == {"tiltseries": True, "trajectories": True}
+    active = order.index("active-track")
+    assert active > 2 and seen[active][2]["tracks"] is True
     layers = list(viewer.layers)
     assert isinstance(layers[0], Image) and isinstance(layers[1], Tracks) and isinstance(layers[2], Points)
+    assert [role(layer) for layer in layers[:3]] == ["tiltseries", "trajectories", "tracks"]
     assert layers[0].visible and layers[2].visible
-    controller = cockpit.curate.controller
-    assert viewer.layers.selection.active is layers[2] is controller.points
+    active = [layer for layer in layers if role(layer) == "active-track"]
+    assert len(active) == 1 and isinstance(active[0], Vectors)
+    assert active[0] is cockpit.curate.controller.active_track
+    assert viewer.layers.selection.active is layers[2] is cockpit.curate.controller.points
     assert viewer.canvas.overlays.text.visible and viewer.canvas.overlays.text.text.startswith("tilt ")
     assert "refined shifts" in viewer.layers and not viewer.layers["refined shifts"].visible
-
-    # a click on a point picks its particle: the active trajectory is added above the tracks
-    points = controller.points
-    points.mode = "select"
-    tracks = controller.document.tracks
-    tilt = int(viewer.dims.current_step[0])
-    particle = int(tracks.particle[np.flatnonzero(tracks.tilt == tilt)[0]])
-    x, y = tracks.positions_px()[tracks.row_of(particle, tilt)]
-    native = viewer.window._qt_viewer.canvas.native
-    qtbot.mouseClick(native, Qt.MouseButton.LeftButton, pos=canvas_point(viewer, (y * controller.pixel_A,
-                                                                                   x * controller.pixel_A)))
-    qtbot.waitUntil(lambda: "active-track" in [role(layer) for layer in viewer.layers], timeout=5000)
-    assert controller.active_particle == particle
-    assert [role(layer) for layer in viewer.layers] == ["tiltseries", "trajectories", "tracks", "active-track",
-                                                         "refined-shifts"]
-    active = viewer.layers[3]
-    assert isinstance(active, Vectors) and active is controller.active_track and active.visible
-    assert len(active.data) == controller.document.tracks.n_tilts - 1  # the particle's trajectory
-    assert viewer.layers.selection.active is points and set(viewer.layers.selection) == {points}
-    assert seen[-1][1] is True  # added shown
 
 
 @pytest.mark.gui

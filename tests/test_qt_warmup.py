@@ -133,3 +133,43 @@ def test_cancel_while_the_kernels_are_prepared_ends_the_run(make_napari_viewer, 
         assert run.state == "cancelled" and not run.results and not late.is_ready
     finally:
         late.stop()
+
+
+@pytest.mark.gui
+def test_a_piece_waits_while_gui_work_is_staged_unless_a_run_waits_for_it(qtbot, monkeypatch):
+    """The child says a piece is ready while a series' layers are being shown (staged GUI work): it is loaded once
+    that work is done, not during it; a run that waits for a piece has it loaded at once."""
+    import threading
+
+    from napari_cspt2d._qt import _stages
+
+    loads: list[tuple[str, int]] = []  # (piece, staged steps pending when its loading started)
+    monkeypatch.setattr(_warmup, "_warm_kernels", lambda piece: loads.append((piece, _stages.pending())))
+    staging = [True]
+
+    def step() -> None:  # GUI work staged, step after step, while ``staging``
+        if staging[0]:
+            _stages.in_own_turn(step)
+
+    _stages.in_own_turn(step)
+    warmer = KernelWarmer(("-c", "print('reconstruct', flush=True); import time; time.sleep(60)"))
+    try:
+        qtbot.waitUntil(lambda: "reconstruct" in warmer._asked, timeout=10_000)
+        qtbot.wait(3 * _warmup.LOAD_RETRY_MS)
+        assert not loads and not warmer.loaded("reconstruct")
+        staging[0] = False
+        qtbot.waitUntil(lambda: warmer.loaded("reconstruct"), timeout=5_000)
+        assert loads == [("reconstruct", 0)]
+
+        staging[0] = True  # the refinement's piece, asked while GUI work is staged, but a run waits for it
+        _stages.in_own_turn(step)
+        run = threading.Thread(target=warmer.wait, args=("refine", 10.0))
+        run.start()
+        warmer._load("refine")
+        qtbot.waitUntil(lambda: warmer.loaded("refine"), timeout=5_000)
+        assert loads[1][0] == "refine" and loads[1][1] > 0
+        run.join()
+    finally:
+        staging[0] = False
+        warmer.stop()
+        qtbot.waitUntil(lambda: not _stages.pending(), timeout=5_000)

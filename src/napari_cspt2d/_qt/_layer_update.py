@@ -77,22 +77,21 @@ def layer_list_told_once(layers: LayerList) -> Iterator[LayerList]:
             layer.events.thumbnail()
 
 
-def add_unselected(layers: LayerList, layer: Layer, index: int | None = None) -> Layer:
-    """Append ``layer`` (made beforehand, e.g. in an earlier event-loop turn) to ``layers``, or insert it at
-    ``index``, leaving the selection and the active layer as they are."""
-    index = len(layers) if index is None else index
+def add_unselected(layers: LayerList, layer: Layer) -> Layer:
+    """Append ``layer`` (made beforehand, e.g. in an earlier event-loop turn) to ``layers`` leaving the selection and
+    the active layer as they are."""
     try:
         before = layers._activate_on_insert
     except AttributeError:  # (a napari that hides it from plugins: add, then give the selection back)
         active, selected = layers.selection.active, set(layers.selection)
-        layers.insert(index, layer)
+        layers.append(layer)
         layers.selection.update(selected)
         layers.selection.difference_update({layer})
         layers.selection.active = active
         return layer
     layers._activate_on_insert = False
     try:
-        layers.insert(index, layer)
+        layers.append(layer)
     finally:
         layers._activate_on_insert = before
     return layer

@@ -7,8 +7,7 @@ Layers (all views of the document):
 * a Tracks layer with every particle's whole trajectory (so a jump stands out), refreshed shortly after an edit
   (it is the slow one: ~0.2 s for 100k projections);
 * a 2D Vectors layer with the active particle's trajectory: a thin line drawn beside the rings (shifted
-  :data:`ACTIVE_OFFSET_RADII` particle radii up), so it never covers the particle being judged; added to the viewer
-  (just above the tracks layer) when a particle is first made active.
+  :data:`ACTIVE_OFFSET_RADII` particle radii up), so it never covers the particle being judged.
 
 A layer edit (``points.events.data`` with its action and indices) becomes one document action; the layers are then
 refreshed from the document. A move refreshes only the moved rows; anything else rebuilds the Points layer.
@@ -76,10 +75,7 @@ class TracksLayerController(QObject):
             trajectories = viewer.add_layer(Layer.create(data, kwargs, kind))
         self.trajectories = trajectories
         shows_document = self._shows(document.tracks)
-        self._closed = False
         self.active_track = self._make_active_layer()
-        #: the active-trajectory layer is to be added (once: one the user removed stays removed)
-        self._active_layer_to_add = self.active_track not in viewer.layers
         self._trajectory_timer = QTimer(self)
         self._trajectory_timer.setSingleShot(True)
         self._trajectory_timer.setInterval(TRAJECTORY_DELAY_MS)
@@ -94,6 +90,7 @@ class TracksLayerController(QObject):
         points.selected_data.events.items_changed.connect(self._on_layer_selection)
         viewer.dims.events.current_step.connect(self._on_step)
         viewer.layers.events.removed.connect(self._on_layer_removed)
+        self._closed = False
 
     # ------------------------------------------------------------------ life cycle
     def close(self) -> None:
@@ -122,27 +119,26 @@ class TracksLayerController(QObject):
             self._syncing = previous
 
     def _make_active_layer(self) -> Vectors:
-        """The active-trajectory layer: the viewer's if it has one, else made now and added to the viewer once a
-        particle is first made active (:meth:`_refresh_active_track`): adding it (its controls, its visual: 40–60 ms
-        of GUI-thread work in software OpenGL) and its first draw are not part of opening the tracks. It is updated
-        from the document either way."""
+        """The active-trajectory layer: the viewer's if it has one, else made now and added to the viewer in a later
+        turn of the event loop of its own (its controls and visual cost 40–60 ms in software OpenGL; the tracks layer
+        being bound is added in this turn). It is updated from the document either way."""
         name = f"{self.points.name} active"
         for layer in self.viewer.layers:
             if isinstance(layer, Vectors) and layer.name == name:
                 return layer
-        return Vectors(np.zeros((0, 2, 2)), ndim=2, name=name, scale=(self.pixel_A, self.pixel_A),
-                       edge_color="white", edge_width=max(1.0, self.radius_px / ACTIVE_WIDTH_DIVISOR),
-                       vector_style="line", opacity=0.9, metadata={"cspt2d": {"role": "active-track"}})
+        layer = Vectors(np.zeros((0, 2, 2)), ndim=2, name=name, scale=(self.pixel_A, self.pixel_A),
+                        edge_color="white", edge_width=max(1.0, self.radius_px / ACTIVE_WIDTH_DIVISOR),
+                        vector_style="line",
+                        opacity=0.9, metadata={"cspt2d": {"role": "active-track"}})
+        in_own_turn(self.add_active_layer)
+        return layer
 
     def add_active_layer(self) -> None:
-        """Add the active-trajectory layer to the viewer just above the tracks layer, unselected (done in a turn of
-        its own once a particle is first made active; nothing if it is in already, or if the controller was closed
-        or its tracks layer removed meanwhile)."""
-        layers = self.viewer.layers
-        if self._closed or self.points not in layers or self.active_track in layers:
+        """Add the active-trajectory layer to the viewer (done in a later turn after binding; nothing if it is in
+        already, or if the controller was closed or its tracks layer removed meanwhile)."""
+        if self._closed or self.points not in self.viewer.layers or self.active_track in self.viewer.layers:
             return
-        add_unselected(layers, self.active_track, index=layers.index(self.points) + 1)  # picking goes on there
-
+        add_unselected(self.viewer.layers, self.active_track)  # picking goes on where it was
     # ------------------------------------------------------------------ model -> layers
     def current_tilt(self) -> int:
         """The tilt id (stack section) shown in the viewer."""
@@ -283,9 +279,6 @@ class TracksLayerController(QObject):
         if len(segments) or len(self.active_track.data):
             with self._sync():
                 self.active_track.data = segments
-        if len(segments) and self._active_layer_to_add:
-            self._active_layer_to_add = False
-            in_own_turn(self.add_active_layer)
 
     def _select_active_in_current_tilt(self) -> None:
         if self._active is None:

@@ -2,8 +2,9 @@
 
 :func:`watch_viewer` (once per viewer, for its life) keeps the tilt label on the canvas (:mod:`._tilt_overlay`) and
 fills a streamed sample inserted into the viewer in the background, with napari's progress bar
-(:mod:`._sample_stream`). The npe2 hooks call :func:`watch_current_viewer` (the stack reader, the sample), so the
-tilt angle shows as soon as a stack opens from File > Open; the cockpit's Data tab calls :func:`watch_viewer`.
+(:mod:`._sample_stream`); the first one makes vispy's shader parsing linear (:mod:`._shader_parse`). The npe2 hooks
+call :func:`watch_current_viewer` (the stack reader, the sample), so the tilt angle shows as soon as a stack opens
+from File > Open; the cockpit's Data tab calls :func:`watch_viewer`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import weakref
 from qtpy.QtCore import QThread, QTimer
 from qtpy.QtWidgets import QApplication
 
+from . import _shader_parse
 from ._sample_stream import fill_in_background
 from ._tilt_overlay import connect_tilt_view
 
@@ -30,6 +32,7 @@ def watch_viewer(viewer) -> None:
         return
     _WATCHED[key] = weakref.ref(viewer)
     weakref.finalize(viewer, _forget, key)
+    _shader_parse.install()  # its visuals' programs are built faster (once per process)
     connect_tilt_view(viewer)
     ref = weakref.ref(viewer)
     viewer.layers.events.inserted.connect(lambda event: _fill_stream(event.value, ref))

@@ -1,7 +1,9 @@
 """Warm the numba kernels in the background when the cockpit opens (once per process; see
 :mod:`napari_cspt2d.recon.warmup`): a child process of low priority compiles them into numba's on-disk cache, piece
 by piece (the reconstruction's kernels, then the refinement's), and a worker thread loads each piece from it as soon
-as the child says it is there; a run started before its piece is loaded waits (:func:`wait_for_kernels`).
+as the child says it is there — or, while GUI work is staged (:mod:`._stages`: a series' layers being shown), once
+that work is done, unless a run waits for the piece; a run started before its piece is loaded waits
+(:func:`wait_for_kernels`).
 
 Compiling is Python work (numba's typing and lowering) that holds the interpreter lock for 10-25 s on 2 cores: in the
 window's process it froze the GUI thread for 0.3 s at a time. In the child it costs the window nothing but a core;
@@ -18,10 +20,10 @@ import time
 from collections.abc import Callable, Sequence
 
 from napari.qt.threading import create_worker
-from qtpy.QtCore import QObject, QProcess, Signal
+from qtpy.QtCore import QObject, QProcess, QTimer, Signal
 
 from ..errors import CsptCancelled
-from . import _interpreter
+from . import _interpreter, _stages
 
 __all__ = ["KERNELS_STAGE", "KernelWarmer", "wait_for_kernels", "warm_once"]
 
@@ -34,6 +36,11 @@ KERNELS_STAGE = "kernels"
 
 #: The child's command line (arguments of ``sys.executable``).
 CHILD_ARGS = ("-m", "napari_cspt2d.recon.warmup")
+
+#: While GUI work is staged (:mod:`._stages`: a series' layers being shown), a piece's loading waits, looking again
+#: every this many ms, unless a run waits for it: the loading thread holds the interpreter lock most of its ~0.7 s,
+#: and each OpenGL call of a paint gives the lock up and waits to get it back.
+LOAD_RETRY_MS = 100
 
 
 class KernelWarmer(QObject):
@@ -51,6 +58,11 @@ class KernelWarmer(QObject):
         self._loaded = {name: threading.Event() for name in PIECES}
         self._asked: list[str] = []  # the pieces to load, in order
         self._worker = None
+        self._wanted = threading.Event()  # a run waits for a piece: it is loaded even while GUI work is staged
+        self._retry = QTimer(self)
+        self._retry.setSingleShot(True)
+        self._retry.setInterval(LOAD_RETRY_MS)
+        self._retry.timeout.connect(self._next)
         self.process = QProcess(self)
         self.process.readyReadStandardOutput.connect(self._read_child)
         self.process.finished.connect(self._child_finished)
@@ -74,11 +86,15 @@ class KernelWarmer(QObject):
             self._next()
 
     def _next(self) -> None:
-        """Load the next asked piece in a worker thread, one at a time."""
+        """Load the next asked piece in a worker thread, one at a time (not while GUI work is staged, unless a run
+        waits: :data:`LOAD_RETRY_MS`)."""
         if self._worker is not None:
             return
         todo = [name for name in self._asked if not self._loaded[name].is_set()]
         if not todo:
+            return
+        if _stages.pending() and not self._wanted.is_set():
+            self._retry.start()
             return
         self._worker = create_worker(_warm_kernels, todo[0], _start_thread=False, _ignore_errors=True)
         self._worker.finished.connect(lambda: self._done(todo[0]))
@@ -101,10 +117,12 @@ class KernelWarmer(QObject):
     def wait(self, piece: str = PIECES[-1], timeout_s: float | None = None) -> bool:
         """Block (in a worker thread, never the GUI thread: it loads them) until ``piece`` is loaded; False if
         ``timeout_s`` passed first."""
+        self._wanted.set()
         return self._loaded[piece].wait(timeout_s)
 
     def stop(self) -> None:
         """Kill the child process if it still runs (the window closes)."""
+        self._retry.stop()
         if self.process.state() != QProcess.ProcessState.NotRunning:
             self.process.kill()
             self.process.waitForFinished(2000)
