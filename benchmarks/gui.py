@@ -331,12 +331,19 @@ class GLProgramTimer:
                 row["programs"] += 1
                 row["sources"].add(source)
 
+        def on_gui_thread() -> bool:  # (the cockpit's GL warm-up replays programs in a thread of its own)
+            return threading.current_thread() is threading.main_thread()
+
         def set_data(self, offset, code):
+            if not on_gui_thread():
+                return shader_data(self, offset, code)
             t0 = time.perf_counter()
             shader_data(self, offset, code)
             self._benchmark_code, self._benchmark_ms = code, (time.perf_counter() - t0) * 1000.0
 
         def link_program(self):
+            if not on_gui_thread():
+                return link(self)
             shaders = list(self._attached_shaders)
             t0 = time.perf_counter()
             link(self)
@@ -346,7 +353,7 @@ class GLProgramTimer:
             self._benchmark_first_draw = True
 
         def first_draw(self, *args, **kwargs):
-            if not getattr(self, "_benchmark_first_draw", False):
+            if not getattr(self, "_benchmark_first_draw", False) or not on_gui_thread():
                 return draw(self, *args, **kwargs)
             self._benchmark_first_draw = False
             t0 = time.perf_counter()
@@ -514,7 +521,10 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
     from napari_cspt2d._qt import _stages
     from napari_cspt2d._qt.cockpit import Cockpit  # (the light module napari imports to open the cockpit)
 
+    from napari_cspt2d._qt._gl_warmup import ShaderCacheWarmer
+
     timed(Cockpit, "_build_now", "cockpit: a piece of a tab built")
+    timed(ShaderCacheWarmer, "_next_step", "GL warm-up: a stage (off-screen canvas)")
     timed(QtViewer, "__init__", "a QtViewer made (the docked map viewer)")
     probe.phase("open cockpit")
     opened = time.perf_counter()
@@ -542,6 +552,8 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
         return any(layer.metadata.get("cspt2d", {}).get("role") == "tiltseries" and layer.visible
                    for layer in viewer.layers)  # (it is added hidden and shown a stage later)
 
+    warmer = cockpit.shader_warmer  # Mesa's shader cache warmed from a thread (a first session on llvmpipe)
+    results["gl_warm_up_at_open_sample"] = warmer.state
     for label in ("open sample (not cached)", "open sample (cached)"):
         viewer.layers.clear()
         probe.phase(label)
@@ -553,6 +565,10 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
         # the phase ends when the cockpit's steps for the new series are done too (the refined-shifts layer and the
         # map layer prepared in turns of their own, _stages); they ran in the next phase's first turns before
         _wait(lambda: state.document is not None and not cockpit.data.busy and not _stages.pending(), 60)
+    _wait(lambda: not warmer.running, 60)
+    results["gl_warm_up_end"] = warmer.state
+    results["gl_warm_up_programs"] = len(warmer.sources)
+    results["gl_warm_up_thread_s"] = round(warmer.compile_s, 2)
     params = cockpit.parameters
     params.set_value("refine_iter", 2)
     params.set_value("refine_maxiter", 4)  # 3 refinement iterations

@@ -20,12 +20,13 @@ from ..io.mrc import release_pages
 from ._prebuild import build_in_turns
 
 __all__ = ["connect_tilt_view", "tiltseries_layer", "tilt_label", "warm_label_glyphs", "warm_label_program",
-           "RELEASE_DELAY_MS", "LABEL_CHARACTERS", "PLACEHOLDER_TEXT"]
+           "RELEASE_DELAY_MS", "LABEL_CHARACTERS", "MEASURED_CHARACTERS", "PLACEHOLDER_TEXT"]
 
 RELEASE_DELAY_MS = 500
-#: The characters vispy measures every text's height with (``_text_to_vbo``), then every character
-#: :func:`tilt_label` writes, those of the first label shown first.
-LABEL_CHARACTERS = "ÅÉÑŐjgpqytilt 20of–4+.°1356789-"
+#: The characters vispy measures every text's height with (``_text_to_vbo``): each text visual's font renders them.
+MEASURED_CHARACTERS = "ÅÉÑŐjgpqy"
+#: Those, then every character :func:`tilt_label` writes, those of the first label shown first.
+LABEL_CHARACTERS = MEASURED_CHARACTERS + "tilt 20of–4+.°1356789-"
 #: The text the hidden overlay holds while its program is built (:func:`warm_label_program`).
 PLACEHOLDER_TEXT = "tilt"
 GLYPHS_PER_TURN = 2

@@ -40,12 +40,20 @@ from ._guard import report_errors
 from ._layer_update import add_unselected
 from ._stages import in_own_turn
 
-__all__ = ["TracksLayerController"]
+__all__ = ["TracksLayerController", "active_track_layer"]
 
 TRAJECTORY_DELAY_MS = 250
 #: The active trajectory runs this many particle radii above the rings, its width 1/ACTIVE_WIDTH_DIVISOR radius.
 ACTIVE_OFFSET_RADII = 1.3
 ACTIVE_WIDTH_DIVISOR = 20
+
+
+def active_track_layer(name: str, pixel_A: float, radius_px: float) -> Vectors:
+    """The empty active-trajectory layer (2D, stack pixels of ``pixel_A`` Å; its width follows the particle radius
+    ``radius_px``), not yet in a viewer."""
+    return Vectors(np.zeros((0, 2, 2)), ndim=2, name=name, scale=(pixel_A, pixel_A), edge_color="white",
+                   edge_width=max(1.0, radius_px / ACTIVE_WIDTH_DIVISOR), vector_style="line", opacity=0.9,
+                   metadata={"cspt2d": {"role": "active-track"}})
 
 
 class TracksLayerController(QObject):
@@ -126,10 +134,7 @@ class TracksLayerController(QObject):
         for layer in self.viewer.layers:
             if isinstance(layer, Vectors) and layer.name == name:
                 return layer
-        layer = Vectors(np.zeros((0, 2, 2)), ndim=2, name=name, scale=(self.pixel_A, self.pixel_A),
-                        edge_color="white", edge_width=max(1.0, self.radius_px / ACTIVE_WIDTH_DIVISOR),
-                        vector_style="line",
-                        opacity=0.9, metadata={"cspt2d": {"role": "active-track"}})
+        layer = active_track_layer(name, self.pixel_A, self.radius_px)
         in_own_turn(self.add_active_layer)
         return layer
 

@@ -9,9 +9,10 @@ Opening the cockpit is light on the GUI thread: this module imports only Qt and 
 (pandas, scipy, numba and the run's driver through them) are imported in a background thread (:data:`TAB_MODULES`),
 and each tab is built in event-loop turns of its own once they are, the parameter form a few rows per turn
 (``tabs_built`` says when; asking for a tab before that builds what is left of it at once). When the cockpit opens,
-the numba kernels start warming in the background (:mod:`napari_cspt2d.recon.warmup`). While it is open, the
-interpreter is tuned so that background threads do not freeze the GUI thread (shorter switch interval, long-lived
-objects frozen out of full garbage collections: :mod:`._interpreter`).
+the numba kernels start warming in the background (:mod:`napari_cspt2d.recon.warmup`), and on a software OpenGL
+renderer, once the modules are loaded, so does Mesa's shader cache for the sample's layers (:mod:`._gl_warmup`). While
+it is open, the interpreter is tuned so that background threads do not freeze the GUI thread (shorter switch interval,
+long-lived objects frozen out of full garbage collections: :mod:`._interpreter`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from qtpy.QtWidgets import (QDockWidget, QFrame, QLabel, QMainWindow, QScrollAre
                             QWidget)
 
 from . import _interpreter
+from ._gl_warmup import ShaderCacheWarmer
 from ._lifecycle import WindowCloseWatcher
 from ._warmup import warm_once
 
@@ -106,6 +108,7 @@ class Cockpit(QWidget):
         _interpreter.hold()  # before the import thread starts: the GUI thread gets the GIL back within 1 ms
         self.warmer = warm_once()
         self.warmer.ready.connect(_interpreter.freeze_new)  # the kernels' objects live as long as the process
+        self.shader_warmer = ShaderCacheWarmer(self)  # started once the tabs' modules are loaded
         self._close_watcher = WindowCloseWatcher(self, self.close_session)
         self._importer = create_worker(_import_tab_modules, _start_thread=False, _ignore_errors=True)
         self._importer.finished.connect(self._on_imported)
@@ -121,6 +124,7 @@ class Cockpit(QWidget):
         if not self._closed:
             _interpreter.freeze_new()  # the modules' objects, out of full collections like the rest at opening
             self._build_later(0)
+            self.shader_warmer.start()
 
     def _build_later(self, index: int) -> None:
         """Build the next piece of tab ``TABS[index]`` in a later event-loop turn, then the next piece or tab (each
@@ -294,6 +298,7 @@ class Cockpit(QWidget):
             self._window.removeEventFilter(self)
             self._window = None
         self.warmer.stop()
+        self.shader_warmer.stop()
         if self._holds_interpreter:
             self._holds_interpreter = False
             _interpreter.release()
