@@ -69,6 +69,7 @@ STAND_IN_LABEL = "t"
 #: How long closing the cockpit waits for the thread (it stops between two GL commands; one link takes ≤ ~0.3 s).
 JOIN_TIMEOUT_S = 5.0
 _WARMED = threading.Event()  # a warm-up of this process ran to its end (the cache holds its programs)
+_LATER = object()  # a stage's answer: it goes on in turns of its own
 
 
 def mesa_cache_folder() -> Path:
@@ -303,20 +304,25 @@ class ShaderCacheWarmer(QObject):
         self._maker.start()
 
     def _on_layers(self, layers: list) -> None:
+        from napari.layers import Points
+
         from ._tilt_overlay import GLYPHS_PER_TURN, MEASURED_CHARACTERS  # (loaded with the tabs' modules by now)
 
         self._maker = None
         if self._stop.is_set():
             return
         self._steps.append(self._make_canvas)
-        for index, layer in enumerate(layers):  # as the loader adds them: each added, drawn alone, then a frame
+        for index, layer in enumerate(layers):  # as the loader adds them: each added, its programs built, a frame
             self._steps.append(partial(self._add, layer))
             if not index:  # the tilt label shows with the first image; its font's glyphs made a few per turn
                 self._steps.append(self._show_label)
                 characters = list(dict.fromkeys(MEASURED_CHARACTERS + STAND_IN_LABEL))
                 self._steps.extend(partial(self._make_glyphs, characters[i:i + GLYPHS_PER_TURN])
                                    for i in range(0, len(characters), GLYPHS_PER_TURN))
-            self._steps.extend([partial(self._draw_layer, layer), self._frame])
+            # a layer's programs built in a turn of their own before its frame; napari's Points has three (two
+            # markers, a text: ~50-80 ms together), built one per turn as the loader does (:mod:`._prebuild`)
+            build = self._build if isinstance(layer, Points) else self._draw_layer
+            self._steps.extend([partial(build, layer), self._frame])
         self._steps.append(self._last_frame_sent)
         in_own_turn(self._next_step)
 
@@ -325,7 +331,8 @@ class ShaderCacheWarmer(QObject):
             return
         step = self._steps.popleft()
         try:
-            step()
+            if step() is _LATER:  # the step goes on in turns of its own, then calls _continue
+                return
         except Exception as exc:  # noqa: BLE001
             self._stop.set()
             self._batches.put(None)
@@ -372,11 +379,28 @@ class ShaderCacheWarmer(QObject):
         for character in characters:
             font[character]  # rendered once, kept by the font
 
+    @property
+    def canvas(self):
+        """The off-screen ``VispyCanvas`` while the stages are drawn, else None (as a viewer's for
+        :func:`._prebuild.build_in_turns`)."""
+        return self._canvas
+
+    def _build(self, layer):
+        """Build ``layer``'s programs one per turn (:func:`._prebuild.build_in_turns`), then go on."""
+        from ._prebuild import build_in_turns
+
+        build_in_turns(self, layer, then=self._continue, first=False)
+        return _LATER
+
     def _draw_layer(self, layer) -> None:
-        """Draw ``layer``'s visual alone first: its shaders are generated in a turn of their own."""
+        """Draw ``layer``'s visual alone: its programs are built in this turn, not in its frame's."""
         scene_canvas = self._canvas._scene_canvas
         with _drawing(scene_canvas):
             scene_canvas.draw_visual(self._canvas.layer_to_visual[layer].node)
+
+    def _continue(self) -> None:
+        if self._canvas is not None:
+            in_own_turn(self._next_step)
 
     def _frame(self) -> None:
         """A frame as the main canvas paints it (``SceneCanvas._draw_scene``, then ``QOpenGLWidget``'s alpha clear
