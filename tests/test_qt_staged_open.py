@@ -55,9 +55,10 @@ def test_staged_steps_run_in_order_each_in_a_turn_of_its_own(qtbot):
 @pytest.mark.gui
 def test_the_sample_opens_in_stages_image_first_and_all_layers_end_in_order(make_napari_viewer, qtbot, cache_home):
     """The Data tab's sample: the image is added alone and hidden, and shown in a later turn, before the next layer
-    arrives; the trajectories and tracks layers likewise; at the end the layers are in the
-    reader's order (image, trajectories, tracks), the image and tracks shown, the active-trajectory and
-    refined-shifts layers after them, the tracks layer still the one being picked in, and the tilt label shown."""
+    arrives; the trajectories and tracks layers likewise; the tracks layer is made the active one once shown; at the
+    end the layers are in the reader's order (image, trajectories, tracks), the image and tracks shown, the
+    active-trajectory and refined-shifts layers after them, the tracks layer still the one being picked in, and the
+    tilt label shown."""
     viewer = make_napari_viewer(show=True)
     _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
     loader = cockpit.data
@@ -77,6 +78,9 @@ def test_the_sample_opens_in_stages_image_first_and_all_layers_end_in_order(make
 
     viewer.dims.events.ndim.connect(ndim_changed)
     viewer.layers.events.inserted.connect(lambda event: events.append(f"inserted {role(event.value)}"))
+    activated: list[tuple[str | None, bool]] = []  # (the layer made active, shown then)
+    viewer.layers.selection.events.active.connect(
+        lambda event: activated.append((role(event.value), event.value.visible)) if event.value is not None else None)
     qtbot.mouseClick(loader.sample_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: cockpit.state.document is not None and not loader.busy, timeout=60000)
     qtbot.waitUntil(lambda: "refined-shifts" in [role(layer) for layer in viewer.layers], timeout=10000)
@@ -100,6 +104,7 @@ def test_the_sample_opens_in_stages_image_first_and_all_layers_end_in_order(make
     assert len(active) == 1 and isinstance(active[0], Vectors)
     assert active[0] is cockpit.curate.controller.active_track
     assert viewer.layers.selection.active is layers[2] is cockpit.curate.controller.points
+    assert activated == [("tracks", True)]  # made active once, once shown (its controls in a stage of their own)
     assert viewer.canvas.overlays.text.visible and viewer.canvas.overlays.text.text.startswith("tilt ")
     assert "refined shifts" in viewer.layers and not viewer.layers["refined shifts"].visible
 

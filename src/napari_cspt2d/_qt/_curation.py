@@ -204,8 +204,8 @@ class CurationWidget(QWidget):
     def _on_layer_inserted(self, event) -> None:
         layer = event.value
         self._refresh_combo()
-        if _is_tracks_layer(layer):
-            self.bind_layer(layer)
+        if _is_tracks_layer(layer):  # napari makes it the active layer after this (unless added unselected, e.g. by
+            self.bind_layer(layer, select=False)  # the loader, which makes it active in a turn of its own)
 
     @report_errors("Tracks layer")
     def _on_layer_removed(self, event) -> None:
@@ -224,8 +224,9 @@ class CurationWidget(QWidget):
         if 0 <= index < len(layers) and (self.controller is None or layers[index] is not self.controller.points):
             self.bind_layer(layers[index])
 
-    def bind_layer(self, points: Points) -> None:
-        """Curate ``points`` (a tracks layer): wrap its tracks in a document, attach the layers, offer recovery."""
+    def bind_layer(self, points: Points, *, select: bool = True) -> None:
+        """Curate ``points`` (a tracks layer): wrap its tracks in a document, attach the layers, offer recovery;
+        ``select``: make it the viewer's active layer (picking goes there)."""
         self.unbind()
         meta = points.metadata["cspt2d"]
         source = meta.get("source") or f"napari-cspt2d:layer:{points.name}"
@@ -241,7 +242,8 @@ class CurationWidget(QWidget):
         self.autosaver = Autosaver(document, source, parent=self)
         self.autosaver.saved.connect(self._on_autosaved)
         self._refresh_combo()
-        self.viewer.layers.selection.active = points
+        if select:
+            self.viewer.layers.selection.active = points
         self.state_owner.set_document(document, self.controller)
         self._check_recovery()
         self.refresh_table()

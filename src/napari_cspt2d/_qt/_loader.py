@@ -237,7 +237,8 @@ class TiltSeriesLoader(QWidget):
 
     @report_errors("Open tilt series")
     def _show(self, layer: Layer, added: list[Layer], rest: list[Layer]) -> None:
-        """The stage after ``layer`` was added hidden: it is drawn (the view fitted to it if it is the first)."""
+        """The stage after ``layer`` was added hidden (and its programs built): it is drawn (the view fitted to it if
+        it is the first); the last layer is made the active one in the stage after."""
         try:
             layer.visible = True
             if len(added) == 1:
@@ -245,7 +246,22 @@ class TiltSeriesLoader(QWidget):
         except BaseException:
             self._abort()
             raise
-        self._next_stage(lambda: self._add_rest(added, rest))
+        if rest:
+            self._next_stage(lambda: self._add_rest(added, rest))
+        else:
+            self._next_stage(lambda: self._activate(layer, added))
+
+    @report_errors("Open tilt series")
+    def _activate(self, layer: Layer, added: list[Layer]) -> None:
+        """Make the last layer added the active one (picking goes there), as napari does when it adds a layer, in a
+        stage of its own: napari's layer controls switch to it (and first show its controls: 20–40 ms)."""
+        try:
+            if layer in self.viewer.layers:
+                self.viewer.layers.selection.active = layer
+        except BaseException:
+            self._abort()
+            raise
+        self._next_stage(lambda: self._add_rest(added, []))
 
     @staticmethod
     def _next_stage(step) -> None:
@@ -282,8 +298,10 @@ class TiltSeriesLoader(QWidget):
                 later = layer.visible and layer.metadata.get("cspt2d", {}).get("role") in SHOWN_A_STAGE_LATER
                 if later:
                     layer.visible = False
-                # napari selects a layer it adds, switching the layer controls to it: only the last one is selected
-                added = added + [add_unselected(self.viewer.layers, layer) if rest else self.viewer.add_layer(layer)]
+                # napari selects a layer it adds, switching the layer controls to it: only the last one is selected,
+                # in a stage of its own after it is shown if it is added hidden (:meth:`_activate`)
+                added = added + [add_unselected(self.viewer.layers, layer) if rest or later
+                                 else self.viewer.add_layer(layer)]
                 if later:  # its programs built in turns of their own, then shown
                     build_in_turns(self.viewer, layer, lambda: self._show(layer, added, rest))
                     return
