@@ -313,17 +313,16 @@ class ShaderCacheWarmer(QObject):
             return
         self._steps.append(self._make_canvas)
         for index, layer in enumerate(layers):  # as the loader adds them: each added, its programs built, a frame
-            self._steps.append(partial(self._add, layer))
+            # (the frame of the layer before in the same turn: ~2 ms; fewer turns, the sooner the thread has them)
+            self._steps.append(partial(self._add, layer, frame_first=index > 0, with_label=index == 0))
             if not index:  # the tilt label shows with the first image; its font's glyphs made a few per turn
-                self._steps.append(self._show_label)
                 characters = list(dict.fromkeys(MEASURED_CHARACTERS + STAND_IN_LABEL))
                 self._steps.extend(partial(self._make_glyphs, characters[i:i + GLYPHS_PER_TURN])
                                    for i in range(0, len(characters), GLYPHS_PER_TURN))
             # a layer's programs built in a turn of their own before its frame; napari's Points has three (two
             # markers, a text: ~50-80 ms together), built one per turn as the loader does (:mod:`._prebuild`)
-            build = self._build if isinstance(layer, Points) else self._draw_layer
-            self._steps.extend([partial(build, layer), self._frame])
-        self._steps.append(self._last_frame_sent)
+            self._steps.append(partial(self._build if isinstance(layer, Points) else self._draw_layer, layer))
+        self._steps.append(self._last_frame)
         in_own_turn(self._next_step)
 
     def _next_step(self) -> None:
@@ -365,13 +364,15 @@ class ShaderCacheWarmer(QObject):
         self._start_thread(canvas.native.format())
         self._frame()  # the empty canvas's first paint
 
-    def _add(self, layer) -> None:
+    def _add(self, layer, frame_first: bool, with_label: bool) -> None:
+        """Add ``layer`` (after the frame of the layer before); ``with_label``: the canvas's text overlay shows the
+        tilt label, as :func:`._tilt_overlay.connect_tilt_view` sets it when the first image comes."""
+        if frame_first:
+            self._frame()
         self._model.add_layer(layer)
-
-    def _show_label(self) -> None:
-        """The canvas's text overlay as :func:`._tilt_overlay.connect_tilt_view` sets it."""
-        overlay = self._model.canvas.overlays.text
-        overlay.position, overlay.font_size, overlay.text, overlay.visible = "top_left", 12, STAND_IN_LABEL, True
+        if with_label:
+            overlay = self._model.canvas.overlays.text
+            overlay.position, overlay.font_size, overlay.text, overlay.visible = "top_left", 12, STAND_IN_LABEL, True
 
     def _make_glyphs(self, characters: list[str]) -> None:
         font_info = self._canvas.font_info()
@@ -426,7 +427,8 @@ class ShaderCacheWarmer(QObject):
                                         daemon=True)
         self._thread.start()
 
-    def _last_frame_sent(self) -> None:
+    def _last_frame(self) -> None:
+        self._frame()
         self._batches.put(None)
         self._release_canvas()
         if self.state == "drawing":
