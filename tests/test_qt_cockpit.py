@@ -213,6 +213,37 @@ def _check_fits(qtbot, viewer, cockpit, size) -> dict:
     return {"canvas_px": canvas.width(), "fields_shown": len(shown)}
 
 
+def test_docking_the_cockpit_lays_the_window_out_once(make_napari_viewer, qtbot):
+    """In a 1366×768 window the cockpit is docked at its fitted width at once (the canvas keeps half the window):
+    the canvas is resized, and repainted, once, not once more when the width is fitted."""
+    from qtpy.QtCore import QEvent, QObject
+
+    from napari_cspt2d._qt.cockpit import MIN_WIDTH_PX, PREFERRED_WIDTH_PX
+
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1366, 768)
+    qtbot.waitExposed(window)
+    qtbot.wait(200)
+    canvas = viewer.window._qt_viewer.canvas.native
+    widths: list[int] = []
+
+    class Resizes(QObject):
+        def eventFilter(self, obj, event) -> bool:
+            if obj is canvas and event.type() == QEvent.Type.Resize:
+                widths.append(event.size().width())
+            return False
+
+    watcher = Resizes()
+    canvas.installEventFilter(watcher)
+    _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    qtbot.wait(1500)  # (the cockpit fits its width 100 ms after it is shown, and looks again)
+    canvas.removeEventFilter(watcher)
+    dock = cockpit._dock()
+    assert MIN_WIDTH_PX <= dock.width() < PREFERRED_WIDTH_PX and canvas.width() >= window.width() // 2
+    assert widths == [canvas.width()]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("size", SCREENS, ids=[f"{w}x{h}" for w, h in SCREENS])
 def test_fits_the_screen_with_the_sample_and_after_a_refine(make_napari_viewer, qtbot, tmp_path, size,

@@ -220,7 +220,11 @@ class Cockpit(QWidget):
         return self._tab("Validate")
 
     def sizeHint(self) -> QSize:
-        return QSize(PREFERRED_WIDTH_PX, super().sizeHint().height())
+        """The fitted width once docked in the main window (the window is laid out once, not once more by
+        :meth:`fit_width`: each layout resizes and repaints the canvas), else :data:`PREFERRED_WIDTH_PX`."""
+        window = self.window()
+        fitted = self._fitted_width(window) if isinstance(window, QMainWindow) else None
+        return QSize(fitted or PREFERRED_WIDTH_PX, super().sizeHint().height())
 
     # ------------------------------------------------------------------ fitting the window
     def _dock(self) -> QDockWidget | None:
@@ -229,23 +233,30 @@ class Cockpit(QWidget):
             parent = parent.parentWidget()
         return parent
 
-    def fit_width(self, attempts: int = 5) -> None:
-        """Give the cockpit the width that leaves the canvas at least half of the window (between
-        :data:`MIN_WIDTH_PX` and :data:`PREFERRED_WIDTH_PX`), when it is docked on the side."""
-        dock, window = self._dock(), self._window
+    def _fitted_width(self, window: QMainWindow | None = None) -> int | None:
+        """The width that leaves the canvas at least half of ``window`` (between :data:`MIN_WIDTH_PX` and
+        :data:`PREFERRED_WIDTH_PX`), when the cockpit is docked on its side; else None."""
+        dock = self._dock()
+        window = window if window is not None else self._window
         if dock is None or window is None or dock.isFloating():
-            return
+            return None
         area = window.dockWidgetArea(dock)
         if area not in (Qt.DockWidgetArea.RightDockWidgetArea, Qt.DockWidgetArea.LeftDockWidgetArea):
-            return
+            return None
         other = (Qt.DockWidgetArea.LeftDockWidgetArea if area == Qt.DockWidgetArea.RightDockWidgetArea
                  else Qt.DockWidgetArea.RightDockWidgetArea)
         beside = max((max(d.width(), LAYER_DOCKS_PX) for d in window.findChildren(QDockWidget)
                       if d.isVisible() and not d.isFloating() and window.dockWidgetArea(d) == other), default=0)
         room = window.width() - window.width() // 2 - beside - _MARGIN_PX
-        target = max(MIN_WIDTH_PX, min(PREFERRED_WIDTH_PX, room))
-        if abs(dock.width() - target) > 2:
-            window.resizeDocks([dock], [target], Qt.Orientation.Horizontal)
+        return max(MIN_WIDTH_PX, min(PREFERRED_WIDTH_PX, room))
+
+    def fit_width(self, attempts: int = 5) -> None:
+        """Give the cockpit the width that leaves the canvas at least half of the window (between
+        :data:`MIN_WIDTH_PX` and :data:`PREFERRED_WIDTH_PX`), when it is docked on the side."""
+        target = self._fitted_width()
+        dock = self._dock()
+        if target is not None and abs(dock.width() - target) > 2:
+            self._window.resizeDocks([dock], [target], Qt.Orientation.Horizontal)
             if attempts > 1:  # a window still being laid out may ignore it: look again
                 self._fit_later(attempts - 1)
 
