@@ -7,8 +7,9 @@ the interpreter lock (GIL) to run Python:
 * **Switch interval.** The GUI thread releases the lock for every OpenGL call of a paint (hundreds, through PyOpenGL)
   and for every wait of the event loop; taking it back from a thread running Python waits for that thread's next
   forced switch, ``sys.getswitchinterval()`` (5 ms by default). With one busy thread, 200 calls of 50 µs took 1.24 s
-  at 5 ms, 0.35 s at 1 ms, 0.23 s at 0.5 ms instead of 0.02 s alone: a paint that
-  takes 20 ms when idle took 0.2 s during a Refine. :data:`SWITCH_INTERVAL_S` is used while the cockpit is open.
+  at 5 ms, 0.35 s at 1 ms, 0.23 s at 0.5 ms instead of 0.02 s alone (measured again in session 7: 248 ms at 1 ms,
+  142 ms at 0.5 ms, 83 ms at 0.2 ms, with two busy threads' throughput unchanged within noise): a paint that takes
+  20 ms when idle took 0.2 s during a Refine. :data:`SWITCH_INTERVAL_S` is used while the cockpit is open.
 * **Full garbage collections.** A full collection walks every tracked object holding the lock; with napari, the Qt
   wrappers, numba and the cockpit loaded (~300,000 objects) that is 0.45–0.8 s, triggered by whichever thread
   allocates (often the run's worker), several times per Refine. What exists when the cockpit opens — and the kernels'
@@ -30,7 +31,7 @@ import sys
 __all__ = ["FULL_COLLECTION_AFTER", "SWITCH_INTERVAL_S", "freeze_new", "hold", "holders", "release"]
 
 #: The interpreter's switch interval while a cockpit is open (s).
-SWITCH_INTERVAL_S = 0.001
+SWITCH_INTERVAL_S = 0.00025
 #: How many collections of the middle generation come before a full one while a cockpit is open (Python's: 10).
 FULL_COLLECTION_AFTER = 100
 
