@@ -54,6 +54,10 @@ def test_only_a_software_renderer_without_a_marker_of_this_key_is_warmed(mesa_ca
     assert _gl_warmup.needs_warming()
     _gl_warmup.marker_path().write_text("{not json")
     assert _gl_warmup.needs_warming()
+    (mesa_cache.parent / "mesa_shader_cache_db").mkdir()  # a later Mesa's folder, alone: the marker goes there
+    mesa_cache.rename(mesa_cache.parent / "old")
+    assert _gl_warmup.marker_path() == mesa_cache.parent / "mesa_shader_cache_db" / _gl_warmup.MARKER_NAME
+    assert _gl_warmup.needs_warming()
     monkeypatch.setenv("MESA_SHADER_CACHE_DISABLE", "true")
     assert not _gl_warmup.needs_warming()
     monkeypatch.delenv("MESA_SHADER_CACHE_DISABLE")

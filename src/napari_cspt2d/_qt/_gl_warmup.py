@@ -72,13 +72,19 @@ _WARMED = threading.Event()  # a warm-up of this process ran to its end (the cac
 _LATER = object()  # a stage's answer: it goes on in turns of its own
 
 
+#: The folders Mesa keeps its cache in, under its base folder: one file per entry (Mesa 22), one database or one
+#: file (later releases).
+MESA_CACHE_NAMES = ("mesa_shader_cache", "mesa_shader_cache_db", "mesa_shader_cache_sf")
+
+
 def mesa_cache_folder() -> Path:
-    """Mesa's shader cache folder (``$MESA_SHADER_CACHE_DIR``, else ``$XDG_CACHE_HOME`` or ``~/.cache``, then
-    ``mesa_shader_cache``)."""
+    """Mesa's shader cache folder: under ``$MESA_SHADER_CACHE_DIR``, else ``$XDG_CACHE_HOME`` or ``~/.cache``, the
+    first of :data:`MESA_CACHE_NAMES` that exists (the first if none does)."""
     base = os.environ.get("MESA_SHADER_CACHE_DIR") or os.environ.get("MESA_GLSL_CACHE_DIR")
     if not base:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "mesa_shader_cache"
+    folders = [Path(base) / name for name in MESA_CACHE_NAMES]
+    return next((folder for folder in folders if folder.is_dir()), folders[0])
 
 
 def marker_path() -> Path:
