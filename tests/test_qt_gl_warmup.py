@@ -186,3 +186,21 @@ def test_the_warm_up_fills_mesas_cache_and_the_sample_then_finds_most_of_its_pro
     assert after - warmed < (warmed - before) / 2, f"the sample compiled most of its programs again ({counts})"
     print(counts)
     assert os.path.isfile(tmp_path / "mesa" / "mesa_shader_cache" / _gl_warmup.MARKER_NAME)
+
+
+@pytest.mark.gui
+def test_a_failing_stage_ends_the_warm_up_quietly(make_napari_viewer, qtbot, monkeypatch, mesa_cache, software_gl):
+    """A stage that raises: the warm-up says "failed", its thread ends with what it had, no marker is left (the
+    next session tries again) and the cockpit is built as usual."""
+
+    def broken(self, characters) -> None:
+        raise RuntimeError("no font")
+
+    monkeypatch.setattr(_gl_warmup.ShaderCacheWarmer, "_make_glyphs", broken)
+    viewer = make_napari_viewer(show=True)
+    _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    warmer = cockpit.shader_warmer
+    qtbot.waitUntil(lambda: cockpit.tabs_built and warmer.state == "failed" and warmer._thread is None,
+                    timeout=60000)
+    assert warmer._canvas is None and warmer._surface is None and not warmer._steps
+    assert not _gl_warmup.marker_path().exists() and not _gl_warmup._WARMED.is_set()

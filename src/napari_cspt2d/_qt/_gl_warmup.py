@@ -297,26 +297,31 @@ class ShaderCacheWarmer(QObject):
             if _WARMED.is_set() or not needs_warming():
                 self.state = "skipped"
                 return
-        except Exception as exc:  # noqa: BLE001 - an optimisation: never in the user's way
-            self._fail("checking whether the shader cache needs warming", exc)
-            return
-        self.state = "drawing"
-        from qtpy.QtWidgets import QApplication
+            from qtpy.QtWidgets import QApplication
 
-        QApplication.instance().aboutToQuit.connect(self.stop)  # (also when the app quits with the cockpit open)
-        self._maker = create_worker(stand_in_layers, _start_thread=False, _ignore_errors=True)
-        self._maker.returned.connect(self._on_layers)
-        self._maker.errored.connect(lambda exc: self._fail("making the stand-in layers", exc))
-        self._maker.start()
+            self.state = "drawing"
+            QApplication.instance().aboutToQuit.connect(self.stop)  # (also when the app quits with the cockpit open)
+            self._maker = create_worker(stand_in_layers, _start_thread=False, _ignore_errors=True)
+            self._maker.returned.connect(self._on_layers)
+            self._maker.errored.connect(lambda exc: self._abandon("making the stand-in layers", exc))
+            self._maker.start()
+        except Exception as exc:  # noqa: BLE001 - an optimisation: never in the user's way
+            self._abandon("starting", exc)
 
     def _on_layers(self, layers: list) -> None:
+        self._maker = None
+        if self._stop.is_set():
+            return
+        try:
+            self._plan(layers)
+        except Exception as exc:  # noqa: BLE001
+            self._abandon("planning the stages", exc)
+
+    def _plan(self, layers: list) -> None:
         from napari.layers import Points
 
         from ._tilt_overlay import GLYPHS_PER_TURN, MEASURED_CHARACTERS  # (loaded with the tabs' modules by now)
 
-        self._maker = None
-        if self._stop.is_set():
-            return
         self._steps.append(self._make_canvas)
         for index, layer in enumerate(layers):  # as the loader adds them: each added, its programs built, a frame
             # (the frame of the layer before in the same turn: ~2 ms; fewer turns, the sooner the thread has them)
@@ -339,11 +344,7 @@ class ShaderCacheWarmer(QObject):
             if step() is _LATER:  # the step goes on in turns of its own, then calls _continue
                 return
         except Exception as exc:  # noqa: BLE001
-            self._stop.set()
-            self._batches.put(None)
-            self._steps.clear()
-            self._release_canvas()
-            self._fail("drawing the stand-in layers", exc)
+            self._abandon("drawing the stand-in layers", exc)
             return
         if self._steps:
             in_own_turn(self._next_step)
@@ -470,6 +471,14 @@ class ShaderCacheWarmer(QObject):
         self._join()
         if self.running:
             self.state = "stopped"
+
+    def _abandon(self, what: str, exc: BaseException) -> None:
+        """A GUI-thread part failed: nothing more is drawn, the thread ends with what it has."""
+        self._stop.set()
+        self._batches.put(None)
+        self._steps.clear()
+        self._release_canvas()
+        self._fail(what, exc)
 
     def _fail(self, what: str, exc: BaseException) -> None:
         self.state = "failed"
