@@ -325,8 +325,9 @@ class ShaderCacheWarmer(QObject):
         self._steps.append(self._make_canvas)
         for index, layer in enumerate(layers):  # as the loader adds them: each added, its programs built, a frame
             # (the frame of the layer before in the same turn: ~2 ms; fewer turns, the sooner the thread has them)
-            self._steps.append(partial(self._add, layer, frame_first=index > 0, with_label=index == 0))
+            self._steps.append(partial(self._add, layer, frame_first=index > 0))
             if not index:  # the tilt label shows with the first image; its font's glyphs made a few per turn
+                self._steps.append(self._show_label)
                 characters = list(dict.fromkeys(MEASURED_CHARACTERS + STAND_IN_LABEL))
                 self._steps.extend(partial(self._make_glyphs, characters[i:i + GLYPHS_PER_TURN])
                                    for i in range(0, len(characters), GLYPHS_PER_TURN))
@@ -371,15 +372,17 @@ class ShaderCacheWarmer(QObject):
         self._start_thread(canvas.native.format())
         self._frame()  # the empty canvas's first paint
 
-    def _add(self, layer, frame_first: bool, with_label: bool) -> None:
-        """Add ``layer`` (after the frame of the layer before); ``with_label``: the canvas's text overlay shows the
-        tilt label, as :func:`._tilt_overlay.connect_tilt_view` sets it when the first image comes."""
+    def _add(self, layer, frame_first: bool) -> None:
+        """Add ``layer`` (after the frame of the layer before)."""
         if frame_first:
             self._frame()
         self._model.add_layer(layer)
-        if with_label:
-            overlay = self._model.canvas.overlays.text
-            overlay.position, overlay.font_size, overlay.text, overlay.visible = "top_left", 12, STAND_IN_LABEL, True
+
+    def _show_label(self) -> None:
+        """The canvas's text overlay shows the tilt label, as :func:`._tilt_overlay.connect_tilt_view` sets it when
+        the first image comes."""
+        overlay = self._model.canvas.overlays.text
+        overlay.position, overlay.font_size, overlay.text, overlay.visible = "top_left", 12, STAND_IN_LABEL, True
 
     def _make_glyphs(self, characters: list[str]) -> None:
         font_info = self._canvas.font_info()
