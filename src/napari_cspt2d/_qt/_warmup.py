@@ -24,6 +24,7 @@ from qtpy.QtCore import QObject, QProcess, QTimer, Signal
 
 from ..errors import CsptCancelled
 from . import _interpreter, _stages
+from ._priority import lower_priority
 
 __all__ = ["KERNELS_STAGE", "KernelWarmer", "wait_for_kernels", "warm_once"]
 
@@ -34,6 +35,8 @@ PIECES = ("reconstruct", "refine")
 #: The progress stage a run reports while it waits for the kernels (the Run tab words it).
 KERNELS_STAGE = "kernels"
 
+#: The child's scheduling niceness from its start (as :data:`napari_cspt2d.recon.warmup.CHILD_NICENESS`).
+CHILD_NICENESS = 10
 #: The child's command line (arguments of ``sys.executable``).
 CHILD_ARGS = ("-m", "napari_cspt2d.recon.warmup")
 
@@ -68,6 +71,8 @@ class KernelWarmer(QObject):
         self.process.finished.connect(self._child_finished)
         self.process.errorOccurred.connect(lambda *_: self._load(PIECES[-1]))
         self.process.start(sys.executable, list(args))
+        # low priority from its start: its imports (numba, scipy: ~1 s of a core) compete with opening the cockpit
+        lower_priority(int(self.process.processId()), CHILD_NICENESS)
 
     def _read_child(self) -> None:
         text = bytes(self.process.readAllStandardOutput()).decode(errors="replace")
