@@ -52,8 +52,8 @@ from ._gl_info import gl_strings, is_software_renderer
 from ._priority import lower_thread_priority
 from ._stages import in_own_turn
 
-__all__ = ["MARKER_NAME", "ShaderCacheWarmer", "marker_path", "needs_warming", "replay", "stand_in_layers",
-           "warm_key"]
+__all__ = ["MARKER_NAME", "ShaderCacheWarmer", "marker_path", "may_need_warming", "needs_warming", "replay",
+           "stand_in_layers", "warm_key"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -122,6 +122,12 @@ def needs_warming() -> bool:
         return json.loads(marker_path().read_text()) != warm_key()
     except (OSError, ValueError):
         return True
+
+
+def may_need_warming() -> bool:
+    """What :func:`needs_warming` can tell without an OpenGL context (any thread): Mesa's cache on and no marker
+    in its folder (a marker of another key is found out by :func:`needs_warming`)."""
+    return not _WARMED.is_set() and not _cache_disabled() and not marker_path().is_file()
 
 
 def _write_marker() -> None:
@@ -278,6 +284,7 @@ class ShaderCacheWarmer(QObject):
         self._stop = threading.Event()
         self._steps: deque[Callable[[], None]] = deque()
         self._maker = None
+        self._prepared: list | None = None  # the stand-in layers, made by :meth:`prepare` before :meth:`start`
         self._model = None
         self._canvas = None
         self._recorder = None
@@ -291,6 +298,18 @@ class ShaderCacheWarmer(QObject):
         """Whether some of it is still to come (stages or the thread)."""
         return self.state in ("drawing", "compiling")
 
+    def prepare(self) -> None:
+        """Make the stand-in layers now, in the calling thread (any: the cockpit's import thread, before its tabs
+        are built), if a warm-up may be needed (:func:`may_need_warming`); :meth:`start` then uses them instead of
+        making them in a thread of its own beside the GUI thread's work. A failure leaves that to :meth:`start`."""
+        if self.state != "idle" or self._prepared is not None:
+            return
+        try:
+            if may_need_warming():
+                self._prepared = stand_in_layers()
+        except Exception as exc:  # noqa: BLE001 - an optimisation: never in the user's way
+            _LOG.info("GL warm-up: making the stand-in layers failed (%s: %s)", type(exc).__name__, exc)
+
     # ------------------------------------------------------------------ GUI thread
     def start(self) -> None:
         """Begin, unless nothing needs warming (:func:`needs_warming`); once."""
@@ -298,12 +317,16 @@ class ShaderCacheWarmer(QObject):
             return
         try:
             if _WARMED.is_set() or not needs_warming():
-                self.state = "skipped"
+                self.state, self._prepared = "skipped", None
                 return
             from qtpy.QtWidgets import QApplication
 
             self.state = "drawing"
             QApplication.instance().aboutToQuit.connect(self.stop)  # (also when the app quits with the cockpit open)
+            if self._prepared is not None:
+                layers, self._prepared = self._prepared, None
+                self._on_layers(layers)
+                return
             self._maker = create_worker(stand_in_layers, _start_thread=False, _ignore_errors=True)
             self._maker.returned.connect(self._on_layers)
             self._maker.errored.connect(lambda exc: self._abandon("making the stand-in layers", exc))

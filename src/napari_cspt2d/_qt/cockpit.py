@@ -110,7 +110,7 @@ class Cockpit(QWidget):
         self.warmer.ready.connect(_interpreter.freeze_new)  # the kernels' objects live as long as the process
         self.shader_warmer = ShaderCacheWarmer(self)  # started once the tabs' modules are loaded
         self._close_watcher = WindowCloseWatcher(self, self.close_session)
-        self._importer = create_worker(_import_tab_modules, _start_thread=False, _ignore_errors=True)
+        self._importer = create_worker(self._load_in_thread, _start_thread=False, _ignore_errors=True)
         self._importer.finished.connect(self._on_imported)
         QTimer.singleShot(IMPORT_DELAY_MS, self._importer.start)
 
@@ -120,17 +120,32 @@ class Cockpit(QWidget):
         """Whether every tab's widget exists (built in the background's wake, or on first use)."""
         return len(self._built) == len(TABS)
 
+    def _load_in_thread(self) -> None:
+        """The import thread's work: the tabs' modules, then the GL warm-up's stand-in layers if it may need them
+        (:meth:`ShaderCacheWarmer.prepare`: made here, before the tabs are built, not beside them)."""
+        _import_tab_modules()
+        if not self._closed:
+            self.shader_warmer.prepare()
+
     def _on_imported(self) -> None:
         if not self._closed:
             _interpreter.freeze_new()  # the modules' objects, out of full collections like the rest at opening
-            self._build_later(0)
-            self.shader_warmer.start()
+            self._build_later(0)  # then the GL warm-up (:meth:`_on_tabs_built`)
 
     def _build_later(self, index: int) -> None:
         """Build the next piece of tab ``TABS[index]`` in a later event-loop turn, then the next piece or tab (each
         in a turn of its own)."""
         if index < len(TABS):
             QTimer.singleShot(0, lambda: self._build_now(index))
+        else:  # (in the last piece's turn: once ``tabs_built``, the warm-up has started)
+            self._on_tabs_built()
+
+    def _on_tabs_built(self) -> None:
+        """The GL warm-up starts once the tabs are built: its stand-in layers are made in a thread running Python,
+        and beside it each GUI-thread call into Qt waits for the interpreter lock again (a tab's piece of ~20 ms took
+        70-160 ms)."""
+        if not self._closed:
+            self.shader_warmer.start()
 
     def _build_now(self, index: int) -> None:
         if self._closed:
