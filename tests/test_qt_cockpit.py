@@ -244,6 +244,36 @@ def test_docking_the_cockpit_lays_the_window_out_once(make_napari_viewer, qtbot)
     assert widths == [canvas.width()]
 
 
+def test_the_fitted_width_leaves_room_for_the_docks_on_the_other_side(make_napari_viewer, qtbot):
+    """The cockpit's fitted width (its size hint, asked at each layout) counts the docks shown on the other side of
+    the window (napari's layer list and controls): hiding them widens it; a dock of its own side does not count."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QDockWidget
+
+    from napari_cspt2d._qt.cockpit import LAYER_DOCKS_PX, PREFERRED_WIDTH_PX
+
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1366, 768)
+    qtbot.waitExposed(window)
+    _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    qtbot.wait(300)
+    dock = cockpit._dock()
+    left = [d for d in window.findChildren(QDockWidget)
+            if d.isVisible() and window.dockWidgetArea(d) == Qt.DockWidgetArea.LeftDockWidgetArea]
+    assert left and window.dockWidgetArea(dock) == Qt.DockWidgetArea.RightDockWidgetArea
+    with_left = cockpit._fitted_width(window)
+    assert cockpit.sizeHint().width() == with_left
+    beside = max(max(d.width(), LAYER_DOCKS_PX) for d in left)
+    for d in left:
+        d.hide()
+    without_left = cockpit._fitted_width(window)
+    assert with_left < without_left == min(PREFERRED_WIDTH_PX, with_left + beside)
+    for d in left:
+        d.show()
+    assert cockpit._fitted_width(window) == with_left
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("size", SCREENS, ids=[f"{w}x{h}" for w, h in SCREENS])
 def test_fits_the_screen_with_the_sample_and_after_a_refine(make_napari_viewer, qtbot, tmp_path, size,

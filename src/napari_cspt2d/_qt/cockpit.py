@@ -250,7 +250,9 @@ class Cockpit(QWidget):
 
     def _fitted_width(self, window: QMainWindow | None = None) -> int | None:
         """The width that leaves the canvas at least half of ``window`` (between :data:`MIN_WIDTH_PX` and
-        :data:`PREFERRED_WIDTH_PX`), when the cockpit is docked on its side; else None."""
+        :data:`PREFERRED_WIDTH_PX`), when the cockpit is docked on its side; else None. (Qt asks the size hint at each
+        layout, e.g. when a Run tab's label changes: the window's docks are its direct children, and searching its
+        ~1250 descendants instead took ~0.9 ms of each call, holding the interpreter lock.)"""
         dock = self._dock()
         window = window if window is not None else self._window
         if dock is None or window is None or dock.isFloating():
@@ -260,7 +262,8 @@ class Cockpit(QWidget):
             return None
         other = (Qt.DockWidgetArea.LeftDockWidgetArea if area == Qt.DockWidgetArea.RightDockWidgetArea
                  else Qt.DockWidgetArea.RightDockWidgetArea)
-        beside = max((max(d.width(), LAYER_DOCKS_PX) for d in window.findChildren(QDockWidget)
+        docks = window.findChildren(QDockWidget, options=Qt.FindChildOption.FindDirectChildrenOnly)
+        beside = max((max(d.width(), LAYER_DOCKS_PX) for d in docks
                       if d.isVisible() and not d.isFloating() and window.dockWidgetArea(d) == other), default=0)
         room = window.width() - window.width() // 2 - beside - _MARGIN_PX
         return max(MIN_WIDTH_PX, min(PREFERRED_WIDTH_PX, room))
