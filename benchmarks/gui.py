@@ -10,10 +10,12 @@
 3. Scrolling tilts with the stack and the 100k tracks shown (one dims step + redraw).
 4. The cockpit's loop on the sample (``--part cockpit``): Open Sample (no cache, then cached), Reconstruct on a cold
    numba cache (an empty ``NUMBA_CACHE_DIR``; the cockpit's background warm-up starts when it opens), Refine with 3
-   iterations, Cancel during a Refine, and the Refine again. Per phase, the lateness of a 10 ms QTimer (how long the
-   user feels the window frozen: max and 99th percentile), the time to the first image, the time to the first
-   progress and to the map of the first Reconstruct, and the cancel latency (button to the run's end). Goals: max
-   lateness <= 100 ms in every phase, first image <= 2 s, cancel <= 0.5 s.
+   iterations, Cancel during a Refine, and the Refine again. The shown viewer's own first show and paint (napari's,
+   no plugin yet: ~90 ms late in a first session) is a phase of its own ("napari window shown"), before "open
+   cockpit" (the dock added to the settled window, its tabs built, then 1 s). Per phase, the lateness of a 10 ms
+   QTimer (how long the user feels the window frozen: max and 99th percentile), the time to the first image, the
+   time to the first progress and to the map of the first Reconstruct, and the cancel latency (button to the run's
+   end). Goals: max lateness <= 100 ms in every phase, first image <= 2 s, cancel <= 0.5 s.
    The loop runs twice, each time in a napari session of its own (a child process), because Mesa keeps the shader
    programs it compiled (glLinkProgram: 100s of ms each in llvmpipe, on the GUI thread) in an on-disk cache: the
    **first session** starts with an empty shader cache (``MESA_SHADER_CACHE_DIR`` a new temp folder: a user's first
@@ -526,6 +528,8 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
     timed(Cockpit, "_build_now", "cockpit: a piece of a tab built")
     timed(ShaderCacheWarmer, "_next_step", "GL warm-up: a stage (off-screen canvas)")
     timed(QtViewer, "__init__", "a QtViewer made (the docked map viewer)")
+    probe.phase("napari window shown")  # napari's own first show, resize and paint, apart from the cockpit's
+    _settle(1.0)
     probe.phase("open cockpit")
     opened = time.perf_counter()
     _, cockpit = viewer.window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")

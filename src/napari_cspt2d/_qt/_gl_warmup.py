@@ -49,7 +49,6 @@ from napari.qt.threading import create_worker
 from qtpy.QtCore import QObject, Signal
 
 from ._gl_info import gl_strings, is_software_renderer
-from ._priority import lower_thread_priority
 from ._stages import in_own_turn
 
 __all__ = ["MARKER_NAME", "ShaderCacheWarmer", "marker_path", "may_need_warming", "needs_warming", "replay",
@@ -69,8 +68,6 @@ STAND_IN_RADIUS_PX = 8.0
 STAND_IN_LABEL = "t"
 #: How long closing the cockpit waits for the thread (it stops between two GL commands; one link takes ≤ ~0.3 s).
 JOIN_TIMEOUT_S = 5.0
-#: The thread's scheduling niceness: on 2 busy cores, the GUI thread gets a core before the compiles.
-THREAD_NICENESS = 10
 _WARMED = threading.Event()  # a warm-up of this process ran to its end (the cache holds its programs)
 _LATER = object()  # a stage's answer: it goes on in turns of its own
 
@@ -516,7 +513,6 @@ class ShaderCacheWarmer(QObject):
 
     # ------------------------------------------------------------------ the thread
     def _compile(self, surface_format) -> None:
-        lower_thread_priority(THREAD_NICENESS)  # (llvmpipe's threads too)
         complete = False
         t0 = time.perf_counter()
         replayed: list[tuple] = []

@@ -1,7 +1,8 @@
 """Lower the scheduling priority of a background thread or child process (Linux: ``setpriority`` takes a thread's
 id; a process's id names its main thread, whose threads started later inherit it). The GUI thread shares 2 cores
-with them when the cockpit opens (Mesa's compiles in the GL warm-up's thread, the kernels' child importing numba):
-at a lower priority they take what the GUI thread leaves. Elsewhere (or refused) nothing changes."""
+with them when the cockpit opens (the kernels' child importing numba and scipy): at a lower priority they take what
+the GUI thread leaves. Elsewhere (or refused) nothing changes. Not for work the user soon waits for (the GL warm-up's
+thread): under other processes' load a lowered thread gets ~10% of a core."""
 
 from __future__ import annotations
 
