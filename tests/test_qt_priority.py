@@ -47,3 +47,36 @@ def test_the_kernels_child_runs_at_a_lower_priority_from_its_start(qtbot):
         assert _niceness(int(warmer.process.processId())) >= max(own, _warmup.CHILD_NICENESS)
     finally:
         warmer.stop()
+
+
+def test_a_run_works_at_a_lower_priority_and_its_thread_gets_its_own_back(monkeypatch):
+    """The run's worker (and the thread pools it starts) run at RUN_NICENESS; the pooled thread serves other work
+    afterwards: its niceness is set back where the system allows it (root, or a raised RLIMIT_NICE)."""
+    from napari_cspt2d._qt import run_widget
+
+    seen: dict[str, int] = {}
+
+    def fake_run_job(s, mode, progress, cancel):
+        seen["run"] = _niceness(threading.get_native_id())
+        inner = threading.Thread(target=lambda: seen.setdefault("started", _niceness(threading.get_native_id())))
+        inner.start()
+        inner.join()
+        yield from ()
+
+    monkeypatch.setattr(run_widget, "run_job", fake_run_job)
+    monkeypatch.setattr(run_widget, "wait_for_kernels", lambda *a, **k: 0.0)
+    out: dict[str, object] = {}
+
+    def body() -> None:
+        out["before"] = _niceness(threading.get_native_id())
+        out["result"] = list(run_widget._prepared_run(None, "reconstruct", lambda *a: None, lambda: False))
+        out["after"] = _niceness(threading.get_native_id())
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert out["result"] == []
+    assert run_widget.RUN_NICENESS > 0
+    assert seen["run"] == seen["started"] == max(out["before"], run_widget.RUN_NICENESS)
+    if os.geteuid() == 0:
+        assert out["after"] == out["before"]

@@ -6,10 +6,12 @@ thread): under other processes' load a lowered thread gets ~10% of a core."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 
-__all__ = ["lower_priority", "lower_thread_priority"]
+__all__ = ["lower_priority", "lower_thread_priority", "thread_priority_lowered"]
 
 
 def lower_priority(native_id: int, niceness: int) -> bool:
@@ -28,3 +30,20 @@ def lower_priority(native_id: int, niceness: int) -> bool:
 def lower_thread_priority(niceness: int) -> bool:
     """:func:`lower_priority` of the calling thread (and the threads it starts afterwards)."""
     return lower_priority(threading.get_native_id(), niceness)
+
+
+@contextlib.contextmanager
+def thread_priority_lowered(niceness: int) -> Iterator[bool]:
+    """The calling thread (and the threads it starts meanwhile) at :func:`lower_thread_priority` inside the block,
+    at its former niceness again afterwards where the system allows it (a pooled thread serves other work later;
+    an unprivileged process may not raise a priority back on Linux: the thread then stays lower). Yields whether
+    it was lowered."""
+    native_id = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, native_id) if hasattr(os, "getpriority") else None
+    lowered = lower_thread_priority(niceness)
+    try:
+        yield lowered
+    finally:
+        if lowered and before is not None:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, native_id, before)
