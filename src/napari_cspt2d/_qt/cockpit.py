@@ -122,7 +122,8 @@ class Cockpit(QWidget):
 
     def _load_in_thread(self) -> None:
         """The import thread's work: the tabs' modules, then the GL warm-up's stand-in layers if it may need them
-        (:meth:`ShaderCacheWarmer.prepare`: made here, before the tabs are built, not beside them)."""
+        (:meth:`ShaderCacheWarmer.prepare`: made here, before the tabs are built, not in a thread beside them, where
+        each GUI-thread call into Qt waited for the interpreter lock again: a tab's piece of ~10 ms took 15-104 ms)."""
         _import_tab_modules()
         if not self._closed:
             self.shader_warmer.prepare()
@@ -130,22 +131,16 @@ class Cockpit(QWidget):
     def _on_imported(self) -> None:
         if not self._closed:
             _interpreter.freeze_new()  # the modules' objects, out of full collections like the rest at opening
-            self._build_later(0)  # then the GL warm-up (:meth:`_on_tabs_built`)
+            self._build_later(0)
+            # the GL warm-up's stages go between the tabs' pieces (its stand-in layers are made: no thread runs
+            # Python beside them), and it is done sooner than when started after the tabs (before Open Sample)
+            self.shader_warmer.start()
 
     def _build_later(self, index: int) -> None:
         """Build the next piece of tab ``TABS[index]`` in a later event-loop turn, then the next piece or tab (each
         in a turn of its own)."""
         if index < len(TABS):
             QTimer.singleShot(0, lambda: self._build_now(index))
-        else:  # (in the last piece's turn: once ``tabs_built``, the warm-up has started)
-            self._on_tabs_built()
-
-    def _on_tabs_built(self) -> None:
-        """The GL warm-up starts once the tabs are built: its stand-in layers are made in a thread running Python,
-        and beside it each GUI-thread call into Qt waits for the interpreter lock again (a tab's piece of ~20 ms took
-        70-160 ms)."""
-        if not self._closed:
-            self.shader_warmer.start()
 
     def _build_now(self, index: int) -> None:
         if self._closed:
