@@ -76,3 +76,19 @@ def child_env() -> dict[str, str]:
     source = str(Path(napari_cspt2d.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH", "")) if p)
     return env
+
+
+@pytest.fixture
+def staged_turns(monkeypatch) -> list[int]:
+    """A one-item list counting the staged GUI turns run so far (``_qt._stages``: each step in a turn of its own)."""
+    from napari_cspt2d._qt import _stages
+
+    turns = [0]
+    run_next = _stages._run_next
+
+    def counted() -> None:
+        turns[0] += 1
+        run_next()
+
+    monkeypatch.setattr(_stages, "_run_next", counted)
+    return turns

@@ -32,7 +32,7 @@ def _scene(viewer, qtbot):
     return points
 
 
-def test_a_hidden_layer_is_built_in_turns_then_drawn_the_same(make_napari_viewer, qtbot, monkeypatch):
+def test_a_hidden_layer_is_built_in_turns_then_drawn_the_same(make_napari_viewer, qtbot, monkeypatch, staged_turns):
     """The hidden layer's programs (markers, text) need building; ``build_in_turns`` builds them one per turn, then
     calls ``then`` (which shows it); the canvas then shows exactly what a viewer drawing it the usual way shows."""
     viewer = make_napari_viewer(show=True)
@@ -40,14 +40,7 @@ def test_a_hidden_layer_is_built_in_turns_then_drawn_the_same(make_napari_viewer
     qtbot.wait(50)
     todo = programs_to_build(viewer, points)
     assert len(todo) >= 3  # two marker programs (points, highlight) and the text
-    turns = [0]
-    run_next = _stages._run_next
-
-    def counted() -> None:
-        turns[0] += 1
-        run_next()
-
-    monkeypatch.setattr(_stages, "_run_next", counted)
+    turns = staged_turns
     built_in_turn: list[int] = []
     for visual in todo:  # the turn each program is built in (a draw's later calls build nothing)
         program = visual._program

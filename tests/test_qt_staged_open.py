@@ -54,7 +54,7 @@ def test_staged_steps_run_in_order_each_in_a_turn_of_its_own(qtbot):
 
 @pytest.mark.gui
 def test_the_sample_opens_in_stages_image_first_and_all_layers_end_in_order(make_napari_viewer, qtbot, cache_home,
-                                                                           monkeypatch):
+                                                                           staged_turns):
     """The Data tab's sample: the image is added alone and hidden, and shown in a later turn, before the next layer
     arrives; the trajectories and tracks layers likewise; the tracks layer is made the active one once shown; at the
     end the layers are in the reader's order (image, trajectories, tracks), the image and tracks shown, the
@@ -72,14 +72,7 @@ def test_the_sample_opens_in_stages_image_first_and_all_layers_end_in_order(make
 
     viewer.layers.events.inserted.connect(inserted)
     events: list[str] = []  # the viewer's third dim (its slider) comes in a staged turn before the image's
-    turns = [0]
-    run_next = _stages._run_next
-
-    def counted() -> None:
-        turns[0] += 1
-        run_next()
-
-    monkeypatch.setattr(_stages, "_run_next", counted)
+    turns = staged_turns
     viewer.dims.events.ndim.connect(
         lambda event: events.append(f"ndim {viewer.dims.ndim} with {len(viewer.layers)} layers, turn {turns[0]}"))
     viewer.layers.events.inserted.connect(
