@@ -25,10 +25,9 @@ from . import refine
 from .backproject import Projector
 from .reconstruct import HalfMapInsertion, ReconstructionSettings
 
-__all__ = ["CHILD_NICENESS", "PIECES", "lower_own_priority", "tiny_tracks", "warm_kernels", "warm_reconstruction",
-           "warm_refinement"]
+__all__ = ["CHILD_NICENESS", "PIECES", "tiny_tracks", "warm_kernels", "warm_reconstruction", "warm_refinement"]
 
-#: The child's scheduling niceness (the window's is 0: this much lower).
+#: How much lower the child's scheduling priority is than the window's (``os.nice``).
 CHILD_NICENESS = 10
 
 
@@ -83,16 +82,9 @@ def warm_kernels(piece: str = "refine") -> None:
 _BOX, _SIZE, _PIXEL_A, _RADIUS_A = 16, 64, 4.0, 24.0
 
 
-def lower_own_priority(niceness: int = CHILD_NICENESS) -> int:
-    """Raise this process's niceness to at least ``niceness`` (not by it: the cockpit already set the child's when it
-    started it, and a second step of 10 made it 19); returns the niceness now (0 where ``os.nice`` is missing)."""
-    if not hasattr(os, "nice"):
-        return 0
-    return os.nice(max(0, niceness - os.nice(0)))
-
-
 if __name__ == "__main__":  # pragma: no cover - run by the cockpit in a child process
-    lower_own_priority()
+    if hasattr(os, "nice"):
+        os.nice(CHILD_NICENESS)
     for name in PIECES:  # each piece's line tells the cockpit it can load that piece from the cache
         warm_kernels(name)
         print(name, flush=True)
