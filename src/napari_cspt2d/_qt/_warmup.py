@@ -35,7 +35,8 @@ PIECES = ("reconstruct", "refine")
 #: The progress stage a run reports while it waits for the kernels (the Run tab words it).
 KERNELS_STAGE = "kernels"
 
-#: The child's scheduling niceness from its start (as :data:`napari_cspt2d.recon.warmup.CHILD_NICENESS`).
+#: The child's scheduling niceness from its start, during its imports; once they are done it goes lower by
+#: itself (:data:`napari_cspt2d.recon.warmup.CHILD_NICENESS`).
 CHILD_NICENESS = 10
 #: The child's command line (arguments of ``sys.executable``).
 CHILD_ARGS = ("-m", "napari_cspt2d.recon.warmup")

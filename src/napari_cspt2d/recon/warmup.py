@@ -27,8 +27,12 @@ from .reconstruct import HalfMapInsertion, ReconstructionSettings
 
 __all__ = ["CHILD_NICENESS", "PIECES", "tiny_tracks", "warm_kernels", "warm_reconstruction", "warm_refinement"]
 
-#: How much lower the child's scheduling priority is than the window's (``os.nice``).
-CHILD_NICENESS = 10
+#: The child's scheduling niceness once its imports are done: the lowest (``os.nice`` stops at 19), so its
+#: compiling yields the cores to the window. The cockpit sets the child to niceness 10 when it starts it
+#: (:data:`napari_cspt2d._qt._warmup.CHILD_NICENESS`), and the child's own step of 10 took it to 19, which is
+#: what was measured. At 10, the cockpit's opening stalled 144-154 ms in 2 of 3 first-session runs
+#: (``benchmarks/gui.py``), against 60-64 ms in 2 of 3 at 19.
+CHILD_NICENESS = 19
 
 
 def tiny_tracks(rng: np.random.Generator, size: int = 64) -> TrackSet:
