@@ -24,6 +24,11 @@
    cached)") and an empty numba cache ("reconstruct (cold kernels)"). Per phase and session, the GL programs vispy
    made are counted and timed (their shaders' compiles, link and first draw: :class:`GLProgramTimer`), and the
    slowest GUI-thread calls are listed (opening the cockpit: each piece of a tab, the docked map viewer's QtViewer).
+   Each stall (the timer > 50 ms late) is split into the GUI thread's time on a core, waiting for one and blocked
+   (the interpreter lock, I/O), with the other threads that ran meanwhile (:class:`ThreadClocks`). Two references
+   come from the same run: the machine's speed at pure Python (``python_loop_ms``: a GUI thread's work scales with
+   it), and the **peer** of Open Sample, napari itself adding the same layers at once, as it does a reader plugin's
+   (the last phase, :func:`peer_adds_layers`).
 
 Prints a table and writes benchmarks/results/gui.json (the cockpit's part under ``"cockpit"``, one entry per session).
 Run: ``.venv/bin/python benchmarks/gui.py [--part files|cockpit|all] [--stacks [--session first|later]]``. The
@@ -270,10 +275,71 @@ GOALS = {
 TIMER_MS = 10
 STALL_MS = 50.0  # a tick later than this is a stall (its GUI-thread stacks are reported with --stacks)
 COCKPIT_GOALS = {"max_lateness_ms": 100.0, "first_image_s": 2.0, "cancel_s": 0.5}
+#: The last phase: napari alone adds the layers Open Sample made (:func:`peer_adds_layers`).
+PEER_PHASE = "peer: napari adds the sample's layers"
+
+
+class ThreadClocks:
+    """The CPU time of each thread of this process and the time each waited for a core (Linux's
+    ``/proc/self/task/<id>/schedstat``, ns), read at every tick of the probe: a stall's time is split into the GUI
+    thread running, waiting for a core and blocked (the interpreter lock, a Qt or GL lock, I/O), and the other threads
+    that ran during it are named. Reading them costs ~10 µs per thread and tick."""
+
+    #: The key of the threads that ended since the last read (the process's CPU time not in any live thread's).
+    ENDED = -1
+    _PROCESS = 0  # (no thread has id 0) the process's CPU time, in :meth:`read`
+
+    def __init__(self) -> None:
+        self.gui = threading.get_native_id()
+        self._files: dict[int, int] = {}  # thread id -> open schedstat file
+        self.last = self.read()
+
+    def read(self) -> dict[int, tuple[int, int]]:
+        """Thread id -> (ns on a core, ns waiting for one), for the threads alive now; and the process's CPU time,
+        ns (the key ``_PROCESS``)."""
+        out = {}
+        for name in os.listdir("/proc/self/task"):
+            tid = int(name)
+            try:
+                if tid not in self._files:
+                    self._files[tid] = os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY)
+                on_cpu, waiting, _ = os.pread(self._files[tid], 64, 0).split()
+            except OSError:  # (the thread ended)
+                if (fd := self._files.pop(tid, None)) is not None:
+                    os.close(fd)
+                continue
+            out[tid] = (int(on_cpu), int(waiting))
+        for tid in set(self._files) - set(out):  # ended threads' files
+            os.close(self._files.pop(tid))
+        out[self._PROCESS] = (time.process_time_ns(), 0)
+        return out
+
+    def since_last(self) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[int, int]]]:
+        """Per thread, (ms on a core, ms waiting for one) since the last read; and this read."""
+        now = self.read()
+        spent = {tid: ((c - self.last.get(tid, (0, 0))[0]) / 1e6, (w - self.last.get(tid, (0, 0))[1]) / 1e6)
+                 for tid, (c, w) in now.items()}
+        process_ms = spent.pop(self._PROCESS)[0]
+        spent[self.ENDED] = (max(0.0, process_ms - sum(c for c, _ in spent.values())), 0.0)
+        return spent, now
+
+    @staticmethod
+    def name(tid: int) -> str:
+        """A thread's name: Python's, else the kernel's (Qt's and llvmpipe's threads name themselves)."""
+        if tid == ThreadClocks.ENDED:
+            return "threads that ended"
+        for thread in threading.enumerate():
+            if thread.native_id == tid:
+                return thread.name
+        try:
+            return Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        except OSError:
+            return f"thread {tid} (ended)"
 
 
 class LatenessProbe:
-    """A 10 ms QTimer; ``phase(name)`` starts recording how late each tick comes (ms beyond the 10 ms)."""
+    """A 10 ms QTimer; ``phase(name)`` starts recording how late each tick comes (ms beyond the 10 ms). Each stall
+    (a tick more than ``STALL_MS`` late) is kept with where the GUI thread's time went (:class:`ThreadClocks`)."""
 
     def __init__(self) -> None:
         from qtpy.QtCore import QTimer
@@ -283,18 +349,30 @@ class LatenessProbe:
         self.timer.timeout.connect(self._tick)
         self.samples: dict[str, list[float]] = {}
         self.stalls: list[tuple[str, float, float]] = []  # (phase, last tick, late tick), lateness > STALL_MS
+        self.stall_rows: list[dict] = []  # the same stalls, with the threads' times (``stall_summary``)
+        self._clocks = ThreadClocks()
         self._name: str | None = None
         self._last = time.perf_counter()
         self.timer.start()
 
     def _tick(self) -> None:
         now = time.perf_counter()
+        spent, self._clocks.last = self._clocks.since_last()
         if self._name is not None:
             late = max(0.0, (now - self._last) * 1000.0 - TIMER_MS)
             self.samples[self._name].append(late)
             if late > STALL_MS:
                 self.stalls.append((self._name, self._last, now))
+                self._keep_stall(late, (now - self._last) * 1000.0, spent)
         self._last = now
+
+    def _keep_stall(self, late_ms: float, wall_ms: float, spent: dict[int, tuple[float, float]]) -> None:
+        gui_cpu, gui_wait = spent.get(self._clocks.gui, (0.0, 0.0))
+        others = sorted(((cpu, tid) for tid, (cpu, _) in spent.items() if tid != self._clocks.gui), reverse=True)
+        self.stall_rows.append({
+            "phase": self._name, "late_ms": round(late_ms), "gui_on_cpu_ms": round(gui_cpu),
+            "gui_waiting_for_core_ms": round(gui_wait), "gui_blocked_ms": round(max(0.0, wall_ms - gui_cpu - gui_wait)),
+            "others_on_cpu_ms": {self._clocks.name(tid): round(cpu) for cpu, tid in others[:3] if cpu >= 5}})
 
     @property
     def current(self) -> str | None:
@@ -304,7 +382,12 @@ class LatenessProbe:
     def phase(self, name: str) -> None:
         self._name = name
         self.samples.setdefault(name, [])
+        self._clocks.last = self._clocks.read()  # (what ran between the phases is in neither)
         self._last = time.perf_counter()
+
+    def pause(self) -> None:
+        """Record nothing until the next ``phase``."""
+        self._name = None
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {name: {"max_lateness_ms": round(max(v, default=0.0), 1),
@@ -494,7 +577,8 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
 
     os.environ["XDG_CACHE_HOME"] = str(tmp / "cache")  # no sample in the cache yet
     os.environ["NUMBA_CACHE_DIR"] = str(tmp / "numba")  # cold kernels: nothing compiled yet
-    results: dict = {"load_average_start": round(os.getloadavg()[0], 2), "window": "1366x768"}
+    results: dict = {"load_average_start": round(os.getloadavg()[0], 2), "window": "1366x768",
+                     "python_loop_ms": python_loop_ms()}
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1366, 768)
     probe = LatenessProbe()  # (a QTimer needs the application napari made)
@@ -569,6 +653,7 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
         # the phase ends when the cockpit's steps for the new series are done too (the refined-shifts layer and the
         # map layer prepared in turns of their own, _stages); they ran in the next phase's first turns before
         _wait(lambda: state.document is not None and not cockpit.data.busy and not _stages.pending(), 60)
+    layers_opened = [layer.as_layer_data_tuple() for layer in viewer.layers]  # (for the peer, below)
     _wait(lambda: not warmer.running, 60)
     results["gl_warm_up_end"] = warmer.state
     results["gl_warm_up_programs"] = len(warmer.sources)
@@ -612,9 +697,11 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
     run.reconstruct_button.click()
     _wait(lambda: not run.busy, 900)
     results["rerun_reconstruct_s"] = round(time.perf_counter() - t0, 2)
+    peer_adds_layers(viewer, probe, layers_opened)
     results["phases"] = probe.summary()
     results["slowest_gui_callbacks_ms"] = slowest
     results["slowest_gui_callbacks_ms_by_phase"] = by_phase
+    results["stalls"] = probe.stall_rows
     results["gl_programs_by_phase"] = programs.summary()
     results["history"] = [[e.run, e.iteration, round(e.resolution_A, 2)] for e in state.history]
     results["load_average_end"] = round(os.getloadavg()[0], 2)
@@ -624,6 +711,32 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
     probe.timer.stop()
     viewer.close()
     return results
+
+
+def peer_adds_layers(viewer, probe: LatenessProbe, layers: list[tuple]) -> None:
+    """The peer of "open sample": napari itself adds the layers Open Sample made (their data tuples, as a reader
+    plugin returns them, without the cockpit's metadata) all at once, as it does for a reader's layers; the phase ends
+    1 s after the window is painted. Its lateness is napari's own floor for these layers on this machine."""
+    probe.pause()
+    viewer.layers.clear()
+    _settle(1.0)
+    probe.phase(PEER_PHASE)
+    for data, meta, kind in layers:
+        viewer._add_layer_from_data(data, {**meta, "metadata": {}}, kind)  # (as napari adds a reader's layers)
+    viewer.window._qt_viewer.canvas.native.repaint()
+    _settle(1.0)
+
+
+def python_loop_ms() -> float:
+    """This machine's speed at pure Python: ms for a million additions in a loop (the median of three; a GUI
+    thread's work scales with it)."""
+    def once() -> float:
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        return (time.perf_counter() - t0) * 1000.0
+    return round(statistics.median(once() for _ in range(3)), 1)
 
 
 #: The two napari sessions the cockpit's loop runs in: their key in gui.json and the column's title.
@@ -686,8 +799,16 @@ def print_cockpit(sessions: dict[str, dict]) -> None:
         texts = ["-" if c is None else f"{c['programs']} ({c['distinct_sources']}) {c['ms']} ms" for c in cells]
         if any(cells):
             print(f"{phase:<78}" + "".join(f" {t:>18}" for t in texts))
+    for n in names:
+        rows = sessions[n].get("stalls", [])
+        print(f"\n{n} session: stalls over {STALL_MS:g} ms late (the GUI thread's time: on a core / waiting for one"
+              f" / blocked; the busiest other threads, ms on a core)" if rows else f"\n{n} session: no stall")
+        for row in rows:
+            others = ", ".join(f"{name} {ms}" for name, ms in row["others_on_cpu_ms"].items())
+            print(f"  {row['phase'][:34]:<34} {row['late_ms']:>5} ms late: {row['gui_on_cpu_ms']:>4} / "
+                  f"{row['gui_waiting_for_core_ms']:>4} / {row['gui_blocked_ms']:>4}   {others}")
     skip = ("phases", "history", "slowest_gui_callbacks_ms", "slowest_gui_callbacks_ms_by_phase",
-            "gl_programs_by_phase")
+            "gl_programs_by_phase", "stalls")
     keys = list(dict.fromkeys(k for r in sessions.values() for k in r if k not in skip))
     print(f"\n{'measure':<52}" + "".join(f" {n:>10}" for n in names))
     for key in keys:
