@@ -37,6 +37,7 @@ from ._prebuild import build_in_turns
 from ._progress import DeferredProgressBar
 from ._sample_stream import fill_in_background
 from ._stages import in_own_turn
+from ._units import load_unit_registry
 from ._viewer_watch import watch_viewer
 
 __all__ = ["TiltSeriesLoader", "load_series_layers"]
@@ -60,7 +61,9 @@ def load_series_layers(stack: str | os.PathLike[str], angles: str | os.PathLike[
 
 def _layers_of(func, *args: Any, **kwargs: Any) -> list[Layer]:
     """The napari layers of reader-style layer data ``func(*args, **kwargs)``, made in the worker thread (a layer's
-    model, its features and contrast, cost hundreds of ms for large tracks; only adding it is left to the GUI)."""
+    model, its features and contrast, cost hundreds of ms for large tracks; only adding it is left to the GUI),
+    with pint's units made whole first (:mod:`._units`)."""
+    load_unit_registry()
     return [Layer.create(data, kw, kind) for data, kw, kind in func(*args, **kwargs)]
 
 

@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (QDockWidget, QFrame, QLabel, QMainWindow, QScrollAre
 from . import _interpreter
 from ._gl_warmup import ShaderCacheWarmer
 from ._lifecycle import WindowCloseWatcher
+from ._units import load_unit_registry
 from ._warmup import warm_once
 
 if TYPE_CHECKING:
@@ -123,7 +124,10 @@ class Cockpit(QWidget):
     def _load_in_thread(self) -> None:
         """The import thread's work: the tabs' modules, then the GL warm-up's stand-in layers if it may need them
         (:meth:`ShaderCacheWarmer.prepare`: made here, before the tabs are built, not in a thread beside them, where
-        each GUI-thread call into Qt waited for the interpreter lock again: a tab's piece of ~10 ms took 15-104 ms)."""
+        each GUI-thread call into Qt waited for the interpreter lock again: a tab's piece of ~10 ms took 15-104 ms).
+        pint's units come first, whole (:mod:`._units`: those layers would otherwise fill pint's lazy registry
+        here while a layer made on the GUI thread found it empty)."""
+        load_unit_registry()
         _import_tab_modules()
         if not self._closed:
             self.shader_warmer.prepare()
