@@ -697,7 +697,7 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
     run.reconstruct_button.click()
     _wait(lambda: not run.busy, 900)
     results["rerun_reconstruct_s"] = round(time.perf_counter() - t0, 2)
-    peer_adds_layers(viewer, probe, layers_opened)
+    results["peer_layer_added_ms"] = peer_adds_layers(viewer, probe, layers_opened)
     results["phases"] = probe.summary()
     results["slowest_gui_callbacks_ms"] = slowest
     results["slowest_gui_callbacks_ms_by_phase"] = by_phase
@@ -713,18 +713,23 @@ def run_cockpit(tmp: Path, stacks: bool = False) -> dict:
     return results
 
 
-def peer_adds_layers(viewer, probe: LatenessProbe, layers: list[tuple]) -> None:
+def peer_adds_layers(viewer, probe: LatenessProbe, layers: list[tuple]) -> dict[str, float]:
     """The peer of "open sample": napari itself adds the layers Open Sample made (their data tuples, as a reader
     plugin returns them, without the cockpit's metadata) all at once, as it does for a reader's layers; the phase ends
-    1 s after the window is painted. Its lateness is napari's own floor for these layers on this machine."""
+    1 s after the window is painted. Its lateness is napari's own floor for these layers on this machine. Returns
+    how long napari took to add each layer, ms ("<kind> <name>": no step that adds one can be shorter)."""
     probe.pause()
     viewer.layers.clear()
     _settle(1.0)
     probe.phase(PEER_PHASE)
+    added_ms = {}
     for data, meta, kind in layers:
+        t0 = time.perf_counter()
         viewer._add_layer_from_data(data, {**meta, "metadata": {}}, kind)  # (as napari adds a reader's layers)
+        added_ms[f"{kind} {meta.get('name', '')}"] = round((time.perf_counter() - t0) * 1000.0, 1)
     viewer.window._qt_viewer.canvas.native.repaint()
     _settle(1.0)
+    return added_ms
 
 
 def python_loop_ms() -> float:
@@ -807,8 +812,12 @@ def print_cockpit(sessions: dict[str, dict]) -> None:
             others = ", ".join(f"{name} {ms}" for name, ms in row["others_on_cpu_ms"].items())
             print(f"  {row['phase'][:34]:<34} {row['late_ms']:>5} ms late: {row['gui_on_cpu_ms']:>4} / "
                   f"{row['gui_waiting_for_core_ms']:>4} / {row['gui_blocked_ms']:>4}   {others}")
+    print(f"\n{'the peer: napari adds one of the layers (ms)':<52}" + "".join(f" {n:>10}" for n in names))
+    for layer in dict.fromkeys(k for r in sessions.values() for k in r.get("peer_layer_added_ms", {})):
+        print(f"{layer:<52}" + "".join(f" {sessions[n].get('peer_layer_added_ms', {}).get(layer, '-')!s:>10}"
+                                        for n in names))
     skip = ("phases", "history", "slowest_gui_callbacks_ms", "slowest_gui_callbacks_ms_by_phase",
-            "gl_programs_by_phase", "stalls")
+            "gl_programs_by_phase", "stalls", "peer_layer_added_ms")
     keys = list(dict.fromkeys(k for r in sessions.values() for k in r if k not in skip))
     print(f"\n{'measure':<52}" + "".join(f" {n:>10}" for n in names))
     for key in keys:
