@@ -173,3 +173,62 @@ def test_a_piece_waits_while_gui_work_is_staged_unless_a_run_waits_for_it(qtbot,
         staging[0] = False
         warmer.stop()
         qtbot.waitUntil(lambda: not _stages.pending(), timeout=5_000)
+
+
+@pytest.mark.gui
+def test_a_piece_waits_while_a_series_opens_and_a_while_after(qtbot, monkeypatch):
+    """Work the cockpit says the user waits for (its Data tab opening a series: ``defer_while``) holds a piece's
+    loading back like staged GUI work, and the loading starts only once the window has been free of it for
+    LOAD_IDLE_S (a load begun as one sample finished opening ran into the next one's layers)."""
+    import time
+
+    monkeypatch.setattr(_warmup, "LOAD_IDLE_S", 0.5)
+    loads: list[float] = []
+    monkeypatch.setattr(_warmup, "_warm_kernels", lambda piece: loads.append(time.monotonic()))
+    opening = [True]
+    warmer = KernelWarmer(("-c", "print('reconstruct', flush=True); import time; time.sleep(60)"))
+    warmer.defer_while(lambda: opening[0])
+    try:
+        qtbot.waitUntil(lambda: "reconstruct" in warmer._asked, timeout=10_000)
+        qtbot.wait(3 * _warmup.LOAD_RETRY_MS)
+        assert not loads and not warmer.loaded("reconstruct")
+        opening[0] = False
+        free = time.monotonic()
+        qtbot.waitUntil(lambda: warmer.loaded("reconstruct"), timeout=5_000)
+        assert len(loads) == 1 and loads[0] - free >= _warmup.LOAD_IDLE_S - _warmup.LOAD_RETRY_MS / 1000
+    finally:
+        warmer.stop()
+
+
+@pytest.mark.gui
+def test_a_piece_a_run_waits_for_is_loaded_while_a_series_opens(qtbot, monkeypatch):
+    import threading
+
+    loads: list[str] = []
+    monkeypatch.setattr(_warmup, "_warm_kernels", loads.append)
+    warmer = KernelWarmer(("-c", "print('reconstruct', flush=True); import time; time.sleep(60)"))
+    warmer.defer_while(lambda: True)
+    try:
+        qtbot.waitUntil(lambda: "reconstruct" in warmer._asked, timeout=10_000)
+        run = threading.Thread(target=warmer.wait, args=("reconstruct", 10.0))
+        run.start()
+        qtbot.waitUntil(lambda: warmer.loaded("reconstruct"), timeout=5_000)
+        run.join()
+        assert loads == ["reconstruct"]
+    finally:
+        warmer.stop()
+
+
+@pytest.mark.gui
+@pytest.mark.usefixtures("cache_home")
+def test_the_cockpit_holds_the_kernels_back_while_its_data_tab_opens_a_series(make_napari_viewer, qtbot):
+    _, cockpit = make_napari_viewer().window.add_plugin_dock_widget("napari-cspt2d", "Cockpit")
+    try:
+        assert cockpit._loading in cockpit.warmer._deferrals and not cockpit._loading()
+        data = cockpit.data
+        data._worker = object()  # (what a load in progress holds)
+        assert cockpit._loading()
+        data._worker = None
+    finally:
+        cockpit.close_session()
+    assert cockpit._loading not in cockpit.warmer._deferrals

@@ -45,6 +45,11 @@ CHILD_ARGS = ("-m", "napari_cspt2d.recon.warmup")
 #: every this many ms, unless a run waits for it: the loading thread holds the interpreter lock most of its ~0.7 s,
 #: and each OpenGL call of a paint gives the lock up and waits to get it back.
 LOAD_RETRY_MS = 100
+#: ... and once that work (or a load the cockpit says the user waits for: :meth:`KernelWarmer.defer_while`) is done,
+#: the window must have been free of it this long: a piece's loading (~0.4 s of numba's Python) that started as a
+#: sample finished opening ran into the next Open Sample's layers, and their repaints' OpenGL calls waited for the
+#: interpreter lock (a 384 ms stall in a first session of ``benchmarks/gui.py``).
+LOAD_IDLE_S = 1.0
 
 
 class KernelWarmer(QObject):
@@ -63,6 +68,8 @@ class KernelWarmer(QObject):
         self._asked: list[str] = []  # the pieces to load, in order
         self._worker = None
         self._wanted = threading.Event()  # a run waits for a piece: it is loaded even while GUI work is staged
+        self._deferrals: list[Callable[[], bool]] = []  # other work the loading waits for (defer_while)
+        self._last_busy = -LOAD_IDLE_S  # (time.monotonic()) when the window last had work the loading waits for
         self._retry = QTimer(self)
         self._retry.setSingleShot(True)
         self._retry.setInterval(LOAD_RETRY_MS)
@@ -91,15 +98,32 @@ class KernelWarmer(QObject):
             self._asked.append(piece)
             self._next()
 
+    def defer_while(self, busy: Callable[[], bool]) -> None:
+        """Load no piece while ``busy()`` says so (e.g. the cockpit's Data tab loads a series: its worker makes the
+        layers, or the sample's tilts stream in), nor :data:`LOAD_IDLE_S` after, unless a run waits for it."""
+        self._deferrals.append(busy)
+
+    def stop_deferring(self, busy: Callable[[], bool]) -> None:
+        """Forget ``busy`` (:meth:`defer_while`)."""
+        if busy in self._deferrals:
+            self._deferrals.remove(busy)
+
+    def _window_busy(self) -> bool:
+        """Whether the window has work the loading waits for now, or had it less than :data:`LOAD_IDLE_S` ago."""
+        now = time.monotonic()
+        if _stages.pending() or any(busy() for busy in self._deferrals):
+            self._last_busy = now
+        return now - self._last_busy < LOAD_IDLE_S
+
     def _next(self) -> None:
-        """Load the next asked piece in a worker thread, one at a time (not while GUI work is staged, unless a run
-        waits: :data:`LOAD_RETRY_MS`)."""
+        """Load the next asked piece in a worker thread, one at a time (not while the window has staged GUI work or
+        other work it waits for, nor soon after, unless a run waits: :data:`LOAD_RETRY_MS`, :data:`LOAD_IDLE_S`)."""
         if self._worker is not None:
             return
         todo = [name for name in self._asked if not self._loaded[name].is_set()]
         if not todo:
             return
-        if _stages.pending() and not self._wanted.is_set():
+        if not self._wanted.is_set() and self._window_busy():
             self._retry.start()
             return
         self._worker = create_worker(_warm_kernels, todo[0], _start_thread=False, _ignore_errors=True)

@@ -109,6 +109,7 @@ class Cockpit(QWidget):
         _interpreter.hold()  # before the import thread starts: the GUI thread gets the GIL back within 1 ms
         self.warmer = warm_once()
         self.warmer.ready.connect(_interpreter.freeze_new)  # the kernels' objects live as long as the process
+        self.warmer.defer_while(self._loading)  # their loading waits while a series opens
         self.shader_warmer = ShaderCacheWarmer(self)  # started once the tabs' modules are loaded
         self._close_watcher = WindowCloseWatcher(self, self.close_session)
         self._importer = create_worker(self._load_in_thread, _start_thread=False, _ignore_errors=True)
@@ -203,6 +204,11 @@ class Cockpit(QWidget):
             yield from widget.building
         self._built[name] = widget
         del self._building[name]
+
+    def _loading(self) -> bool:
+        """Whether the Data tab is opening a series (its layers made, or the sample's tilts streaming in)."""
+        data = self._built.get("Data")
+        return data is not None and data.busy
 
     @property
     def state(self) -> CockpitState:
@@ -325,6 +331,7 @@ class Cockpit(QWidget):
         if self._window is not None:
             self._window.removeEventFilter(self)
             self._window = None
+        self.warmer.stop_deferring(self._loading)
         self.warmer.stop()
         self.shader_warmer.stop()
         if self._holds_interpreter:
