@@ -314,14 +314,15 @@ class ThreadClocks:
         out[self._PROCESS] = (time.process_time_ns(), 0)
         return out
 
-    def since_last(self) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[int, int]]]:
-        """Per thread, (ms on a core, ms waiting for one) since the last read; and this read."""
+    def since_last(self) -> dict[int, tuple[float, float]]:
+        """Per thread, (ms on a core, ms waiting for one) since the last read (this read becomes the last)."""
         now = self.read()
         spent = {tid: ((c - self.last.get(tid, (0, 0))[0]) / 1e6, (w - self.last.get(tid, (0, 0))[1]) / 1e6)
                  for tid, (c, w) in now.items()}
+        self.last = now
         process_ms = spent.pop(self._PROCESS)[0]
         spent[self.ENDED] = (max(0.0, process_ms - sum(c for c, _ in spent.values())), 0.0)
-        return spent, now
+        return spent
 
     @staticmethod
     def name(tid: int) -> str:
@@ -349,7 +350,7 @@ class LatenessProbe:
         self.timer.timeout.connect(self._tick)
         self.samples: dict[str, list[float]] = {}
         self.stalls: list[tuple[str, float, float]] = []  # (phase, last tick, late tick), lateness > STALL_MS
-        self.stall_rows: list[dict] = []  # the same stalls, with the threads' times (``stall_summary``)
+        self.stall_rows: list[dict] = []  # the same stalls, with the threads' times (gui.json's "stalls")
         self._clocks = ThreadClocks()
         self._name: str | None = None
         self._last = time.perf_counter()
@@ -357,7 +358,7 @@ class LatenessProbe:
 
     def _tick(self) -> None:
         now = time.perf_counter()
-        spent, self._clocks.last = self._clocks.since_last()
+        spent = self._clocks.since_last()
         if self._name is not None:
             late = max(0.0, (now - self._last) * 1000.0 - TIMER_MS)
             self.samples[self._name].append(late)
@@ -382,7 +383,7 @@ class LatenessProbe:
     def phase(self, name: str) -> None:
         self._name = name
         self.samples.setdefault(name, [])
-        self._clocks.last = self._clocks.read()  # (what ran between the phases is in neither)
+        self._clocks.since_last()  # (what ran between the phases is in neither)
         self._last = time.perf_counter()
 
     def pause(self) -> None:
